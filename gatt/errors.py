@@ -1,0 +1,34 @@
+"""One shape for every validation problem in the GAtt core.
+
+The service turns these into HTTP 422 bodies unchanged, so a problem carries a stable `code`,
+a human `message`, the `field` path it concerns ("messages[2].role") and, for files, the 1-based
+`line` number. Validators collect *every* problem and raise once, never stopping at the first.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Problem:
+    code: str
+    message: str
+    field: str = ""
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = f"line {self.line}: " if self.line is not None else ""
+        field = f"{self.field}: " if self.field else ""
+        return f"{where}{field}{self.message} [{self.code}]"
+
+
+class ValidationFailed(ValueError):
+    """Raised with the complete list of problems found in one input."""
+
+    def __init__(self, what: str, problems: list[Problem]):
+        self.what = what
+        self.problems = problems
+        shown = "; ".join(str(p) for p in problems[:5])
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        super().__init__(f"invalid {what}: {shown}{more}")

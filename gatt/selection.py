@@ -1,0 +1,110 @@
+"""Best-of-K selection (rejection sampling): keep the reply the reward ranks highest.
+
+For every turn the engine samples K candidate replies under the instruction-augmented context
+and scores them. The best one becomes that assistant turn and is trained on; if even the best is
+below the minimum reward, no candidate follows the instruction well enough and the turn is
+dropped: training on it would teach the model to ignore the instruction.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The outcome for one turn: which candidate (if any) was chosen and how the K compared."""
+
+    chosen: int | None  # index into the candidates; None when the turn is dropped
+    best: int  # the argmax, reported even when it is below the threshold
+    rewards: tuple[float, ...]
+    threshold: float | None
+
+    @property
+    def accepted(self) -> bool:
+        return self.chosen is not None
+
+    @property
+    def mean_reward(self) -> float:
+        return sum(self.rewards) / len(self.rewards)
+
+    @property
+    def max_reward(self) -> float:
+        return self.rewards[self.best]
+
+    @property
+    def pass_rate(self) -> float:
+        """Share of candidates at or above the threshold (all pass when there is none)."""
+        if self.threshold is None:
+            return 1.0
+        return sum(r >= self.threshold for r in self.rewards) / len(self.rewards)
+
+    @property
+    def gain(self) -> float:
+        """How much better the kept reply is than an average sample: what ranking buys."""
+        return self.max_reward - self.mean_reward
+
+
+def select_best(
+    rewards: Sequence[float], texts: Sequence[str] | None = None, *, threshold: float | None = None
+) -> Selection:
+    """Argmax of reward with deterministic tie-breaks and an optional minimum reward.
+
+    Ties go to the shorter reply (fewer tokens that no verifier looked at), then to the earlier
+    candidate, so the same rewards and texts always give the same choice. A NaN reward (a
+    failed scorer) never wins and counts as 0 in the statistics.
+    """
+    if not rewards:
+        raise ValueError("no candidates to select from")
+    if texts is not None and len(texts) != len(rewards):
+        raise ValueError(f"{len(texts)} texts for {len(rewards)} rewards")
+    clean = tuple(0.0 if math.isnan(r) else float(r) for r in rewards)
+    valid = [i for i, r in enumerate(rewards) if not math.isnan(r)]
+    order = valid or list(range(len(rewards)))
+    length = (lambda i: len(texts[i])) if texts is not None else (lambda i: 0)
+    best = min(order, key=lambda i: (-clean[i], length(i), i))
+    accepted = bool(valid) and (threshold is None or clean[best] >= threshold)
+    return Selection(chosen=best if accepted else None, best=best, rewards=clean, threshold=threshold)
+
+
+@dataclass(frozen=True)
+class SelectionStats:
+    turns: int
+    accepted: int
+    mean_reward: float  # over all candidates of all turns
+    mean_best_reward: float  # over turns: the reward of the argmax
+    pass_rate: float  # over all candidates
+    mean_gain: float  # over turns: best minus mean
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.turns if self.turns else 0.0
+
+    def to_json(self) -> dict[str, float | int]:
+        return {
+            "turns": self.turns,
+            "accepted": self.accepted,
+            "acceptance_rate": self.acceptance_rate,
+            "mean_reward": self.mean_reward,
+            "mean_best_reward": self.mean_best_reward,
+            "pass_rate": self.pass_rate,
+            "mean_gain": self.mean_gain,
+        }
+
+
+def summarize(selections: Sequence[Selection]) -> SelectionStats:
+    """Statistics over many turns, for job metrics and reports."""
+    if not selections:
+        return SelectionStats(0, 0, 0.0, 0.0, 0.0, 0.0)
+    n = len(selections)
+    candidates = sum(len(s.rewards) for s in selections)
+    return SelectionStats(
+        turns=n,
+        accepted=sum(s.accepted for s in selections),
+        mean_reward=sum(sum(s.rewards) for s in selections) / candidates,
+        mean_best_reward=sum(s.max_reward for s in selections) / n,
+        pass_rate=sum(s.pass_rate * len(s.rewards) for s in selections) / candidates,
+        mean_gain=sum(s.gain for s in selections) / n,
+    )

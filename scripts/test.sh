@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The project's test command (README, .ci/run): set up, start services, lint, run every test.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+scripts/services.sh
+.venv/bin/ruff check gatt tests
+.venv/bin/python -m pytest "$@"
