@@ -190,3 +190,20 @@ def trained_text(tokenizer: Any, example: TokenizedExample) -> list[str]:
         tokenizer.decode(list(example.input_ids[start:end]), skip_special_tokens=False)
         for start, end in example.spans
     ]
+
+
+def fit_to_length(example: TokenizedExample, max_len: int) -> TokenizedExample | None:
+    """Cut an example to at most `max_len` tokens without ever cutting a reply in half.
+
+    The rule: keep the longest prefix that ends on a trained span's end (its end-of-turn token);
+    later replies are dropped whole. If not even the first trained reply fits, the example is
+    dropped (None): a reply without its ending would teach the model to stop mid-sentence, and
+    cutting from the left would drop the instruction the reply depends on.
+    """
+    if len(example.input_ids) <= max_len:
+        return example
+    kept = [(start, end) for start, end in example.spans if end <= max_len]
+    if not kept:
+        return None
+    end = kept[-1][1]
+    return _example(example.input_ids[:end], kept)

@@ -224,3 +224,16 @@ def test_all_turns_gives_the_same_token_losses_as_per_cut_examples(template, dia
     assert together.keys() == merged.keys()
     for position, loss in together.items():
         assert loss == pytest.approx(merged[position], abs=1e-4, rel=1e-4)
+
+
+def test_fit_to_length_never_cuts_a_reply():
+    from gatt.masks import fit_to_length
+
+    tok = chat_tokenizers.llama3()
+    (example,) = build_examples(tok, _dialogue(), "all_turns").examples
+    assert fit_to_length(example, len(example.input_ids)) is example
+    second_end = example.spans[1][1]
+    cut = fit_to_length(example, second_end + 3)
+    assert cut is not None and cut.spans == example.spans[:2] and len(cut.input_ids) == second_end
+    assert trained_text(tok, cut) == trained_text(tok, example)[:2]
+    assert fit_to_length(example, example.spans[0][1] - 1) is None
