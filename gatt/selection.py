@@ -44,7 +44,8 @@ class Selection:
     @property
     def gain(self) -> float:
         """How much better the kept reply is than an average sample: what ranking buys."""
-        return self.max_reward - self.mean_reward
+        # max >= mean always; rounding in the mean can make equal rewards look like a tiny loss.
+        return max(0.0, self.max_reward - self.mean_reward)
 
 
 def select_best(

@@ -1,0 +1,10 @@
+"""Every `/v1` router. A new resource package adds its router here."""
+
+from fastapi import APIRouter
+
+from app.corpora.endpoints import router as corpora_router
+from app.instruction_sets.endpoints import router as instruction_sets_router
+
+api_router = APIRouter(prefix="/v1")
+api_router.include_router(instruction_sets_router)
+api_router.include_router(corpora_router)

@@ -1,0 +1,45 @@
+from __future__ import annotations
+
+import uuid
+from datetime import datetime
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from app.models import ApiKey, Team
+
+
+def get_team_by_name(session: Session, name: str) -> Team | None:
+    return session.scalars(select(Team).where(Team.name == name)).one_or_none()
+
+
+def get_team(session: Session, team_id: uuid.UUID) -> Team | None:
+    return session.get(Team, team_id)
+
+
+def add_team(session: Session, name: str) -> Team:
+    team = Team(name=name)
+    session.add(team)
+    session.flush()
+    return team
+
+
+def get_key_by_prefix(session: Session, prefix: str) -> ApiKey | None:
+    return session.scalars(select(ApiKey).where(ApiKey.prefix == prefix)).one_or_none()
+
+
+def add_key(session: Session, team_id: uuid.UUID, prefix: str, key_hash: str, name: str | None) -> ApiKey:
+    api_key = ApiKey(team_id=team_id, prefix=prefix, key_hash=key_hash, name=name)
+    session.add(api_key)
+    session.flush()
+    return api_key
+
+
+def list_keys(session: Session, team_id: uuid.UUID) -> list[ApiKey]:
+    stmt = select(ApiKey).where(ApiKey.team_id == team_id).order_by(ApiKey.created_at, ApiKey.id)
+    return list(session.scalars(stmt).all())
+
+
+def mark_revoked(session: Session, api_key: ApiKey, when: datetime) -> None:
+    api_key.revoked_at = when
+    session.flush()

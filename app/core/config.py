@@ -1,0 +1,64 @@
+"""The service's one settings object, read from the environment (prefix `GATT_`) and `.env`."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from gatt.dialogues import CorpusLimits
+
+_CORPUS_DEFAULTS = CorpusLimits()
+MiB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Infrastructure settings. Job hyperparameters are not here: they travel with each job."""
+
+    model_config = SettingsConfigDict(env_prefix="GATT_", env_file=".env", extra="ignore")
+
+    database_url: str = Field(
+        default="postgresql+psycopg://postgres@127.0.0.1:5432/gatt",
+        description="SQLAlchemy URL of the Postgres database (psycopg 3 driver).",
+    )
+    redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis URL (Celery broker).")
+    artifact_dir: Path = Field(
+        default=Path("var/artifacts"), description="Where checkpoints and other job artifacts are written."
+    )
+    max_corpus_bytes: int = Field(
+        default=20 * MiB, gt=0, description="Largest accepted corpus file, in bytes."
+    )
+    max_json_body_bytes: int = Field(default=1 * MiB, gt=0, description="Largest accepted JSON request body.")
+    corpus_max_line_bytes: int = Field(default=_CORPUS_DEFAULTS.max_line_bytes, gt=0)
+    corpus_max_turns: int = Field(default=_CORPUS_DEFAULTS.max_turns, gt=0)
+    corpus_max_content_chars: int = Field(default=_CORPUS_DEFAULTS.max_content_chars, gt=0)
+    corpus_max_dialogues: int = Field(default=_CORPUS_DEFAULTS.max_dialogues, gt=0)
+    corpus_max_problems: int = Field(default=_CORPUS_DEFAULTS.max_problems, gt=0)
+    model_roots: list[Path] = Field(
+        default_factory=list,
+        description=(
+            "Directories under which a job request may name a local model path. Empty: requests may "
+            'only ask for the "default" model. From the environment as JSON: GATT_MODEL_ROOTS=\'["/models"]\'.'
+        ),
+    )
+    readiness_timeout_s: float = Field(default=2.0, gt=0, description="Per-check timeout of /readyz.")
+    db_connect_timeout_s: int = Field(
+        default=5, gt=0, description="Postgres connect timeout (whole seconds)."
+    )
+
+    def corpus_limits(self) -> CorpusLimits:
+        return CorpusLimits(
+            max_line_bytes=self.corpus_max_line_bytes,
+            max_turns=self.corpus_max_turns,
+            max_content_chars=self.corpus_max_content_chars,
+            max_dialogues=self.corpus_max_dialogues,
+            max_problems=self.corpus_max_problems,
+        )
+
+
+@lru_cache
+def get_settings() -> Settings:
+    """The process-wide settings. Tests build their own `Settings(...)` and pass it to `create_app`."""
+    return Settings()

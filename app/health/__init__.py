@@ -1,0 +1,1 @@
+"""`/healthz` (the process answers) and `/readyz` (its dependencies answer too)."""

@@ -1,0 +1,63 @@
+"""The FastAPI application: `uvicorn app.main:app`, or `create_app(settings)` in tests."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from app.api import api_router
+from app.core.body_limit import BodyLimitMiddleware
+from app.core.config import Settings, get_settings
+from app.core.db import make_engine, make_sessionmaker
+from app.core.errors import install_error_handlers
+from app.health.endpoints import router as health_router
+
+DESCRIPTION = """\
+Ghost Attention (GAtt) fine-tuning as a service.
+
+Authenticate with `Authorization: Bearer <key>` (keys look like `gatt_<prefix>_<secret>`). Every
+resource belongs to the key's team; another team's ids answer 404.
+
+Errors always have the body `{"error": {"code", "message", "param", "details"?}}`: `code` is stable
+(`missing_api_key`, `invalid_api_key`, `not_found`, `invalid_request`, `invalid_corpus`,
+`invalid_instruction_set`, `invalid_cursor`, `in_use`, `payload_too_large`, `internal_error`, ...),
+`param` names the request field at fault, `details` lists every problem of a validation error.
+
+Lists are newest first and paginated with `limit` and `after` (the `next_after` of the previous page).
+"""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    engine = make_engine(settings)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        engine.dispose()
+
+    app = FastAPI(
+        title="GAtt fine-tuning service",
+        version="0.1.0",
+        description=DESCRIPTION,
+        lifespan=lifespan,
+        openapi_tags=[
+            {"name": "instruction sets", "description": "The instructions GAtt teaches a model to keep."},
+            {"name": "corpora", "description": "Dialogue corpora (JSONL) that jobs train on."},
+            {"name": "health", "description": "Liveness and readiness probes."},
+        ],
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = make_sessionmaker(engine)
+
+    install_error_handlers(app)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_json_body_bytes)
+    app.include_router(health_router)
+    app.include_router(api_router)
+    return app
+
+
+app = create_app()
