@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from uuid import UUID
 
 from fastapi import FastAPI
 
@@ -29,7 +30,14 @@ Lists are newest first and paginated with `limit` and `after` (the `next_after` 
 """
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def _send_to_workers(job_id: UUID) -> None:
+    from workers.celery_app import JOB_TASK, celery
+
+    celery.send_task(JOB_TASK, args=[str(job_id)])
+
+
+def create_app(settings: Settings | None = None, enqueue: Callable[[UUID], None] | None = None) -> FastAPI:
+    """The app. `enqueue` hands a new job to the workers (default: a Celery message by name)."""
     settings = settings or get_settings()
     engine = make_engine(settings)
 
@@ -46,12 +54,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         openapi_tags=[
             {"name": "instruction sets", "description": "The instructions GAtt teaches a model to keep."},
             {"name": "corpora", "description": "Dialogue corpora (JSONL) that jobs train on."},
+            {
+                "name": "jobs",
+                "description": "GAtt fine-tuning jobs, their events, metrics, samples and checkpoints.",
+            },
             {"name": "health", "description": "Liveness and readiness probes."},
         ],
     )
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
+    app.state.enqueue = enqueue or _send_to_workers
 
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_json_body_bytes)

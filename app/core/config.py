@@ -43,6 +43,16 @@ class Settings(BaseSettings):
             'only ask for the "default" model. From the environment as JSON: GATT_MODEL_ROOTS=\'["/models"]\'.'
         ),
     )
+    lease_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="A running job's lease: a worker renews it every lease_s/4; if it is not renewed in "
+        "time, the worker is taken for gone and the job may be taken over.",
+    )
+    max_attempts: int = Field(
+        default=3, gt=0, description="Worker starts per job before a job whose workers keep vanishing fails."
+    )
+    job_queue: str = Field(default="gpu", description="Celery queue that job runs are sent to.")
     readiness_timeout_s: float = Field(default=2.0, gt=0, description="Per-check timeout of /readyz.")
     db_connect_timeout_s: int = Field(
         default=5, gt=0, description="Postgres connect timeout (whole seconds)."

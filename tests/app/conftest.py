@@ -26,8 +26,15 @@ def settings(database_url: str) -> Settings:
 
 
 @pytest.fixture(scope="session")
-def app(settings: Settings) -> FastAPI:
-    return create_app(settings)
+def enqueued() -> list:
+    """Job ids the API handed to the workers. These tests run no worker, so nothing goes to Redis
+    (a stray message would be picked up by the end-to-end test's real worker)."""
+    return []
+
+
+@pytest.fixture(scope="session")
+def app(settings: Settings, enqueued: list) -> FastAPI:
+    return create_app(settings, enqueue=enqueued.append)
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,244 @@
+from __future__ import annotations
+
+import logging
+from typing import Annotated
+from uuid import UUID
+
+from fastapi import APIRouter, BackgroundTasks, Header, Path, Query, Request, Response, status
+from fastapi.responses import StreamingResponse
+
+from app.auth.dependencies import CurrentTeam
+from app.core.db import SessionDep, SettingsDep
+from app.core.errors import AUTH_RESPONSES, ERROR_RESPONSES, error_response
+from app.core.pagination import PageParamsDep
+from app.jobs import service
+from app.jobs.schemas import (
+    ArtifactRows,
+    CheckpointList,
+    CheckpointOut,
+    Event,
+    EventList,
+    Job,
+    JobCreate,
+    JobList,
+    Metric,
+    MetricList,
+)
+from app.models import JobStatus
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+JobId = Annotated[UUID, Path(description="The job's id.")]
+
+
+def enqueue(request: Request, job_id: UUID) -> None:
+    """Hand the job to the workers. Runs after the response, so after the job row is committed."""
+    try:
+        request.app.state.enqueue(job_id)
+    except Exception:  # the broker is down: the job stays queued and the reaper enqueues it again
+        log.exception("could not enqueue job %s", job_id)
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_201_CREATED,
+    response_model=Job,
+    summary="Create a job",
+    responses={
+        **ERROR_RESPONSES,
+        200: {"description": "A retry with the same `Idempotency-Key`: the job created the first time."},
+        **error_response(409, "`idempotency_key_reused`: the key was used for a different request body."),
+        **error_response(
+            422,
+            "`invalid_config` (every problem in `details`, with paths like `config.sampling.top_p`), "
+            "`model_not_allowed`, `invalid_request`.",
+        ),
+    },
+)
+def create_job(
+    body: JobCreate,
+    session: SessionDep,
+    team: CurrentTeam,
+    settings: SettingsDep,
+    request: Request,
+    response: Response,
+    background: BackgroundTasks,
+    idempotency_key: Annotated[
+        str | None,
+        Header(
+            max_length=255,
+            description="Makes retries safe: a second request with the same key and body returns the "
+            "first job instead of creating another.",
+        ),
+    ] = None,
+) -> Job:
+    """Create a GAtt job: synthesize instructions, sample and rank replies, fine-tune with the GAtt
+    loss mask. The job is queued; poll `GET /v1/jobs/{id}` or its events."""
+    job, created = service.create(session, team, body, settings, idempotency_key)
+    if created:
+        background.add_task(enqueue, request, job.id)
+    else:
+        response.status_code = status.HTTP_200_OK
+    return Job.from_row(job)
+
+
+@router.get("", response_model=JobList, summary="List jobs", responses=AUTH_RESPONSES)
+def list_jobs(
+    session: SessionDep,
+    team: CurrentTeam,
+    page: PageParamsDep,
+    status_filter: Annotated[
+        JobStatus | None, Query(alias="status", description="Only jobs in this status.")
+    ] = None,
+) -> JobList:
+    """The team's jobs, newest first, a page at a time (`after`, `limit`)."""
+    return JobList.of(service.list_page(session, team, page, status_filter), Job.from_row)
+
+
+@router.get("/{job_id}", response_model=Job, summary="Get a job", responses=ERROR_RESPONSES)
+def get_job(session: SessionDep, team: CurrentTeam, job_id: JobId) -> Job:
+    """Status, stage, progress, ETA, timestamps, error, trained tokens and latest metrics."""
+    return Job.from_row(service.get(session, team, job_id))
+
+
+@router.post(
+    "/{job_id}/cancel",
+    response_model=Job,
+    summary="Cancel a job",
+    responses={**ERROR_RESPONSES, **error_response(409, "`job_finished`: it already succeeded or failed.")},
+)
+def cancel_job(session: SessionDep, team: CurrentTeam, job_id: JobId) -> Job:
+    """A queued job is cancelled at once; a running one stops within one training step (or sampling
+    batch) and ends `cancelled`. Checkpoints written so far are kept. Cancelling twice is harmless."""
+    return Job.from_row(service.cancel(session, team, job_id))
+
+
+@router.get(
+    "/{job_id}/events", response_model=EventList, summary="List a job's events", responses=ERROR_RESPONSES
+)
+def list_events(
+    session: SessionDep,
+    team: CurrentTeam,
+    job_id: JobId,
+    after_seq: Annotated[int, Query(ge=0, description="Only events after this sequence number.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000, description="At most this many events.")] = 100,
+) -> EventList:
+    """The append-only log: stage changes, warnings, errors, checkpoints written. Poll with `after_seq`."""
+    rows = service.events(session, team, job_id, after_seq, limit)
+    return EventList(
+        data=[Event.model_validate(r) for r in rows], next_after_seq=rows[-1].seq if rows else after_seq
+    )
+
+
+@router.get(
+    "/{job_id}/metrics", response_model=MetricList, summary="List a job's metrics", responses=ERROR_RESPONSES
+)
+def list_metrics(
+    session: SessionDep,
+    team: CurrentTeam,
+    job_id: JobId,
+    after_step: Annotated[int, Query(ge=0, description="Only steps after this one.")] = 0,
+    limit: Annotated[int, Query(ge=1, le=10000, description="At most this many steps.")] = 1000,
+) -> MetricList:
+    """One row per optimiser step."""
+    rows = service.metrics(session, team, job_id, after_step, limit)
+    return MetricList(
+        data=[Metric(step=r.step, values=r.values, created_at=r.created_at) for r in rows],
+        next_after_step=rows[-1].step if rows else after_step,
+    )
+
+
+def _rows(session, settings, team, job_id, name: str, offset: int, limit: int) -> ArtifactRows:
+    job = service.get(session, team, job_id)
+    rows, has_more = service.artifact_rows(settings, job, name, offset, limit)
+    return ArtifactRows(data=rows, offset=offset, has_more=has_more)
+
+
+Offset = Annotated[int, Query(ge=0, description="Index of the first row.")]
+Limit = Annotated[int, Query(ge=1, le=500, description="At most this many rows.")]
+
+
+@router.get(
+    "/{job_id}/samples",
+    response_model=ArtifactRows,
+    summary="List sampled dialogues",
+    responses=ERROR_RESPONSES,
+)
+def list_samples(
+    session: SessionDep,
+    team: CurrentTeam,
+    settings: SettingsDep,
+    job_id: JobId,
+    offset: Offset = 0,
+    limit: Limit = 50,
+) -> ArtifactRows:
+    """One row per sampled dialogue: its instruction, and per turn every candidate with its reward
+    and reason, the chosen index (null when the turn was dropped) and statistics."""
+    return _rows(session, settings, team, job_id, "samples.jsonl", offset, limit)
+
+
+@router.get(
+    "/{job_id}/training-set",
+    response_model=ArtifactRows,
+    summary="List the training set",
+    responses=ERROR_RESPONSES,
+)
+def list_training_set(
+    session: SessionDep,
+    team: CurrentTeam,
+    settings: SettingsDep,
+    job_id: JobId,
+    offset: Offset = 0,
+    limit: Limit = 50,
+) -> ArtifactRows:
+    """The training dialogues (instruction in the first turn only), which messages train, and the
+    trained spans decoded from tokens: each sampled reply plus its end-of-turn token."""
+    return _rows(session, settings, team, job_id, "training_set.jsonl", offset, limit)
+
+
+@router.get(
+    "/{job_id}/checkpoints",
+    response_model=CheckpointList,
+    summary="List checkpoints",
+    responses=ERROR_RESPONSES,
+)
+def list_checkpoints(session: SessionDep, team: CurrentTeam, job_id: JobId) -> CheckpointList:
+    """Checkpoints written so far, with the metrics at their step."""
+    return CheckpointList(
+        data=[
+            CheckpointOut(
+                step=c.step,
+                manifest=c.manifest,
+                metrics=c.metrics,
+                created_at=c.created_at,
+                download_url=f"/v1/jobs/{job_id}/checkpoints/{c.step}/archive",
+            )
+            for c in service.checkpoints(session, team, job_id)
+        ]
+    )
+
+
+@router.get(
+    "/{job_id}/checkpoints/{step}/archive",
+    summary="Download a checkpoint",
+    response_class=StreamingResponse,
+    responses={**ERROR_RESPONSES, 200: {"content": {"application/gzip": {}}, "description": "A .tar.gz."}},
+)
+def download_checkpoint(
+    session: SessionDep,
+    team: CurrentTeam,
+    settings: SettingsDep,
+    job_id: JobId,
+    step: Annotated[int, Path(ge=0, description="The checkpoint's step.")],
+) -> StreamingResponse:
+    """The checkpoint as a streamed .tar.gz: adapter or full weights (safetensors), tokenizer with its
+    chat template, configs and a manifest with the sha256 of every file. Loads with
+    `PeftModel.from_pretrained` / `AutoModelForCausalLM.from_pretrained` once unpacked."""
+    stream = service.checkpoint_archive(session, settings, team, job_id, step)
+    name = f"{job_id}-step-{step:06d}.tar.gz"
+    return StreamingResponse(
+        stream,
+        media_type="application/gzip",
+        headers={"Content-Disposition": f'attachment; filename="{name}"'},
+    )

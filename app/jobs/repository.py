@@ -1,0 +1,231 @@
+"""All SQL of jobs and of what their runs write (events, metrics, checkpoints).
+
+State changes are conditional updates (`UPDATE ... WHERE status = ...`): whoever's update matches
+owns the transition, so two workers can never both start, or both finish, one job.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.orm import Session
+
+from app.core.pagination import PageParams, PageResult, keyset_page
+from app.models import Checkpoint, Job, JobEvent, JobMetric, JobStatus
+
+TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def add(session: Session, job: Job) -> Job:
+    session.add(job)
+    session.flush()
+    return job
+
+
+def get(session: Session, team_id: uuid.UUID, id: uuid.UUID) -> Job | None:
+    return session.scalars(select(Job).where(Job.id == id, Job.team_id == team_id)).one_or_none()
+
+
+def get_any(session: Session, id: uuid.UUID) -> Job | None:
+    """A job of any team: only for workers, which receive ids from the queue."""
+    return session.get(Job, id, populate_existing=True)
+
+
+def get_by_idempotency_key(session: Session, team_id: uuid.UUID, key: str) -> Job | None:
+    return session.scalars(
+        select(Job).where(Job.team_id == team_id, Job.idempotency_key == key)
+    ).one_or_none()
+
+
+def page(
+    session: Session, team_id: uuid.UUID, params: PageParams, status: JobStatus | None
+) -> PageResult[Job]:
+    stmt = select(Job).where(Job.team_id == team_id)
+    if status is not None:
+        stmt = stmt.where(Job.status == status)
+    return keyset_page(session, stmt, params, Job.created_at, Job.id)
+
+
+def cancel_queued(session: Session, id: uuid.UUID) -> bool:
+    """Cancel a job no worker has started. False if it is no longer queued."""
+    t = now()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == id, Job.status == JobStatus.QUEUED)
+        .values(status=JobStatus.CANCELLED, cancel_requested=True, finished_at=t, updated_at=t)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def request_cancel(session: Session, id: uuid.UUID) -> bool:
+    """Ask the worker running the job to stop; it checks between batches and optimiser steps."""
+    result = session.execute(
+        update(Job)
+        .where(Job.id == id, Job.status == JobStatus.RUNNING)
+        .values(cancel_requested=True, updated_at=now())
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+# --- used by workers -------------------------------------------------------------------------
+
+
+def claim(session: Session, id: uuid.UUID, owner: str, lease_s: float) -> Job | None:
+    """Start (or take over) a job: queued, or running with an expired lease (its worker vanished).
+
+    Returns the job when this worker now holds the lease, None when another does or it has ended.
+    """
+    t = now()
+    stmt = (
+        update(Job)
+        .where(
+            Job.id == id,
+            Job.cancel_requested.is_(False),
+            (Job.status == JobStatus.QUEUED)
+            | ((Job.status == JobStatus.RUNNING) & (Job.lease_expires_at < t)),
+        )
+        .values(
+            status=JobStatus.RUNNING,
+            lease_owner=owner,
+            lease_expires_at=t + timedelta(seconds=lease_s),
+            heartbeat_at=t,
+            attempts=Job.attempts + 1,
+            started_at=func.coalesce(Job.started_at, t),
+            updated_at=t,
+        )
+        .returning(Job.id)
+    )
+    if session.execute(stmt).scalar_one_or_none() is None:
+        return None
+    return get_any(session, id)
+
+
+def heartbeat(session: Session, id: uuid.UUID, owner: str, lease_s: float, **fields: Any) -> bool:
+    """Renew the lease and write progress. False when the lease is no longer ours."""
+    t = now()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING)
+        .values(heartbeat_at=t, lease_expires_at=t + timedelta(seconds=lease_s), updated_at=t, **fields)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def finish(session: Session, id: uuid.UUID, owner: str, status: JobStatus, **fields: Any) -> bool:
+    """The one terminal transition of a run; only the lease holder can make it."""
+    t = now()
+    result = session.execute(
+        update(Job)
+        .where(Job.id == id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING)
+        .values(status=status, finished_at=t, updated_at=t, lease_expires_at=None, eta_s=None, **fields)
+    )
+    return result.rowcount == 1  # type: ignore[attr-defined]
+
+
+def cancel_requested(session: Session, id: uuid.UUID) -> bool:
+    return bool(session.scalar(select(Job.cancel_requested).where(Job.id == id)))
+
+
+def add_event(
+    session: Session, job_id: uuid.UUID, level: str, kind: str, message: str, data: dict | None
+) -> None:
+    # seq is per job and gap-free; the row lock on the job serialises writers of one job.
+    session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
+    seq = session.scalar(
+        select(func.coalesce(func.max(JobEvent.seq), 0) + 1).where(JobEvent.job_id == job_id)
+    )
+    session.add(JobEvent(job_id=job_id, seq=seq, level=level, kind=kind, message=message, data=data))
+    session.flush()
+
+
+def upsert_metric(session: Session, job_id: uuid.UUID, step: int, values: dict[str, Any]) -> None:
+    # A resumed run recomputes the steps after its checkpoint: the newer values replace the old.
+    stmt = insert(JobMetric).values(id=uuid.uuid4(), job_id=job_id, step=step, values=values)
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["job_id", "step"], set_={"values": stmt.excluded["values"]}
+        )
+    )
+
+
+def upsert_checkpoint(
+    session: Session, job_id: uuid.UUID, step: int, path: str, manifest: dict, metrics: dict | None
+) -> None:
+    stmt = insert(Checkpoint).values(
+        id=uuid.uuid4(), job_id=job_id, step=step, path=path, manifest=manifest, metrics=metrics
+    )
+    session.execute(
+        stmt.on_conflict_do_update(
+            index_elements=["job_id", "step"],
+            set_={
+                "path": stmt.excluded.path,
+                "manifest": stmt.excluded.manifest,
+                "metrics": stmt.excluded.metrics,
+            },
+        )
+    )
+
+
+# --- reads for the API -----------------------------------------------------------------------
+
+
+def events(session: Session, job_id: uuid.UUID, after_seq: int, limit: int) -> list[JobEvent]:
+    stmt = (
+        select(JobEvent)
+        .where(JobEvent.job_id == job_id, JobEvent.seq > after_seq)
+        .order_by(JobEvent.seq)
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))
+
+
+def metrics(session: Session, job_id: uuid.UUID, after_step: int, limit: int) -> list[JobMetric]:
+    stmt = (
+        select(JobMetric)
+        .where(JobMetric.job_id == job_id, JobMetric.step > after_step)
+        .order_by(JobMetric.step)
+        .limit(limit)
+    )
+    return list(session.scalars(stmt))
+
+
+def checkpoints(session: Session, job_id: uuid.UUID) -> list[Checkpoint]:
+    return list(
+        session.scalars(select(Checkpoint).where(Checkpoint.job_id == job_id).order_by(Checkpoint.step))
+    )
+
+
+def checkpoint(session: Session, job_id: uuid.UUID, step: int) -> Checkpoint | None:
+    stmt = select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == step)
+    return session.scalars(stmt).one_or_none()
+
+
+def trained_tokens(session: Session, job_id: uuid.UUID) -> int:
+    """Tokens trained so far: the sum over the job's recorded steps (a resumed step counts once)."""
+    total = select(func.coalesce(func.sum(JobMetric.values["trained_tokens"].as_float()), 0)).where(
+        JobMetric.job_id == job_id
+    )
+    return int(session.scalar(total) or 0)
+
+
+def touch(session: Session, id: uuid.UUID) -> None:
+    session.execute(update(Job).where(Job.id == id).values(updated_at=now()))
+
+
+def cancel_abandoned(session: Session) -> int:
+    """Running jobs whose worker vanished after a cancel was asked for: nothing left to stop."""
+    t = now()
+    result = session.execute(
+        update(Job)
+        .where(Job.status == JobStatus.RUNNING, Job.cancel_requested.is_(True), Job.lease_expires_at < t)
+        .values(status=JobStatus.CANCELLED, finished_at=t, updated_at=t, lease_expires_at=None)
+    )
+    return result.rowcount  # type: ignore[attr-defined]

@@ -1,0 +1,241 @@
+"""Jobs: creation (validated config, idempotent retries), reads, cancellation, artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tarfile
+import uuid
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.core.config import Settings
+from app.core.errors import Conflict, NotFound, Unprocessable
+from app.core.pagination import PageParams, PageResult
+from app.corpora import repository as corpora
+from app.instruction_sets import repository as instruction_sets
+from app.jobs import repository
+from app.jobs.schemas import JobCreate
+from app.models import Checkpoint, Job, JobStatus, Team
+from gatt.errors import Problem, ValidationFailed
+from workers.engine.config import parse_config
+
+# Decided by the server, never by a request: where data and outputs live, and on which device.
+_SERVER_FIELDS = {"model", "output_dir", "device", "dtype"}
+_SERVER_DATA_FIELDS = {"corpus", "instructions"}
+
+
+def job_config(body_config: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The full engine config of a request (defaults filled in), or a 422 listing every problem."""
+    problems = [
+        Problem("server_field", "set by the server, not by a request", k)
+        for k in body_config
+        if k in _SERVER_FIELDS
+    ]
+    data = body_config.get("data")
+    if isinstance(data, dict):
+        problems += [
+            Problem("server_field", "set by the server, not by a request", f"data.{k}")
+            for k in data
+            if k in _SERVER_DATA_FIELDS
+        ]
+    if not problems:
+        try:
+            config = parse_config(body_config).to_json()
+        except ValidationFailed as exc:
+            problems = exc.problems
+    if not problems:
+        reward_model = config["reward"]["reward_model"]
+        if reward_model is not None:
+            problems += check_model_path(reward_model, settings, "reward.reward_model")
+    if problems:
+        raise Unprocessable.from_problems(
+            problems,
+            code="invalid_config",
+            message="The job config is invalid; see details.",
+            field_prefix="config",
+        )
+    for key in ("model", "output_dir", "device", "dtype"):
+        config.pop(key, None)
+    for key in _SERVER_DATA_FIELDS:
+        config["data"].pop(key, None)
+    return config
+
+
+def check_model_path(model: str, settings: Settings, field: str) -> list[Problem]:
+    """A model named in a request must be "default" or lie inside a configured model root."""
+    if model == "default" and field == "model":
+        return []
+    path = Path(model)
+    if not path.is_absolute():
+        return [
+            Problem("model_not_allowed", "give an absolute path under one of the server's model roots", field)
+        ]
+    real = path.resolve()  # symlinks resolved: a link inside a root must not lead outside it
+    for root in settings.model_roots:
+        if real.is_relative_to(root.resolve()):
+            return []
+    return [Problem("model_not_allowed", "the path is not under any of the server's model roots", field)]
+
+
+def _request_hash(body: JobCreate) -> str:
+    canonical = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def create(
+    session: Session, team: Team, body: JobCreate, settings: Settings, idempotency_key: str | None
+) -> tuple[Job, bool]:
+    """The new job and True, or (with a reused Idempotency-Key) the earlier job and False."""
+    digest = _request_hash(body)
+    if idempotency_key is not None:
+        earlier = repository.get_by_idempotency_key(session, team.id, idempotency_key)
+        if earlier is not None:
+            return _same_request(earlier, digest), False
+    problems = check_model_path(body.model, settings, "model")
+    if problems:
+        raise Unprocessable.from_problems(problems, code="model_not_allowed", message=problems[0].message)
+    config = job_config(body.config, settings)
+    if corpora.get_for_share(session, team.id, body.corpus_id) is None:
+        raise NotFound("No such corpus.", param="corpus_id")
+    if body.instruction_set_id is not None and (
+        instruction_sets.get_for_share(session, team.id, body.instruction_set_id) is None
+    ):
+        raise NotFound("No such instruction set.", param="instruction_set_id")
+    job = Job(
+        team_id=team.id,
+        status=JobStatus.QUEUED,
+        model=body.model,
+        corpus_id=body.corpus_id,
+        instruction_set_id=body.instruction_set_id,
+        config=config,
+        idempotency_key=idempotency_key,
+        request_hash=digest,
+    )
+    try:
+        with session.begin_nested():
+            repository.add(session, job)
+    except IntegrityError:
+        # A concurrent retry with the same key won the insert: answer with its job.
+        earlier = repository.get_by_idempotency_key(session, team.id, idempotency_key or "")
+        if earlier is None:
+            raise
+        return _same_request(earlier, digest), False
+    repository.add_event(session, job.id, "info", "created", "job created", {"model": body.model})
+    return job, True
+
+
+def _same_request(job: Job, digest: str) -> Job:
+    if job.request_hash != digest:
+        raise Conflict(
+            "This Idempotency-Key was used for a different request.",
+            code="idempotency_key_reused",
+            param="Idempotency-Key",
+        )
+    return job
+
+
+def get(session: Session, team: Team, id: uuid.UUID) -> Job:
+    job = repository.get(session, team.id, id)
+    if job is None:
+        raise NotFound("No such job.", param="job_id")
+    return job
+
+
+def list_page(session: Session, team: Team, params: PageParams, status: JobStatus | None) -> PageResult[Job]:
+    return repository.page(session, team.id, params, status)
+
+
+def cancel(session: Session, team: Team, id: uuid.UUID) -> Job:
+    job = get(session, team, id)
+    if job.status in repository.TERMINAL:
+        if job.status == JobStatus.CANCELLED:
+            return job
+        raise Conflict(f"The job has already {job.status.value}.", code="job_finished", param="job_id")
+    if repository.cancel_queued(session, id):
+        repository.add_event(session, id, "info", "cancelled", "cancelled before a worker started it", None)
+    elif repository.request_cancel(session, id):
+        repository.add_event(session, id, "info", "cancel_requested", "cancel requested; stopping", None)
+    session.refresh(job)
+    return job
+
+
+def events(session: Session, team: Team, id: uuid.UUID, after_seq: int, limit: int):
+    return repository.events(session, get(session, team, id).id, after_seq, limit)
+
+
+def metrics(session: Session, team: Team, id: uuid.UUID, after_step: int, limit: int):
+    return repository.metrics(session, get(session, team, id).id, after_step, limit)
+
+
+def checkpoints(session: Session, team: Team, id: uuid.UUID) -> list[Checkpoint]:
+    return repository.checkpoints(session, get(session, team, id).id)
+
+
+# --- artifacts -------------------------------------------------------------------------------
+
+
+def job_dir(settings: Settings, job: Job) -> Path:
+    """Where a job's run writes: <artifact_dir>/<team>/<job>."""
+    return settings.artifact_dir / str(job.team_id) / str(job.id)
+
+
+def artifact_rows(
+    settings: Settings, job: Job, name: str, offset: int, limit: int
+) -> tuple[list[dict], bool]:
+    """Rows `offset`.. of one of the job's JSONL artifacts (samples, training set)."""
+    path = job_dir(settings, job) / name
+    rows: list[dict] = []
+    has_more = False
+    if not path.exists():
+        return rows, has_more
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f):
+            if i < offset:
+                continue
+            if len(rows) == limit:
+                has_more = True
+                break
+            rows.append(json.loads(line))
+    return rows, has_more
+
+
+def checkpoint_archive(
+    session: Session, settings: Settings, team: Team, id: uuid.UUID, step: int
+) -> Iterator[bytes]:
+    """A checkpoint's files as a streamed .tar.gz, confined to the artifact directory."""
+    job = get(session, team, id)
+    row = repository.checkpoint(session, job.id, step)
+    if row is None:
+        raise NotFound("No checkpoint at this step.", param="step")
+    root = settings.artifact_dir.resolve()
+    directory = (root / row.path).resolve()
+    if not directory.is_relative_to(root) or not directory.is_dir():
+        raise NotFound("The checkpoint's files are gone.", param="step")
+    files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
+    for p in files:
+        if not p.resolve().is_relative_to(directory):
+            raise NotFound("The checkpoint's files are gone.", param="step")
+    return _tar_stream(directory, files, f"{job.id}-step-{step:06d}")
+
+
+def _tar_stream(directory: Path, files: list[Path], prefix: str, chunk: int = 1 << 20) -> Iterator[bytes]:
+    """A gzipped tar written piece by piece, so a large merged checkpoint never sits in memory."""
+    gzip = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: gzip framing
+    for path in files:
+        info = tarfile.TarInfo(f"{prefix}/{path.relative_to(directory).as_posix()}")
+        info.size = path.stat().st_size
+        info.mtime = int(path.stat().st_mtime)
+        info.mode = 0o644
+        yield gzip.compress(info.tobuf(format=tarfile.PAX_FORMAT))
+        with open(path, "rb") as f:
+            while data := f.read(chunk):
+                yield gzip.compress(data)
+        yield gzip.compress(b"\0" * (-info.size % tarfile.BLOCKSIZE))  # pad to a whole block
+    yield gzip.compress(b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
+    yield gzip.flush()

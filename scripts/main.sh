@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# The main job, end to end: set up, start Postgres/Redis if needed, migrate, start the API and a
+# Celery worker, then run a GAtt job on the embedded model through the REST API and follow it.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/setup.sh
+scripts/services.sh || true
+PY=.venv/bin/python
+export GATT_DATABASE_URL=${GATT_DATABASE_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/gatt}
+export GATT_REDIS_URL=${GATT_REDIS_URL:-redis://127.0.0.1:6379/0}
+export GATT_ARTIFACT_DIR=${GATT_ARTIFACT_DIR:-$PWD/var/artifacts}
+export GATT_JOB_QUEUE=${GATT_JOB_QUEUE:-gpu-main-$$}   # a queue of its own: no other worker takes the job
+PORT=${PORT:-8000}
+mkdir -p var/log
+
+if ! pg_isready -q -h 127.0.0.1 -p 5432 || ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+  echo "PostgreSQL or Redis is not reachable: running the same job with the engine alone (no database, no broker)."
+  exec $PY -m workers.run examples/job.yaml
+fi
+createdb -h 127.0.0.1 -U postgres gatt 2>/dev/null || true
+.venv/bin/alembic upgrade head
+
+team="main-$(date +%Y%m%d%H%M%S)"
+$PY -m app.admin create-team "$team" >/dev/null
+KEY=$($PY -m app.admin create-key "$team" --name main | grep -o 'gatt_[A-Za-z0-9_-]*' | head -1)
+
+.venv/bin/uvicorn app.main:app --host 127.0.0.1 --port "$PORT" >var/log/api.log 2>&1 &
+API=$!
+.venv/bin/celery -A workers.celery_app worker -B -s var/celerybeat-schedule -Q "$GATT_JOB_QUEUE,default" --pool solo \
+  --loglevel INFO >var/log/worker.log 2>&1 &
+WORKER=$!
+trap 'kill $API $WORKER 2>/dev/null || true' EXIT
+for _ in $(seq 1 60); do curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break; sleep 1; done
+
+echo "API on http://127.0.0.1:$PORT (docs at /docs), worker logs in var/log/worker.log"
+$PY scripts/main_job.py --url "http://127.0.0.1:$PORT" --key "$KEY"
+echo "artifacts under $GATT_ARTIFACT_DIR"

@@ -1,0 +1,80 @@
+"""The README's main job, as an API client would run it: upload the bundled corpus, create a GAtt
+job with the default instruction set, follow it to the end, print its metrics and checkpoint.
+
+    python scripts/main_job.py --url http://127.0.0.1:8000 --key gatt_... [--config examples/job-request.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+TERMINAL = {"succeeded", "failed", "cancelled"}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:8000")
+    parser.add_argument("--key", required=True)
+    parser.add_argument("--corpus", default=str(ROOT / "examples" / "dialogues.jsonl"))
+    parser.add_argument("--config", default=str(ROOT / "examples" / "job-request.json"))
+    parser.add_argument("--timeout", type=float, default=3600)
+    args = parser.parse_args()
+
+    client = httpx.Client(base_url=args.url, headers={"Authorization": f"Bearer {args.key}"}, timeout=60)
+    with open(args.corpus, "rb") as f:
+        corpus = client.post("/v1/corpora", files={"file": (Path(args.corpus).name, f)})
+    corpus.raise_for_status()
+    stats = corpus.json()["stats"]
+    print(f"corpus {corpus.json()['id']}: {stats['dialogues']} dialogues, {stats['user_turns']} user turns")
+
+    body = json.loads(Path(args.config).read_text())
+    body["corpus_id"] = corpus.json()["id"]
+    created = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": f"main-{corpus.json()['id']}"})
+    if created.status_code >= 400:
+        print(created.text, file=sys.stderr)
+        return 1
+    job = created.json()
+    print(f"job {job['id']} {job['status']} (default instruction set, model {job['model']})")
+
+    seen, started = 0, time.monotonic()
+    while job["status"] not in TERMINAL and time.monotonic() - started < args.timeout:
+        time.sleep(2)
+        job = client.get(f"/v1/jobs/{job['id']}").json()
+        events = client.get(f"/v1/jobs/{job['id']}/events", params={"after_seq": seen}).json()
+        for e in events["data"]:
+            print(f"  [{e['level']}] {e['kind']}: {e['message']}")
+        seen = events["next_after_seq"]
+        if job["status"] == "running":
+            eta = f", eta {job['eta_s']:.0f}s" if job["eta_s"] else ""
+            print(f"  {job['stage']}: {job['progress_done']}/{job['progress_total']}{eta}", flush=True)
+
+    elapsed = time.monotonic() - started
+    print(f"\njob {job['id']} {job['status']} after {elapsed:.0f}s")
+    if job["status"] != "succeeded":
+        print(json.dumps(job.get("error"), indent=2))
+        return 1
+    metrics = client.get(f"/v1/jobs/{job['id']}/metrics").json()["data"]
+    print("\nstep  loss     lr        grad_norm  trained_tokens")
+    for m in metrics:
+        v = m["values"]
+        print(f"{m['step']:>4}  {v['loss']:.4f}  {v['learning_rate']:.2e}  {v['grad_norm']:9.3f}  {int(v['trained_tokens']):>14}")
+    samples = client.get(f"/v1/jobs/{job['id']}/samples", params={"limit": 500}).json()["data"]
+    turns = [t for s in samples for t in s["turns"]]
+    accepted = sum(t["chosen"] is not None for t in turns)
+    print(f"\nsampled turns: {len(turns)}, accepted (best of K reached min_reward): {accepted}")
+    checkpoints = client.get(f"/v1/jobs/{job['id']}/checkpoints").json()["data"]
+    if checkpoints:
+        last = checkpoints[-1]
+        print(f"final checkpoint: step {last['step']}, download {args.url}{last['download_url']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

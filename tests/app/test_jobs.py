@@ -1,0 +1,175 @@
+"""The jobs API without a worker: creation, validation, idempotency, isolation, cancel, reads."""
+
+from __future__ import annotations
+
+import uuid
+
+import pytest
+from fastapi.testclient import TestClient
+from sqlalchemy.orm import Session, sessionmaker
+
+from app.jobs import repository
+from app.models import Job, JobStatus
+from tests.app.factories import Tenant, dialogue, jsonl
+
+URL = "/v1/jobs"
+
+
+@pytest.fixture
+def corpus_id(client: TestClient, tenant: Tenant) -> str:
+    data = jsonl(dialogue(0, turns=2), dialogue(1, turns=2))
+    r = client.post("/v1/corpora", files={"file": ("c.jsonl", data)}, headers=tenant.headers)
+    assert r.status_code == 201, r.text
+    return r.json()["id"]
+
+
+def create(client, tenant, body, key=None):
+    headers = dict(tenant.headers)
+    if key:
+        headers["Idempotency-Key"] = key
+    return client.post(URL, json=body, headers=headers)
+
+
+def test_create_fills_defaults_and_enqueues(client, tenant, corpus_id, enqueued):
+    r = create(client, tenant, {"corpus_id": corpus_id, "config": {"sampling": {"k": 2}}})
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["status"] == "queued" and job["model"] == "default" and job["instruction_set_id"] is None
+    assert job["config"]["sampling"]["k"] == 2
+    assert job["config"]["sampling"]["top_p"] == 0.95  # a default, filled in and shown
+    assert job["config"]["training"]["method"] == "lora"
+    assert "corpus" not in job["config"]["data"] and "output_dir" not in job["config"]
+    assert uuid.UUID(job["id"]) in enqueued
+    events = client.get(f"{URL}/{job['id']}/events", headers=tenant.headers).json()
+    assert [e["kind"] for e in events["data"]] == ["created"] and events["next_after_seq"] == 1
+
+
+def test_invalid_config_lists_every_problem_with_its_path(client, tenant, corpus_id):
+    body = {
+        "corpus_id": corpus_id,
+        "config": {
+            "sampling": {"k": "four", "topp": 1},
+            "training": {"method": "qlora"},
+            "output_dir": "/etc",
+        },
+    }
+    r = create(client, tenant, body)
+    assert r.status_code == 422
+    error = r.json()["error"]
+    assert error["code"] == "invalid_config"
+    fields = {(d["field"], d["code"]) for d in error["details"]}
+    assert ("config.output_dir", "server_field") in fields
+    r = create(
+        client,
+        tenant,
+        {**body, "config": {"sampling": {"k": "four", "topp": 1}, "training": {"method": "qlora"}}},
+    )
+    fields = {(d["field"], d["code"]) for d in r.json()["error"]["details"]}
+    assert fields == {
+        ("config.sampling.k", "invalid_type"),
+        ("config.sampling.topp", "unknown_field"),
+        ("config.training.method", "invalid_value"),
+    }
+
+
+def test_model_paths_must_lie_under_a_model_root(client, tenant, corpus_id):
+    for model in ("/etc", "../models/x", "relative/dir"):
+        r = create(client, tenant, {"corpus_id": corpus_id, "model": model})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "model_not_allowed", r.text
+    r = create(
+        client,
+        tenant,
+        {"corpus_id": corpus_id, "config": {"reward": {"reward_model": "/etc", "reward_model_weight": 1}}},
+    )
+    assert r.status_code == 422
+    assert r.json()["error"]["details"][0]["field"] == "config.reward.reward_model"
+
+
+def test_idempotency_key_returns_the_same_job(client, tenant, corpus_id, enqueued):
+    key = f"retry-{uuid.uuid4()}"
+    first = create(client, tenant, {"corpus_id": corpus_id}, key)
+    sent = len(enqueued)
+    again = create(client, tenant, {"corpus_id": corpus_id}, key)
+    assert first.status_code == 201 and again.status_code == 200
+    assert again.json()["id"] == first.json()["id"]
+    assert len(enqueued) == sent  # not sent to the workers twice
+    other = create(client, tenant, {"corpus_id": corpus_id, "config": {"seed": 1}}, key)
+    assert other.status_code == 409 and other.json()["error"]["code"] == "idempotency_key_reused"
+
+
+def test_other_teams_cannot_see_or_use(client, tenant, other_tenant, corpus_id):
+    job = create(client, tenant, {"corpus_id": corpus_id}).json()
+    for path in ("", "/events", "/metrics", "/checkpoints", "/samples", "/training-set"):
+        r = client.get(f"{URL}/{job['id']}{path}", headers=other_tenant.headers)
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", path
+    assert client.post(f"{URL}/{job['id']}/cancel", headers=other_tenant.headers).status_code == 404
+    # nor build a job on another team's corpus
+    r = create(client, other_tenant, {"corpus_id": corpus_id})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "corpus_id"
+    listed = client.get(URL, headers=other_tenant.headers).json()
+    assert job["id"] not in [j["id"] for j in listed["data"]]
+
+
+def test_cancel_queued_at_once_and_finished_refused(client, tenant, corpus_id, db: sessionmaker[Session]):
+    job = create(client, tenant, {"corpus_id": corpus_id}).json()
+    r = client.post(f"{URL}/{job['id']}/cancel", headers=tenant.headers)
+    assert r.status_code == 200 and r.json()["status"] == "cancelled"
+    assert client.post(f"{URL}/{job['id']}/cancel", headers=tenant.headers).json()["status"] == "cancelled"
+
+    done = create(client, tenant, {"corpus_id": corpus_id}).json()
+    with db() as s, s.begin():
+        s.get(Job, uuid.UUID(done["id"])).status = JobStatus.SUCCEEDED
+    r = client.post(f"{URL}/{done['id']}/cancel", headers=tenant.headers)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "job_finished"
+
+
+def test_cancel_running_asks_the_worker(client, tenant, corpus_id, db):
+    job = create(client, tenant, {"corpus_id": corpus_id}).json()
+    with db() as s, s.begin():
+        assert repository.claim(s, uuid.UUID(job["id"]), "test-worker", 60) is not None
+    r = client.post(f"{URL}/{job['id']}/cancel", headers=tenant.headers)
+    assert r.json()["status"] == "running" and r.json()["cancel_requested"] is True
+    with db() as s, s.begin():
+        assert repository.cancel_requested(s, uuid.UUID(job["id"]))
+        # a worker that lost the race cannot finish someone else's run
+        assert not repository.finish(s, uuid.UUID(job["id"]), "another-worker", JobStatus.SUCCEEDED)
+        assert repository.finish(s, uuid.UUID(job["id"]), "test-worker", JobStatus.CANCELLED)
+
+
+def test_claim_is_exclusive_until_the_lease_expires(client, tenant, corpus_id, db):
+    job_id = uuid.UUID(create(client, tenant, {"corpus_id": corpus_id}).json()["id"])
+    with db() as s, s.begin():
+        assert repository.claim(s, job_id, "a", 60) is not None
+    with db() as s, s.begin():
+        assert (
+            repository.claim(s, job_id, "b", 60) is None
+        )  # a redelivered message does not start a second run
+        assert not repository.heartbeat(s, job_id, "b", 60)
+    with db() as s, s.begin():
+        s.get(Job, job_id).lease_expires_at = repository.now()  # worker a vanished
+    with db() as s, s.begin():
+        taken = repository.claim(s, job_id, "b", 60)
+        assert taken is not None and taken.attempts == 2 and taken.lease_owner == "b"
+        assert not repository.heartbeat(s, job_id, "a", 60)  # a learns it lost the job
+
+
+def test_list_filters_by_status_and_paginates(client, tenant, corpus_id):
+    ids = [create(client, tenant, {"corpus_id": corpus_id}).json()["id"] for _ in range(4)]
+    client.post(f"{URL}/{ids[0]}/cancel", headers=tenant.headers)
+    page = client.get(URL, params={"limit": 2, "status": "queued"}, headers=tenant.headers).json()
+    assert [j["id"] for j in page["data"]] == [ids[3], ids[2]] and page["has_more"]
+    rest = client.get(
+        URL, params={"limit": 2, "status": "queued", "after": page["next_after"]}, headers=tenant.headers
+    ).json()
+    assert [j["id"] for j in rest["data"]] == [ids[1]] and not rest["has_more"]
+    cancelled = client.get(URL, params={"status": "cancelled"}, headers=tenant.headers).json()
+    assert ids[0] in [j["id"] for j in cancelled["data"]]
+    assert client.get(URL, params={"status": "nope"}, headers=tenant.headers).status_code == 422
+
+
+def test_checkpoint_archive_unknown_step(client, tenant, corpus_id):
+    job = create(client, tenant, {"corpus_id": corpus_id}).json()
+    r = client.get(f"{URL}/{job['id']}/checkpoints/5/archive", headers=tenant.headers)
+    assert r.status_code == 404 and r.json()["error"]["param"] == "step"
+    assert client.get(f"{URL}/{job['id']}/checkpoints", headers=tenant.headers).json() == {"data": []}
+    assert client.get(f"{URL}/{job['id']}/samples", headers=tenant.headers).json()["data"] == []

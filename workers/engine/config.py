@@ -1,0 +1,290 @@
+"""The typed configuration of one GAtt job, read from YAML or JSON and checked strictly.
+
+One file describes a whole job (model, data, and a section per stage). Every field has a
+documented default, unknown keys are errors (a typo must not silently fall back to a default),
+and all problems are reported at once, each with its dotted path ("sampling.top_p").
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from gatt.augment import Placement
+from gatt.errors import Problem, ValidationFailed
+from gatt.masks import Scope
+
+# --- stage configs: plain dataclasses, importable without torch (the API validates with them) ---
+
+Method = Literal["lora", "full"]
+Schedule = Literal["cosine", "linear", "constant"]
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    k: int = 4  # candidates per prompt
+    temperature: float = 0.8  # 0 means greedy (argmax); top_p is then irrelevant
+    top_p: float = 0.95  # nucleus: sample from the smallest set of tokens holding this much probability
+    max_new_tokens: int = 96
+    batch_prompts: int = 8  # prompts per prefill; the decode batch is batch_prompts * k rows
+    seed: int = 0  # seeds the generator when the caller passes none
+
+    def __post_init__(self) -> None:
+        problems = []
+        if not (isinstance(self.k, int) and self.k >= 1):
+            problems.append(f"k must be an integer >= 1, got {self.k!r}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            problems.append(f"temperature must be > 0, or 0 for greedy, got {self.temperature!r}")
+        if not (0 < self.top_p <= 1):
+            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
+            problems.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
+        if not (isinstance(self.batch_prompts, int) and self.batch_prompts >= 1):
+            problems.append(f"batch_prompts must be an integer >= 1, got {self.batch_prompts!r}")
+        if not isinstance(self.seed, int):
+            problems.append(f"seed must be an integer, got {self.seed!r}")
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass(frozen=True)
+class RewardConfig:
+    verifier_weight: float = 1.0
+    reward_model: str | None = None  # local directory of a sequence-classification model
+    reward_model_weight: float = 0.0
+    min_reward: float | None = 0.5  # a turn whose best candidate is below this is dropped
+    batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.verifier_weight < 0 or self.reward_model_weight < 0:
+            raise ValueError("reward weights must be >= 0")
+        if self.verifier_weight + self.reward_model_weight <= 0:
+            raise ValueError("at least one reward weight must be > 0")
+        if self.reward_model_weight > 0 and not self.reward_model:
+            raise ValueError("reward_model_weight > 0 needs reward_model (a local directory)")
+        if self.min_reward is not None and not 0.0 <= self.min_reward <= 1.0:
+            raise ValueError("min_reward must be in [0, 1]")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be >= 1")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    method: Method = "lora"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    # "all-linear" (peft: every linear layer but the output head), a peft regex, or a tuple of
+    # module names such as ("q_proj", "v_proj").
+    lora_targets: str | tuple[str, ...] = "all-linear"
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    schedule: Schedule = "cosine"
+    warmup_steps: int = 0
+    # Optimiser steps; None: ceil(epochs * n_batches / grad_accum).
+    max_steps: int | None = None
+    epochs: float = 1.0
+    micro_batch_size: int = 4
+    grad_accum: int = 1
+    # None: no clipping (the gradient norm is still reported).
+    max_grad_norm: float | None = 1.0
+    max_seq_len: int = 2048
+    seed: int = 0
+    # 0: only the final checkpoint.
+    checkpoint_every: int = 0
+    # How many checkpoints stay on disk; older ones are deleted. The newest (final) always stays.
+    keep_checkpoints: int = 2
+    # LoRA only: also write merged full weights into each checkpoint's `merged/`.
+    merge_on_save: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lora_targets, list):
+            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        if isinstance(self.betas, list):
+            object.__setattr__(self, "betas", tuple(self.betas))
+        if self.method not in ("lora", "full"):
+            raise ValueError(f"method must be 'lora' or 'full', not {self.method!r}")
+        if self.schedule not in ("cosine", "linear", "constant"):
+            raise ValueError(f"schedule must be 'cosine', 'linear' or 'constant', not {self.schedule!r}")
+        _int_at_least("lora_r", self.lora_r, 1)
+        _int_at_least("lora_alpha", self.lora_alpha, 1)
+        _number_in("lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
+        if isinstance(self.lora_targets, str):
+            if not self.lora_targets.strip():
+                raise ValueError("lora_targets must not be empty")
+        elif not (
+            isinstance(self.lora_targets, tuple)
+            and self.lora_targets
+            and all(isinstance(t, str) and t for t in self.lora_targets)
+        ):
+            raise ValueError(
+                "lora_targets must be 'all-linear', a regex, or a non-empty tuple of module names"
+            )
+        _number_in("learning_rate", self.learning_rate, low=0.0, low_open=True)
+        _number_in("weight_decay", self.weight_decay, low=0.0)
+        if not (isinstance(self.betas, tuple) and len(self.betas) == 2):
+            raise ValueError(f"betas must be a pair (beta1, beta2), not {self.betas!r}")
+        for i, beta in enumerate(self.betas):
+            _number_in(f"betas[{i}]", beta, low=0.0, high=1.0, high_open=True)
+        _int_at_least("warmup_steps", self.warmup_steps, 0)
+        if self.max_steps is not None:
+            _int_at_least("max_steps", self.max_steps, 1)
+        _number_in("epochs", self.epochs, low=0.0, low_open=True)
+        _int_at_least("micro_batch_size", self.micro_batch_size, 1)
+        _int_at_least("grad_accum", self.grad_accum, 1)
+        if self.max_grad_norm is not None:
+            _number_in("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
+        _int_at_least("max_seq_len", self.max_seq_len, 2)
+        _int_at_least("seed", self.seed, 0)
+        _int_at_least("checkpoint_every", self.checkpoint_every, 0)
+        _int_at_least("keep_checkpoints", self.keep_checkpoints, 1)
+        if not isinstance(self.merge_on_save, bool):
+            raise ValueError(f"merge_on_save must be a bool, not {self.merge_on_save!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["betas"] = list(self.betas)
+        if isinstance(self.lora_targets, tuple):
+            out["lora_targets"] = list(self.lora_targets)
+        return out
+
+
+def _int_at_least(name: str, value: Any, low: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an integer, not {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, not {value}")
+
+
+def _number_in(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, not {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, not {value}")
+    if high is not None and (value > high or (high_open and value == high)):
+        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, not {value}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    corpus: str = "examples/dialogues.jsonl"
+    instructions: str = "default"  # "default" (the paper-style set) or a JSON instruction-set file
+    max_dialogues: int | None = None  # use the first N dialogues of the corpus
+    max_turns: int = 3  # user turns per dialogue to sample (the corpus may have more)
+    # "all": sample every assistant turn (the paper). "last": keep the corpus's own earlier
+    # assistant turns as context and sample only the last one, which is much cheaper.
+    sample_turns: Literal["all", "last"] = "all"
+
+
+@dataclass(frozen=True)
+class JobConfig:
+    model: str = "default"  # "default" (embedded SmolLM2-135M-Instruct), a local HF dir, or a checkpoint
+    output_dir: str = "var/jobs/job"
+    seed: int = 0
+    device: str | None = None  # None: CUDA if present, else CPU
+    dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
+    data: DataConfig = field(default_factory=DataConfig)
+    placement: Placement = field(default_factory=Placement)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    loss_scope: Scope = "all_turns"
+    training: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def load_config(path: str | Path) -> JobConfig:
+    """Read a job config from a YAML (or JSON, which is YAML) file."""
+    with open(path, encoding="utf-8") as f:
+        raw = yaml.safe_load(f)
+    return parse_config(raw if raw is not None else {})
+
+
+def parse_config(raw: Any) -> JobConfig:
+    problems: list[Problem] = []
+    config = _build(JobConfig, raw, "", problems)
+    if problems:
+        raise ValidationFailed("job config", problems)
+    return config
+
+
+def _build(cls: type, raw: Any, path: str, problems: list[Problem]) -> Any:
+    if not isinstance(raw, dict):
+        problems.append(
+            Problem("invalid_type", f"expected a mapping, found {type(raw).__name__}", path or "config")
+        )
+        return None
+    start = len(problems)
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in raw:
+        if key not in names:
+            problems.append(Problem("unknown_field", f"unknown field {key!r}", _join(path, str(key))))
+    values = {}
+    for name in names & raw.keys():
+        values[name] = _convert(hints[name], raw[name], _join(path, name), problems)
+    if len(problems) > start:
+        return None
+    try:
+        return cls(**values)
+    except (TypeError, ValueError) as exc:  # the dataclass's own range checks
+        problems.append(Problem("invalid_value", str(exc), path or "config"))
+        return None
+
+
+def _convert(hint: Any, value: Any, path: str, problems: list[Problem]) -> Any:
+    origin = typing.get_origin(hint)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path, problems)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(hint)
+        if value is None and type(None) in options:
+            return None
+        options = tuple(o for o in options if o is not type(None))
+        # str | tuple[str, ...]: a list in the file means the tuple.
+        sequence = next((o for o in options if typing.get_origin(o) is tuple), None)
+        if sequence is not None and isinstance(value, list | tuple):
+            return _convert(sequence, value, path, problems)
+        return _convert(options[0], value, path, problems)
+    if origin is Literal:
+        if value not in typing.get_args(hint):
+            allowed = ", ".join(repr(a) for a in typing.get_args(hint))
+            problems.append(Problem("invalid_value", f"expected one of {allowed}, found {value!r}", path))
+        return value
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            problems.append(Problem("invalid_type", f"expected a list, found {type(value).__name__}", path))
+            return value
+        return tuple(value)
+    expected = {float: (int, float), int: (int,), str: (str,), bool: (bool,)}.get(hint)
+    # bool is an int in Python; a `true` where a number belongs is a mistake, not a 1.
+    if expected and (not isinstance(value, expected) or (hint is not bool and isinstance(value, bool))):
+        problems.append(
+            Problem("invalid_type", f"expected {hint.__name__}, found {type(value).__name__}", path)
+        )
+    return float(value) if hint is float and isinstance(value, int) else value
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name

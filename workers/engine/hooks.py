@@ -1,0 +1,30 @@
+"""How the engine reports to whoever runs it (the CLI prints, the Celery task writes Postgres).
+
+Every hook is optional and cheap to call; the engine never depends on what a hook does, except
+`should_stop`, which it checks between batches and optimiser steps so that a cancel takes effect
+within one step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class Hooks:
+    # (stage, done, total): progress of the current stage in its own units (dialogues, steps).
+    progress: Callable[[str, int, int], None] = lambda stage, done, total: None
+    # (level, kind, message, data): append-only events: stage changes, warnings, errors.
+    event: Callable[[str, str, str, dict[str, Any]], None] = lambda level, kind, message, data: None
+    # (step, metrics): one row per optimiser step.
+    metrics: Callable[[int, dict[str, float]], None] = lambda step, metrics: None
+    # (step, path, manifest): after a checkpoint is completely written.
+    checkpoint: Callable[[int, str, dict[str, Any]], None] = lambda step, path, manifest: None
+    should_stop: Callable[[], bool] = lambda: False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Stopped(Exception):
+    """Raised inside the engine when `Hooks.should_stop()` said yes; work done so far is kept."""

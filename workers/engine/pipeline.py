@@ -1,0 +1,370 @@
+"""One GAtt job, stage by stage: synthesize -> sample (and rank) -> build the training set -> train.
+
+Sampling and ranking are interleaved turn by turn, because the reply chosen for turn t is the
+context that turn t+1 is sampled from: every turn of a synthetic dialogue follows the
+instruction. A turn where no candidate reaches the minimum reward ends that dialogue there
+(earlier accepted turns are kept).
+
+Everything a stage finishes is on disk before the next starts, and a restarted job reuses it:
+each sampled dialogue is one appended line of `samples.jsonl`, and training resumes from its
+last checkpoint. Artifacts in `output_dir`:
+
+    config.json           the job config as run
+    instructions.jsonl    the synthesized instruction of each dialogue
+    samples.jsonl         every candidate with its reward, and the choice, per turn
+    training_set.jsonl    the training dialogues with their trained spans in readable form
+    train/                metrics.jsonl, metrics.csv, checkpoints/step-XXXXXX/
+    summary.json          what the job did, at the end
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gatt.augment import sampling_messages, training_dialogue
+from gatt.dialogues import Dialogue, parse_corpus
+from gatt.instructions import Instruction, default_instruction_set, parse_instruction_set, synthesize
+from gatt.masks import TemplateError, TokenizedExample, build_examples, encode, render, trained_text
+from gatt.selection import Selection, select_best, summarize
+from workers.engine.config import JobConfig
+from workers.engine.hooks import Hooks, Stopped
+from workers.engine.models import LoadedModel, end_of_turn_ids, load_model
+from workers.engine.rewards import RewardScorer
+from workers.engine.sampling import sample_candidates
+from workers.engine.training import train
+
+
+@dataclass
+class JobResult:
+    output_dir: Path
+    dialogues: int
+    sampled_dialogues: int
+    examples: int
+    trained_tokens: int
+    selection: dict[str, Any]
+    final_checkpoint: Path | None
+    final_metrics: dict[str, float]
+    wall_s: float
+
+
+def run_job(config: JobConfig, hooks: Hooks | None = None, *, loaded: LoadedModel | None = None) -> JobResult:
+    """Run (or resume) a whole job. `loaded` lets a caller reuse a model it already holds."""
+    hooks = hooks or Hooks()
+    started = time.monotonic()
+    out = Path(config.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "config.json", config.to_json())
+
+    _stage(hooks, "synthesize")
+    dialogues = load_dialogues(config)
+    instructions = synthesize_instructions(config, len(dialogues))
+    _write_jsonl(out / "instructions.jsonl", [i.to_json() for i in instructions])
+
+    if loaded is None:
+        loaded = load_model(config.model, device=config.device, dtype=config.dtype)
+    _stage(hooks, "sample")
+    records = sample_dialogues(config, loaded, dialogues, instructions, out / "samples.jsonl", hooks)
+    selections = [_selection(turn) for record in records for turn in record["turns"]]
+
+    _stage(hooks, "train")
+    examples = build_training_set(config, loaded.tokenizer, records, out / "training_set.jsonl", hooks)
+    if not examples:
+        raise RuntimeError(
+            "no accepted samples to train on: no candidate reached reward.min_reward; lower the "
+            "threshold, raise sampling.k, or choose instructions the model can follow"
+        )
+    # The adapter records the base weights it applies to: the embedded default by name, anything
+    # else (a local model, or the merged base of an earlier checkpoint) by its directory.
+    base_model = "default" if loaded.source == "default" else str(loaded.base_dir)
+    result = train(
+        loaded.model,
+        loaded.tokenizer,
+        examples,
+        config.training,
+        out / "train",
+        hooks=hooks,
+        base_model=base_model,
+    )
+    final_metrics = result.metrics[-1] if result.metrics else {}
+    job = JobResult(
+        output_dir=out,
+        dialogues=len(dialogues),
+        sampled_dialogues=len(records),
+        examples=len(examples),
+        trained_tokens=sum(e.n_trained for e in examples),
+        selection=summarize(selections).to_json(),
+        final_checkpoint=Path(result.checkpoint) if result.checkpoint else None,
+        final_metrics=dict(final_metrics),
+        wall_s=time.monotonic() - started,
+    )
+    _write_json(out / "summary.json", _jsonable(job.__dict__))
+    _stage(hooks, "done")
+    return job
+
+
+def load_dialogues(config: JobConfig) -> list[Dialogue]:
+    with open(config.data.corpus, "rb") as f:
+        dialogues = parse_corpus(f)
+    return dialogues[: config.data.max_dialogues] if config.data.max_dialogues else dialogues
+
+
+def synthesize_instructions(config: JobConfig, n: int) -> list[Instruction]:
+    if config.data.instructions == "default":
+        instruction_set = default_instruction_set()
+    else:
+        with open(config.data.instructions, encoding="utf-8") as f:
+            instruction_set = parse_instruction_set(json.load(f))
+    return synthesize(instruction_set, n, seed=config.seed)
+
+
+# --- sampling and ranking --------------------------------------------------------------------
+
+
+def sample_dialogues(
+    config: JobConfig,
+    loaded: LoadedModel,
+    dialogues: Sequence[Dialogue],
+    instructions: Sequence[Instruction],
+    path: Path,
+    hooks: Hooks,
+) -> list[dict[str, Any]]:
+    """Sample every dialogue not yet in `path`, chunk by chunk; return all records in order."""
+    done = {record["index"]: record for record in _read_records(path)}
+    scorer = RewardScorer(config.reward, device=loaded.device)
+    chunk_size = config.sampling.batch_prompts
+    hooks.progress("sample", len(done), len(dialogues))
+    for start in range(0, len(dialogues), chunk_size):
+        todo = [i for i in range(start, min(start + chunk_size, len(dialogues))) if i not in done]
+        if not todo:
+            continue
+        if hooks.should_stop():
+            raise Stopped("cancelled during sampling")
+        # One generator per chunk, seeded by its position: a resumed job samples the remaining
+        # chunks exactly as an uninterrupted one would.
+        generator = torch.Generator(device="cpu").manual_seed(
+            (config.seed * 1_000_003 + config.sampling.seed) * 1_000_003 + start
+        )
+        chunk = _sample_chunk(config, loaded, scorer, dialogues, instructions, todo, generator, hooks)
+        with open(path, "a", encoding="utf-8") as f:
+            for record in chunk:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        done.update((r["index"], r) for r in chunk)
+        hooks.progress("sample", len(done), len(dialogues))
+    return [done[i] for i in sorted(done)]
+
+
+def _sample_chunk(config, loaded, scorer, dialogues, instructions, indices, generator, hooks) -> list[dict]:
+    model, tokenizer = loaded.model, loaded.tokenizer
+    stop_ids = end_of_turn_ids(tokenizer)
+    limit = getattr(model.config, "max_position_embeddings", None) or 1 << 30
+    states = []
+    for i in indices:
+        dialogue = dialogues[i]
+        turns = dialogue.turns[: config.data.max_turns]
+        users = [user for user, _ in turns]
+        replies, trained = [], []
+        if config.data.sample_turns == "last":
+            # Earlier corpus replies stay as context with zero loss; only the last turn is sampled.
+            replies = [reply or "" for _, reply in turns[:-1]]
+            trained = [False] * len(replies)
+        states.append(
+            {
+                "index": i,
+                "dialogue_id": dialogue.id,
+                "instruction": instructions[i].to_json(),
+                "system": dialogue.system,
+                "users": users,
+                "replies": replies,
+                "trained": trained,
+                "turns": [],
+                "stopped": None,
+            }
+        )
+    while True:
+        active = [s for s in states if s["stopped"] is None and len(s["replies"]) < len(s["users"])]
+        if not active:
+            break
+        if hooks.should_stop():
+            raise Stopped("cancelled during sampling")
+        contexts, prompts = [], []
+        for s in active:
+            text = instructions[s["index"]].text
+            messages = sampling_messages(
+                text, s["users"], s["replies"], system=s["system"], placement=config.placement
+            )
+            contexts.append(messages)
+            prompts.append(encode(tokenizer, render(tokenizer, messages, generation_prompt=True)))
+        fits = [len(p) + config.sampling.max_new_tokens <= limit for p in prompts]
+        for s, ok in zip(active, fits, strict=True):
+            if not ok:
+                s["stopped"] = "context_length"
+                hooks.event("warning", "context_length", f"dialogue {s['index']} stopped: context full", {})
+        keep = [k for k, ok in enumerate(fits) if ok]
+        samples = sample_candidates(
+            model,
+            tokenizer,
+            [prompts[k] for k in keep],
+            config.sampling,
+            stop_ids=stop_ids,
+            generator=generator,
+        )
+        for k, candidates in zip(keep, samples, strict=True):
+            s = active[k]
+            texts = [complete_reply(c.text, c.finished) for c in candidates]
+            instruction = Instruction.from_json(s["instruction"])
+            (rewards,) = scorer.score(instruction, [contexts[k]], [texts])
+            # An empty reply (or one cut by max_new_tokens before its first sentence ended) never
+            # wins: training on it would teach the model to stop mid-sentence.
+            ranked = [r.total if t else math.nan for r, t in zip(rewards, texts, strict=True)]
+            selection = select_best(ranked, texts, threshold=config.reward.min_reward)
+            s["turns"].append(
+                {
+                    "turn": len(s["replies"]),
+                    "candidates": [
+                        {
+                            "text": t,  # what was scored and may be trained on
+                            "raw": c.text,  # what the model generated
+                            "finished": c.finished,
+                            "tokens": len(c.token_ids),
+                            "reward": r.to_json(),
+                        }
+                        for t, c, r in zip(texts, candidates, rewards, strict=True)
+                    ],
+                    "chosen": selection.chosen,
+                    "best": selection.best,
+                    "stats": {
+                        "mean_reward": selection.mean_reward,
+                        "max_reward": selection.max_reward,
+                        "pass_rate": selection.pass_rate,
+                        "gain": selection.gain,
+                    },
+                    "threshold": selection.threshold,
+                }
+            )
+            if selection.chosen is None:
+                s["stopped"] = "no_acceptable_candidate"
+            else:
+                s["replies"].append(texts[selection.chosen])
+                s["trained"].append(True)
+    return states
+
+
+_SENTENCE_END = re.compile(r"[.!?…](?=\s|$)|\n")
+
+
+def complete_reply(text: str, finished: bool) -> str:
+    """The reply as it may be trained on: whole if the model ended it, else cut back to its last
+    complete sentence ("" when no sentence was completed within max_new_tokens)."""
+    text = text.strip()
+    if finished:
+        return text
+    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
+    return text[: ends[-1]].strip() if ends else ""
+
+
+def _selection(turn: dict[str, Any]) -> Selection:
+    rewards = tuple(c["reward"]["total"] for c in turn["candidates"])
+    return Selection(chosen=turn["chosen"], best=turn["best"], rewards=rewards, threshold=turn["threshold"])
+
+
+def _read_records(path: Path) -> Iterator[dict[str, Any]]:
+    """Finished dialogues of an earlier run. A torn last line (a crash mid-write) is cut off."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
+    for line in data[:end].splitlines():
+        if line.strip():
+            yield json.loads(line)
+
+
+# --- training set ----------------------------------------------------------------------------
+
+
+def build_training_set(
+    config: JobConfig, tokenizer: Any, records: Sequence[dict[str, Any]], path: Path, hooks: Hooks
+) -> list[TokenizedExample]:
+    """Turn sampled dialogues into loss-masked examples and write them in readable form."""
+    examples: list[TokenizedExample] = []
+    rows = []
+    for record in records:
+        if not any(record["trained"]):
+            continue
+        n = len(record["replies"])
+        dialogue = training_dialogue(
+            Instruction.from_json(record["instruction"]).text,
+            record["users"][:n],
+            record["replies"],
+            record["trained"],
+            system=record["system"],
+            placement=config.placement,
+        )
+        try:
+            masked = build_examples(tokenizer, dialogue, config.loss_scope)
+        except TemplateError as exc:
+            hooks.event("warning", "template", f"dialogue {record['index']} skipped: {exc}", {})
+            continue
+        if masked.fallback_reason:
+            hooks.event(
+                "warning", "loss_scope_fallback", masked.fallback_reason, {"dialogue": record["index"]}
+            )
+        examples.extend(masked.examples)
+        rows.append(
+            {
+                "index": record["index"],
+                "dialogue_id": record["dialogue_id"],
+                "scope": masked.scope,
+                "fallback_reason": masked.fallback_reason,
+                "messages": list(dialogue.messages),
+                "trained": list(dialogue.trained),
+                "trained_spans": [trained_text(tokenizer, e) for e in masked.examples],
+                "tokens": masked.n_tokens,
+                "trained_tokens": masked.n_trained,
+            }
+        )
+    _write_jsonl(path, rows)
+    return examples
+
+
+# --- small helpers ---------------------------------------------------------------------------
+
+
+def _stage(hooks: Hooks, stage: str) -> None:
+    hooks.event("info", "stage", stage, {"stage": stage})
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _write_jsonl(path: Path, rows: Sequence[Any]) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_jsonable(v) for v in obj]
+    return str(obj) if isinstance(obj, Path) else obj

@@ -1,0 +1,113 @@
+"""Reward for ranking candidates: verifiers of the instruction, optionally a reward model.
+
+reward = (w_v * verifier_score + w_rm * reward_model_score) / (w_v + w_rm)
+
+The verifier score is the instruction's own aggregate (`gatt.verifiers.score_all_batch`): the
+minimum over its constraints by default, so a reply that speaks French but forgets Napoleon
+does not pass. The optional reward model is a local Hugging Face sequence-classification model
+(safetensors only, no remote code) that scores each candidate in its augmented context, mapped
+to [0, 1] with a sigmoid so both parts share a scale.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gatt import verifiers
+from gatt.instructions import Instruction
+from workers.engine.config import RewardConfig
+
+
+@dataclass(frozen=True)
+class Reward:
+    total: float
+    verifier: float
+    reason: str
+    reward_model: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "total": self.total,
+            "verifier": self.verifier,
+            "reward_model": self.reward_model,
+            "reason": self.reason,
+        }
+
+
+class RewardScorer:
+    """Scores K candidates per context. Loads the reward model once, if one is configured."""
+
+    def __init__(self, config: RewardConfig, *, device: Any = None, allowed_roots: list[Path] | None = None):
+        self.config = config
+        self._rm = None
+        if config.reward_model and config.reward_model_weight > 0:
+            self._rm = _load_reward_model(config.reward_model, device, allowed_roots)
+
+    def score(
+        self,
+        instruction: Instruction,
+        contexts: Sequence[Sequence[dict[str, str]]],
+        candidates: Sequence[Sequence[str]],
+    ) -> list[list[Reward]]:
+        """`candidates[i]` are the replies sampled for `contexts[i]`; one Reward per candidate."""
+        flat = [text for group in candidates for text in group]
+        checks = verifiers.score_all_batch(list(instruction.verifiers), flat, instruction.aggregate)
+        rm_scores: list[float | None] = [None] * len(flat)
+        if self._rm is not None:
+            pairs = [(ctx, text) for ctx, group in zip(contexts, candidates, strict=True) for text in group]
+            rm_scores = list(_reward_model_scores(self._rm, pairs, self.config.batch_size))
+        w_v, w_rm = self.config.verifier_weight, self.config.reward_model_weight if self._rm else 0.0
+        rewards = [
+            Reward(
+                total=(w_v * check.value + w_rm * (rm or 0.0)) / (w_v + w_rm),
+                verifier=check.value,
+                reason=check.reason,
+                reward_model=rm,
+            )
+            for check, rm in zip(checks, rm_scores, strict=True)
+        ]
+        out, i = [], 0
+        for group in candidates:
+            out.append(rewards[i : i + len(group)])
+            i += len(group)
+        return out
+
+
+def _load_reward_model(path: str, device: Any, allowed_roots: list[Path] | None) -> tuple[Any, Any]:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from workers.engine.models import check_model_dir
+
+    directory = check_model_dir(path, allowed_roots)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        directory, trust_remote_code=False, use_safetensors=True, local_files_only=True
+    ).eval()
+    if device is not None:
+        model.to(device)
+    tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False, local_files_only=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def _reward_model_scores(rm: tuple[Any, Any], pairs: list[tuple[Sequence[dict[str, str]], str]], batch: int):
+    import torch
+
+    model, tokenizer = rm
+    texts = []
+    for context, reply in pairs:
+        messages = [*context, {"role": "assistant", "content": reply}]
+        if tokenizer.chat_template:
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
+        else:
+            texts.append("\n".join(f"{m['role']}: {m['content']}" for m in messages))
+    for start in range(0, len(texts), batch):
+        enc = tokenizer(texts[start : start + batch], return_tensors="pt", padding=True, truncation=True)
+        with torch.inference_mode():
+            logits = model(**{k: v.to(model.device) for k, v in enc.items()}).logits.float()
+        # One logit: a scalar reward. Several: the last class is "good".
+        raw = logits[:, 0] if logits.shape[-1] == 1 else logits.log_softmax(-1)[:, -1].exp().logit()
+        yield from torch.sigmoid(raw).tolist()

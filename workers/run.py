@@ -1,0 +1,87 @@
+"""Command line for the engine: run one GAtt job from a config file, no database, no Celery.
+
+    python -m workers.run examples/job.yaml [--set training.max_steps=4 --set data.max_dialogues=8]
+
+Prints stage changes, progress and per-step metrics; a second run with the same output_dir
+resumes where the first stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any
+
+import yaml
+
+from gatt.errors import ValidationFailed
+from workers.engine.config import load_config, parse_config
+from workers.engine.hooks import Hooks
+
+
+def _apply_override(raw: dict[str, Any], assignment: str) -> None:
+    key, sep, value = assignment.partition("=")
+    if not sep:
+        raise SystemExit(f"--set expects key=value, got {assignment!r}")
+    *parents, leaf = key.split(".")
+    node = raw
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[leaf] = yaml.safe_load(value)
+
+
+def printing_hooks() -> Hooks:
+    started = time.monotonic()
+    last = {"progress": 0.0}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done == total or now - last["progress"] > 2:  # a line every 2 s at most
+            last["progress"] = now
+            print(f"[{now - started:7.1f}s] {stage}: {done}/{total}", flush=True)
+
+    def event(level: str, kind: str, message: str, data: dict[str, Any]) -> None:
+        print(f"[{time.monotonic() - started:7.1f}s] {level} {kind}: {message}", flush=True)
+
+    def metrics(step: int, m: dict[str, float]) -> None:
+        print(
+            f"[{time.monotonic() - started:7.1f}s] step {step}: loss {m['loss']:.4f} lr {m['learning_rate']:.2e} "
+            f"grad_norm {m['grad_norm']:.3f} trained_tokens {int(m['trained_tokens'])} "
+            f"tok/s {m['tokens_per_s']:.0f} eta {m['eta_s']:.0f}s",
+            flush=True,
+        )
+
+    def checkpoint(step: int, path: str, manifest: dict[str, Any]) -> None:
+        print(f"[{time.monotonic() - started:7.1f}s] checkpoint step {step}: {path}", flush=True)
+
+    return Hooks(progress=progress, event=event, metrics=metrics, checkpoint=checkpoint)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m workers.run", description=__doc__.split("\n")[0])
+    parser.add_argument("config", help="job config (YAML or JSON)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    args = parser.parse_args(argv)
+
+    from workers.engine.pipeline import run_job  # torch is imported only once the config is valid
+
+    try:
+        config = load_config(args.config)
+        if args.set:
+            raw = config.to_json()
+            for assignment in args.set:
+                _apply_override(raw, assignment)
+            config = parse_config(raw)
+    except ValidationFailed as exc:
+        for problem in exc.problems:
+            print(f"config error: {problem}", file=sys.stderr)
+        return 2
+    result = run_job(config, printing_hooks())
+    print(json.dumps({k: str(v) if hasattr(v, "parts") else v for k, v in result.__dict__.items()}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,253 @@
+"""Celery tasks: thin wrappers that load a job, call the engine and persist what it reports.
+
+`jobs.run` takes the job's lease in Postgres (so a redelivered message never starts a second
+run), prepares the job's inputs in its artifact directory, runs the engine with hooks that write
+progress, events, metrics and checkpoints to Postgres, and makes the one terminal transition.
+A background thread renews the lease while the engine works; if renewal fails (another worker
+took the job over after this one was presumed dead), the engine is told to stop.
+
+`jobs.reap` finds jobs whose worker vanished (lease expired) and queued jobs whose message was
+lost, and sends them again; a job that has used up its attempts fails with `worker_lost`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+
+from app.core.config import Settings, get_settings
+from app.core.db import make_engine, make_sessionmaker, session_scope
+from app.corpora import repository as corpora
+from app.jobs import repository as jobs
+from app.jobs.service import job_dir
+from app.models import InstructionSet, Job, JobStage, JobStatus
+from workers.celery_app import JOB_TASK, REAP_TASK, celery
+
+log = logging.getLogger(__name__)
+
+_STAGES = {s.value for s in JobStage}
+_factory = None
+
+
+def sessions():
+    global _factory
+    if _factory is None:
+        _factory = make_sessionmaker(make_engine(get_settings()))
+    return _factory
+
+
+class JobRun:
+    """The hooks of one run, writing to Postgres in short transactions of their own."""
+
+    def __init__(self, job_id: uuid.UUID, owner: str, settings: Settings):
+        self.job_id, self.owner, self.settings = job_id, owner, settings
+        self.lost = threading.Event()
+        self._last_progress = 0.0
+        self._last_cancel_check = 0.0
+        self._cancelled = False
+        self._stop_heartbeat = threading.Event()
+
+    # -- lease ---------------------------------------------------------------------------------
+    def renew(self, **fields: Any) -> None:
+        with session_scope(sessions()) as s:
+            if not jobs.heartbeat(s, self.job_id, self.owner, self.settings.lease_s, **fields):
+                self.lost.set()
+
+    def _beat(self) -> None:
+        while not self._stop_heartbeat.wait(self.settings.lease_s / 4):
+            try:
+                self.renew()
+            except Exception:  # Postgres briefly away: try again next beat; the lease has slack
+                log.exception("heartbeat failed for job %s", self.job_id)
+
+    def __enter__(self) -> JobRun:
+        threading.Thread(target=self._beat, name=f"heartbeat-{self.job_id}", daemon=True).start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop_heartbeat.set()
+
+    # -- engine hooks --------------------------------------------------------------------------
+    def progress(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if done != total and now - self._last_progress < 1.0:  # at most one write a second
+            return
+        self._last_progress = now
+        self.renew(progress=done / total if total else 0.0, progress_done=done, progress_total=total)
+
+    def event(self, level: str, kind: str, message: str, data: dict[str, Any]) -> None:
+        with session_scope(sessions()) as s:
+            jobs.add_event(s, self.job_id, level, kind, message, data or None)
+        if kind == "stage" and message in _STAGES:
+            self.renew(stage=JobStage(message), progress=0.0, progress_done=0, progress_total=0, eta_s=None)
+
+    def metrics(self, step: int, values: dict[str, float]) -> None:
+        with session_scope(sessions()) as s:
+            jobs.upsert_metric(s, self.job_id, step, values)
+            trained = jobs.trained_tokens(s, self.job_id)
+        self.renew(latest_metrics={"step": step, **values}, trained_tokens=trained, eta_s=values.get("eta_s"))
+
+    def checkpoint(self, step: int, path: str, manifest: dict[str, Any]) -> None:
+        relative = str(Path(path).resolve().relative_to(self.settings.artifact_dir.resolve()))
+        with session_scope(sessions()) as s:
+            jobs.upsert_checkpoint(s, self.job_id, step, relative, manifest, manifest.get("metrics"))
+            jobs.add_event(s, self.job_id, "info", "checkpoint", f"checkpoint at step {step}", {"step": step})
+
+    def should_stop(self) -> bool:
+        if self.lost.is_set() or self._cancelled:
+            return True
+        now = time.monotonic()
+        if now - self._last_cancel_check >= 0.5:
+            self._last_cancel_check = now
+            with session_scope(sessions()) as s:
+                self._cancelled = jobs.cancel_requested(s, self.job_id)
+        return self._cancelled
+
+    def hooks(self):
+        from workers.engine.hooks import Hooks
+
+        return Hooks(
+            progress=self.progress,
+            event=self.event,
+            metrics=self.metrics,
+            checkpoint=self.checkpoint,
+            should_stop=self.should_stop,
+        )
+
+
+def prepare_config(job: Job, settings: Settings, out: Path):
+    """The engine config of a stored job: its inputs written into the job's artifact directory."""
+    from workers.engine.config import parse_config
+
+    out.mkdir(parents=True, exist_ok=True)
+    with session_scope(sessions()) as s:
+        content = corpora.read_content(s, job.corpus_id)
+        spec = None
+        if job.instruction_set_id is not None:
+            spec = s.scalar(select(InstructionSet.spec).where(InstructionSet.id == job.instruction_set_id))
+    if content is None:
+        raise JobFailure("corpus_deleted", "The job's corpus was deleted before the job ran.")
+    (out / "corpus.jsonl").write_bytes(content)
+    instructions = "default"
+    if spec is not None:
+        (out / "instruction_set.json").write_text(json.dumps(spec), encoding="utf-8")
+        instructions = str(out / "instruction_set.json")
+    raw = dict(job.config)
+    raw["data"] = {**raw.get("data", {}), "corpus": str(out / "corpus.jsonl"), "instructions": instructions}
+    return parse_config({**raw, "model": job.model, "output_dir": str(out)})
+
+
+class JobFailure(Exception):
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code, self.message = code, message
+
+
+def error_of(exc: BaseException) -> tuple[str, str]:
+    """A stable code and a message a user can act on."""
+    from gatt.errors import ValidationFailed
+    from gatt.masks import TemplateError
+    from workers.engine.models import ModelError
+
+    if isinstance(exc, JobFailure):
+        return exc.code, exc.message
+    if isinstance(exc, ModelError):
+        return f"model_{exc.code}", str(exc)
+    if isinstance(exc, ValidationFailed):
+        return "invalid_input", str(exc)
+    if isinstance(exc, TemplateError):
+        return "chat_template", str(exc)
+    if isinstance(exc, RuntimeError) and "no accepted samples" in str(exc):
+        return "no_accepted_samples", str(exc)
+    if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
+        return (
+            "out_of_memory",
+            "The worker ran out of memory: lower sampling.batch_prompts or micro_batch_size.",
+        )
+    return "internal_error", f"{type(exc).__name__}: {exc}"
+
+
+@celery.task(name=JOB_TASK, bind=True)
+def run_job_task(self, job_id: str) -> str:
+    from workers.engine.hooks import Stopped
+    from workers.engine.pipeline import run_job
+
+    settings = get_settings()
+    owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+    jid = uuid.UUID(job_id)
+    with session_scope(sessions()) as s:
+        job = jobs.claim(s, jid, owner, settings.lease_s)
+        if job is not None and job.attempts > settings.max_attempts:
+            jobs.finish(
+                s,
+                jid,
+                owner,
+                JobStatus.FAILED,
+                error_code="worker_lost",
+                error_message=f"The job's worker vanished {settings.max_attempts} times; giving up.",
+            )
+            return "failed: attempts exhausted"
+    if job is None:
+        return "not claimed"  # another worker holds it, or it has ended
+    run = JobRun(jid, owner, settings)
+    with run:
+        try:
+            if job.attempts > 1:
+                run.event("warning", "resumed", f"attempt {job.attempts}: resuming from finished work", {})
+            config = prepare_config(job, settings, job_dir(settings, job))
+            result = run_job(config, run.hooks())
+        except Stopped:
+            if run.lost.is_set():
+                return "lease lost"  # another worker owns the job now; it writes the ending
+            with session_scope(sessions()) as s:
+                jobs.finish(s, jid, owner, JobStatus.CANCELLED)
+                jobs.add_event(s, jid, "info", "cancelled", "stopped on request", None)
+            return "cancelled"
+        except Exception as exc:
+            code, message = error_of(exc)
+            log.exception("job %s failed", jid)
+            with session_scope(sessions()) as s:
+                if jobs.finish(
+                    s, jid, owner, JobStatus.FAILED, error_code=code, error_message=message[:4000]
+                ):
+                    jobs.add_event(s, jid, "error", code, message[:4000], None)
+            return f"failed: {code}"
+    with session_scope(sessions()) as s:
+        jobs.finish(s, jid, owner, JobStatus.SUCCEEDED, progress=1.0, trained_tokens=result.trained_tokens)
+        jobs.add_event(s, jid, "info", "succeeded", "job succeeded", {"selection": result.selection})
+    return "succeeded"
+
+
+@celery.task(name=REAP_TASK)
+def reap_task() -> int:
+    """Send again the jobs that need a worker; returns how many."""
+    settings = get_settings()
+    now = jobs.now()
+    with session_scope(sessions()) as s:
+        jobs.cancel_abandoned(s)
+        stale_queued = now - timedelta(seconds=settings.lease_s)
+        ids = s.scalars(
+            select(Job.id).where(
+                (
+                    (Job.status == JobStatus.RUNNING)
+                    & (Job.lease_expires_at < now)
+                    & Job.cancel_requested.is_(False)
+                )
+                | ((Job.status == JobStatus.QUEUED) & (Job.updated_at < stale_queued))
+            )
+        ).all()
+        for jid in ids:
+            jobs.touch(s, jid)  # a queued job is not sent again on every sweep
+    for jid in ids:
+        celery.send_task(JOB_TASK, args=[str(jid)])
+    return len(ids)
