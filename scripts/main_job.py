@@ -43,7 +43,7 @@ def main() -> int:
     job = created.json()
     print(f"job {job['id']} {job['status']} (default instruction set, model {job['model']})")
 
-    seen, started = 0, time.monotonic()
+    seen, started, last_line = 0, time.monotonic(), ""
     while job["status"] not in TERMINAL and time.monotonic() - started < args.timeout:
         time.sleep(2)
         job = client.get(f"/v1/jobs/{job['id']}").json()
@@ -51,9 +51,11 @@ def main() -> int:
         for e in events["data"]:
             print(f"  [{e['level']}] {e['kind']}: {e['message']}")
         seen = events["next_after_seq"]
-        if job["status"] == "running":
+        line = f"  {job['stage']}: {job['progress_done']}/{job['progress_total']}"
+        if job["status"] == "running" and job["progress_total"] and line != last_line:
             eta = f", eta {job['eta_s']:.0f}s" if job["eta_s"] else ""
-            print(f"  {job['stage']}: {job['progress_done']}/{job['progress_total']}{eta}", flush=True)
+            print(f"{line}{eta}", flush=True)
+            last_line = line
 
     elapsed = time.monotonic() - started
     print(f"\njob {job['id']} {job['status']} after {elapsed:.0f}s")
