@@ -53,7 +53,7 @@ def select_best(
 ) -> Selection:
     """Argmax of reward with deterministic tie-breaks and an optional minimum reward.
 
-    Ties go to the shorter reply (fewer tokens that no verifier looked at), then to the earlier
+    Ties go to the shorter reply (fewer characters that no verifier looked at), then to the earlier
     candidate, so the same rewards and texts always give the same choice. A NaN reward (a
     failed scorer) never wins and counts as 0 in the statistics.
     """

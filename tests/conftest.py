@@ -8,6 +8,12 @@ from collections.abc import Iterator
 
 import pytest
 
+# One cache of the dequantized embedded model for the whole test run, inside the checkout rather
+# than $HOME; subprocesses (the Celery worker of the end-to-end test) inherit it.
+os.environ.setdefault(
+    "GATT_CACHE_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), "var", "cache")
+)
+
 
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:

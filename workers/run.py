@@ -78,7 +78,15 @@ def main(argv: list[str] | None = None) -> int:
         for problem in exc.problems:
             print(f"config error: {problem}", file=sys.stderr)
         return 2
-    result = run_job(config, printing_hooks())
+    from gatt.masks import TemplateError
+    from workers.engine.models import ModelError
+    from workers.engine.pipeline import NoAcceptedSamples
+
+    try:
+        result = run_job(config, printing_hooks())
+    except (ModelError, NoAcceptedSamples, TemplateError, ValidationFailed, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     print(json.dumps({k: str(v) if hasattr(v, "parts") else v for k, v in result.__dict__.items()}, indent=2))
     return 0
 

@@ -53,7 +53,6 @@ class JobRun:
         self.job_id, self.owner, self.settings = job_id, owner, settings
         self.lost = threading.Event()
         self._last_progress = 0.0
-        self._last_cancel_check = 0.0
         self._cancelled = False
         self._stop_heartbeat = threading.Event()
 
@@ -99,18 +98,23 @@ class JobRun:
 
     def checkpoint(self, step: int, path: str, manifest: dict[str, Any]) -> None:
         relative = str(Path(path).resolve().relative_to(self.settings.artifact_dir.resolve()))
+        root = self.settings.artifact_dir.resolve()
         with session_scope(sessions()) as s:
             jobs.upsert_checkpoint(s, self.job_id, step, relative, manifest, manifest.get("metrics"))
+            # The trainer keeps only the newest checkpoints on disk: unlist the ones it deleted.
+            for row in jobs.checkpoints(s, self.job_id):
+                if not (root / row.path).is_dir():
+                    s.delete(row)
             jobs.add_event(s, self.job_id, "info", "checkpoint", f"checkpoint at step {step}", {"step": step})
 
     def should_stop(self) -> bool:
+        # Asked between sampling batches and between micro-batches: one indexed read (about a
+        # millisecond) against steps of tenths of seconds or more, so a cancel takes effect before
+        # the next step starts.
         if self.lost.is_set() or self._cancelled:
             return True
-        now = time.monotonic()
-        if now - self._last_cancel_check >= 0.5:
-            self._last_cancel_check = now
-            with session_scope(sessions()) as s:
-                self._cancelled = jobs.cancel_requested(s, self.job_id)
+        with session_scope(sessions()) as s:
+            self._cancelled = jobs.cancel_requested(s, self.job_id)
         return self._cancelled
 
     def hooks(self):
@@ -158,6 +162,7 @@ def error_of(exc: BaseException) -> tuple[str, str]:
     from gatt.errors import ValidationFailed
     from gatt.masks import TemplateError
     from workers.engine.models import ModelError
+    from workers.engine.pipeline import NoAcceptedSamples
 
     if isinstance(exc, JobFailure):
         return exc.code, exc.message
@@ -167,7 +172,7 @@ def error_of(exc: BaseException) -> tuple[str, str]:
         return "invalid_input", str(exc)
     if isinstance(exc, TemplateError):
         return "chat_template", str(exc)
-    if isinstance(exc, RuntimeError) and "no accepted samples" in str(exc):
+    if isinstance(exc, NoAcceptedSamples):
         return "no_accepted_samples", str(exc)
     if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
         return (
@@ -205,13 +210,15 @@ def run_job_task(self, job_id: str) -> str:
             if job.attempts > 1:
                 run.event("warning", "resumed", f"attempt {job.attempts}: resuming from finished work", {})
             config = prepare_config(job, settings, job_dir(settings, job))
-            result = run_job(config, run.hooks())
+            # Confined again here, not only at creation: a symlink inside a root, or the base model
+            # an adapter names, is only seen when the files are read.
+            result = run_job(config, run.hooks(), allowed_roots=list(settings.model_roots))
         except Stopped:
             if run.lost.is_set():
                 return "lease lost"  # another worker owns the job now; it writes the ending
             with session_scope(sessions()) as s:
-                jobs.finish(s, jid, owner, JobStatus.CANCELLED)
-                jobs.add_event(s, jid, "info", "cancelled", "stopped on request", None)
+                if jobs.finish(s, jid, owner, JobStatus.CANCELLED):
+                    jobs.add_event(s, jid, "info", "cancelled", "stopped on request", None)
             return "cancelled"
         except Exception as exc:
             code, message = error_of(exc)
@@ -223,7 +230,10 @@ def run_job_task(self, job_id: str) -> str:
                     jobs.add_event(s, jid, "error", code, message[:4000], None)
             return f"failed: {code}"
     with session_scope(sessions()) as s:
-        jobs.finish(s, jid, owner, JobStatus.SUCCEEDED, progress=1.0, trained_tokens=result.trained_tokens)
+        if not jobs.finish(
+            s, jid, owner, JobStatus.SUCCEEDED, progress=1.0, trained_tokens=result.trained_tokens
+        ):
+            return "lease lost"  # taken over meanwhile; the new holder ends the job (from our checkpoints)
         jobs.add_event(s, jid, "info", "succeeded", "job succeeded", {"selection": result.selection})
     return "succeeded"
 
@@ -232,22 +242,12 @@ def run_job_task(self, job_id: str) -> str:
 def reap_task() -> int:
     """Send again the jobs that need a worker; returns how many."""
     settings = get_settings()
-    now = jobs.now()
     with session_scope(sessions()) as s:
         jobs.cancel_abandoned(s)
-        stale_queued = now - timedelta(seconds=settings.lease_s)
-        ids = s.scalars(
-            select(Job.id).where(
-                (
-                    (Job.status == JobStatus.RUNNING)
-                    & (Job.lease_expires_at < now)
-                    & Job.cancel_requested.is_(False)
-                )
-                | ((Job.status == JobStatus.QUEUED) & (Job.updated_at < stale_queued))
-            )
-        ).all()
-        for jid in ids:
-            jobs.touch(s, jid)  # a queued job is not sent again on every sweep
+        # A running job whose lease expired goes back to queued (its worker is gone), and a queued
+        # job nobody started within a lease (its message was lost) is sent again. Both get a fresh
+        # updated_at, so the next sweep does not send them again before another lease has passed.
+        ids = jobs.requeue_expired(s) + jobs.stale_queued(s, timedelta(seconds=settings.lease_s))
     for jid in ids:
         celery.send_task(JOB_TASK, args=[str(jid)])
     return len(ids)

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Annotated
+from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, BackgroundTasks, Header, Path, Query, Request, Response, status
@@ -94,6 +94,14 @@ def list_jobs(
 ) -> JobList:
     """The team's jobs, newest first, a page at a time (`after`, `limit`)."""
     return JobList.of(service.list_page(session, team, page, status_filter), Job.from_row)
+
+
+# Declared before "/{job_id}" so that "config-defaults" is never taken for an id.
+@router.get("/config-defaults", summary="Get the default job config", responses=AUTH_RESPONSES)
+def get_config_defaults(team: CurrentTeam, settings: SettingsDep) -> dict[str, Any]:
+    """Every field of a job's `config` with its default value: what a job created with `"config": {}`
+    runs with. Copy it and change what you need."""
+    return service.job_config({}, settings)
 
 
 @router.get("/{job_id}", response_model=Job, summary="Get a job", responses=ERROR_RESPONSES)

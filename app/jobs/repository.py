@@ -216,8 +216,34 @@ def trained_tokens(session: Session, job_id: uuid.UUID) -> int:
     return int(session.scalar(total) or 0)
 
 
-def touch(session: Session, id: uuid.UUID) -> None:
-    session.execute(update(Job).where(Job.id == id).values(updated_at=now()))
+def requeue_expired(session: Session) -> list[uuid.UUID]:
+    """Running jobs whose worker stopped renewing its lease go back to queued. A worker that was
+    only slow learns at its next heartbeat that the job is no longer its own and stops."""
+    t = now()
+    stmt = (
+        update(Job)
+        .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < t, Job.cancel_requested.is_(False))
+        .values(status=JobStatus.QUEUED, lease_owner=None, lease_expires_at=None, updated_at=t)
+        .returning(Job.id)
+    )
+    ids = list(session.scalars(stmt))
+    for id in ids:
+        add_event(
+            session, id, "warning", "worker_lost", "the worker stopped renewing its lease; job requeued", None
+        )
+    return ids
+
+
+def stale_queued(session: Session, older_than: timedelta) -> list[uuid.UUID]:
+    """Queued jobs no worker took within `older_than` (a lost message); marked as sent again."""
+    t = now()
+    stmt = (
+        update(Job)
+        .where(Job.status == JobStatus.QUEUED, Job.updated_at < t - older_than)
+        .values(updated_at=t)
+        .returning(Job.id)
+    )
+    return list(session.scalars(stmt))
 
 
 def cancel_abandoned(session: Session) -> int:

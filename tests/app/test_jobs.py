@@ -173,3 +173,33 @@ def test_checkpoint_archive_unknown_step(client, tenant, corpus_id):
     assert r.status_code == 404 and r.json()["error"]["param"] == "step"
     assert client.get(f"{URL}/{job['id']}/checkpoints", headers=tenant.headers).json() == {"data": []}
     assert client.get(f"{URL}/{job['id']}/samples", headers=tenant.headers).json()["data"] == []
+
+
+def test_config_defaults_are_what_an_empty_config_runs_with(client, tenant, corpus_id):
+    defaults = client.get(f"{URL}/config-defaults", headers=tenant.headers)
+    assert defaults.status_code == 200
+    job = create(client, tenant, {"corpus_id": corpus_id}).json()
+    assert job["config"] == defaults.json()
+    assert defaults.json()["sampling"]["k"] == 4 and "output_dir" not in defaults.json()
+    assert client.get(f"{URL}/config-defaults").status_code == 401
+
+
+def test_reaper_requeues_a_vanished_worker_once_per_lease(client, tenant, corpus_id, db):
+    from datetime import timedelta
+
+    job_id = uuid.UUID(create(client, tenant, {"corpus_id": corpus_id}).json()["id"])
+    with db() as s, s.begin():
+        repository.claim(s, job_id, "gone", 60)
+        s.get(Job, job_id).lease_expires_at = repository.now() - timedelta(seconds=1)
+    with db() as s, s.begin():
+        assert job_id in repository.requeue_expired(s)
+    with db() as s, s.begin():
+        job = s.get(Job, job_id)
+        assert job.status == JobStatus.QUEUED and job.lease_owner is None
+        assert job_id not in repository.requeue_expired(s)  # already requeued: not sent again
+        assert job_id not in repository.stale_queued(s, timedelta(seconds=60))  # just touched
+        assert not repository.heartbeat(s, job_id, "gone", 60)  # the old worker, if alive, stops
+    with db() as s, s.begin():
+        assert job_id in repository.stale_queued(s, timedelta(seconds=-1))
+    events = client.get(f"{URL}/{job_id}/events", headers=tenant.headers).json()["data"]
+    assert "worker_lost" in [e["kind"] for e in events]

@@ -249,7 +249,11 @@ def _build(cls: type, raw: Any, path: str, problems: list[Problem]) -> Any:
     try:
         return cls(**values)
     except (TypeError, ValueError) as exc:  # the dataclass's own range checks
-        problems.append(Problem("invalid_value", str(exc), path or "config"))
+        # Their messages start with the field's name ("k must be ..."); point at that field.
+        for message in str(exc).split("; "):
+            name = message.split(" ", 1)[0].split("[", 1)[0]
+            field_path = _join(path, name) if name in names else path or "config"
+            problems.append(Problem("invalid_value", message, field_path))
         return None
 
 

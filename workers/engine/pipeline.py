@@ -34,14 +34,26 @@ import torch
 from gatt.augment import sampling_messages, training_dialogue
 from gatt.dialogues import Dialogue, parse_corpus
 from gatt.instructions import Instruction, default_instruction_set, parse_instruction_set, synthesize
-from gatt.masks import TemplateError, TokenizedExample, build_examples, encode, render, trained_text
+from gatt.masks import (
+    TemplateError,
+    TokenizedExample,
+    build_examples,
+    check_contents,
+    encode,
+    render,
+    trained_text,
+)
 from gatt.selection import Selection, select_best, summarize
 from workers.engine.config import JobConfig
 from workers.engine.hooks import Hooks, Stopped
-from workers.engine.models import LoadedModel, end_of_turn_ids, load_model
+from workers.engine.models import LoadedModel, ModelError, end_of_turn_ids, load_model
 from workers.engine.rewards import RewardScorer
 from workers.engine.sampling import sample_candidates
 from workers.engine.training import train
+
+
+class NoAcceptedSamples(RuntimeError):
+    """Every sampled turn fell below the minimum reward: there is nothing to train on."""
 
 
 @dataclass
@@ -57,8 +69,16 @@ class JobResult:
     wall_s: float
 
 
-def run_job(config: JobConfig, hooks: Hooks | None = None, *, loaded: LoadedModel | None = None) -> JobResult:
-    """Run (or resume) a whole job. `loaded` lets a caller reuse a model it already holds."""
+def run_job(
+    config: JobConfig,
+    hooks: Hooks | None = None,
+    *,
+    loaded: LoadedModel | None = None,
+    allowed_roots: list[Path] | None = None,
+) -> JobResult:
+    """Run (or resume) a whole job. `loaded` lets a caller reuse a model it already holds (it must
+    not have been trained yet); `allowed_roots` confines model paths (the service passes its
+    configured model roots)."""
     hooks = hooks or Hooks()
     started = time.monotonic()
     out = Path(config.output_dir)
@@ -71,15 +91,26 @@ def run_job(config: JobConfig, hooks: Hooks | None = None, *, loaded: LoadedMode
     _write_jsonl(out / "instructions.jsonl", [i.to_json() for i in instructions])
 
     if loaded is None:
-        loaded = load_model(config.model, device=config.device, dtype=config.dtype)
+        loaded = load_model(
+            config.model, device=config.device, dtype=config.dtype, allowed_roots=allowed_roots
+        )
+    if config.training.method == "lora" and hasattr(loaded.model, "peft_config"):
+        # Checked before sampling, which would otherwise be wasted.
+        raise ModelError(
+            "adapter_on_adapter",
+            "the model is a LoRA checkpoint; to train it further with LoRA, use its merged weights "
+            "(a checkpoint written with training.merge_on_save: true has them in merged/)",
+        )
     _stage(hooks, "sample")
-    records = sample_dialogues(config, loaded, dialogues, instructions, out / "samples.jsonl", hooks)
+    records = sample_dialogues(
+        config, loaded, dialogues, instructions, out / "samples.jsonl", hooks, allowed_roots=allowed_roots
+    )
     selections = [_selection(turn) for record in records for turn in record["turns"]]
 
     _stage(hooks, "train")
     examples = build_training_set(config, loaded.tokenizer, records, out / "training_set.jsonl", hooks)
     if not examples:
-        raise RuntimeError(
+        raise NoAcceptedSamples(
             "no accepted samples to train on: no candidate reached reward.min_reward; lower the "
             "threshold, raise sampling.k, or choose instructions the model can follow"
         )
@@ -137,10 +168,12 @@ def sample_dialogues(
     instructions: Sequence[Instruction],
     path: Path,
     hooks: Hooks,
+    *,
+    allowed_roots: list[Path] | None = None,
 ) -> list[dict[str, Any]]:
     """Sample every dialogue not yet in `path`, chunk by chunk; return all records in order."""
     done = {record["index"]: record for record in _read_records(path)}
-    scorer = RewardScorer(config.reward, device=loaded.device)
+    scorer = RewardScorer(config.reward, device=loaded.device, allowed_roots=allowed_roots)
     chunk_size = config.sampling.batch_prompts
     hooks.progress("sample", len(done), len(dialogues))
     for start in range(0, len(dialogues), chunk_size):
@@ -179,6 +212,14 @@ def _sample_chunk(config, loaded, scorer, dialogues, instructions, indices, gene
             # Earlier corpus replies stay as context with zero loss; only the last turn is sampled.
             replies = [reply or "" for _, reply in turns[:-1]]
             trained = [False] * len(replies)
+        try:  # text that spells a control token would forge turn boundaries in every prompt
+            check_contents(
+                tokenizer, [{"content": text} for text in [*users, *replies, dialogue.system or ""]]
+            )
+            stopped = None
+        except TemplateError as exc:
+            stopped = "control_token"
+            hooks.event("warning", "control_token", f"dialogue {i} skipped: {exc}", {"dialogue": i})
         states.append(
             {
                 "index": i,
@@ -189,7 +230,7 @@ def _sample_chunk(config, loaded, scorer, dialogues, instructions, indices, gene
                 "replies": replies,
                 "trained": trained,
                 "turns": [],
-                "stopped": None,
+                "stopped": stopped,
             }
         )
     while True:

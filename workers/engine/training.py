@@ -524,6 +524,8 @@ def _save_checkpoint(
         model.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
+        if (tmp / MERGED).is_dir():  # merged weights are a complete model: loadable, trainable further
+            tokenizer.save_pretrained(tmp / MERGED)
     torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
     (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
     _set_rng_state(rng)

@@ -1,0 +1,244 @@
+"""The whole engine on the embedded SmolLM2: sampling picks the reward argmax, the written training
+set trains on nothing but sampled replies, the CLI's checkpoint loads with stock peft, and a rerun
+reuses what the first run finished."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gatt.masks import IGNORE_INDEX, build_examples
+from workers.engine.config import parse_config
+from workers.engine.hooks import Hooks
+from workers.engine.models import load_model
+from workers.engine.pipeline import build_training_set, complete_reply, run_job
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _instruction_set(tmp_path: Path) -> str:
+    # Verifiers a 135M model passes often enough under the augmented context, and fails sometimes:
+    # both the argmax and the threshold get exercised.
+    spec = {
+        "custom": [
+            {
+                "name": "ahoy",
+                "text": "Always start your reply with 'Ahoy!'",
+                "verifiers": [{"type": "starts_with", "text": "Ahoy!"}],
+            },
+            {
+                "name": "brief",
+                "text": "Answer in at most 12 words.",
+                "verifiers": [{"type": "max_words", "n": 12}],
+            },
+        ]
+    }
+    path = tmp_path / "instructions.json"
+    path.write_text(json.dumps(spec))
+    return str(path)
+
+
+def _config(tmp_path: Path, **overrides):
+    raw = {
+        "output_dir": str(tmp_path / "job"),
+        "seed": 3,
+        "data": {
+            "corpus": str(ROOT / "examples" / "dialogues.jsonl"),
+            "instructions": _instruction_set(tmp_path),
+            "max_dialogues": 3,
+            "max_turns": 2,
+        },
+        "sampling": {"k": 3, "max_new_tokens": 32, "batch_prompts": 3},
+        "reward": {"min_reward": 0.3},
+        "training": {"max_steps": 2, "micro_batch_size": 2, "checkpoint_every": 1},
+    }
+    for key, value in overrides.items():
+        raw[key] = {**raw.get(key, {}), **value} if isinstance(value, dict) else value
+    return parse_config(raw)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    return load_model("default")
+
+
+@pytest.fixture(scope="module")
+def finished_job(tmp_path_factory, loaded):
+    tmp = tmp_path_factory.mktemp("pipeline")
+    config = _config(tmp)
+    events: list[tuple[str, str]] = []
+    hooks = Hooks(event=lambda level, kind, message, data: events.append((kind, message)))
+    result = run_job(config, hooks, loaded=loaded)
+    return config, result, events
+
+
+def _records(config):
+    return [json.loads(line) for line in (Path(config.output_dir) / "samples.jsonl").read_text().splitlines()]
+
+
+def test_chosen_reply_is_the_reward_argmax(finished_job):
+    config, result, _ = finished_job
+    records = _records(config)
+    assert len(records) == 3 and result.sampled_dialogues == 3
+    turns = [t for r in records for t in r["turns"]]
+    assert turns and all(len(t["candidates"]) == 3 for t in turns)
+    for record in records:
+        for turn in record["turns"]:
+            eligible = [
+                (c["reward"]["total"], len(c["text"]), i)
+                for i, c in enumerate(turn["candidates"])
+                if c["text"]
+            ]
+            best = min(eligible, key=lambda e: (-e[0], e[1], e[2]))[2] if eligible else None
+            top = turn["candidates"][best]["reward"]["total"] if best is not None else -math.inf
+            expected = best if top >= config.reward.min_reward else None
+            assert turn["chosen"] == expected
+            if expected is not None:
+                assert record["replies"][turn["turn"]] == turn["candidates"][expected]["text"]
+        # A dropped turn ends the dialogue: every kept reply is an accepted sample.
+        assert len(record["replies"]) == sum(t["chosen"] is not None for t in record["turns"])
+        assert all(record["trained"])
+
+
+def test_written_training_set_trains_on_sampled_replies_only(finished_job, loaded):
+    config, result, _ = finished_job
+    rows = [
+        json.loads(line) for line in (Path(config.output_dir) / "training_set.jsonl").read_text().splitlines()
+    ]
+    records = {r["index"]: r for r in _records(config)}
+    assert rows and result.examples >= 1
+    for row in rows:
+        replies = records[row["index"]]["replies"]
+        spans = [span for example in row["trained_spans"] for span in example]
+        assert spans == [f"{reply}<|im_end|>" for reply in replies]
+        # The instruction is in the first user turn only.
+        instruction = records[row["index"]]["instruction"]["text"]
+        users = [m["content"] for m in row["messages"] if m["role"] == "user"]
+        assert users[0].startswith(instruction) and all(instruction not in u for u in users[1:])
+    # And at token level: the labels the trainer gets decode to exactly the accepted replies.
+    for record in (r for r in records.values() if r["replies"]):
+        (example,) = build_training_set(
+            config, loaded.tokenizer, [record], Path(config.output_dir) / "one.jsonl", Hooks()
+        )
+        trained = [
+            t for t, label in zip(example.input_ids, example.labels, strict=True) if label != IGNORE_INDEX
+        ]
+        decoded = loaded.tokenizer.decode(trained, skip_special_tokens=False)
+        assert decoded == "".join(f"{reply}<|im_end|>" for reply in record["replies"])
+
+
+def test_unfinished_replies_are_cut_to_their_last_sentence():
+    assert complete_reply("Ahoy! I like it. And then", finished=False) == "Ahoy! I like it."
+    assert complete_reply("no sentence ends here", finished=False) == ""
+    assert complete_reply("  whole reply, model stopped  ", finished=True) == "whole reply, model stopped"
+
+
+def test_rerun_reuses_samples_and_checkpoints(finished_job):
+    config, first, _ = finished_job
+    samples = (Path(config.output_dir) / "samples.jsonl").read_bytes()
+    events: list[str] = []
+    steps: list[int] = []
+    hooks = Hooks(
+        event=lambda level, kind, message, data: events.append(kind), metrics=lambda s, m: steps.append(s)
+    )
+    again = run_job(config, hooks, loaded=load_model("default"))  # a restarted worker loads afresh
+    assert (Path(config.output_dir) / "samples.jsonl").read_bytes() == samples  # nothing sampled twice
+    assert again.final_checkpoint == first.final_checkpoint
+    assert "resumed" in events and steps == []  # training resumed at its last step: nothing to redo
+
+
+def test_cli_writes_checkpoints_that_stock_peft_loads(tmp_path):
+    config = _config(
+        tmp_path,
+        data={"max_dialogues": 2},
+        reward={"min_reward": 0.0},
+        training={"max_steps": 1, "merge_on_save": True},
+    )
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(config.to_json()))
+    out = subprocess.run(
+        [sys.executable, "-m", "workers.run", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads((Path(config.output_dir) / "summary.json").read_text())
+    checkpoint = Path(summary["final_checkpoint"])
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert manifest["step"] == 1 and manifest["base_model"] == "default"
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.engine.models import default_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "Hello!"}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(default_model_dir()), checkpoint)
+    merged = AutoModelForCausalLM.from_pretrained(checkpoint / "merged")
+    with torch.no_grad():
+        a = adapter.generate(**prompt, max_new_tokens=6, do_sample=False)
+        b = merged.generate(**prompt, max_new_tokens=6, do_sample=False)
+    assert a.shape[1] > prompt["input_ids"].shape[1]
+    assert a.tolist() == b.tolist()
+
+
+def test_cli_reports_a_job_with_nothing_to_train(tmp_path):
+    config = _config(
+        tmp_path,
+        data={"max_dialogues": 1, "max_turns": 1},
+        reward={"min_reward": 1.0},
+        sampling={"k": 1, "max_new_tokens": 4},
+    )
+    path = tmp_path / "job.json"
+    path.write_text(json.dumps(config.to_json()))
+    out = subprocess.run(
+        [sys.executable, "-m", "workers.run", str(path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert (
+        out.returncode == 1 and "error: no accepted samples" in out.stderr and "Traceback" not in out.stderr
+    )
+
+
+def test_bad_config_is_reported_with_paths(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("sampling:\n  k: 0\n  topk: 3\ntraining:\n  method: qlora\n")
+    out = subprocess.run(
+        [sys.executable, "-m", "workers.run", str(path)], cwd=ROOT, capture_output=True, text=True
+    )
+    assert out.returncode == 2
+    assert "sampling.topk: unknown field" in out.stderr and "training.method" in out.stderr
+
+
+def test_examples_build_for_every_scope(finished_job, loaded):
+    config, _, _ = finished_job
+    record = next(r for r in _records(config) if r["replies"])
+    from gatt.augment import training_dialogue
+
+    dialogue = training_dialogue(
+        record["instruction"]["text"],
+        record["users"][: len(record["replies"])],
+        record["replies"],
+        record["trained"],
+    )
+    whole = build_examples(loaded.tokenizer, dialogue, "all_turns")
+    cuts = build_examples(loaded.tokenizer, dialogue, "last_turn")
+    assert whole.n_trained == cuts.n_trained and whole.n_tokens <= cuts.n_tokens
