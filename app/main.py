@@ -13,6 +13,7 @@ from app.core.body_limit import BodyLimitMiddleware
 from app.core.config import Settings, get_settings
 from app.core.db import make_engine, make_sessionmaker
 from app.core.errors import install_error_handlers
+from app.core.ratelimit import RateLimiter
 from app.health.endpoints import router as health_router
 
 DESCRIPTION = """\
@@ -23,8 +24,12 @@ resource belongs to the key's team; another team's ids answer 404.
 
 Errors always have the body `{"error": {"code", "message", "param", "details"?}}`: `code` is stable
 (`missing_api_key`, `invalid_api_key`, `not_found`, `invalid_request`, `invalid_corpus`,
-`invalid_instruction_set`, `invalid_cursor`, `in_use`, `payload_too_large`, `internal_error`, ...),
-`param` names the request field at fault, `details` lists every problem of a validation error.
+`invalid_instruction_set`, `invalid_cursor`, `in_use`, `payload_too_large`, `rate_limited`,
+`internal_error`, ...), `param` names the request field at fault, `details` lists every problem of a
+validation error.
+
+Each API key may make `GATT_RATE_LIMIT_PER_S` requests a second on average, with bursts up to
+`GATT_RATE_LIMIT_BURST`; past that the answer is 429 `rate_limited` with a `Retry-After` header.
 
 Lists are newest first and paginated with `limit` and `after` (the `next_after` of the previous page).
 """
@@ -40,11 +45,18 @@ def create_app(settings: Settings | None = None, enqueue: Callable[[UUID], None]
     """The app. `enqueue` hands a new job to the workers (default: a Celery message by name)."""
     settings = settings or get_settings()
     engine = make_engine(settings)
+    limiter = (
+        RateLimiter.from_url(settings.redis_url, settings.rate_limit_per_s, settings.rate_limit_burst)
+        if settings.rate_limit_per_s > 0
+        else None
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         yield
         engine.dispose()
+        if limiter is not None:
+            limiter.close()
 
     app = FastAPI(
         title="GAtt fine-tuning service",
@@ -65,6 +77,7 @@ def create_app(settings: Settings | None = None, enqueue: Callable[[UUID], None]
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.enqueue = enqueue or _send_to_workers
+    app.state.rate_limiter = limiter  # per API key, checked in app.auth.dependencies.current_team
 
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_json_body_bytes)

@@ -66,11 +66,19 @@ def main() -> int:
     print("\nstep  loss     lr        grad_norm  trained_tokens")
     for m in metrics:
         v = m["values"]
-        print(f"{m['step']:>4}  {v['loss']:.4f}  {v['learning_rate']:.2e}  {v['grad_norm']:9.3f}  {int(v['trained_tokens']):>14}")
+        print(
+            f"{m['step']:>4}  {v['loss']:.4f}  {v['learning_rate']:.2e}  {v['grad_norm']:9.3f}  {int(v['trained_tokens']):>14}"
+        )
     samples = client.get(f"/v1/jobs/{job['id']}/samples", params={"limit": 500}).json()["data"]
     turns = [t for s in samples for t in s["turns"]]
     accepted = sum(t["chosen"] is not None for t in turns)
     print(f"\nsampled turns: {len(turns)}, accepted (best of K reached min_reward): {accepted}")
+    evaluation = client.get(f"/v1/jobs/{job['id']}/evaluation")
+    if evaluation.status_code == 200:
+        report = evaluation.json()
+        print("\nadherence on held-out dialogues, by turn (rate [95% CI]); base model vs after GAtt:")
+        print(report["table"])
+        print(f"attention plot: {args.url}/v1/jobs/{job['id']}/evaluation/attention.png")
     checkpoints = client.get(f"/v1/jobs/{job['id']}/checkpoints").json()["data"]
     if checkpoints:
         last = checkpoints[-1]

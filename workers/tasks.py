@@ -19,11 +19,14 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings, get_settings
 from app.core.db import make_engine, make_sessionmaker, session_scope
@@ -37,6 +40,12 @@ log = logging.getLogger(__name__)
 
 _STAGES = {s.value for s in JobStage}
 _factory = None
+T = TypeVar("T")
+
+
+def transient_db_error(exc: BaseException) -> bool:
+    """Postgres unreachable, restarting, or the connection cut: worth trying again shortly."""
+    return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
 
 
 def sessions():
@@ -49,18 +58,40 @@ def sessions():
 class JobRun:
     """The hooks of one run, writing to Postgres in short transactions of their own."""
 
-    def __init__(self, job_id: uuid.UUID, owner: str, settings: Settings):
+    def __init__(
+        self, job_id: uuid.UUID, owner: str, settings: Settings, factory: sessionmaker[Session] | None = None
+    ):
         self.job_id, self.owner, self.settings = job_id, owner, settings
+        self.sessions = factory or sessions()
         self.lost = threading.Event()
         self._last_progress = 0.0
         self._cancelled = False
         self._stop_heartbeat = threading.Event()
 
+    def _tx(self, body: Callable[[Session], T]) -> T:
+        """One short transaction. Through a brief Postgres outage (a restart, a cut connection) it is
+        tried again for up to one lease; past that the lease has lapsed anyway, and it raises."""
+        deadline = time.monotonic() + self.settings.lease_s
+        delay = 0.2
+        while True:
+            try:
+                with session_scope(self.sessions) as s:
+                    return body(s)
+            except DBAPIError as exc:
+                if not transient_db_error(exc) or time.monotonic() + delay > deadline:
+                    raise
+                log.warning(
+                    "job %s: database unavailable, retrying in %.1f s: %s", self.job_id, delay, exc.orig
+                )
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
     # -- lease ---------------------------------------------------------------------------------
     def renew(self, **fields: Any) -> None:
-        with session_scope(sessions()) as s:
-            if not jobs.heartbeat(s, self.job_id, self.owner, self.settings.lease_s, **fields):
-                self.lost.set()
+        if not self._tx(
+            lambda s: jobs.heartbeat(s, self.job_id, self.owner, self.settings.lease_s, **fields)
+        ):
+            self.lost.set()
 
     def _beat(self) -> None:
         while not self._stop_heartbeat.wait(self.settings.lease_s / 4):
@@ -85,21 +116,23 @@ class JobRun:
         self.renew(progress=done / total if total else 0.0, progress_done=done, progress_total=total)
 
     def event(self, level: str, kind: str, message: str, data: dict[str, Any]) -> None:
-        with session_scope(sessions()) as s:
-            jobs.add_event(s, self.job_id, level, kind, message, data or None)
+        self._tx(lambda s: jobs.add_event(s, self.job_id, level, kind, message, data or None))
         if kind == "stage" and message in _STAGES:
             self.renew(stage=JobStage(message), progress=0.0, progress_done=0, progress_total=0, eta_s=None)
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
-        with session_scope(sessions()) as s:
+        def write(s: Session) -> int:
             jobs.upsert_metric(s, self.job_id, step, values)
-            trained = jobs.trained_tokens(s, self.job_id)
+            return jobs.trained_tokens(s, self.job_id)
+
+        trained = self._tx(write)
         self.renew(latest_metrics={"step": step, **values}, trained_tokens=trained, eta_s=values.get("eta_s"))
 
     def checkpoint(self, step: int, path: str, manifest: dict[str, Any]) -> None:
         relative = str(Path(path).resolve().relative_to(self.settings.artifact_dir.resolve()))
         root = self.settings.artifact_dir.resolve()
-        with session_scope(sessions()) as s:
+
+        def write(s: Session) -> None:
             jobs.upsert_checkpoint(s, self.job_id, step, relative, manifest, manifest.get("metrics"))
             # The trainer keeps only the newest checkpoints on disk: unlist the ones it deleted.
             for row in jobs.checkpoints(s, self.job_id):
@@ -107,14 +140,15 @@ class JobRun:
                     s.delete(row)
             jobs.add_event(s, self.job_id, "info", "checkpoint", f"checkpoint at step {step}", {"step": step})
 
+        self._tx(write)
+
     def should_stop(self) -> bool:
         # Asked between sampling batches and between micro-batches: one indexed read (about a
         # millisecond) against steps of tenths of seconds or more, so a cancel takes effect before
         # the next step starts.
         if self.lost.is_set() or self._cancelled:
             return True
-        with session_scope(sessions()) as s:
-            self._cancelled = jobs.cancel_requested(s, self.job_id)
+        self._cancelled = self._tx(lambda s: jobs.cancel_requested(s, self.job_id))
         return self._cancelled
 
     def hooks(self):
@@ -129,12 +163,12 @@ class JobRun:
         )
 
 
-def prepare_config(job: Job, settings: Settings, out: Path):
+def prepare_config(job: Job, settings: Settings, out: Path, factory: sessionmaker[Session] | None = None):
     """The engine config of a stored job: its inputs written into the job's artifact directory."""
     from workers.engine.config import parse_config
 
     out.mkdir(parents=True, exist_ok=True)
-    with session_scope(sessions()) as s:
+    with session_scope(factory or sessions()) as s:
         content = corpora.read_content(s, job.corpus_id)
         spec = None
         if job.instruction_set_id is not None:
@@ -184,55 +218,62 @@ def error_of(exc: BaseException) -> tuple[str, str]:
 
 @celery.task(name=JOB_TASK, bind=True)
 def run_job_task(self, job_id: str) -> str:
+    return run_job_by_id(job_id, get_settings(), sessions())
+
+
+def run_job_by_id(job_id: str | uuid.UUID, settings: Settings, factory: sessionmaker[Session]) -> str:
+    """One run of a job: lease, engine, persist, terminal transition. The body of `jobs.run`, callable
+    without Celery (the embedded mode's in-process worker, `app.embedded`). Returns what happened."""
     from workers.engine.hooks import Stopped
     from workers.engine.pipeline import run_job
 
-    settings = get_settings()
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    jid = uuid.UUID(job_id)
-    with session_scope(sessions()) as s:
+    jid = uuid.UUID(str(job_id))
+    with session_scope(factory) as s:
         job = jobs.claim(s, jid, owner, settings.lease_s)
         if job is not None and job.attempts > settings.max_attempts:
-            jobs.finish(
-                s,
-                jid,
-                owner,
-                JobStatus.FAILED,
-                error_code="worker_lost",
-                error_message=f"The job's worker vanished {settings.max_attempts} times; giving up.",
-            )
+            message = f"The job's worker vanished {settings.max_attempts} times; giving up."
+            # Like every other ending, this one is in the job's event log too.
+            if jobs.finish(s, jid, owner, JobStatus.FAILED, error_code="worker_lost", error_message=message):
+                jobs.add_event(s, jid, "error", "worker_lost", message, None)
             return "failed: attempts exhausted"
     if job is None:
         return "not claimed"  # another worker holds it, or it has ended
-    run = JobRun(jid, owner, settings)
+    run = JobRun(jid, owner, settings, factory)
     with run:
         try:
             if job.attempts > 1:
                 run.event("warning", "resumed", f"attempt {job.attempts}: resuming from finished work", {})
-            config = prepare_config(job, settings, job_dir(settings, job))
+            config = prepare_config(job, settings, job_dir(settings, job), factory)
             # Confined again here, not only at creation: a symlink inside a root, or the base model
             # an adapter names, is only seen when the files are read.
             result = run_job(config, run.hooks(), allowed_roots=list(settings.model_roots))
         except Stopped:
             if run.lost.is_set():
                 return "lease lost"  # another worker owns the job now; it writes the ending
-            with session_scope(sessions()) as s:
+            with session_scope(factory) as s:
                 if jobs.finish(s, jid, owner, JobStatus.CANCELLED):
                     jobs.add_event(s, jid, "info", "cancelled", "stopped on request", None)
             return "cancelled"
         except Exception as exc:
+            if transient_db_error(exc):
+                # Postgres stayed away longer than a lease: not the job's fault, so it does not fail.
+                # The lease lapses, the reaper requeues the job, and the next attempt resumes it.
+                log.exception("job %s: database unavailable; left for the reaper", jid)
+                return "database unavailable"
             code, message = error_of(exc)
             log.exception("job %s failed", jid)
-            with session_scope(sessions()) as s:
+            with session_scope(factory) as s:
                 if jobs.finish(
                     s, jid, owner, JobStatus.FAILED, error_code=code, error_message=message[:4000]
                 ):
                     jobs.add_event(s, jid, "error", code, message[:4000], None)
             return f"failed: {code}"
-    with session_scope(sessions()) as s:
-        if not jobs.finish(
-            s, jid, owner, JobStatus.SUCCEEDED, progress=1.0, trained_tokens=result.trained_tokens
-        ):
+    with session_scope(factory) as s:
+        # Tokens that carried loss, summed over the recorded steps as while running (a step trained
+        # again after a takeover counts once); result.trained_tokens counts the training set only once.
+        trained = jobs.trained_tokens(s, jid)
+        if not jobs.finish(s, jid, owner, JobStatus.SUCCEEDED, progress=1.0, trained_tokens=trained):
             return "lease lost"  # taken over meanwhile; the new holder ends the job (from our checkpoints)
         jobs.add_event(s, jid, "info", "succeeded", "job succeeded", {"selection": result.selection})
     return "succeeded"

@@ -5,8 +5,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
-from app.auth import service
+from app.auth import keys, service
 from app.core.db import SessionDep
+from app.core.errors import RateLimited
 from app.models import Team
 
 # Declared for the OpenAPI security scheme only (auto_error=False); the header is checked below so that
@@ -24,7 +25,19 @@ def current_team(
     session: SessionDep,
     _: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> Team:
-    return service.authenticate(session, request.headers.get("authorization"))
+    authorization = request.headers.get("authorization")
+    team = service.authenticate(session, authorization)
+    # After authentication: only a valid key has a bucket (see app.core.ratelimit).
+    limiter = getattr(request.app.state, "rate_limiter", None)
+    prefix = keys.parse_prefix((authorization or "").strip().partition(" ")[2].strip())
+    if limiter is not None and prefix is not None:
+        decision = limiter.check(prefix)
+        if not decision.allowed:
+            raise RateLimited(
+                f"Too many requests with this API key; retry in {decision.retry_after_s} s.",
+                retry_after_s=decision.retry_after_s,
+            )
+    return team
 
 
 CurrentTeam = Annotated[Team, Depends(current_team)]

@@ -57,6 +57,17 @@ class Settings(BaseSettings):
     db_connect_timeout_s: int = Field(
         default=5, gt=0, description="Postgres connect timeout (whole seconds)."
     )
+    rate_limit_per_s: float = Field(
+        default=20.0,
+        ge=0,
+        description="Requests a second each API key may make on average (a token bucket in Redis, shared "
+        "by every API process); 0 turns rate limiting off.",
+    )
+    rate_limit_burst: int = Field(
+        default=100,
+        gt=0,
+        description="Requests an API key may make at once before the per-second rate applies.",
+    )
 
     def corpus_limits(self) -> CorpusLimits:
         return CorpusLimits(

@@ -224,8 +224,23 @@ async def _request_validation_error(_: Request, exc: Exception) -> JSONResponse:
     )
 
 
+def _unparsable_body(cause: BaseException) -> AppError:
+    """FastAPI answers 400 when a JSON body fails to parse for another reason than its syntax (a JSON
+    syntax error is a 422 `invalid_request`): the same 422 here, saying why."""
+    if isinstance(cause, UnicodeDecodeError):
+        message = f"The body is not valid UTF-8 (byte {cause.start} of it cannot be decoded)."
+    elif isinstance(cause, RecursionError):
+        message = "The JSON body is nested too deeply."
+    else:
+        message = "The body could not be parsed as JSON."
+    detail = {"code": "json_invalid", "message": message, "field": None, "location": "body"}
+    return AppError(message, code="invalid_request", details=[detail], status_code=422)
+
+
 async def _http_exception(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code == 400 and exc.__cause__ is not None:  # raised by FastAPI's body parsing
+        return _render(_unparsable_body(exc.__cause__))
     known = _HTTP_CODES.get(exc.status_code)
     message = {404: "No such route.", 405: "Method not allowed on this path."}.get(exc.status_code)
     error = AppError(
@@ -262,12 +277,18 @@ AUTH_RESPONSES: dict[int | str, dict[str, Any]] = {
     422: _response(
         "Invalid path, query or body parameters (`invalid_request`), or a more specific validation code."
     ),
+    429: {
+        **_response("Too many requests with this API key (`rate_limited`); retry after `Retry-After`."),
+        "headers": {
+            "Retry-After": {"description": "Seconds to wait before retrying.", "schema": {"type": "integer"}}
+        },
+    },
 }
 NOT_FOUND_RESPONSE: dict[int | str, dict[str, Any]] = {
     404: _response("No such resource for this team (`not_found`); another team's ids are 404 too."),
 }
 ERROR_RESPONSES = {**AUTH_RESPONSES, **NOT_FOUND_RESPONSE}
-"""401, 404 and 422 in the envelope: pass as `responses=` to routes taking an id."""
+"""401, 404, 422 and 429 in the envelope: pass as `responses=` to routes taking an id."""
 
 
 def error_response(status: int, description: str) -> dict[int | str, dict[str, Any]]:

@@ -57,7 +57,8 @@ def read_content(session: Session, id: uuid.UUID) -> bytes | None:
 
 def read_content_chunk(session: Session, id: uuid.UUID, offset: int, length: int) -> bytes | None:
     """`length` bytes of the stored JSONL from `offset` (0-based); None when it is gone."""
-    stmt = select(func.substring(Corpus.content, offset + 1, length)).where(
+    # substr, not substring: both Postgres (bytea) and SQLite (the embedded mode's BLOB) have it.
+    stmt = select(func.substr(Corpus.content, offset + 1, length)).where(
         Corpus.id == id, Corpus.deleted_at.is_(None)
     )
     return session.scalar(stmt)

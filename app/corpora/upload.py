@@ -151,6 +151,10 @@ def _display_name(name_field: bytes | None, filename: str | None) -> str:
             ) from None
         if not name:
             raise Unprocessable("The name must not be empty.", code="invalid_request", param="name")
+        if "\x00" in name:  # Postgres text cannot hold it
+            raise Unprocessable(
+                "The name must not contain NUL characters.", code="invalid_request", param="name"
+            )
         if len(name) > NAME_MAX_CHARS:
             raise Unprocessable(
                 f"The name is longer than {NAME_MAX_CHARS} characters.", code="invalid_request", param="name"
@@ -158,7 +162,7 @@ def _display_name(name_field: bytes | None, filename: str | None) -> str:
         return name
     if filename:
         # Browsers may send a full client-side path; keep its last component only.
-        base = PureWindowsPath(PurePosixPath(filename).name).name.strip()
+        base = PureWindowsPath(PurePosixPath(filename.replace("\x00", "")).name).name.strip()
         if base:
             return base[:NAME_MAX_CHARS]
     return "corpus"

@@ -57,7 +57,7 @@ def list_instruction_sets(session: SessionDep, team: CurrentTeam, page: PagePara
     "/default",
     response_model=DefaultInstructionSet,
     summary="Get the default instruction set",
-    responses={401: AUTH_RESPONSES[401]},
+    responses={401: AUTH_RESPONSES[401], 429: AUTH_RESPONSES[429]},
     dependencies=[Depends(current_team)],
 )
 def get_default_instruction_set() -> DefaultInstructionSet:

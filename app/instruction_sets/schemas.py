@@ -4,11 +4,14 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StringConstraints
 
 from app.core.pagination import Page
+from app.core.safe_json import JSONObject, check_text
 
-Name = Annotated[str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100)]
+Name = Annotated[
+    str, StringConstraints(strip_whitespace=True, min_length=1, max_length=100), AfterValidator(check_text)
+]
 
 _SPEC_DESCRIPTION = (
     "The instruction set, in the format `GET /v1/instruction-sets/default` returns: `families` of "
@@ -23,7 +26,7 @@ class InstructionSetCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: Name = Field(description="A label for the set (1 to 100 characters).")
-    spec: dict[str, Any] = Field(description=_SPEC_DESCRIPTION)
+    spec: JSONObject = Field(description=_SPEC_DESCRIPTION)
 
 
 class InstructionSet(BaseModel):

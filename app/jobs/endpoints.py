@@ -1,15 +1,18 @@
 from __future__ import annotations
 
+import hashlib
 import logging
+from datetime import datetime
 from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, BackgroundTasks, Header, Path, Query, Request, Response, status
-from fastapi.responses import StreamingResponse
+from fastapi.responses import FileResponse, StreamingResponse
+from sqlalchemy import select
 
 from app.auth.dependencies import CurrentTeam
 from app.core.db import SessionDep, SettingsDep
-from app.core.errors import AUTH_RESPONSES, ERROR_RESPONSES, error_response
+from app.core.errors import AUTH_RESPONSES, ERROR_RESPONSES, NotFound, error_response
 from app.core.pagination import PageParamsDep
 from app.jobs import service
 from app.jobs.schemas import (
@@ -24,6 +27,7 @@ from app.jobs.schemas import (
     Metric,
     MetricList,
 )
+from app.models import Job as JobRow
 from app.models import JobStatus
 
 log = logging.getLogger(__name__)
@@ -104,10 +108,56 @@ def get_config_defaults(team: CurrentTeam, settings: SettingsDep) -> dict[str, A
     return service.job_config({}, settings)
 
 
-@router.get("/{job_id}", response_model=Job, summary="Get a job", responses=ERROR_RESPONSES)
-def get_job(session: SessionDep, team: CurrentTeam, job_id: JobId) -> Job:
-    """Status, stage, progress, ETA, timestamps, error, trained tokens and latest metrics."""
-    return Job.from_row(service.get(session, team, job_id))
+def _etag(job_id: UUID, updated_at: datetime) -> str:
+    # Every write to a job sets updated_at (explicitly or by the column's onupdate), so (id, updated_at)
+    # names one state of the row, and the response is a function of the row alone.
+    digest = hashlib.blake2b(f"{job_id}|{updated_at.isoformat()}".encode(), digest_size=12).hexdigest()
+    return f'"{digest}"'
+
+
+def _etag_matches(if_none_match: str, etag: str) -> bool:
+    """If-None-Match uses the weak comparison: W/ prefixes are ignored; "*" matches any job."""
+    tags = [t.strip() for t in if_none_match.split(",")]
+    return any(t == "*" or t.removeprefix("W/") == etag for t in tags)
+
+
+@router.get(
+    "/{job_id}",
+    response_model=Job,
+    summary="Get a job",
+    responses={
+        **ERROR_RESPONSES,
+        304: {"description": "Not modified: `If-None-Match` holds the job's current `ETag`. No body."},
+    },
+)
+def get_job(
+    session: SessionDep,
+    team: CurrentTeam,
+    job_id: JobId,
+    response: Response,
+    if_none_match: Annotated[
+        str | None,
+        Header(
+            description="The `ETag` of an earlier answer: an unchanged job is answered 304 without a body, "
+            "from one indexed read."
+        ),
+    ] = None,
+) -> Job | Response:
+    """Status, stage, progress, ETA, timestamps, error, trained tokens and latest metrics. The answer
+    carries an `ETag`; poll with `If-None-Match` to get 304 while the job has not changed."""
+    if if_none_match is not None:
+        # The cheap path: only updated_at, by primary key (and team, so another team's job is a 404).
+        updated_at = session.scalar(
+            select(JobRow.updated_at).where(JobRow.id == job_id, JobRow.team_id == team.id)
+        )
+        if updated_at is None:
+            raise NotFound("No such job.", param="job_id")
+        etag = _etag(job_id, updated_at)
+        if _etag_matches(if_none_match, etag):
+            return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
+    job = service.get(session, team, job_id)
+    response.headers["ETag"] = _etag(job.id, job.updated_at)
+    return Job.from_row(job)
 
 
 @router.post(
@@ -203,6 +253,39 @@ def list_training_set(
     """The training dialogues (instruction in the first turn only), which messages train, and the
     trained spans decoded from tokens: each sampled reply plus its end-of-turn token."""
     return _rows(session, settings, team, job_id, "training_set.jsonl", offset, limit)
+
+
+@router.get(
+    "/{job_id}/evaluation",
+    summary="Get a job's evaluation",
+    responses={**ERROR_RESPONSES, **error_response(404, "`not_evaluated`: the job has no evaluation (yet).")},
+)
+def get_evaluation(
+    session: SessionDep, team: CurrentTeam, settings: SettingsDep, job_id: JobId
+) -> dict[str, Any]:
+    """Adherence by turn before (`base`) and after (`gatt`) training, on held-out dialogues with
+    instructions drawn apart from training: per condition (`once`: the instruction in the first turn
+    only; `every_turn`: the ceiling) and turn, the rate with its 95% Wilson interval, per family;
+    `compare` (differences and whether intervals overlap), `overlap` (held-out vs training data),
+    `table` (plain text), and `attention` (share of attention on the instruction per turn) when measured.
+    Jobs run it when `config.evaluation.enabled` is true."""
+    return service.evaluation(session, settings, team, job_id)
+
+
+@router.get(
+    "/{job_id}/evaluation/attention.png",
+    summary="Get the attention plot",
+    response_class=FileResponse,
+    responses={**ERROR_RESPONSES, 200: {"content": {"image/png": {}}, "description": "A PNG."}},
+)
+def get_attention_plot(
+    session: SessionDep, team: CurrentTeam, settings: SettingsDep, job_id: JobId
+) -> FileResponse:
+    """Share of attention on the instruction's tokens per turn, base vs fine-tuned (max and mean over
+    heads and layers)."""
+    return FileResponse(
+        service.evaluation_file(session, settings, team, job_id, "attention.png"), media_type="image/png"
+    )
 
 
 @router.get(

@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from app.core.pagination import PageParams, PageResult, keyset_page
@@ -22,6 +22,12 @@ TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 
 def now() -> datetime:
     return datetime.now(UTC)
+
+
+def _insert(session: Session, table: Any) -> Any:
+    """The dialect's INSERT with ON CONFLICT: Postgres, or SQLite in the embedded mode."""
+    dialect = session.get_bind().dialect.name
+    return (sqlite if dialect == "sqlite" else postgresql).insert(table)
 
 
 def add(session: Session, job: Job) -> Job:
@@ -148,7 +154,7 @@ def add_event(
 
 def upsert_metric(session: Session, job_id: uuid.UUID, step: int, values: dict[str, Any]) -> None:
     # A resumed run recomputes the steps after its checkpoint: the newer values replace the old.
-    stmt = insert(JobMetric).values(id=uuid.uuid4(), job_id=job_id, step=step, values=values)
+    stmt = _insert(session, JobMetric).values(id=uuid.uuid4(), job_id=job_id, step=step, values=values)
     session.execute(
         stmt.on_conflict_do_update(
             index_elements=["job_id", "step"], set_={"values": stmt.excluded["values"]}
@@ -159,7 +165,7 @@ def upsert_metric(session: Session, job_id: uuid.UUID, step: int, values: dict[s
 def upsert_checkpoint(
     session: Session, job_id: uuid.UUID, step: int, path: str, manifest: dict, metrics: dict | None
 ) -> None:
-    stmt = insert(Checkpoint).values(
+    stmt = _insert(session, Checkpoint).values(
         id=uuid.uuid4(), job_id=job_id, step=step, path=path, manifest=manifest, metrics=metrics
     )
     session.execute(
@@ -249,9 +255,13 @@ def stale_queued(session: Session, older_than: timedelta) -> list[uuid.UUID]:
 def cancel_abandoned(session: Session) -> int:
     """Running jobs whose worker vanished after a cancel was asked for: nothing left to stop."""
     t = now()
-    result = session.execute(
+    stmt = (
         update(Job)
         .where(Job.status == JobStatus.RUNNING, Job.cancel_requested.is_(True), Job.lease_expires_at < t)
         .values(status=JobStatus.CANCELLED, finished_at=t, updated_at=t, lease_expires_at=None)
+        .returning(Job.id)
     )
-    return result.rowcount  # type: ignore[attr-defined]
+    ids = list(session.scalars(stmt))
+    for id in ids:
+        add_event(session, id, "info", "cancelled", "cancelled; its worker had stopped", None)
+    return len(ids)

@@ -7,6 +7,7 @@ from uuid import UUID
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.core.pagination import Page
+from app.core.safe_json import JSONObject, StoredText
 from app.models import Job as JobRow
 from app.models import JobStage, JobStatus
 
@@ -31,6 +32,12 @@ The job's hyperparameters, by section; every field is optional and has a default
   `micro_batch_size`, `grad_accum`, `max_grad_norm`, `max_seq_len`, `checkpoint_every`,
   `keep_checkpoints`, `merge_on_save`.
 
+- `evaluation`: `enabled` (false), `heldout_dialogues` (8: the corpus's last dialogues, never
+  trained on), `turns` (8), `conditions` (`once`, `every_turn`; also `none`), `max_new_tokens`,
+  `pass_threshold` (0.5), `batch_prompts`, `attention` (true).
+- `values`: `enabled` (false): the model proposes the hobby and public-figure values itself, as in
+  the paper (`families`, `per_family`, `mode` merge|replace, `min_values`, `samples`, ...).
+
 Unknown fields are errors (422 `invalid_config`, every problem with its path in `details`).
 """
 
@@ -38,7 +45,7 @@ Unknown fields are errors (422 `invalid_config`, every problem with its path in 
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(
+    model: StoredText = Field(
         default="default",
         max_length=1024,
         description='"default" (the embedded SmolLM2-135M-Instruct) or a local model directory under one '
@@ -48,7 +55,7 @@ class JobCreate(BaseModel):
     instruction_set_id: UUID | None = Field(
         default=None, description="The instruction set to synthesize from; null for the default set."
     )
-    config: dict[str, Any] = Field(default_factory=dict, description=CONFIG_DESCRIPTION)
+    config: JSONObject = Field(default_factory=dict, description=CONFIG_DESCRIPTION)
 
 
 class JobError(BaseModel):

@@ -194,8 +194,12 @@ def artifact_rows(
     has_more = False
     if not path.exists():
         return rows, has_more
-    with open(path, encoding="utf-8") as f:
+    # Binary, line by line: a worker may be appending right now (or died mid-append), and a last line
+    # without its newline, possibly cut inside a UTF-8 sequence, is not a row yet.
+    with open(path, "rb") as f:
         for i, line in enumerate(f):
+            if not line.endswith(b"\n"):
+                break
             if i < offset:
                 continue
             if len(rows) == limit:
@@ -239,3 +243,20 @@ def _tar_stream(directory: Path, files: list[Path], prefix: str, chunk: int = 1 
         yield gzip.compress(b"\0" * (-info.size % tarfile.BLOCKSIZE))  # pad to a whole block
     yield gzip.compress(b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
     yield gzip.flush()
+
+
+def evaluation_file(session: Session, settings: Settings, team: Team, id: uuid.UUID, name: str) -> Path:
+    path = job_dir(settings, get(session, team, id)) / "evaluation" / name
+    if not path.is_file():
+        raise NotFound("The job has no evaluation (yet).", code="not_evaluated", param="job_id")
+    return path
+
+
+def evaluation(session: Session, settings: Settings, team: Team, id: uuid.UUID) -> dict[str, Any]:
+    path = evaluation_file(session, settings, team, id, "adherence.json")
+    report = json.loads(path.read_text())
+    for model_report in (report.get("base", {}), report.get("gatt", {})):
+        model_report.pop("transcripts", None)  # whole dialogues are large; the quoted samples stay
+    attention = path.with_name("attention.json")
+    report["attention"] = json.loads(attention.read_text()) if attention.is_file() else None
+    return report

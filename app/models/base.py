@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
-from sqlalchemy import DateTime, MetaData, func
+from sqlalchemy import JSON, DateTime, MetaData, TypeDecorator, func
 from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql import functions
 
 # Named constraints, so that migrations can drop and alter them by a predictable name.
 NAMING_CONVENTION = {
@@ -20,12 +22,38 @@ NAMING_CONVENTION = {
 }
 
 
+class UTCDateTime(TypeDecorator[datetime]):
+    """SQLite (the embedded mode, `app.embedded`) keeps no time zone: store UTC, read back aware UTC.
+    Stored as text `YYYY-MM-DD HH:MM:SS.ffffff`, so text order is time order."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return value.astimezone(UTC) if value is not None and value.tzinfo is not None else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        return value.replace(tzinfo=UTC) if value is not None and value.tzinfo is None else value
+
+
+@compiles(functions.now, "sqlite")
+def _sqlite_now(element: Any, compiler: Any, **kw: Any) -> str:
+    # now() on SQLite is CURRENT_TIMESTAMP: whole seconds, and a text form that compares wrongly with
+    # UTCDateTime's (`...:05` < `...:05.000000`). This writes UTCDateTime's form, to the millisecond.
+    return "STRFTIME('%Y-%m-%d %H:%M:%f000', 'now')"
+
+
+# Postgres is the service's database and keeps its types (the migrations describe those); the SQLite
+# variants only serve the embedded fallback mode.
+_JSON = JSON().with_variant(JSONB(), "postgresql")
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING_CONVENTION)
     type_annotation_map = {
-        datetime: DateTime(timezone=True),
-        dict[str, Any]: JSONB,
-        list[Any]: JSONB,
+        datetime: DateTime(timezone=True).with_variant(UTCDateTime(), "sqlite"),
+        dict[str, Any]: _JSON,
+        list[Any]: _JSON,
     }
 
 

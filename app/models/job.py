@@ -7,7 +7,18 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, Enum, ForeignKey, Index, String, Text, UniqueConstraint, false, text
+from sqlalchemy import (
+    BigInteger,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    false,
+    text,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.models.base import Base, CreatedAt, Timestamps, UUIDPrimaryKey
@@ -94,7 +105,10 @@ class JobEvent(CreatedAt, Base):
     __tablename__ = "job_events"
     __table_args__ = (UniqueConstraint("job_id", "seq"),)
 
-    id: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=True, sort_order=-1)
+    # bigserial on Postgres; INTEGER PRIMARY KEY on SQLite (embedded mode), its only autoincrementing type.
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True, sort_order=-1
+    )
     job_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
     seq: Mapped[int]
     level: Mapped[str] = mapped_column(String(16))

@@ -121,10 +121,11 @@ def test_job_runs_to_success_and_its_checkpoint_loads(stack):
     tenant = make_tenant(app.state.sessionmaker)
     headers = tenant.headers
     body = {
-        "corpus_id": _corpus(client, headers, 2),
+        "corpus_id": _corpus(client, headers, 3),
         "instruction_set_id": _ahoy_set(client, headers),
         "config": {
             "data": {"max_turns": 2},
+            "evaluation": {"enabled": True, "heldout_dialogues": 1, "turns": 2, "max_new_tokens": 16},
             "sampling": {"k": 2, "max_new_tokens": 32, "batch_prompts": 2},
             # The e2e test is about the plumbing: accept any finished reply.
             "reward": {"min_reward": 0.0},
@@ -143,7 +144,7 @@ def test_job_runs_to_success_and_its_checkpoint_loads(stack):
     events = client.get(f"/v1/jobs/{job_id}/events", headers=headers).json()["data"]
     kinds = [e["kind"] for e in events]
     stages = [e["message"] for e in events if e["kind"] == "stage"]
-    assert stages[:3] == ["synthesize", "sample", "train"]
+    assert stages[:4] == ["synthesize", "sample", "evaluate", "train"]
     assert kinds.count("checkpoint") == 2 and kinds[-1] == "succeeded"
     assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
 
@@ -157,6 +158,13 @@ def test_job_runs_to_success_and_its_checkpoint_loads(stack):
     assert training and all(
         span.endswith("<|im_end|>") for row in training for ex in row["trained_spans"] for span in ex
     )
+
+    evaluation = client.get(f"/v1/jobs/{job_id}/evaluation", headers=headers).json()
+    assert [row["turn"] for row in evaluation["gatt"]["conditions"]["once"]["turns"]] == [1, 2]
+    assert "once" in evaluation["table"] and evaluation["attention"]["base"]
+    plot = client.get(f"/v1/jobs/{job_id}/evaluation/attention.png", headers=headers)
+    assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG")
+    assert stages.count("evaluate") == 2  # before training (base) and after
 
     checkpoints = client.get(f"/v1/jobs/{job_id}/checkpoints", headers=headers).json()["data"]
     assert [c["step"] for c in checkpoints] == [1, 2]

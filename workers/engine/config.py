@@ -48,8 +48,8 @@ class SamplingConfig:
             problems.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
         if not (isinstance(self.batch_prompts, int) and self.batch_prompts >= 1):
             problems.append(f"batch_prompts must be an integer >= 1, got {self.batch_prompts!r}")
-        if not isinstance(self.seed, int):
-            problems.append(f"seed must be an integer, got {self.seed!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            problems.append(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -148,6 +148,8 @@ class TrainConfig:
             _number_in("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
         _int_at_least("max_seq_len", self.max_seq_len, 2)
         _int_at_least("seed", self.seed, 0)
+        if self.seed >= 2**32:
+            raise ValueError(f"seed must be < 2**32, not {self.seed}")
         _int_at_least("checkpoint_every", self.checkpoint_every, 0)
         _int_at_least("keep_checkpoints", self.keep_checkpoints, 1)
         if not isinstance(self.merge_on_save, bool):
@@ -186,6 +188,42 @@ def _number_in(
 
 
 @dataclass(frozen=True)
+class EvaluationConfig:
+    """The evaluate stage: adherence by turn (and attention to the instruction) of the model before
+    and after training, on dialogues held out from the corpus and instructions drawn with another
+    seed (workers/engine/evaluation.py)."""
+
+    enabled: bool = False
+    # The last N dialogues of the corpus are held out: never sampled, never trained on.
+    heldout_dialogues: int = 8
+    turns: int = 8
+    conditions: tuple[str, ...] = ("once", "every_turn")
+    max_new_tokens: int = 64
+    pass_threshold: float = 0.5
+    batch_prompts: int = 8
+    attention: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.conditions, list):
+            object.__setattr__(self, "conditions", tuple(self.conditions))
+        _int_at_least("heldout_dialogues", self.heldout_dialogues, 1)
+        self.adherence()  # its own checks, one place
+
+    def adherence(self, seed: int = 0):
+        from workers.engine.evaluation import EvalConfig  # torch-free module
+
+        return EvalConfig(
+            turns=self.turns,
+            dialogues=self.heldout_dialogues,
+            conditions=self.conditions,
+            max_new_tokens=self.max_new_tokens,
+            pass_threshold=self.pass_threshold,
+            batch_prompts=self.batch_prompts,
+            seed=seed,
+        )
+
+
+@dataclass(frozen=True)
 class DataConfig:
     corpus: str = "examples/dialogues.jsonl"
     instructions: str = "default"  # "default" (the paper-style set) or a JSON instruction-set file
@@ -194,6 +232,39 @@ class DataConfig:
     # "all": sample every assistant turn (the paper). "last": keep the corpus's own earlier
     # assistant turns as context and sample only the last one, which is much cheaper.
     sample_turns: Literal["all", "last"] = "all"
+
+
+@dataclass(frozen=True)
+class ValuesConfig:
+    """Values of some families listed by the chat model itself (the paper's hobbies and public
+    figures), asked for before synthesis; see workers/engine/values.py."""
+
+    enabled: bool = False
+    families: tuple[str, ...] = ("hobby", "public_figure")
+    per_family: int = 30  # at most this many values proposed per family
+    # "replace": the family's values become the model's; "merge": appended to the family's own.
+    mode: Literal["replace", "merge"] = "merge"
+    min_values: int = 5  # fewer surviving proposals: the family keeps its own values
+    max_new_tokens: int = 160
+    temperature: float = 0.7
+    samples: int = 4  # replies sampled per family; their lists are merged
+
+    def __post_init__(self) -> None:
+        if isinstance(self.families, list):
+            object.__setattr__(self, "families", tuple(self.families))
+        if not isinstance(self.enabled, bool):
+            raise ValueError(f"enabled must be a bool, not {self.enabled!r}")
+        if not (
+            isinstance(self.families, tuple) and all(isinstance(f, str) and f.strip() for f in self.families)
+        ):
+            raise ValueError(f"families must be a list of family names, not {self.families!r}")
+        if self.mode not in ("replace", "merge"):
+            raise ValueError(f"mode must be 'replace' or 'merge', not {self.mode!r}")
+        _int_at_least("per_family", self.per_family, 1)
+        _int_at_least("min_values", self.min_values, 1)
+        _int_at_least("max_new_tokens", self.max_new_tokens, 1)
+        _number_in("temperature", self.temperature, low=0.0)
+        _int_at_least("samples", self.samples, 1)
 
 
 @dataclass(frozen=True)
@@ -209,6 +280,13 @@ class JobConfig:
     reward: RewardConfig = field(default_factory=RewardConfig)
     loss_scope: Scope = "all_turns"
     training: TrainConfig = field(default_factory=TrainConfig)
+    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
+    values: ValuesConfig = field(default_factory=ValuesConfig)
+
+    def __post_init__(self) -> None:
+        # Seeds are mixed into torch/numpy generators, which take at most 64 bits.
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
+            raise ValueError(f"seed must be an integer in [0, 2**32), not {self.seed!r}")
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

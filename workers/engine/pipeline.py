@@ -10,6 +10,7 @@ each sampled dialogue is one appended line of `samples.jsonl`, and training resu
 last checkpoint. Artifacts in `output_dir`:
 
     config.json           the job config as run
+    instruction_values.json  values.enabled: the family values the model listed (reused on a rerun)
     instructions.jsonl    the synthesized instruction of each dialogue
     samples.jsonl         every candidate with its reward, and the choice, per turn
     training_set.jsonl    the training dialogues with their trained spans in readable form
@@ -19,6 +20,7 @@ last checkpoint. Artifacts in `output_dir`:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -33,7 +35,13 @@ import torch
 
 from gatt.augment import sampling_messages, training_dialogue
 from gatt.dialogues import Dialogue, parse_corpus
-from gatt.instructions import Instruction, default_instruction_set, parse_instruction_set, synthesize
+from gatt.instructions import (
+    Instruction,
+    InstructionSet,
+    default_instruction_set,
+    parse_instruction_set,
+    synthesize,
+)
 from gatt.masks import (
     TemplateError,
     TokenizedExample,
@@ -50,6 +58,7 @@ from workers.engine.models import LoadedModel, ModelError, end_of_turn_ids, load
 from workers.engine.rewards import RewardScorer
 from workers.engine.sampling import sample_candidates
 from workers.engine.training import train
+from workers.engine.values import VALUES_FILE, values_for_job
 
 
 class NoAcceptedSamples(RuntimeError):
@@ -86,34 +95,35 @@ def run_job(
     _write_json(out / "config.json", config.to_json())
 
     _stage(hooks, "synthesize")
-    dialogues = load_dialogues(config)
-    instructions = synthesize_instructions(config, len(dialogues))
+    dialogues, heldout = split_heldout(config, load_dialogues(config))
+    if config.values.enabled:
+        # The model lists some families' values itself (workers/engine/values.py): load it first.
+        loaded = _job_model(config, loaded, allowed_roots)
+    instruction_set = load_instruction_set(config, loaded=loaded, hooks=hooks)
+    instructions = synthesize(instruction_set, len(dialogues), seed=config.seed)
     _write_jsonl(out / "instructions.jsonl", [i.to_json() for i in instructions])
 
-    if loaded is None:
-        loaded = load_model(
-            config.model, device=config.device, dtype=config.dtype, allowed_roots=allowed_roots
-        )
-    if config.training.method == "lora" and hasattr(loaded.model, "peft_config"):
-        # Checked before sampling, which would otherwise be wasted.
-        raise ModelError(
-            "adapter_on_adapter",
-            "the model is a LoRA checkpoint; to train it further with LoRA, use its merged weights "
-            "(a checkpoint written with training.merge_on_save: true has them in merged/)",
-        )
+    loaded = _job_model(config, loaded, allowed_roots)
     _stage(hooks, "sample")
     records = sample_dialogues(
         config, loaded, dialogues, instructions, out / "samples.jsonl", hooks, allowed_roots=allowed_roots
     )
     selections = [_selection(turn) for record in records for turn in record["turns"]]
 
-    _stage(hooks, "train")
     examples = build_training_set(config, loaded.tokenizer, records, out / "training_set.jsonl", hooks)
     if not examples:
         raise NoAcceptedSamples(
             "no accepted samples to train on: no candidate reached reward.min_reward; lower the "
             "threshold, raise sampling.k, or choose instructions the model can follow"
         )
+    evaluation = None
+    if config.evaluation.enabled:
+        # Before training: train() turns the model into the trained one in place.
+        _stage(hooks, "evaluate")
+        evaluation = Evaluation(config, instruction_set, dialogues, instructions, heldout, out / "evaluation")
+        evaluation.run("base", loaded, hooks)
+
+    _stage(hooks, "train")
     # The adapter records the base weights it applies to: the embedded default by name, anything
     # else (a local model, or the merged base of an earlier checkpoint) by its directory.
     base_model = "default" if loaded.source == "default" else str(loaded.base_dir)
@@ -126,6 +136,10 @@ def run_job(
         hooks=hooks,
         base_model=base_model,
     )
+    if evaluation is not None:
+        _stage(hooks, "evaluate")
+        evaluation.run("gatt", dataclasses.replace(loaded, model=result.model), hooks)
+        evaluation.finish()
     final_metrics = result.metrics[-1] if result.metrics else {}
     job = JobResult(
         output_dir=out,
@@ -144,18 +158,63 @@ def run_job(
 
 
 def load_dialogues(config: JobConfig) -> list[Dialogue]:
+    """The whole corpus; `split_heldout` decides what is trained on."""
     with open(config.data.corpus, "rb") as f:
-        dialogues = parse_corpus(f)
-    return dialogues[: config.data.max_dialogues] if config.data.max_dialogues else dialogues
+        return parse_corpus(f)
 
 
-def synthesize_instructions(config: JobConfig, n: int) -> list[Instruction]:
+def split_heldout(config: JobConfig, dialogues: list[Dialogue]) -> tuple[list[Dialogue], list[Dialogue]]:
+    """(dialogues to sample and train on, dialogues held out for evaluation). With evaluation on,
+    the corpus's last `heldout_dialogues` are held out; max_dialogues applies to the rest."""
+    heldout: list[Dialogue] = []
+    if config.evaluation.enabled:
+        n = config.evaluation.heldout_dialogues
+        if n >= len(dialogues):
+            raise ValueError(
+                f"evaluation.heldout_dialogues is {n} but the corpus has only {len(dialogues)} dialogues"
+            )
+        dialogues, heldout = dialogues[:-n], dialogues[-n:]
+    return (dialogues[: config.data.max_dialogues] if config.data.max_dialogues else dialogues), heldout
+
+
+def synthesize_instructions(
+    config: JobConfig, n: int, *, loaded: LoadedModel | None = None, hooks: Hooks | None = None
+) -> list[Instruction]:
+    return synthesize(load_instruction_set(config, loaded=loaded, hooks=hooks), n, seed=config.seed)
+
+
+def load_instruction_set(
+    config: JobConfig, *, loaded: LoadedModel | None = None, hooks: Hooks | None = None
+) -> InstructionSet:
     if config.data.instructions == "default":
         instruction_set = default_instruction_set()
     else:
         with open(config.data.instructions, encoding="utf-8") as f:
             instruction_set = parse_instruction_set(json.load(f))
-    return synthesize(instruction_set, n, seed=config.seed)
+    if config.values.enabled:
+        if loaded is None:
+            raise ValueError("values.enabled: the model must be loaded before synthesis")
+        path = Path(config.output_dir) / VALUES_FILE
+        instruction_set = values_for_job(instruction_set, loaded, config, path, hooks or Hooks())
+    return instruction_set
+
+
+def _job_model(
+    config: JobConfig, loaded: LoadedModel | None, allowed_roots: list[Path] | None
+) -> LoadedModel:
+    """`loaded`, or the job's model loaded now; refused before any sampling if it cannot be trained."""
+    if loaded is None:
+        loaded = load_model(
+            config.model, device=config.device, dtype=config.dtype, allowed_roots=allowed_roots
+        )
+    if config.training.method == "lora" and hasattr(loaded.model, "peft_config"):
+        # Checked before sampling, which would otherwise be wasted.
+        raise ModelError(
+            "adapter_on_adapter",
+            "the model is a LoRA checkpoint; to train it further with LoRA, use its merged weights "
+            "(a checkpoint written with training.merge_on_save: true has them in merged/)",
+        )
+    return loaded
 
 
 # --- sampling and ranking --------------------------------------------------------------------
@@ -182,10 +241,10 @@ def sample_dialogues(
             continue
         if hooks.should_stop():
             raise Stopped("cancelled during sampling")
-        # One generator per chunk, seeded by its position: a resumed job samples the remaining
-        # chunks exactly as an uninterrupted one would.
-        generator = torch.Generator(device="cpu").manual_seed(
-            (config.seed * 1_000_003 + config.sampling.seed) * 1_000_003 + start
+        # One generator per chunk, on the model's device (sampling draws there), seeded by its
+        # position: a resumed job samples the remaining chunks exactly as an uninterrupted one would.
+        generator = torch.Generator(device=loaded.device).manual_seed(
+            ((config.seed * 1_000_003 + config.sampling.seed) * 1_000_003 + start) % 2**63
         )
         chunk = _sample_chunk(config, loaded, scorer, dialogues, instructions, todo, generator, hooks)
         with open(path, "a", encoding="utf-8") as f:
@@ -332,6 +391,80 @@ def _read_records(path: Path) -> Iterator[dict[str, Any]]:
     for line in data[:end].splitlines():
         if line.strip():
             yield json.loads(line)
+
+
+# --- evaluation ------------------------------------------------------------------------------
+
+
+class Evaluation:
+    """The evaluate stage, run on the base model before training and on the trained one after.
+
+    Each report is written as soon as it exists, so a resumed job does not evaluate twice.
+    Files in `directory`: base.json, gatt.json, adherence.json ({base, gatt, compare, overlap,
+    table}), attention.json and attention.png.
+    """
+
+    def __init__(
+        self, config, instruction_set, train_dialogues, train_instructions, heldout, directory: Path
+    ):
+        from workers.engine.evaluation import check_overlap, eval_instructions
+
+        self.config = config
+        self.settings = config.evaluation.adherence(seed=config.seed)
+        self.heldout = heldout
+        self.instructions = eval_instructions(
+            instruction_set, len(heldout), self.settings, train_seed=config.seed
+        )
+        self.overlap = check_overlap(train_dialogues, train_instructions, heldout, self.instructions)
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def run(self, label: str, loaded: LoadedModel, hooks: Hooks) -> None:
+        from workers.engine.attention import attention_report
+        from workers.engine.evaluation import evaluate_adherence
+
+        path = self.directory / f"{label}.json"
+        if path.exists():
+            return
+        placement = self.config.placement
+        adherence = evaluate_adherence(
+            loaded, self.heldout, self.instructions, self.settings, placement=placement, hooks=hooks
+        )
+        attention = None
+        if self.config.evaluation.attention:
+            attention = attention_report(
+                loaded,
+                self.heldout,
+                self.instructions,
+                self.settings,
+                placement=placement,
+                transcripts=adherence["transcripts"].get("once"),
+                hooks=hooks,
+            )
+        _write_json(path, {"adherence": adherence, "attention": attention})
+
+    def finish(self) -> dict[str, Any]:
+        from workers.engine.attention import plot_attention
+        from workers.engine.evaluation import compare, format_table
+
+        base = json.loads((self.directory / "base.json").read_text())
+        gatt = json.loads((self.directory / "gatt.json").read_text())
+        report = {
+            "base": base["adherence"],
+            "gatt": gatt["adherence"],
+            "compare": compare(base["adherence"], gatt["adherence"]),
+            "overlap": self.overlap,
+            "table": format_table(base["adherence"], gatt["adherence"]),
+        }
+        _write_json(self.directory / "adherence.json", report)
+        if base["attention"] and gatt["attention"]:
+            _write_json(
+                self.directory / "attention.json", {"base": base["attention"], "gatt": gatt["attention"]}
+            )
+            plot_attention(
+                {"base": base["attention"], "gatt": gatt["attention"]}, self.directory / "attention.png"
+            )
+        return report
 
 
 # --- training set ----------------------------------------------------------------------------

@@ -90,6 +90,13 @@ def _load_reward_model(path: str, device: Any, allowed_roots: list[Path] | None)
     tokenizer = AutoTokenizer.from_pretrained(directory, trust_remote_code=False, local_files_only=True)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    # The classification head reads the last token that is not padding, so the model must know the
+    # pad id (without it a batch of more than one fails). Right padding keeps every row's positions
+    # as they are unbatched, and an over-long text loses its start, not the reply at its end.
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.padding_side = "right"
+    tokenizer.truncation_side = "left"
     return model, tokenizer
 
 
@@ -104,8 +111,16 @@ def _reward_model_scores(rm: tuple[Any, Any], pairs: list[tuple[Sequence[dict[st
             texts.append(tokenizer.apply_chat_template(messages, tokenize=False))
         else:
             texts.append("\n".join(f"{m['role']}: {m['content']}" for m in messages))
+    # A rendered chat template already holds BOS; adding special tokens again would double it.
+    special = not tokenizer.chat_template
     for start in range(0, len(texts), batch):
-        enc = tokenizer(texts[start : start + batch], return_tensors="pt", padding=True, truncation=True)
+        enc = tokenizer(
+            texts[start : start + batch],
+            return_tensors="pt",
+            padding=True,
+            truncation=True,
+            add_special_tokens=special,
+        )
         with torch.inference_mode():
             logits = model(**{k: v.to(model.device) for k, v in enc.items()}).logits.float()
         # One logit: a scalar reward. Several: the last class is "good".

@@ -1,0 +1,122 @@
+"""The embedded fallback mode (`app.embedded`): the service on SQLite with an in-process worker.
+
+This is the one test on SQLite. It tests the fallback that `scripts/main.sh` uses where Postgres or
+Redis cannot be reached, not the service's database behaviour: every other test of the API runs on
+the real Postgres (and the end-to-end test on Redis with a real Celery worker).
+
+A job with a tiny config runs to `succeeded` on the real embedded SmolLM2, in this process, through
+the same job runner the Celery task uses; its events, metrics and checkpoint are read back over
+HTTP, and the data directory is opened again by a second app.
+"""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.embedded import create_embedded_app, create_key
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+
+TINY = {
+    "seed": 0,
+    "data": {"max_dialogues": 1, "max_turns": 1},
+    "sampling": {"k": 2, "max_new_tokens": 16},
+    "reward": {"min_reward": 0},
+    "training": {"max_steps": 1},
+}
+
+
+@pytest.fixture
+def one_thread():
+    """The worker trains in this process: one torch thread keeps it from fighting the test for CPUs."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_embedded_mode_runs_a_job_to_success_on_sqlite(tmp_path: Path, one_thread) -> None:
+    data_dir = tmp_path / "embedded"
+    key = create_key(data_dir, "embedded-team", "test")
+    headers = {"Authorization": f"Bearer {key}"}
+    assert (data_dir / "gatt.sqlite3").is_file()
+
+    with TestClient(create_embedded_app(data_dir)) as client:
+        ready = client.get("/readyz")
+        assert ready.status_code == 200, ready.text
+        assert ready.json() == {
+            "status": "ok",
+            "mode": "embedded",
+            "checks": {"sqlite": "ok", "worker": "ok"},
+        }
+        assert ready.headers["X-Gatt-Mode"] == "embedded"
+        assert client.get("/v1/corpora").status_code == 401  # still authenticated
+        assert getattr(client.app.state, "rate_limiter", None) is None  # its buckets would need Redis
+
+        lines = (ROOT / "examples" / "dialogues.jsonl").read_bytes().splitlines(keepends=True)
+        corpus_ids = []
+        for i in range(2):
+            r = client.post(
+                "/v1/corpora", files={"file": (f"c{i}.jsonl", b"".join(lines[:2]))}, headers=headers
+            )
+            assert r.status_code == 201, r.text
+            corpus_ids.append(r.json()["id"])
+        # Keyset pagination over SQLite timestamps: newest first, no duplicates, no gaps.
+        first = client.get("/v1/corpora", params={"limit": 1}, headers=headers).json()
+        second = client.get("/v1/corpora", params={"limit": 1, "after": first["next_after"]}, headers=headers)
+        assert second.status_code == 200, second.text
+        assert [first["data"][0]["id"], second.json()["data"][0]["id"]] == corpus_ids[::-1]
+        assert not second.json()["has_more"]
+
+        body = {"corpus_id": corpus_ids[0], "config": TINY}
+        created = client.post("/v1/jobs", json=body, headers={**headers, "Idempotency-Key": "tiny"})
+        assert created.status_code == 201, created.text
+        job_id = created.json()["id"]
+        again = client.post("/v1/jobs", json=body, headers={**headers, "Idempotency-Key": "tiny"})
+        assert (again.status_code, again.json()["id"]) == (200, job_id)
+
+        deadline = time.monotonic() + 150
+        while time.monotonic() < deadline:
+            job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+            if job["status"] in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(0.5)
+        events = client.get(f"/v1/jobs/{job_id}/events", headers=headers).json()["data"]
+        assert job["status"] == "succeeded", (job, events)
+        assert job["stage"] in ("train", "evaluate") and job["progress"] == 1.0 and job["attempts"] == 1
+        assert job["trained_tokens"] > 0 and job["finished_at"] is not None
+
+        kinds = [e["kind"] for e in events]
+        assert kinds[0] == "created" and kinds[-1] == "succeeded" and "checkpoint" in kinds
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+
+        metrics = client.get(f"/v1/jobs/{job_id}/metrics", headers=headers).json()["data"]
+        assert [m["step"] for m in metrics] == [1]
+        assert metrics[0]["values"]["trained_tokens"] == job["trained_tokens"]
+
+        checkpoints = client.get(f"/v1/jobs/{job_id}/checkpoints", headers=headers).json()["data"]
+        assert [c["step"] for c in checkpoints] == [1]
+        archive = client.get(checkpoints[0]["download_url"], headers=headers)
+        assert archive.status_code == 200
+        with tarfile.open(fileobj=io.BytesIO(archive.content), mode="r:gz") as tar:
+            names = tar.getnames()
+        assert any(n.endswith("/manifest.json") for n in names)
+
+        samples = client.get(f"/v1/jobs/{job_id}/samples", headers=headers).json()["data"]
+        assert len(samples) == 1 and len(samples[0]["turns"][0]["candidates"]) == 2
+        assert (data_dir / "artifacts").is_dir()
+
+    # The data directory outlives the process: a new app finds the key, the job and its files.
+    with TestClient(create_embedded_app(data_dir)) as client:
+        job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
+        assert job["status"] == "succeeded"
+        assert client.get(f"/v1/jobs/{job_id}/checkpoints", headers=headers).json()["data"]

@@ -1,0 +1,217 @@
+"""Command line for the adherence evaluation: base model against a GAtt checkpoint, no service.
+
+    python -m workers.evaluate --model default --checkpoint out/job/train/checkpoints/step-000040 \\
+        --heldout examples/heldout.jsonl --instructions default --out out/eval --turns 8 --dialogues 8 \\
+        --attention
+
+Runs every held-out dialogue turn by turn under each condition ("once": the instruction in the
+first turn only, as GAtt trains; "every_turn": on every user turn, the ceiling; optionally
+"none", the floor) for the base model and, if given, the checkpoint (a LoRA checkpoint loads its
+base through `load_model`). Writes into --out:
+
+    adherence.json   {"base": report, "gatt": report, "compare": ..., "overlap": ...}
+    attention.json   {"base": report, "gatt": report}              (with --attention)
+    attention.png    share of attention on the instruction per turn  (with --attention)
+
+and prints the adherence table. Evaluation instructions are synthesized from the instruction set
+with --instruction-seed, by default the training seed + 1000, so they are not the training draw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from gatt.augment import Placement
+from gatt.errors import ValidationFailed
+from gatt.instructions import Instruction, default_instruction_set, parse_instruction_set, synthesize
+from workers.engine.evaluation import (
+    CONDITIONS,
+    EVAL_SEED_OFFSET,
+    EvalConfig,
+    check_overlap,
+    compare,
+    format_table,
+)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m workers.evaluate", description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="default", help='base model: "default" or a local model directory')
+    p.add_argument("--checkpoint", help="a checkpoint directory written by a job (LoRA or full weights)")
+    p.add_argument("--heldout", default="examples/heldout.jsonl", help="held-out dialogues (JSONL corpus)")
+    p.add_argument("--instructions", default="default", help='"default" or an instruction-set JSON file')
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--turns", type=int, default=8, help="user turns per dialogue (default 8)")
+    p.add_argument("--dialogues", type=int, default=8, help="held-out dialogues to use (default 8; 0: all)")
+    p.add_argument("--instructions-per-dialogue", type=int, default=1)
+    p.add_argument(
+        "--conditions", default="once,every_turn", help=f"comma-separated, of {', '.join(CONDITIONS)}"
+    )
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
+    p.add_argument("--threshold", type=float, default=0.5, help="a turn adheres when its score >= this")
+    p.add_argument("--batch-prompts", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0, help="the training job's seed (default 0)")
+    p.add_argument("--instruction-seed", type=int, help=f"default: --seed + {EVAL_SEED_OFFSET}")
+    p.add_argument(
+        "--attach", choices=("prefix", "suffix"), default="prefix", help="the job's placement.attach"
+    )
+    p.add_argument(
+        "--keep", choices=("first_user", "system"), default="first_user", help="the job's placement.keep"
+    )
+    p.add_argument("--attention", action="store_true", help="also measure attention on the instruction")
+    p.add_argument(
+        "--train-corpus", help="the job's training corpus, to report overlaps with the held-out set"
+    )
+    p.add_argument(
+        "--train-instructions",
+        help="the job's instructions.jsonl (default with --train-corpus: synthesized with --seed)",
+    )
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda if available)")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    return p
+
+
+def _instruction_set(spec: str):
+    if spec == "default":
+        return default_instruction_set()
+    with open(spec, encoding="utf-8") as f:
+        return parse_instruction_set(json.load(f))
+
+
+def _read_corpus(path: str):
+    from gatt.dialogues import parse_corpus
+
+    with open(path, "rb") as f:
+        return parse_corpus(f)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        config = EvalConfig(
+            turns=args.turns,
+            dialogues=args.dialogues or None,
+            instructions_per_dialogue=args.instructions_per_dialogue,
+            conditions=tuple(c.strip() for c in args.conditions.split(",") if c.strip()),
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            pass_threshold=args.threshold,
+            batch_prompts=args.batch_prompts,
+            seed=args.seed,
+        )
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    placement = Placement(attach=args.attach, keep=args.keep)
+    instruction_seed = (
+        args.seed + EVAL_SEED_OFFSET if args.instruction_seed is None else args.instruction_seed
+    )
+
+    try:
+        instruction_set = _instruction_set(args.instructions)
+        heldout = _read_corpus(args.heldout)
+        if config.dialogues:
+            heldout = heldout[: config.dialogues]
+        instructions = synthesize(
+            instruction_set, len(heldout) * config.instructions_per_dialogue, instruction_seed
+        )
+        overlap = None
+        if args.train_corpus:
+            train = _read_corpus(args.train_corpus)
+            if args.train_instructions:
+                with open(args.train_instructions, encoding="utf-8") as f:
+                    train_instructions = [
+                        Instruction.from_json(json.loads(line)) for line in f if line.strip()
+                    ]
+            else:
+                train_instructions = synthesize(instruction_set, len(train), args.seed)
+            overlap = check_overlap(train, train_instructions, heldout, instructions)
+    except (ValidationFailed, OSError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    import torch  # only once the arguments are valid
+
+    from gatt.masks import TemplateError
+    from workers.engine.attention import attention_report, plot_attention
+    from workers.engine.evaluation import evaluate_adherence
+    from workers.engine.models import ModelError, load_model
+    from workers.run import printing_hooks
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    hooks = printing_hooks()
+    models = [("base", args.model)] + ([("gatt", args.checkpoint)] if args.checkpoint else [])
+    adherence: dict[str, Any] = {
+        "heldout": args.heldout,
+        "instructions": args.instructions,
+        "instruction_seed": instruction_seed,
+    }
+    attention: dict[str, Any] = {}
+    started = time.monotonic()
+    try:
+        for label, source in models:
+            print(f"[{time.monotonic() - started:7.1f}s] {label}: loading {source}", flush=True)
+            loaded = load_model(source, device=args.device, dtype=args.dtype)
+            report = evaluate_adherence(
+                loaded, heldout, instructions, config, placement=placement, hooks=hooks
+            )
+            adherence[label] = report
+            if args.attention:
+                attention[label] = attention_report(
+                    loaded,
+                    heldout,
+                    instructions,
+                    config,
+                    placement=placement,
+                    transcripts=report["transcripts"].get("once"),
+                    hooks=hooks,
+                )
+            del loaded  # two models need not be in memory at once
+            gc.collect()
+    except (ModelError, TemplateError, ValidationFailed, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+    if "gatt" in adherence:
+        adherence["compare"] = compare(adherence["base"], adherence["gatt"])
+    if overlap is not None:
+        adherence["overlap"] = overlap
+    written = [out / "adherence.json"]
+    _write_json(written[0], adherence)
+    if attention:
+        written += [out / "attention.json", out / "attention.png"]
+        _write_json(written[1], attention)
+        plot_attention(attention, written[2])
+    print()
+    print(format_table(adherence["base"], adherence.get("gatt")))
+    if overlap is not None:
+        users, texts = overlap["user_messages"], overlap["instruction_texts"]
+        print(
+            f"held-out overlap with training: {users['overlapping']} of {users['eval']} user messages, "
+            f"{texts['overlapping']} of {texts['eval']} instruction texts, "
+            f"{overlap['constraints']['overlapping']} of {overlap['constraints']['eval']} (family, value) constraints"
+        )
+    print(f"written: {', '.join(str(p) for p in written)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
