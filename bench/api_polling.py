@@ -288,6 +288,58 @@ def run_wrk(
     return result
 
 
+def breakdown(url: str, key: str, ids: list[str], etags_of: Any, duration: float) -> None:
+    """Server CPU per request of simpler requests, for where the time goes (wrk, 4 clients)."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    auth = {"Authorization": f"Bearer {key}"}
+    with tempfile.TemporaryDirectory(prefix="bench-api-") as tmp:
+        server = start_server(url, port, False, Path(tmp) / "uvicorn.log")
+        try:
+            etags = etags_of(base)
+            cases = [
+                ("GET /healthz (no auth, no database)", ["/healthz"], {}),
+                (
+                    "GET /v1/jobs/{id} without a key (401: dependencies, no database)",
+                    [f"/v1/jobs/{ids[0]}"],
+                    {},
+                ),
+                ("GET /v1/jobs/{id} (200)", [f"/v1/jobs/{i}" for i in ids], auth),
+                (
+                    "GET /v1/jobs/{id} + If-None-Match (304)",
+                    [f"/v1/jobs/{ids[0]}"],
+                    {**auth, "If-None-Match": etags[0]},
+                ),
+            ]
+            print("\nwhere the time goes (as shipped, wrk, 4 clients, closed loop):")
+            print("request | load before | req/s | p50 ms | server CPU ms/req")
+            for label, paths, headers in cases:
+                lua = (
+                    "local p = {{{}}}\nlocal i = 0\nfunction request()\n  i = i % #p + 1\n"
+                    "  return wrk.format('GET', p[i], {{{}}})\nend\n"
+                ).format(
+                    ", ".join(json.dumps(x) for x in paths),
+                    ", ".join(f"[{json.dumps(k)}] = {json.dumps(v)}" for k, v in headers.items()),
+                )
+                with tempfile.NamedTemporaryFile("w", suffix=".lua", delete=False) as f:
+                    f.write(lua)
+                try:
+                    load = load_average()
+                    cpu0 = cpu_seconds(server.pid)
+                    cmd = ["wrk", "-t1", "-c4", f"-d{duration:g}s", "--latency", "-s", f.name, base]
+                    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+                    cpu = cpu_seconds(server.pid) - cpu0
+                finally:
+                    os.unlink(f.name)
+                n = int(next(x for x in out.splitlines() if "requests in" in x).split()[0])
+                rps = float(next(x for x in out.splitlines() if x.startswith("Requests/sec")).split()[1])
+                p50 = next(x for x in out.splitlines() if x.strip().startswith("50%")).split()[1]
+                print(f"{label} | {load} | {rps:.0f} | {p50} | {cpu * 1e3 / max(n, 1):.2f}")
+        finally:
+            server.send_signal(signal.SIGINT)
+            server.wait(10)
+
+
 async def _httpx_load(
     base: str,
     key: str,
@@ -398,6 +450,11 @@ def main() -> None:
         type=float,
         default=1.0,
         help="as-shipped server: also poll paced, each client once every PACED seconds (httpx); 0: off",
+    )
+    parser.add_argument(
+        "--breakdown",
+        action="store_true",
+        help="also measure /healthz, a 401, a 200 and a 304 at 4 clients (server CPU per request)",
     )
     parser.add_argument("--httpx-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -524,6 +581,13 @@ def main() -> None:
                 + ")"
             )
         print(line)
+    if args.breakdown and shutil.which("wrk"):
+
+        def etags_of(base: str) -> list[str]:
+            auth = {"Authorization": f"Bearer {key}"}
+            return [httpx.get(f"{base}/v1/jobs/{i}", headers=auth).headers["ETag"] for i in ids]
+
+        breakdown(url, key, ids, etags_of, min(args.duration, 10.0))
     print(f"\nload average at end: {load_average()}")
 
 
