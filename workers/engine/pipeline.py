@@ -177,12 +177,6 @@ def split_heldout(config: JobConfig, dialogues: list[Dialogue]) -> tuple[list[Di
     return (dialogues[: config.data.max_dialogues] if config.data.max_dialogues else dialogues), heldout
 
 
-def synthesize_instructions(
-    config: JobConfig, n: int, *, loaded: LoadedModel | None = None, hooks: Hooks | None = None
-) -> list[Instruction]:
-    return synthesize(load_instruction_set(config, loaded=loaded, hooks=hooks), n, seed=config.seed)
-
-
 def load_instruction_set(
     config: JobConfig, *, loaded: LoadedModel | None = None, hooks: Hooks | None = None
 ) -> InstructionSet:
