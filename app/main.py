@@ -9,6 +9,7 @@ from uuid import UUID
 from fastapi import FastAPI
 
 from app.api import api_router
+from app.core.admission import AdmissionLimit
 from app.core.body_limit import BodyLimitMiddleware
 from app.core.config import Settings, get_settings
 from app.core.db import make_engine, make_sessionmaker
@@ -81,6 +82,8 @@ def create_app(settings: Settings | None = None, enqueue: Callable[[UUID], None]
 
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_json_body_bytes)
+    # Added last, so outermost: requests wait for a slot before any other work (app/core/admission.py).
+    app.add_middleware(AdmissionLimit, limit=settings.max_requests_in_flight)
     app.include_router(health_router)
     app.include_router(api_router)
     return app

@@ -24,10 +24,9 @@ What it does:
      the last is answered: the server's capacity, and its latency when saturated.
    Reports requests/s, p50/p90/p99/max latency, the status codes seen, errors (timeouts after 10 s)
    and the CPU time the server process used per request.
-5. `--admission N` adds a second server configuration, benchmark-only: the same app wrapped in an
-   ASGI admission limit (at most N requests inside the app at once, the rest wait in the event
-   loop; N = 15 = the SQLAlchemy pool's 5 + 10 overflow connections). See docs/benchmarks.md for
-   why.
+5. `--admission N` adds a second server configuration: the same app with its admission limit
+   (app/core/admission.py: requests worked on at once until their response starts, the rest wait
+   in the event loop) set to N instead of the shipped 20, and the pool grown to cover it.
 
 The load generator runs on the same machine: `wrk` (one thread, C) or Python httpx (one asyncio
 process). It takes CPU from the same cores as the server and Postgres; the script prints its CPU
@@ -182,40 +181,15 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def admitted_app() -> Any:
-    """`app.main`'s app behind an admission limit: at most BENCH_ADMISSION requests inside the app at
-    once, the others wait in the event loop (uvicorn --factory target; benchmark only)."""
-    from app.main import create_app
-
-    app = create_app()
-    limit = int(os.environ["BENCH_ADMISSION"])
-    semaphore: asyncio.Semaphore | None = None
-
-    async def admitted(scope: Any, receive: Any, send: Any) -> None:
-        nonlocal semaphore
-        if scope["type"] != "http":
-            await app(scope, receive, send)
-            return
-        if semaphore is None:  # created inside the server's event loop
-            semaphore = asyncio.Semaphore(limit)
-        async with semaphore:
-            await app(scope, receive, send)
-
-    return admitted
-
-
 def start_server(
     url: str, port: int, rate_limit: bool, log: Path, admission: int | None = None
 ) -> subprocess.Popen[bytes]:
     env = dict(os.environ, GATT_DATABASE_URL=url)
     env["GATT_RATE_LIMIT_PER_S"] = "1000000" if rate_limit else "0"
     if admission:
-        env["BENCH_ADMISSION"] = str(admission)
-    target = (
-        ["--app-dir", str(ROOT / "bench"), "--factory", "api_polling:admitted_app"]
-        if admission
-        else ["app.main:app"]
-    )
+        env["GATT_MAX_REQUESTS_IN_FLIGHT"] = str(admission)
+        env["GATT_DB_MAX_OVERFLOW"] = str(max(20, admission + 1 - 10))  # the pool must cover the limit
+    target = ["app.main:app"]
     cmd = [
         str(ROOT / ".venv" / "bin" / "uvicorn"),
         *target,
@@ -442,7 +416,7 @@ def main() -> None:
         "--admission",
         type=int,
         default=None,
-        help="also run the app behind an admission limit of N requests at once (benchmark-only wrapper)",
+        help="also run the app with GATT_MAX_REQUESTS_IN_FLIGHT=N (default 20) and a pool to match",
     )
     parser.add_argument("--only-admission", action="store_true", help="skip the as-shipped server")
     parser.add_argument(
@@ -490,7 +464,7 @@ def main() -> None:
         configs.append(args.admission)
     rows = []
     for admission in configs:
-        server_name = "as shipped" if admission is None else f"admission {admission}"
+        server_name = "as shipped" if admission is None else f"in-flight limit {admission}"
         for c in clients:
             # A fresh server per case: a stalled run must not leave blocked threads to the next case.
             port = free_port()

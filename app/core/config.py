@@ -57,6 +57,21 @@ class Settings(BaseSettings):
     db_connect_timeout_s: int = Field(
         default=5, gt=0, description="Postgres connect timeout (whole seconds)."
     )
+    db_pool_size: int = Field(
+        default=10, gt=0, description="Database connections each API process keeps open."
+    )
+    db_max_overflow: int = Field(
+        default=20, ge=0, description="Connections an API process may open beyond db_pool_size under load."
+    )
+    db_pool_timeout_s: float = Field(
+        default=30.0, gt=0, description="How long a request waits for a free database connection."
+    )
+    max_requests_in_flight: int = Field(
+        default=20,
+        gt=0,
+        description="Requests an API process works on at once (until their response starts); more wait "
+        "their turn. Must be below db_pool_size + db_max_overflow (see app/core/admission.py).",
+    )
     rate_limit_per_s: float = Field(
         default=20.0,
         ge=0,

@@ -19,9 +19,19 @@ from app.core.config import Settings
 
 
 def make_engine(settings: Settings) -> Engine:
+    if settings.max_requests_in_flight >= settings.db_pool_size + settings.db_max_overflow:
+        # The admission limit only prevents the pool/thread-pool stall when it leaves connections
+        # free for work that checks one out inside a single thread call (streamed corpus chunks).
+        raise ValueError(
+            "GATT_MAX_REQUESTS_IN_FLIGHT must be below GATT_DB_POOL_SIZE + GATT_DB_MAX_OVERFLOW "
+            f"({settings.max_requests_in_flight} >= {settings.db_pool_size} + {settings.db_max_overflow})"
+        )
     return create_engine(
         settings.database_url,
         pool_pre_ping=True,
+        pool_size=settings.db_pool_size,
+        max_overflow=settings.db_max_overflow,
+        pool_timeout=settings.db_pool_timeout_s,
         connect_args={"connect_timeout": settings.db_connect_timeout_s},
     )
 
