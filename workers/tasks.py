@@ -8,6 +8,11 @@ took the job over after this one was presumed dead), the engine is told to stop.
 
 `jobs.reap` finds jobs whose worker vanished (lease expired) and queued jobs whose message was
 lost, and sends them again; a job that has used up its attempts fails with `worker_lost`.
+
+With an S3 artifact store (`GATT_S3_BUCKET`), the artifact directory is this worker's scratch: the
+hooks upload each checkpoint before its row is written and the other artifacts at every stage change,
+the ending uploads what is left, and a new attempt first downloads what the store holds
+(`workers/artifact_sync.py`).
 """
 
 from __future__ import annotations
@@ -30,10 +35,12 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import Settings, get_settings
 from app.core.db import make_engine, make_sessionmaker, session_scope
+from app.core.storage import StoreError, remote_store
 from app.corpora import repository as corpora
 from app.jobs import repository as jobs
-from app.jobs.service import job_dir
+from app.jobs.service import job_dir, job_key
 from app.models import InstructionSet, Job, JobStage, JobStatus
+from workers.artifact_sync import ScratchSync
 from workers.celery_app import JOB_TASK, REAP_TASK, celery
 
 log = logging.getLogger(__name__)
@@ -59,10 +66,16 @@ class JobRun:
     """The hooks of one run, writing to Postgres in short transactions of their own."""
 
     def __init__(
-        self, job_id: uuid.UUID, owner: str, settings: Settings, factory: sessionmaker[Session] | None = None
+        self,
+        job_id: uuid.UUID,
+        owner: str,
+        settings: Settings,
+        factory: sessionmaker[Session] | None = None,
+        sync: ScratchSync | None = None,
     ):
         self.job_id, self.owner, self.settings = job_id, owner, settings
         self.sessions = factory or sessions()
+        self.sync = sync  # None: the artifact directory is the store (local); else uploads to S3
         self.lost = threading.Event()
         self._last_progress = 0.0
         self._cancelled = False
@@ -119,6 +132,8 @@ class JobRun:
         self._tx(lambda s: jobs.add_event(s, self.job_id, level, kind, message, data or None))
         if kind == "stage" and message in _STAGES:
             self.renew(stage=JobStage(message), progress=0.0, progress_done=0, progress_total=0, eta_s=None)
+        if kind == "stage" and self.sync is not None:
+            self.sync.sync()  # what the previous stage wrote (samples, training set, ...) becomes readable
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         def write(s: Session) -> int:
@@ -129,18 +144,34 @@ class JobRun:
         self.renew(latest_metrics={"step": step, **values}, trained_tokens=trained, eta_s=values.get("eta_s"))
 
     def checkpoint(self, step: int, path: str, manifest: dict[str, Any]) -> None:
-        relative = str(Path(path).resolve().relative_to(self.settings.artifact_dir.resolve()))
-        root = self.settings.artifact_dir.resolve()
+        from workers.engine.hooks import Stopped
 
-        def write(s: Session) -> None:
+        relative = Path(path).resolve().relative_to(self.settings.artifact_dir.resolve()).as_posix()
+        root = self.settings.artifact_dir.resolve()
+        if self.lost.is_set():
+            raise Stopped("lease lost; the checkpoint is left unrecorded")
+        if self.sync is not None:
+            # Before the row: a listed checkpoint can always be downloaded, whichever machine asks.
+            self.sync.upload_checkpoint(Path(path), relative)
+
+        def write(s: Session) -> bool:
+            # Fenced by the lease: a worker that was taken over must not list (or unlist) checkpoints.
+            if not jobs.heartbeat(s, self.job_id, self.owner, self.settings.lease_s):
+                return False
             jobs.upsert_checkpoint(s, self.job_id, step, relative, manifest, manifest.get("metrics"))
             # The trainer keeps only the newest checkpoints on disk: unlist the ones it deleted.
             for row in jobs.checkpoints(s, self.job_id):
                 if not (root / row.path).is_dir():
                     s.delete(row)
             jobs.add_event(s, self.job_id, "info", "checkpoint", f"checkpoint at step {step}", {"step": step})
+            return True
 
-        self._tx(write)
+        if not self._tx(write):
+            self.lost.set()
+            raise Stopped("lease lost; the checkpoint is left unrecorded")
+        if self.sync is not None:
+            self.sync.prune_checkpoints()  # after the rows: a listed checkpoint is never deleted first
+            self.sync.sync()  # the metrics files, up to this step
 
     def should_stop(self) -> bool:
         # Asked between sampling batches and between micro-batches: one indexed read (about a
@@ -200,6 +231,8 @@ def error_of(exc: BaseException) -> tuple[str, str]:
 
     if isinstance(exc, JobFailure):
         return exc.code, exc.message
+    if isinstance(exc, StoreError):
+        return "artifact_store", f"The artifact store failed: {exc}"
     if isinstance(exc, ModelError):
         return f"model_{exc.code}", str(exc)
     if isinstance(exc, ValidationFailed):
@@ -239,18 +272,27 @@ def run_job_by_id(job_id: str | uuid.UUID, settings: Settings, factory: sessionm
             return "failed: attempts exhausted"
     if job is None:
         return "not claimed"  # another worker holds it, or it has ended
-    run = JobRun(jid, owner, settings, factory)
+    out = job_dir(settings, job)
+    store = remote_store(settings)
+    sync = ScratchSync(store, settings.artifact_dir, job_key(job)) if store is not None else None
+    run = JobRun(jid, owner, settings, factory, sync)
     with run:
         try:
             if job.attempts > 1:
                 run.event("warning", "resumed", f"attempt {job.attempts}: resuming from finished work", {})
-            config = prepare_config(job, settings, job_dir(settings, job), factory)
+                if sync is not None:  # the last attempt may have run on another machine
+                    sync.restore()
+            config = prepare_config(job, settings, out, factory)
             # Confined again here, not only at creation: a symlink inside a root, or the base model
             # an adapter names, is only seen when the files are read.
             result = run_job(config, run.hooks(), allowed_roots=list(settings.model_roots))
+            if sync is not None:
+                sync.sync()  # before `succeeded`: a succeeded job's artifacts are all readable
         except Stopped:
             if run.lost.is_set():
                 return "lease lost"  # another worker owns the job now; it writes the ending
+            if sync is not None:
+                sync.sync_quietly()
             with session_scope(factory) as s:
                 if jobs.finish(s, jid, owner, JobStatus.CANCELLED):
                     jobs.add_event(s, jid, "info", "cancelled", "stopped on request", None)
@@ -263,6 +305,8 @@ def run_job_by_id(job_id: str | uuid.UUID, settings: Settings, factory: sessionm
                 return "database unavailable"
             code, message = error_of(exc)
             log.exception("job %s failed", jid)
+            if sync is not None and not run.lost.is_set():
+                sync.sync_quietly()  # what the job did before it failed stays readable
             with session_scope(factory) as s:
                 if jobs.finish(
                     s, jid, owner, JobStatus.FAILED, error_code=code, error_message=message[:4000]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -25,7 +26,31 @@ class Settings(BaseSettings):
     )
     redis_url: str = Field(default="redis://127.0.0.1:6379/0", description="Redis URL (Celery broker).")
     artifact_dir: Path = Field(
-        default=Path("var/artifacts"), description="Where checkpoints and other job artifacts are written."
+        default=Path("var/artifacts"),
+        description="Where checkpoints and other job artifacts are written. Without an S3 bucket it is the "
+        "artifact store, shared by the API and the workers; with one, it is each worker's local scratch.",
+    )
+    s3_bucket: str | None = Field(
+        default=None,
+        description="Keep artifacts in this S3 (or S3-compatible) bucket instead of the shared artifact "
+        "directory: workers upload what they write, the API reads from the bucket. Credentials come from "
+        "the standard AWS chain (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, AWS_PROFILE, instance roles).",
+    )
+    s3_prefix: str = Field(
+        default="",
+        description="Key prefix inside the bucket (e.g. `gatt/artifacts`); empty: the bucket's root.",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None,
+        description="Endpoint of an S3-compatible server (MinIO: `http://minio:9000`); unset: AWS S3.",
+    )
+    s3_region: str | None = Field(
+        default=None, description="The bucket's region; unset: from the AWS config chain (AWS_REGION)."
+    )
+    s3_addressing_style: Literal["auto", "path", "virtual"] | None = Field(
+        default=None,
+        description="How buckets are addressed: `path` (host/bucket/key) or `virtual` (bucket.host/key). "
+        "Unset: `path` with an endpoint URL (what MinIO and most S3-compatible servers need), else `auto`.",
     )
     max_corpus_bytes: int = Field(
         default=20 * MiB, gt=0, description="Largest accepted corpus file, in bytes."

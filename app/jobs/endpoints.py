@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, BackgroundTasks, Header, Path, Query, Request, Response, status
-from fastapi.responses import FileResponse, StreamingResponse
+from fastapi.responses import StreamingResponse
 from sqlalchemy import select
 
 from app.auth.dependencies import CurrentTeam
@@ -275,17 +275,22 @@ def get_evaluation(
 @router.get(
     "/{job_id}/evaluation/attention.png",
     summary="Get the attention plot",
-    response_class=FileResponse,
-    responses={**ERROR_RESPONSES, 200: {"content": {"image/png": {}}, "description": "A PNG."}},
+    response_class=Response,
+    responses={
+        **ERROR_RESPONSES,
+        200: {"content": {"image/png": {}}, "description": "A PNG."},
+        **error_response(
+            404, "`not_found`: no such job; `not_evaluated`: the job has no attention plot (yet)."
+        ),
+    },
 )
 def get_attention_plot(
     session: SessionDep, team: CurrentTeam, settings: SettingsDep, job_id: JobId
-) -> FileResponse:
+) -> Response:
     """Share of attention on the instruction's tokens per turn, base vs fine-tuned (max and mean over
     heads and layers)."""
-    return FileResponse(
-        service.evaluation_file(session, settings, team, job_id, "attention.png"), media_type="image/png"
-    )
+    png = service.evaluation_file(session, settings, team, job_id, "attention.png")
+    return Response(png, media_type="image/png")
 
 
 @router.get(
@@ -314,7 +319,11 @@ def list_checkpoints(session: SessionDep, team: CurrentTeam, job_id: JobId) -> C
     "/{job_id}/checkpoints/{step}/archive",
     summary="Download a checkpoint",
     response_class=StreamingResponse,
-    responses={**ERROR_RESPONSES, 200: {"content": {"application/gzip": {}}, "description": "A .tar.gz."}},
+    responses={
+        **ERROR_RESPONSES,
+        200: {"content": {"application/gzip": {}}, "description": "A .tar.gz."},
+        **error_response(404, "`not_found`: no such job, no checkpoint at this step, or its files are gone."),
+    },
 )
 def download_checkpoint(
     session: SessionDep,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import tarfile
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session
 from app.core.config import Settings
 from app.core.errors import Conflict, NotFound, Unprocessable
 from app.core.pagination import PageParams, PageResult
+from app.core.storage import ArtifactMissing, ArtifactStore, InvalidKey, StoredFile, artifact_store
 from app.corpora import repository as corpora
 from app.instruction_sets import repository as instruction_sets
 from app.jobs import repository
@@ -178,85 +180,109 @@ def checkpoints(session: Session, team: Team, id: uuid.UUID) -> list[Checkpoint]
 
 
 # --- artifacts -------------------------------------------------------------------------------
+# Read through the artifact store (app/core/storage.py): the shared directory, or S3 when configured.
+# Keys are `<team>/<job>/...`, built from the job's row (or a checkpoint row's path), never from a request.
 
 
 def job_dir(settings: Settings, job: Job) -> Path:
-    """Where a job's run writes: <artifact_dir>/<team>/<job>."""
-    return settings.artifact_dir / str(job.team_id) / str(job.id)
+    """Where a job's run writes: <artifact_dir>/<team>/<job> (with S3, the worker's local scratch)."""
+    return settings.artifact_dir / job_key(job)
+
+
+def job_key(job: Job) -> str:
+    """The store key of a job's directory."""
+    return f"{job.team_id}/{job.id}"
 
 
 def artifact_rows(
     settings: Settings, job: Job, name: str, offset: int, limit: int
 ) -> tuple[list[dict], bool]:
     """Rows `offset`.. of one of the job's JSONL artifacts (samples, training set)."""
-    path = job_dir(settings, job) / name
     rows: list[dict] = []
     has_more = False
-    if not path.exists():
-        return rows, has_more
-    # Binary, line by line: a worker may be appending right now (or died mid-append), and a last line
-    # without its newline, possibly cut inside a UTF-8 sequence, is not a row yet.
-    with open(path, "rb") as f:
-        for i, line in enumerate(f):
-            if not line.endswith(b"\n"):
-                break
+    # Line by line, as bytes: a worker may be appending right now (or died mid-append), and a last
+    # line without its newline, possibly cut inside a UTF-8 sequence, is not a row yet (iter_lines
+    # leaves it out). Closing the generator early closes the file or the S3 stream.
+    lines = artifact_store(settings).iter_lines(f"{job_key(job)}/{name}")
+    try:
+        for i, line in enumerate(lines):
             if i < offset:
                 continue
             if len(rows) == limit:
                 has_more = True
                 break
             rows.append(json.loads(line))
+    except ArtifactMissing:
+        pass  # not written yet: no rows
+    finally:
+        lines.close()
     return rows, has_more
 
 
 def checkpoint_archive(
     session: Session, settings: Settings, team: Team, id: uuid.UUID, step: int
 ) -> Iterator[bytes]:
-    """A checkpoint's files as a streamed .tar.gz, confined to the artifact directory."""
+    """A checkpoint's files as a streamed .tar.gz, confined to the artifact store."""
     job = get(session, team, id)
     row = repository.checkpoint(session, job.id, step)
     if row is None:
         raise NotFound("No checkpoint at this step.", param="step")
-    root = settings.artifact_dir.resolve()
-    directory = (root / row.path).resolve()
-    if not directory.is_relative_to(root) or not directory.is_dir():
+    store = artifact_store(settings)
+    try:
+        # The listing gives every file with its size, which each tar header needs before its bytes.
+        files = store.list(row.path)
+    except InvalidKey:  # a path out of the store (`..`, absolute, a symlink leading out)
+        files = []
+    if not any(f.key == f"{row.path}/manifest.json" for f in files):  # gone, or never complete
         raise NotFound("The checkpoint's files are gone.", param="step")
-    files = sorted(p for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
-    for p in files:
-        if not p.resolve().is_relative_to(directory):
-            raise NotFound("The checkpoint's files are gone.", param="step")
-    return _tar_stream(directory, files, f"{job.id}-step-{step:06d}")
+    return _tar_stream(store, row.path, files, f"{job.id}-step-{step:06d}")
 
 
-def _tar_stream(directory: Path, files: list[Path], prefix: str, chunk: int = 1 << 20) -> Iterator[bytes]:
-    """A gzipped tar written piece by piece, so a large merged checkpoint never sits in memory."""
+def _tar_stream(
+    store: ArtifactStore, directory: str, files: list[StoredFile], prefix: str
+) -> Iterator[bytes]:
+    """A gzipped tar written piece by piece, each file streamed from the store in chunks, so a large
+    merged checkpoint never sits in memory."""
     gzip = zlib.compressobj(6, zlib.DEFLATED, 31)  # wbits 31: gzip framing
-    for path in files:
-        info = tarfile.TarInfo(f"{prefix}/{path.relative_to(directory).as_posix()}")
-        info.size = path.stat().st_size
-        info.mtime = int(path.stat().st_mtime)
+    for file in files:
+        info = tarfile.TarInfo(f"{prefix}/{file.key[len(directory) + 1 :]}")
+        info.size = file.size
+        info.mtime = int(file.mtime)
         info.mode = 0o644
         yield gzip.compress(info.tobuf(format=tarfile.PAX_FORMAT))
-        with open(path, "rb") as f:
-            while data := f.read(chunk):
+        sent = 0
+        with contextlib.closing(store.iter_chunks(file.key)) as chunks:  # closes an S3 stream left early
+            for data in chunks:
+                sent += len(data)
+                if sent > file.size:
+                    break
                 yield gzip.compress(data)
+        if sent != file.size:
+            # Changed since it was listed: a tar member of the wrong length would corrupt the rest.
+            # Failing the response makes the client see a broken download, not a wrong checkpoint.
+            raise RuntimeError(f"{file.key} changed while it was archived")
         yield gzip.compress(b"\0" * (-info.size % tarfile.BLOCKSIZE))  # pad to a whole block
     yield gzip.compress(b"\0" * (2 * tarfile.BLOCKSIZE))  # end-of-archive marker
     yield gzip.flush()
 
 
-def evaluation_file(session: Session, settings: Settings, team: Team, id: uuid.UUID, name: str) -> Path:
-    path = job_dir(settings, get(session, team, id)) / "evaluation" / name
-    if not path.is_file():
+def evaluation_file(session: Session, settings: Settings, team: Team, id: uuid.UUID, name: str) -> bytes:
+    """One file of the job's evaluation (a JSON report or the PNG plot: small), whole."""
+    return _evaluation_file(settings, get(session, team, id), name)
+
+
+def _evaluation_file(settings: Settings, job: Job, name: str) -> bytes:
+    data = artifact_store(settings).read_bytes(f"{job_key(job)}/evaluation/{name}")
+    if data is None:
         raise NotFound("The job has no evaluation (yet).", code="not_evaluated", param="job_id")
-    return path
+    return data
 
 
 def evaluation(session: Session, settings: Settings, team: Team, id: uuid.UUID) -> dict[str, Any]:
-    path = evaluation_file(session, settings, team, id, "adherence.json")
-    report = json.loads(path.read_text())
+    job = get(session, team, id)
+    report = json.loads(_evaluation_file(settings, job, "adherence.json"))
     for model_report in (report.get("base", {}), report.get("gatt", {})):
         model_report.pop("transcripts", None)  # whole dialogues are large; the quoted samples stay
-    attention = path.with_name("attention.json")
-    report["attention"] = json.loads(attention.read_text()) if attention.is_file() else None
+    attention = artifact_store(settings).read_bytes(f"{job_key(job)}/evaluation/attention.json")
+    report["attention"] = json.loads(attention) if attention is not None else None
     return report

@@ -1,0 +1,170 @@
+"""A worker's copies between its scratch directory and a remote artifact store (S3).
+
+With a local store the engine's output directory is the store, and none of this runs. With S3 the
+engine still writes to `<GATT_ARTIFACT_DIR>/<team>/<job>/` (the worker's scratch: resume, rotation
+and hashing all work on local files) and `workers/tasks.py` calls, at the right moments:
+
+- `upload_checkpoint` before a checkpoint's row is written: a row means the files are in the store.
+  `manifest.json` goes last, so a store copy with a manifest is complete (as on disk, where the
+  manifest is written last and the directory renamed into place);
+- `prune_checkpoints` after the row: store copies of checkpoints the trainer deleted are deleted,
+  manifest first, so a half-deleted copy is no checkpoint either;
+- `sync` at every stage change, checkpoint and ending: every other file that changed since it was
+  last sent (samples, training set, metrics, evaluation, summary);
+- `restore` when a new attempt starts (a takeover, maybe on another machine): what the store holds
+  is brought back into the scratch directory, so the engine resumes from it (finished samples,
+  evaluation reports and, above all, checkpoints) instead of starting over.
+
+This module imports no torch: the path constants below mirror `workers/engine/training.py`
+(tests/app/test_storage.py checks that they agree).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+from app.core.storage import ArtifactStore, StoredFile
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "train/checkpoints"  # the pipeline trains into out/"train"; training.CHECKPOINTS below it
+MANIFEST = "manifest.json"  # training.MANIFEST
+STEP_DIR = re.compile(r"^step-(\d{6,})$")  # training._CKPT_NAME: finished checkpoints only, not *.tmp
+RESTORE = ".restore"  # staging for downloaded checkpoints, inside the job directory
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
+
+
+def upload_checkpoint(store: ArtifactStore, directory: Path, key: str) -> None:
+    """Every file of a finished checkpoint directory under `key`, manifest.json last."""
+    manifest = directory / MANIFEST
+    sent: set[str] = set()
+    for path in _files(directory):
+        if path != manifest:
+            name = f"{key}/{path.relative_to(directory).as_posix()}"
+            store.upload(path, name)
+            sent.add(name)
+    store.upload(manifest, f"{key}/{MANIFEST}")
+    # A step written again (after a resume) may have fewer files than its earlier copy: the archive
+    # is built from the store's listing, so leftovers of the earlier copy must go.
+    store.delete(f.key for f in store.list(key) if f.key not in sent and f.key != f"{key}/{MANIFEST}")
+
+
+def delete_checkpoint(store: ArtifactStore, key: str) -> None:
+    store.delete([f"{key}/{MANIFEST}"])  # first: without it, what is left is not a checkpoint
+    store.delete(f.key for f in store.list(key))
+
+
+class ScratchSync:
+    """Keeps the store's copy of one job directory up to date with the worker's scratch copy."""
+
+    def __init__(self, store: ArtifactStore, root: Path, job_key: str):
+        self.store, self.job_key = store, job_key
+        self.directory = Path(root) / job_key
+        self._sent: dict[str, tuple[int, int]] = {}  # rel path -> (size, mtime_ns) when last uploaded
+
+    def sync(self) -> int:
+        """Upload the files that changed since they were last sent; returns how many. Checkpoints are
+        left out (they go whole, through `upload_checkpoint`), and so are temporary files. Called only
+        from engine hooks, while the engine writes nothing: every file is whole."""
+        if not self.directory.is_dir():
+            return 0
+        sent = 0
+        for path in _files(self.directory):
+            rel = path.relative_to(self.directory).as_posix()
+            if rel.startswith((f"{CHECKPOINTS}/", f"{RESTORE}/")) or any(
+                part.endswith(".tmp") for part in rel.split("/")
+            ):
+                continue  # whole checkpoints go through upload_checkpoint; *.tmp are being written
+            st = path.stat()
+            signature = (st.st_size, st.st_mtime_ns)
+            if self._sent.get(rel) == signature:
+                continue
+            self.store.upload(path, f"{self.job_key}/{rel}")
+            self._sent[rel] = signature
+            sent += 1
+        return sent
+
+    def sync_quietly(self) -> None:
+        """`sync` for a job that is ending badly anyway: a store failure is logged, not raised."""
+        try:
+            self.sync()
+        except Exception:
+            log.exception("could not upload the artifacts of %s", self.job_key)
+
+    def upload_checkpoint(self, directory: Path, key: str) -> None:
+        upload_checkpoint(self.store, directory, key)
+
+    def prune_checkpoints(self) -> list[str]:
+        """Delete the store's checkpoints that are not on local disk any more (the trainer keeps only
+        the newest few); returns their keys. Also removes copies whose upload was cut short."""
+        local = self.directory / CHECKPOINTS
+        pruned = []
+        for name in _checkpoint_files(self.store, self.job_key):
+            if not (local / name / MANIFEST).is_file():
+                key = f"{self.job_key}/{CHECKPOINTS}/{name}"
+                try:
+                    delete_checkpoint(self.store, key)
+                    pruned.append(key)
+                except Exception:  # housekeeping: the checkpoint's row is gone already; log and go on
+                    log.exception("could not delete %s from the artifact store", key)
+        return pruned
+
+    def restore(self) -> list[str]:
+        """Bring the store's copy of the job back into the scratch directory; returns what came back.
+
+        Files missing here, or of another size, are downloaded (the store is the truth after a
+        takeover: this machine may hold an older attempt's files); files only here are kept (work
+        this machine did after its last upload). A checkpoint comes back whole, and only with its
+        manifest, into a staging directory first and then renamed into place, so the engine never
+        sees half of one (it verifies every sha256 before resuming from it anyway).
+        """
+        restored: list[str] = []
+        shutil.rmtree(self.directory / RESTORE, ignore_errors=True)
+        checkpoints = _checkpoint_files(self.store, self.job_key)
+        for f in self.store.list(self.job_key):
+            rel = f.key[len(self.job_key) + 1 :]
+            if rel.startswith(f"{CHECKPOINTS}/"):
+                continue
+            local = self.directory / rel
+            if not (local.is_file() and local.stat().st_size == f.size):
+                self.store.download(f.key, local)
+                restored.append(rel)
+            st = local.stat()
+            self._sent[rel] = (st.st_size, st.st_mtime_ns)  # the store has it: no need to send it back
+        for name, files in sorted(checkpoints.items()):
+            prefix = f"{self.job_key}/{CHECKPOINTS}/{name}"
+            manifest = self.store.read_bytes(f"{prefix}/{MANIFEST}")
+            if manifest is None:
+                continue  # an upload cut short: not a checkpoint
+            final = self.directory / CHECKPOINTS / name
+            if (final / MANIFEST).is_file() and (final / MANIFEST).read_bytes() == manifest:
+                continue  # this machine has it already
+            staging = self.directory / RESTORE / name
+            for f in files:
+                self.store.download(f.key, staging / f.key[len(prefix) + 1 :])
+            if final.exists():
+                shutil.rmtree(final)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(staging, final)
+            restored.append(f"{CHECKPOINTS}/{name}")
+        shutil.rmtree(self.directory / RESTORE, ignore_errors=True)
+        return restored
+
+
+def _checkpoint_files(store: ArtifactStore, job_key: str) -> dict[str, list[StoredFile]]:
+    """The store's checkpoint directories of a job (`step-XXXXXX`), each with its files."""
+    prefix = f"{job_key}/{CHECKPOINTS}"
+    found: dict[str, list[StoredFile]] = defaultdict(list)
+    for f in store.list(prefix):
+        name = f.key[len(prefix) + 1 :].split("/", 1)[0]
+        if STEP_DIR.match(name):
+            found[name].append(f)
+    return dict(found)
