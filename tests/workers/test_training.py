@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from gatt.augment import training_dialogue
 from gatt.masks import IGNORE_INDEX, TokenizedExample, build_examples, fit_to_length
 from tests.gatt import chat_tokenizers
+from workers.engine import training
 from workers.engine.hooks import Hooks, Stopped
 from workers.engine.training import (
     MANIFEST,
@@ -221,6 +222,31 @@ def test_step_loss_is_summed_ce_over_all_trained_tokens(tmp_path):
         ce = sum(per_example_means[i] * examples[i].n_trained for i in pair)
         micro_means.append(ce / sum(examples[i].n_trained for i in pair))
     assert abs(step["loss"] - sum(micro_means) / 2) > 1e-3
+
+
+@pytest.mark.parametrize("head", ["trained positions", "trained columns"])
+@pytest.mark.parametrize("tie", [False, True])
+def test_summed_loss_matches_full_logits_loss_and_gradients(tie, head, monkeypatch):
+    # summed_loss computes logits only where tokens train: for a plain causal LM the head runs on
+    # exactly those positions; for other architectures the model is asked for the trained columns.
+    if head == "trained columns":
+        monkeypatch.setattr(training, "_PLAIN_HEAD_TYPES", frozenset())
+    examples = [handmade(30, [(4, 9), (20, 25)], seed=11), handmade(17, [(12, 16)], seed=12)]
+    batch = collate(examples, pad_id=0)
+    model, reference = tiny_llama(tie=tie), tiny_llama(tie=tie)
+    ce = summed_loss(model, batch)
+    ce.backward()
+    logits = reference(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
+    expected = F.cross_entropy(
+        logits.reshape(-1, VOCAB), batch.labels[:, 1:].reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+    expected.backward()
+    assert ce.item() == pytest.approx(expected.item(), rel=1e-5)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-5, msg=name)
+    # A micro-batch that trains nothing (a reply cut by max_seq_len) costs a zero loss, not an error.
+    nothing = TokenizedExample((1, 2, 3), (IGNORE_INDEX,) * 3, ())
+    assert summed_loss(tiny_llama(), collate([nothing], pad_id=0)).item() == 0.0
 
 
 def _perturbed(example: TokenizedExample, seed: int) -> TokenizedExample:

@@ -180,16 +180,53 @@ def collate(examples: Sequence[TokenizedExample], pad_id: int) -> Batch:
     return Batch(input_ids, attention_mask, labels)
 
 
+# Architectures whose logits are exactly `lm_head(decoder(...).last_hidden_state)`: no softcapping
+# (Gemma 2), logit scaling (Cohere, Granite) or other post-processing in their CausalLM forward.
+_PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
+
+
+def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
+    """The decoder stack and output head of a plain causal LM (through a peft wrapper), else None."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    config = getattr(base, "config", None)
+    if getattr(config, "model_type", None) not in _PLAIN_HEAD_TYPES:
+        return None
+    try:
+        return base.get_decoder(), base.get_output_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+
+
 def summed_loss(model: Any, batch: Batch) -> torch.Tensor:
     """Sum (not mean) of the cross-entropy over the batch's trained tokens, in fp32.
 
-    Logits at position t predict the token at t+1. Only trained positions are gathered and cast
-    to fp32, so the fp32 copy is as large as the number of trained tokens, not the whole batch.
+    Logits at position t predict the token at t+1. Most positions of a GAtt example train nothing
+    (the instruction, the user turns, the earlier context), and the vocabulary projection, its fp32
+    copy and the softmax are the costliest per-position work of a small model's step; so logits are
+    computed only where a token trains. For plain causal LMs the output head runs on exactly those
+    hidden states; for others the model is asked for logits at the columns that train in some row
+    (`logits_to_keep` with indices: the model's own head, softcapping or scaling included).
     """
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
     targets = batch.labels[:, 1:]
     keep = targets != IGNORE_INDEX
-    return F.cross_entropy(logits[:, :-1][keep].float(), targets[keep], reduction="sum")
+    parts = _decoder_and_head(model)
+    if parts is not None:
+        decoder, head = parts
+        hidden = decoder(
+            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+        ).last_hidden_state
+        logits = head(hidden[:, :-1][keep])
+        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+    columns = keep.any(dim=0).nonzero().squeeze(1)
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=batch.attention_mask,
+        use_cache=False,
+        logits_to_keep=columns,
+    ).logits
+    targets = targets[:, columns]
+    keep = targets != IGNORE_INDEX
+    return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
 
 
 # --------------------------------------------------------------------------------------------
