@@ -58,6 +58,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default)")
     p.add_argument("--threshold", type=float, default=0.5, help="a turn adheres when its score >= this")
     p.add_argument("--batch-prompts", type=int, default=8)
+    p.add_argument(
+        "--max-repeat-similarity",
+        type=float,
+        default=0.8,
+        help="a reply at least this similar to an earlier reply of its dialogue scores 0 (default 0.8)",
+    )
+    p.add_argument("--allow-repeats", action="store_true", help="score repeated replies like any other")
     p.add_argument("--seed", type=int, default=0, help="the training job's seed (default 0)")
     p.add_argument("--instruction-seed", type=int, help=f"default: --seed + {EVAL_SEED_OFFSET}")
     p.add_argument(
@@ -113,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
             pass_threshold=args.threshold,
             batch_prompts=args.batch_prompts,
             seed=args.seed,
+            max_repeat_similarity=None if args.allow_repeats else args.max_repeat_similarity,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -24,7 +24,9 @@ The job's hyperparameters, by section; every field is optional and has a default
 - `sampling`: `k` (4) candidates per turn, `temperature` (0.8), `top_p` (0.95), `max_new_tokens`,
   `batch_prompts` (prompts per forward pass), `seed` (mixed with the job seed for sampling).
 - `reward`: `verifier_weight` (1), `reward_model` (a local path under the server's model roots),
-  `reward_model_weight` (0), `min_reward` (0.5: a turn whose best candidate scores lower is dropped).
+  `reward_model_weight` (0), `min_reward` (0.5: a turn whose best candidate scores lower is dropped),
+  `max_repeat_similarity` (0.8: a candidate this similar to an earlier reply of its dialogue is never
+  chosen; null: no check).
 - `loss_scope`: `all_turns` (one sequence, loss on every sampled reply) or `last_turn` (the paper:
   one example per reply).
 - `training`: `method` (`lora`|`full`), LoRA `lora_r`/`lora_alpha`/`lora_dropout`, `learning_rate`,
@@ -34,7 +36,8 @@ The job's hyperparameters, by section; every field is optional and has a default
 
 - `evaluation`: `enabled` (false), `heldout_dialogues` (8: the corpus's last dialogues, never
   trained on), `turns` (8), `conditions` (`once`, `every_turn`; also `none`), `max_new_tokens`,
-  `pass_threshold` (0.5), `batch_prompts`, `attention` (true).
+  `pass_threshold` (0.5), `batch_prompts`, `attention` (true), `max_repeat_similarity` (0.8: a reply
+  this similar to an earlier reply of its dialogue scores 0; null: no check).
 - `values`: `enabled` (false): the model proposes the hobby and public-figure values itself, as in
   the paper (`families`, `per_family`, `mode` merge|replace, `min_values`, `samples`, ...).
 

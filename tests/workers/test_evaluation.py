@@ -17,6 +17,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from gatt.augment import Placement
 from gatt.dialogues import Dialogue, parse_corpus
 from gatt.instructions import Constraint, Instruction
+from gatt.repetition import is_repeat
 from gatt.verifiers import score_all_batch
 from tests.gatt.chat_tokenizers import llama3
 from workers.engine import sampling
@@ -169,9 +170,12 @@ def test_eval_config_validates():
         {"conditions": ()},
         {"temperature": -1.0},
         {"dialogues": 0},
+        {"max_repeat_similarity": 0},
+        {"max_repeat_similarity": 1.2},
     ):
         with pytest.raises(ValueError):
             EvalConfig(**bad)
+    assert EvalConfig(max_repeat_similarity=None).max_repeat_similarity is None
 
 
 # --- the conditions on a tiny model ------------------------------------------------------------
@@ -282,11 +286,47 @@ def test_replies_are_scored_and_the_report_has_its_shape(tiny, heldout):
         for t in transcripts:
             inst = Instruction.from_json(t["instruction"])
             expected = score_all_batch(list(inst.verifiers), t["replies"], inst.aggregate)
-            assert t["scores"] == [round(s.value, 4) for s in expected]
+            repeats = [is_repeat(r, t["replies"][:i], 0.8) for i, r in enumerate(t["replies"])]
+            assert t["repeats"] == repeats
+            # A copy of an earlier reply scores 0, whatever the verifiers say.
+            assert t["scores"] == [
+                0.0 if rep else round(s.value, 4) for s, rep in zip(expected, repeats, strict=True)
+            ]
             assert len(t["replies"]) == 3 and len(t["users"]) == 3
+        assert cond["repeats"] == sum(sum(t["repeats"]) for t in transcripts)
+        assert [row["repeats"] for row in cond["turns"]] == [
+            sum(t["repeats"][i] for t in transcripts) for i in range(3)
+        ]
     # Turn 1 is the same prompt in both conditions, so the same greedy reply.
     once, every = report["transcripts"]["once"], report["transcripts"]["every_turn"]
     assert [t["replies"][0] for t in once] == [t["replies"][0] for t in every]
+
+
+AHOY = instruction(
+    "Start every reply with 'Ahoy!'", ("custom", "ahoy", {"type": "starts_with", "text": "Ahoy!"})
+)
+
+
+@pytest.mark.parametrize("limit", [0.8, None])
+def test_a_reply_that_copies_an_earlier_one_scores_zero(tiny, heldout, monkeypatch, limit):
+    # The generator is replaced here (the model is not under test): the same adherent reply at every
+    # turn, the pattern a fine-tuned small model falls into.
+    def same_reply(model, tokenizer, prompts, *args, **kwargs):
+        return [[sampling.Candidate("Ahoy! The answer is the same.", (1, 2), True)] for _ in prompts]
+
+    monkeypatch.setattr(sampling, "sample_candidates", same_reply)
+    config = EvalConfig(turns=3, dialogues=2, conditions=("once",), max_repeat_similarity=limit)
+    report = evaluate_adherence(tiny, heldout, [AHOY], config, placement=Placement())
+    cond = report["conditions"]["once"]
+    if limit is None:  # no check: every reply opens with the phrase
+        assert [row["rate"] for row in cond["turns"]] == [1.0, 1.0, 1.0] and cond["repeats"] == 0
+        return
+    assert [row["rate"] for row in cond["turns"]] == [1.0, 0.0, 0.0]
+    assert [row["repeats"] for row in cond["turns"]] == [0, 2, 2] and cond["repeats"] == 4
+    transcript = report["transcripts"]["once"][0]
+    assert transcript["repeats"] == [False, True, True]
+    assert transcript["reasons"][2] == "repeats its reply of turn 2 (similarity 1.00)"
+    assert "Replies that copy an earlier reply (scored 0): once base 4/6." in format_table(report)
 
 
 def test_a_dialogue_stops_when_the_context_is_full(tiny, heldout):

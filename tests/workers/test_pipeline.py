@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from gatt.masks import IGNORE_INDEX, build_examples
+from gatt.repetition import closest_earlier, is_repeat
 from workers.engine.config import parse_config
 from workers.engine.hooks import Hooks
 from workers.engine.models import load_model
@@ -89,12 +90,19 @@ def test_chosen_reply_is_the_reward_argmax(finished_job):
     assert len(records) == 3 and result.sampled_dialogues == 3
     turns = [t for r in records for t in r["turns"]]
     assert turns and all(len(t["candidates"]) == 3 for t in turns)
+    # Short dialogues on a model with an 8k context: no dialogue may stop for lack of room.
+    assert not [r for r in records if r["stopped"] == "context_length"]
     for record in records:
         for turn in record["turns"]:
+            earlier = record["replies"][: turn["turn"]]
+            for c in turn["candidates"]:  # the recorded closest earlier reply is the real one
+                closest = closest_earlier(c["text"], earlier)
+                assert c["repeat"] == closest.to_json()
+            # Empty replies and copies of an earlier reply are never chosen.
             eligible = [
                 (c["reward"]["total"], len(c["text"]), i)
                 for i, c in enumerate(turn["candidates"])
-                if c["text"]
+                if c["text"] and not is_repeat(c["text"], earlier, config.reward.max_repeat_similarity)
             ]
             best = min(eligible, key=lambda e: (-e[0], e[1], e[2]))[2] if eligible else None
             top = turn["candidates"][best]["reward"]["total"] if best is not None else -math.inf
@@ -220,12 +228,15 @@ def test_cli_reports_a_job_with_nothing_to_train(tmp_path):
 
 def test_bad_config_is_reported_with_paths(tmp_path):
     path = tmp_path / "bad.yaml"
-    path.write_text("sampling:\n  k: 0\n  topk: 3\ntraining:\n  method: qlora\n")
+    path.write_text(
+        "sampling:\n  k: 0\n  topk: 3\ntraining:\n  method: qlora\nreward:\n  max_repeat_similarity: 2\n"
+    )
     out = subprocess.run(
         [sys.executable, "-m", "workers.run", str(path)], cwd=ROOT, capture_output=True, text=True
     )
     assert out.returncode == 2
     assert "sampling.topk: unknown field" in out.stderr and "training.method" in out.stderr
+    assert "max_repeat_similarity must be in (0, 1]" in out.stderr
 
 
 def test_examples_build_for_every_scope(finished_job, loaded):

@@ -65,6 +65,9 @@ class RewardConfig:
     reward_model_weight: float = 0.0
     min_reward: float | None = 0.5  # a turn whose best candidate is below this is dropped
     batch_size: int = 16
+    # A candidate at least this similar to an earlier reply of its dialogue never wins
+    # (gatt/repetition.py); None: no check.
+    max_repeat_similarity: float | None = 0.8
 
     def __post_init__(self) -> None:
         if self.verifier_weight < 0 or self.reward_model_weight < 0:
@@ -77,6 +80,8 @@ class RewardConfig:
             raise ValueError("min_reward must be in [0, 1]")
         if self.batch_size < 1:
             raise ValueError("batch_size must be >= 1")
+        if self.max_repeat_similarity is not None and not 0.0 < self.max_repeat_similarity <= 1.0:
+            raise ValueError("max_repeat_similarity must be in (0, 1] or null")
 
 
 @dataclass(frozen=True)
@@ -202,6 +207,8 @@ class EvaluationConfig:
     pass_threshold: float = 0.5
     batch_prompts: int = 8
     attention: bool = True
+    # A reply at least this similar to an earlier reply of its dialogue scores 0 (gatt/repetition.py).
+    max_repeat_similarity: float | None = 0.8
 
     def __post_init__(self) -> None:
         if isinstance(self.conditions, list):
@@ -220,6 +227,7 @@ class EvaluationConfig:
             pass_threshold=self.pass_threshold,
             batch_prompts=self.batch_prompts,
             seed=seed,
+            max_repeat_similarity=self.max_repeat_similarity,
         )
 
 

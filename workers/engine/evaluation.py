@@ -32,6 +32,10 @@ Choices the paper leaves open, and ours:
 - Per family: every constraint of an instruction is scored on its own (its verifiers, the
   instruction's aggregate), so "Speak in French. You enjoy chess." counts once for `language`
   and once for `hobby` at each turn.
+- A reply that copies an earlier reply of its dialogue (`max_repeat_similarity`, default 0.8 on
+  gatt/repetition.py's word-sequence similarity) scores 0 and is counted in `repeats`: a model
+  that repeats its last answer whatever the user asks has not kept the instruction, even when the
+  copy opens with the asked-for phrase.
 
 Everything returned is JSON-serialisable. This module imports torch only inside
 `evaluate_adherence`, so `EvalConfig` and the statistics can be imported anywhere.
@@ -48,6 +52,7 @@ from typing import Any
 
 from gatt.augment import Placement, plain_messages, sampling_messages
 from gatt.instructions import Instruction, InstructionSet, synthesize
+from gatt.repetition import DEFAULT_MAX_SIMILARITY, closest_earlier
 from gatt.verifiers import score_all_batch
 
 __all__ = [
@@ -87,6 +92,9 @@ class EvalConfig:
     seed: int = 0  # seeds the sampler when temperature > 0
     max_context: int | None = None  # cap on prompt + reply tokens; None: the model's max positions
     samples_per_turn: int = 2  # replies quoted in the report per condition and turn
+    # A reply at least this similar to an earlier reply of its dialogue scores 0: repeating the last
+    # answer is not keeping the instruction (gatt/repetition.py). None: no check.
+    max_repeat_similarity: float | None = DEFAULT_MAX_SIMILARITY
 
     def __post_init__(self) -> None:
         if isinstance(self.conditions, str | list):
@@ -122,6 +130,12 @@ class EvalConfig:
             problems.append(f"pass_threshold must be in [0, 1], got {self.pass_threshold!r}")
         if not isinstance(self.seed, int):
             problems.append(f"seed must be an integer, got {self.seed!r}")
+        if self.max_repeat_similarity is not None and not (
+            isinstance(self.max_repeat_similarity, int | float) and 0 < self.max_repeat_similarity <= 1
+        ):
+            problems.append(
+                f"max_repeat_similarity must be in (0, 1] or null, got {self.max_repeat_similarity!r}"
+            )
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -222,6 +236,7 @@ class _Run:
     reasons: list[str] = field(default_factory=list)
     constraint_scores: list[list[float]] = field(default_factory=list)  # per turn, per constraint
     finished: list[bool] = field(default_factory=list)
+    repeats: list[bool] = field(default_factory=list)  # the reply copies an earlier one (scored 0)
     stopped: str | None = None
     cut_turns: int = 0
 
@@ -237,6 +252,7 @@ class _Run:
             "scores": [_round(s) for s in self.scores],
             "reasons": self.reasons,
             "finished": self.finished,
+            "repeats": self.repeats,
             "stopped": self.stopped,
             "context_cut_turns": self.cut_turns,
         }
@@ -401,6 +417,17 @@ def evaluate_adherence(
         replies = [c[0].text.strip() for c in candidates]
         scored = _score_turn(turn_runs, replies)
         for r, c, reply, (value, reason, parts) in zip(turn_runs, candidates, replies, scored, strict=True):
+            max_similarity = config.max_repeat_similarity
+            earlier = closest_earlier(reply, r.replies)
+            repeat = (
+                max_similarity is not None
+                and earlier.turn is not None
+                and earlier.similarity >= max_similarity
+            )
+            if repeat:
+                value, parts = 0.0, [0.0] * len(parts)
+                reason = f"repeats its reply of turn {earlier.turn + 1} (similarity {earlier.similarity:.2f})"
+            r.repeats.append(repeat)
             r.replies.append(reply)
             r.finished.append(c[0].finished)
             r.scores.append(value)
@@ -440,6 +467,7 @@ def _condition_report(runs: Sequence[_Run], config: EvalConfig) -> dict[str, Any
         row = {"turn": t + 1, **_summary([r.scores[t] for r in at], threshold)}
         row["truncated"] = sum(1 for r in at if not r.finished[t])
         row["empty"] = sum(1 for r in at if not r.replies[t])
+        row["repeats"] = sum(1 for r in at if r.repeats[t])
         turns.append(row)
         for r in at:
             for constraint, value in zip(r.instruction.constraints, r.constraint_scores[t], strict=True):
@@ -473,6 +501,7 @@ def _condition_report(runs: Sequence[_Run], config: EvalConfig) -> dict[str, Any
             for reason in sorted({r.stopped for r in runs if r.stopped})
         },
         "truncated": sum(1 for r in runs for f in r.finished if not f),
+        "repeats": sum(1 for r in runs for x in r.repeats if x),
         "samples": samples,
     }
 
@@ -597,6 +626,13 @@ def format_table(
     )
     if len(reports) > 1:
         notes += " diff: after - before, * when the intervals do not overlap."
+    repeats = [
+        f"{c} {name} {report['conditions'][c].get('repeats', 0)}/{report['conditions'][c]['overall']['n']}"
+        for c in conditions
+        for name, report in zip(names, reports, strict=True)
+    ]
+    if report_before["config"].get("max_repeat_similarity") is not None:
+        notes += "\nReplies that copy an earlier reply (scored 0): " + ", ".join(repeats) + "."
     return "\n".join([title, *lines, notes])
 
 

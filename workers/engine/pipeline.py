@@ -51,6 +51,7 @@ from gatt.masks import (
     render,
     trained_text,
 )
+from gatt.repetition import closest_earlier
 from gatt.selection import Selection, select_best, summarize
 from workers.engine.config import JobConfig
 from workers.engine.hooks import Hooks, Stopped
@@ -320,8 +321,19 @@ def _sample_chunk(config, loaded, scorer, dialogues, instructions, indices, gene
             instruction = Instruction.from_json(s["instruction"])
             (rewards,) = scorer.score(instruction, [contexts[k]], [texts])
             # An empty reply (or one cut by max_new_tokens before its first sentence ended) never
-            # wins: training on it would teach the model to stop mid-sentence.
-            ranked = [r.total if t else math.nan for r, t in zip(rewards, texts, strict=True)]
+            # wins: training on it would teach the model to stop mid-sentence. Nor does a copy of an
+            # earlier reply: it would teach the model to "keep" the instruction by repeating itself.
+            repeats = [closest_earlier(t, s["replies"]) for t in texts]
+            max_similarity = config.reward.max_repeat_similarity
+            ranked = [
+                r.total
+                if t
+                and not (
+                    max_similarity is not None and rep.turn is not None and rep.similarity >= max_similarity
+                )
+                else math.nan
+                for r, t, rep in zip(rewards, texts, repeats, strict=True)
+            ]
             selection = select_best(ranked, texts, threshold=config.reward.min_reward)
             s["turns"].append(
                 {
@@ -333,8 +345,9 @@ def _sample_chunk(config, loaded, scorer, dialogues, instructions, indices, gene
                             "finished": c.finished,
                             "tokens": len(c.token_ids),
                             "reward": r.to_json(),
+                            "repeat": rep.to_json(),  # closest earlier reply of the dialogue
                         }
-                        for t, c, r in zip(texts, candidates, rewards, strict=True)
+                        for t, c, r, rep in zip(texts, candidates, rewards, repeats, strict=True)
                     ],
                     "chosen": selection.chosen,
                     "best": selection.best,
