@@ -1,0 +1,223 @@
+"""GPU fine-tuning throughput and MFU on GAtt-shaped batches (issue: performance, item 3).
+
+    python bench/gpu_training.py [--size 1b] [--steps 12] [--tokens-per-step 16384] [--compile]
+
+A Llama-architecture model of about 1.1B parameters (TinyLlama's shape: 22 layers, hidden 2048,
+32 heads with 4 KV heads, vocab 32000; random init, as no hub is reachable) is fully fine-tuned in
+bf16 (bf16 weights, fused AdamW, sdpa attention) on GAtt-shaped examples: dialogues of 2-8 turns,
+lengths spread over 256-2048 tokens, about a quarter of the positions trained (the sampled
+replies), the rest masked. Two ways of batching the same examples, each with our loss
+(`workers.engine.training.summed_loss`: logits only at trained positions, summed fp32 CE):
+
+- `padded`: `workers.engine.training.collate`, rows padded to the longest of the micro-batch (what
+  `train()` does today);
+- `packed`: examples packed end to end into rows of `--row-len` tokens without padding, with
+  `position_ids` restarting at each example, so that transformers builds a block-diagonal causal
+  mask (padding-free packing).
+
+Reported per mode: real (non-padding) tokens/s, trained tokens/s, peak memory, and MFU =
+6 * N * real tokens/s / peak bf16 dense FLOP/s of the card (`--peak-tflops`, default 989 for
+H100/H200 SXM), N = all parameters (embeddings included). The formula counts the output head at
+every position; `summed_loss` computes it only at trained ones, so MFU by this formula credits that
+saving as speed, as the issue's definition does. Steps 1..`--warmup` are not timed.
+
+`--size tiny` runs a 2-layer model on the CPU in seconds: a smoke test of the script, not a figure.
+Needs torch and transformers only (the device image has both; the web stack is not imported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gatt.masks import IGNORE_INDEX, TokenizedExample  # noqa: E402
+from workers.engine.training import Batch, collate, summed_loss  # noqa: E402
+
+SIZES = {
+    # TinyLlama-1.1B's shape.
+    "1b": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
+               num_key_value_heads=4, vocab_size=32000),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                 num_key_value_heads=2, vocab_size=1000),
+}  # fmt: skip
+
+
+def gatt_examples(n: int, vocab: int, min_len: int, max_len: int, seed: int) -> list[TokenizedExample]:
+    """Dialogues of 2-8 turns: each turn a masked user part (instruction and question) and a
+    trained reply of 15-35% of the turn, like the `all_turns` examples of a GAtt job."""
+    rng = random.Random(seed)
+    out = []
+    for _ in range(n):
+        length = rng.randint(min_len, max_len)
+        turns = rng.randint(2, 8)
+        ids = [rng.randrange(10, vocab) for _ in range(length)]
+        labels = [IGNORE_INDEX] * length
+        spans = []
+        edges = [round(length * t / turns) for t in range(turns + 1)]
+        for start, end in zip(edges, edges[1:], strict=False):
+            reply = max(1, round((end - start) * rng.uniform(0.15, 0.35)))
+            spans.append((end - reply, end))
+            labels[end - reply : end] = ids[end - reply : end]
+        out.append(TokenizedExample(tuple(ids), tuple(labels), tuple(spans)))
+    return out
+
+
+def padded_batches(examples, tokens_per_step: int, pad_id: int):
+    """Micro-batches in corpus order, as many rows as fit `tokens_per_step` padded positions."""
+    batch, width = [], 0
+    for e in examples:
+        new_width = max(width, len(e.input_ids))
+        if batch and new_width * (len(batch) + 1) > tokens_per_step:
+            padded = collate(batch, pad_id)
+            yield padded, None, padded.n_tokens
+            batch, new_width = [], len(e.input_ids)
+        batch.append(e)
+        width = new_width
+    if batch:
+        padded = collate(batch, pad_id)
+        yield padded, None, padded.n_tokens
+
+
+def packed_batches(examples, tokens_per_step: int, row_len: int):
+    """Rows of `row_len` tokens filled end to end, first fit: each example goes into the first row
+    with room for it (the order within a step does not matter to the loss)."""
+    rows: list[list[TokenizedExample]] = []
+    free: list[int] = []
+    for e in examples:
+        n = len(e.input_ids)
+        r = next((i for i, room in enumerate(free) if room >= n), None)
+        if r is None:
+            rows.append([])
+            free.append(row_len)
+            r = len(rows) - 1
+        rows[r].append(e)
+        free[r] -= n
+    per_step = max(1, tokens_per_step // row_len)
+    for i in range(0, len(rows), per_step):
+        group = rows[i : i + per_step]
+        input_ids = torch.zeros((len(group), row_len), dtype=torch.long)
+        labels = torch.full((len(group), row_len), IGNORE_INDEX, dtype=torch.long)
+        positions = torch.zeros((len(group), row_len), dtype=torch.long)
+        for r, row in enumerate(group):
+            offset = 0
+            for e in row:
+                n = len(e.input_ids)
+                input_ids[r, offset : offset + n] = torch.tensor(e.input_ids)
+                # The first token of an example predicts nothing from the previous example.
+                example_labels = [IGNORE_INDEX, *e.labels[1:]]
+                labels[r, offset : offset + n] = torch.tensor(example_labels)
+                positions[r, offset : offset + n] = torch.arange(n)
+                offset += n
+            # The row's unused tail: one more "example" of pad tokens that trains nothing.
+            positions[r, offset:] = torch.arange(row_len - offset)
+        real = sum(len(e.input_ids) for row in group for e in row)
+        yield Batch(input_ids, torch.ones_like(input_ids), labels), positions, real
+
+
+def packed_loss(model, batch: Batch, positions: torch.Tensor) -> torch.Tensor:
+    """`summed_loss` with position ids instead of an attention mask: transformers detects the
+    packed sequences from the restarting positions and masks attention across examples."""
+
+    def forward(**kwargs):
+        kwargs.pop("attention_mask")
+        return model(**kwargs, position_ids=positions)
+
+    return summed_loss(forward, batch)
+
+
+def run(args: argparse.Namespace, mode: str) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    config = LlamaConfig(**SIZES[args.size], max_position_embeddings=4096, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).to(device=device, dtype=dtype).train()
+    n_params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
+    forward = torch.compile(model) if args.compile else model
+    examples = gatt_examples(args.examples, config.vocab_size, args.min_len, args.max_len, seed=0)
+    if mode == "padded":
+        batches = list(padded_batches(examples, args.tokens_per_step, pad_id=0))
+    else:
+        batches = list(packed_batches(examples, args.tokens_per_step, args.row_len))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    real = trained = positions_total = 0
+    losses = []
+    start = None
+    for step in range(args.warmup + args.steps):
+        if step == args.warmup:
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            real = trained = positions_total = 0
+        batch, positions, n_real = batches[step % len(batches)]
+        batch = batch.to(device)
+        if positions is None:
+            ce = summed_loss(forward, batch)
+        else:
+            ce = packed_loss(forward, batch, positions.to(device))
+        real += n_real
+        n = batch.n_trained
+        trained += n
+        positions_total += batch.input_ids.numel()
+        (ce / max(n, 1)).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(ce.detach()) / max(n, 1))
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    tokens_per_s = real / seconds
+    peak_flops = args.peak_tflops * 1e12
+    return {
+        "mode": mode,
+        "params": n_params,
+        "batches": len(batches),
+        "real_tokens_per_s": round(tokens_per_s),
+        "trained_tokens_per_s": round(trained / seconds),
+        "real_share_of_positions": round(real / positions_total, 3),
+        "mfu": round(6 * n_params * tokens_per_s / peak_flops, 4),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if device.type == "cuda"
+        else None,
+        "step_s": round(seconds / args.steps, 4),
+        "loss_first_last": [round(losses[0], 4), round(losses[-1], 4)],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", choices=sorted(SIZES), default="1b")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--steps", type=int, default=12)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--examples", type=int, default=256)
+    p.add_argument("--min-len", type=int, default=256)
+    p.add_argument("--max-len", type=int, default=2048)
+    p.add_argument("--tokens-per-step", type=int, default=16384)
+    p.add_argument("--row-len", type=int, default=4096)
+    p.add_argument("--modes", default="padded,packed")
+    p.add_argument("--compile", action="store_true")
+    p.add_argument("--peak-tflops", type=float, default=989.0)
+    args = p.parse_args()
+    if args.size == "tiny":
+        args.min_len, args.max_len, args.row_len, args.tokens_per_step = 16, 96, 128, 256
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
+    print(f"device {name}, torch {torch.__version__}, size {args.size}, compile {args.compile}")
+    for mode in args.modes.split(","):
+        print(json.dumps(run(args, mode)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
