@@ -118,3 +118,15 @@ def s3_bucket(s3_server: str) -> str:
     name = f"gatt-test-{uuid.uuid4().hex[:12]}"
     boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1").create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture
+def one_thread():
+    """For tests that run a job in this process: one torch thread keeps it from fighting the test
+    (and the server it talks to) for the CPUs."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

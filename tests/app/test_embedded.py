@@ -33,17 +33,6 @@ TINY = {
 }
 
 
-@pytest.fixture
-def one_thread():
-    """The worker trains in this process: one torch thread keeps it from fighting the test for CPUs."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def test_embedded_mode_runs_a_job_to_success_on_sqlite(tmp_path: Path, one_thread) -> None:
     data_dir = tmp_path / "embedded"
     key = create_key(data_dir, "embedded-team", "test")

@@ -58,17 +58,6 @@ class Crash(BaseException):
     """The worker vanishing: not an Exception, so the task writes no ending, as after a SIGKILL."""
 
 
-@pytest.fixture
-def one_thread():
-    """The job trains in this process: one torch thread keeps it from fighting the test for CPUs."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _keys(bucket: str, endpoint: str) -> list[str]:
     client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1")
     pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=PREFIX + "/")
