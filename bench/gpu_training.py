@@ -12,8 +12,8 @@ replies), the rest masked. Two ways of batching the same examples, each with our
 - `padded`: `workers.engine.training.collate`, rows padded to the longest of the micro-batch (what
   `train()` does today);
 - `packed`: examples packed end to end into rows of `--row-len` tokens without padding, with
-  `position_ids` restarting at each example, so that transformers builds a block-diagonal causal
-  mask (padding-free packing).
+  `position_ids` restarting at each example (`summed_loss(..., position_ids=...)`), so that
+  transformers builds a block-diagonal causal mask (padding-free packing).
 
 Reported per mode: real (non-padding) tokens/s, trained tokens/s, peak memory, and MFU =
 6 * N * real tokens/s / peak bf16 dense FLOP/s of the card (`--peak-tflops`, default 989 for
@@ -123,17 +123,6 @@ def packed_batches(examples, tokens_per_step: int, row_len: int):
         yield Batch(input_ids, torch.ones_like(input_ids), labels), positions, real
 
 
-def packed_loss(model, batch: Batch, positions: torch.Tensor) -> torch.Tensor:
-    """`summed_loss` with position ids instead of an attention mask: transformers detects the
-    packed sequences from the restarting positions and masks attention across examples."""
-
-    def forward(**kwargs):
-        kwargs.pop("attention_mask")
-        return model(**kwargs, position_ids=positions)
-
-    return summed_loss(forward, batch)
-
-
 def run(args: argparse.Namespace, mode: str) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -144,7 +133,10 @@ def run(args: argparse.Namespace, mode: str) -> dict:
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype).train()
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
-    forward = torch.compile(model) if args.compile else model
+    if args.compile:
+        # summed_loss calls the decoder stack and the head itself (logits only where tokens train),
+        # so the decoder is what gets compiled.
+        model.model = torch.compile(model.model)
     examples = gatt_examples(args.examples, config.vocab_size, args.min_len, args.max_len, seed=0)
     if mode == "padded":
         batches = list(padded_batches(examples, args.tokens_per_step, pad_id=0))
@@ -164,9 +156,9 @@ def run(args: argparse.Namespace, mode: str) -> dict:
         batch, positions, n_real = batches[step % len(batches)]
         batch = batch.to(device)
         if positions is None:
-            ce = summed_loss(forward, batch)
+            ce = summed_loss(model, batch)
         else:
-            ce = packed_loss(forward, batch, positions.to(device))
+            ce = summed_loss(model, batch, position_ids=positions.to(device))
         real += n_real
         n = batch.n_trained
         trained += n

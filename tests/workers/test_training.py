@@ -25,6 +25,7 @@ from workers.engine.hooks import Hooks, Stopped
 from workers.engine.training import (
     MANIFEST,
     METRIC_FIELDS,
+    Batch,
     TrainConfig,
     collate,
     epoch_permutation,
@@ -247,6 +248,19 @@ def test_summed_loss_matches_full_logits_loss_and_gradients(tie, head, monkeypat
     # A micro-batch that trains nothing (a reply cut by max_seq_len) costs a zero loss, not an error.
     nothing = TokenizedExample((1, 2, 3), (IGNORE_INDEX,) * 3, ())
     assert summed_loss(tiny_llama(), collate([nothing], pad_id=0)).item() == 0.0
+
+
+def test_summed_loss_of_a_packed_row_equals_the_examples_one_by_one():
+    # Two examples end to end in one row, positions restarting: attention must not cross them.
+    a, b = handmade(20, [(5, 12)], seed=21), handmade(15, [(9, 15)], seed=22)
+    model = tiny_llama()
+    with torch.no_grad():
+        alone = sum(summed_loss(model, collate([e], pad_id=0)).item() for e in (a, b))
+        ids = torch.tensor([a.input_ids + b.input_ids])
+        labels = torch.tensor([list(a.labels) + [IGNORE_INDEX, *b.labels[1:]]])
+        positions = torch.tensor([list(range(20)) + list(range(15))])
+        packed = summed_loss(model, Batch(ids, torch.ones_like(ids), labels), position_ids=positions).item()
+    assert packed == pytest.approx(alone, rel=1e-5)
 
 
 def _perturbed(example: TokenizedExample, seed: int) -> TokenizedExample:

@@ -197,7 +197,7 @@ def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
         return None
 
 
-def summed_loss(model: Any, batch: Batch) -> torch.Tensor:
+def summed_loss(model: Any, batch: Batch, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Sum (not mean) of the cross-entropy over the batch's trained tokens, in fp32.
 
     Logits at position t predict the token at t+1. Most positions of a GAtt example train nothing
@@ -206,24 +206,25 @@ def summed_loss(model: Any, batch: Batch) -> torch.Tensor:
     computed only where a token trains. For plain causal LMs the output head runs on exactly those
     hidden states; for others the model is asked for logits at the columns that train in some row
     (`logits_to_keep` with indices: the model's own head, softcapping or scaling included).
+
+    `position_ids` (restarting at 0 for each example) marks a packed batch: several examples end to
+    end in a row, no attention mask; transformers then keeps attention within each example.
     """
     targets = batch.labels[:, 1:]
     keep = targets != IGNORE_INDEX
+    inputs: dict[str, Any] = {"input_ids": batch.input_ids, "use_cache": False}
+    if position_ids is None:
+        inputs["attention_mask"] = batch.attention_mask
+    else:
+        inputs["position_ids"] = position_ids
     parts = _decoder_and_head(model)
     if parts is not None:
         decoder, head = parts
-        hidden = decoder(
-            input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
-        ).last_hidden_state
+        hidden = decoder(**inputs).last_hidden_state
         logits = head(hidden[:, :-1][keep])
         return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
     columns = keep.any(dim=0).nonzero().squeeze(1)
-    logits = model(
-        input_ids=batch.input_ids,
-        attention_mask=batch.attention_mask,
-        use_cache=False,
-        logits_to_keep=columns,
-    ).logits
+    logits = model(**inputs, logits_to_keep=columns).logits
     targets = targets[:, columns]
     keep = targets != IGNORE_INDEX
     return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
