@@ -215,6 +215,11 @@ class S3Store(ArtifactStore):
             client = boto3.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
         self.client = client
 
+    def check(self) -> None:
+        """The bucket exists and these credentials may use it (HEAD bucket); raises `StoreError`."""
+        with self._errors(self.bucket):
+            self.client.head_bucket(Bucket=self.bucket)
+
     def _key(self, key: str) -> str:
         check_key(key)
         return f"{self.prefix}/{key}" if self.prefix else key

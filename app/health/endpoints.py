@@ -9,6 +9,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import text
 
 from app.core.errors import ServiceUnavailable, error_response
+from app.core.storage import remote_store
 
 router = APIRouter(tags=["health"])
 
@@ -19,7 +20,10 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     status: Literal["ok"] = Field(default="ok", description='"ok": every dependency answered.')
-    checks: dict[str, str] = Field(description='Each dependency checked ("postgres", "redis") and "ok".')
+    checks: dict[str, str] = Field(
+        description='Each dependency checked ("postgres", "redis", and "artifact_store" when artifacts go to '
+        'S3) and "ok".'
+    )
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness")
@@ -52,9 +56,14 @@ def _check_redis(request: Request, timeout_s: float) -> None:
     ),
 )
 async def readyz(request: Request) -> Readiness:
-    """Postgres (`SELECT 1`) and Redis (`PING`) both answer within a short timeout."""
-    timeout_s = request.app.state.settings.readiness_timeout_s
+    """Postgres (`SELECT 1`) and Redis (`PING`) answer within a short timeout, and, when artifacts go
+    to S3, the bucket answers a HEAD request with these credentials."""
+    settings = request.app.state.settings
+    timeout_s = settings.readiness_timeout_s
     checks = {"postgres": lambda: _check_postgres(request), "redis": lambda: _check_redis(request, timeout_s)}
+    store = remote_store(settings)
+    if store is not None:
+        checks["artifact_store"] = store.check
     failures: dict[str, str] = {}
 
     async def run(name: str) -> None:

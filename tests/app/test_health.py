@@ -25,3 +25,19 @@ def test_readyz_names_the_failing_dependency(settings: Settings) -> None:
     error = response.json()["error"]
     assert error["code"] == "not_ready"
     assert [d["field"] for d in error["details"]] == ["redis"]
+
+
+def test_readyz_checks_the_s3_bucket_when_artifacts_go_there(
+    settings: Settings, s3_server: str, s3_bucket: str
+) -> None:
+    s3 = {"s3_endpoint_url": s3_server, "s3_region": "us-east-1"}
+    with TestClient(create_app(settings.model_copy(update={**s3, "s3_bucket": s3_bucket}))) as c:
+        response = c.get("/readyz")
+    assert response.status_code == 200, response.text
+    assert response.json()["checks"] == {"postgres": "ok", "redis": "ok", "artifact_store": "ok"}
+
+    missing = settings.model_copy(update={**s3, "s3_bucket": f"{s3_bucket}-missing"})
+    with TestClient(create_app(missing)) as c:
+        response = c.get("/readyz")
+    assert response.status_code == 503
+    assert [d["field"] for d in response.json()["error"]["details"]] == ["artifact_store"]
