@@ -29,6 +29,7 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -280,9 +281,21 @@ def embedded_gguf() -> Path:
     )
 
 
+# Building a model in transformers is not thread-safe: while it builds, it swaps process-wide functions
+# for no-ops (`PreTrainedModel.tie_weights`, the weight initialisers, in transformers/initialization.py)
+# and puts them back afterwards. Two threads interleaving can leave a no-op in place, and every later
+# model then leaves its tied output head on the meta device ("Cannot copy out of meta tensor"). Seen
+# when two threads built the default-model cache at once (tests/workers/test_models.py, racing
+# builders). Workers build one model at a time anyway; this lock makes that a rule within a process.
+_CONSTRUCTION = threading.RLock()
+
+
 def load_gguf(path: Path) -> tuple[Any, Any]:
     """The model (dequantized to float32, on CPU) and tokenizer of a GGUF file, as transformers reads it."""
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
+    with _CONSTRUCTION:
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, trust_remote_code=False
+        )
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name, trust_remote_code=False)
     return model.eval(), tokenizer
 
@@ -316,7 +329,8 @@ def _convert(gguf_model: Any, gguf_tokenizer: Any, out: Path) -> dict[str, Any]:
     config_dict = gguf_model.config.to_dict()
     config_dict.pop("quantization_config", None)
     config = type(gguf_model.config).from_dict(config_dict)
-    fresh = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    with _CONSTRUCTION:
+        fresh = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
     fresh.load_state_dict(gguf_model.state_dict(), strict=True)
     fresh.generation_config = gguf_model.generation_config
     fresh.save_pretrained(out, safe_serialization=True)
@@ -475,13 +489,14 @@ def _adapter_base(adapter_dir: Path, allowed_roots: list[Path] | None, cache_dir
 
 def _causal_lm(directory: Path, dtype: torch.dtype) -> Any:
     try:
-        return AutoModelForCausalLM.from_pretrained(
-            directory,
-            dtype=dtype,
-            trust_remote_code=False,
-            use_safetensors=True,
-            local_files_only=True,
-        )
+        with _CONSTRUCTION:
+            return AutoModelForCausalLM.from_pretrained(
+                directory,
+                dtype=dtype,
+                trust_remote_code=False,
+                use_safetensors=True,
+                local_files_only=True,
+            )
     except (OSError, ValueError) as exc:
         raise ModelError(
             "invalid_model", f"cannot load a causal language model from {directory}: {exc}"
