@@ -27,6 +27,10 @@ class Repeat:
     similarity: float  # the highest similarity to an earlier reply, in [0, 1]
     turn: int | None  # which earlier reply (0-based), None when there is none
 
+    def is_copy(self, max_similarity: float | None) -> bool:
+        """At least `max_similarity` similar to an earlier reply (None: nothing is a copy)."""
+        return max_similarity is not None and self.turn is not None and self.similarity >= max_similarity
+
     def to_json(self) -> dict[str, float | int | None]:
         return {"similarity": round(self.similarity, 4), "turn": self.turn}
 
@@ -56,6 +60,6 @@ def closest_earlier(reply: str, earlier: Sequence[str]) -> Repeat:
 
 def is_repeat(reply: str, earlier: Sequence[str], max_similarity: float | None) -> bool:
     """True when `reply` is at least `max_similarity` similar to an earlier reply (None: never)."""
-    if max_similarity is None or not earlier:
+    if max_similarity is None:
         return False
-    return closest_earlier(reply, earlier).similarity >= max_similarity
+    return closest_earlier(reply, earlier).is_copy(max_similarity)

@@ -124,9 +124,7 @@ def s3_bucket(s3_server: str) -> str:
 def one_thread():
     """For tests that run a job in this process: one torch thread keeps it from fighting the test
     (and the server it talks to) for the CPUs."""
-    import torch
+    from tests.threads import one_torch_thread  # imports torch: only for the tests that ask
 
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield

@@ -7,13 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from gatt.augment import Placement, plain_messages
 from gatt.dialogues import Dialogue
 from gatt.instructions import Constraint, Instruction
 from gatt.masks import encode, render
 from tests.gatt.chat_tokenizers import chatml_smollm2, llama3
+from tests.threads import one_torch_thread
+from tests.workers.tiny import tiny_llama3
 from workers.engine.attention import (
     attention_report,
     dialogue_attention,
@@ -31,10 +33,8 @@ REPLIES = ["Begin at the Pantheon.", "Yes, book ahead.", "Try Trastevere."]
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with one_torch_thread():
+        yield
 
 
 @pytest.mark.parametrize("tokenizer", [llama3, chatml_smollm2], ids=["llama3", "chatml"])
@@ -63,23 +63,9 @@ def test_instruction_span_needs_the_instruction():
 
 @pytest.fixture(scope="module")
 def tiny() -> LoadedModel:
-    tokenizer = llama3()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    model = LlamaForCausalLM(config).eval()
-    assert model.config._attn_implementation == "sdpa"
-    return LoadedModel(model, tokenizer, torch.device("cpu"), torch.float32, "tiny", Path("."))
+    loaded = tiny_llama3(max_position_embeddings=1024)
+    assert loaded.model.config._attn_implementation == "sdpa"
+    return loaded
 
 
 def test_eager_switch_returns_weights_and_restores_sdpa(tiny):

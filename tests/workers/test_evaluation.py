@@ -11,15 +11,14 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from gatt.augment import Placement
 from gatt.dialogues import Dialogue, parse_corpus
 from gatt.instructions import Constraint, Instruction
 from gatt.repetition import is_repeat
 from gatt.verifiers import score_all_batch
-from tests.gatt.chat_tokenizers import llama3
+from tests.threads import one_torch_thread
+from tests.workers.tiny import tiny_llama3
 from workers.engine import sampling
 from workers.engine.evaluation import (
     EvalConfig,
@@ -38,11 +37,8 @@ HELDOUT = Path(__file__).resolve().parents[2] / "examples" / "heldout.jsonl"
 
 @pytest.fixture(autouse=True, scope="module")
 def one_thread():
-    # Two cores shared with other work: one thread avoids oversubscription (and is faster here).
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+    with one_torch_thread():
+        yield
 
 
 def dialogue(users: list[str], id: str | None = None, system: str | None = None) -> Dialogue:
@@ -183,23 +179,7 @@ def test_eval_config_validates():
 
 @pytest.fixture(scope="module")
 def tiny() -> LoadedModel:
-    tokenizer = llama3()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LoadedModel(
-        LlamaForCausalLM(config).eval(), tokenizer, torch.device("cpu"), torch.float32, "tiny", Path(".")
-    )
+    return tiny_llama3(max_position_embeddings=2048)
 
 
 @pytest.fixture(scope="module")

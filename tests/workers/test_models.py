@@ -7,7 +7,6 @@ GATT_CACHE_DIR points there for every test of this module, so nothing is written
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import pickle
@@ -19,6 +18,7 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from tests.threads import one_torch_thread
 from workers.engine import models as m
 from workers.engine.models import (
     LoadedModel,
@@ -55,18 +55,6 @@ def cache_root(tmp_path_factory) -> Path:
 @pytest.fixture(autouse=True)
 def _cache_env(monkeypatch, cache_root):
     monkeypatch.setenv("GATT_CACHE_DIR", str(cache_root))
-
-
-@contextlib.contextmanager
-def one_torch_thread():
-    # On a busy two-core machine (CI, or tests running side by side) torch's two intra-op threads
-    # wait on each other: SmolLM2's forward passes took 15x longer than with one thread.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)

@@ -23,6 +23,7 @@ from gatt.errors import ValidationFailed
 from gatt.instructions import Constraint, Instruction
 from gatt.masks import IGNORE_INDEX
 from tests.gatt.chat_tokenizers import llama3
+from tests.threads import one_torch_thread
 from workers.engine.config import RewardConfig, parse_config
 from workers.engine.hooks import Hooks
 from workers.engine.models import ModelError
@@ -68,12 +69,8 @@ CANDIDATES = [
 
 @pytest.fixture(autouse=True)
 def _one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def save_reward_model(directory: Path, *, num_labels: int = 1, tokenizer=None, seed: int = 0) -> Path:

@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from gatt.augment import training_dialogue
 from gatt.masks import IGNORE_INDEX, TokenizedExample, build_examples, fit_to_length
 from tests.gatt import chat_tokenizers
+from tests.threads import one_torch_thread
 from workers.engine import training
 from workers.engine.hooks import Hooks, Stopped
 from workers.engine.training import (
@@ -101,12 +102,8 @@ class Recorder:
 
 @pytest.fixture(scope="module", autouse=True)
 def one_thread():
-    # The models are tiny: one thread is as fast, and it does not collapse when another process
-    # keeps the two cores busy (OpenMP workers spin waiting for each other).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

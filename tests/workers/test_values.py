@@ -7,7 +7,6 @@ the real embedded SmolLM2.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from gatt.instructions import (
     parse_instruction_set,
     synthesize,
 )
+from tests.threads import one_torch_thread
 from workers.engine import pipeline, values
 from workers.engine.config import JobConfig, ValuesConfig, parse_config
 from workers.engine.hooks import Hooks
@@ -452,16 +452,6 @@ def test_run_job_loads_the_model_first_and_synthesizes_from_its_values(
 
 # ---------------------------------------------------------------------------------------------
 # The real model
-
-
-@contextlib.contextmanager
-def one_torch_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 @pytest.mark.slow

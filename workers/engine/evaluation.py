@@ -417,13 +417,8 @@ def evaluate_adherence(
         replies = [c[0].text.strip() for c in candidates]
         scored = _score_turn(turn_runs, replies)
         for r, c, reply, (value, reason, parts) in zip(turn_runs, candidates, replies, scored, strict=True):
-            max_similarity = config.max_repeat_similarity
             earlier = closest_earlier(reply, r.replies)
-            repeat = (
-                max_similarity is not None
-                and earlier.turn is not None
-                and earlier.similarity >= max_similarity
-            )
+            repeat = earlier.is_copy(config.max_repeat_similarity)
             if repeat:
                 value, parts = 0.0, [0.0] * len(parts)
                 reason = f"repeats its reply of turn {earlier.turn + 1} (similarity {earlier.similarity:.2f})"

@@ -326,12 +326,7 @@ def _sample_chunk(config, loaded, scorer, dialogues, instructions, indices, gene
             repeats = [closest_earlier(t, s["replies"]) for t in texts]
             max_similarity = config.reward.max_repeat_similarity
             ranked = [
-                r.total
-                if t
-                and not (
-                    max_similarity is not None and rep.turn is not None and rep.similarity >= max_similarity
-                )
-                else math.nan
+                r.total if t and not rep.is_copy(max_similarity) else math.nan
                 for r, t, rep in zip(rewards, texts, repeats, strict=True)
             ]
             selection = select_best(ranked, texts, threshold=config.reward.min_reward)
