@@ -129,14 +129,16 @@ def run(args: argparse.Namespace, mode: str) -> dict:
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    config = LlamaConfig(**SIZES[args.size], max_position_embeddings=4096, attn_implementation="sdpa")
+    config = LlamaConfig(**SIZES[args.size], max_position_embeddings=4096, attn_implementation=args.attn)
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype).train()
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     if args.compile:
-        # summed_loss calls the decoder stack and the head itself (logits only where tokens train),
-        # so the decoder is what gets compiled.
-        model.model = torch.compile(model.model)
+        # Each decoder layer on its own: the layers share one compiled graph, and the mask built
+        # from position_ids (data-dependent) stays outside it. Compiling the whole decoder
+        # (`model.model = torch.compile(model.model)`) measured no faster on an H200.
+        for layer in model.model.layers:
+            layer.compile()
     examples = gatt_examples(args.examples, config.vocab_size, args.min_len, args.max_len, seed=0)
     if mode == "padded":
         batches = list(padded_batches(examples, args.tokens_per_step, pad_id=0))
@@ -200,13 +202,16 @@ def main() -> None:
     p.add_argument("--tokens-per-step", type=int, default=16384)
     p.add_argument("--row-len", type=int, default=4096)
     p.add_argument("--modes", default="padded,packed")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
+    p.add_argument("--attn", choices=("sdpa", "flex_attention", "eager"), default="sdpa")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     args = p.parse_args()
     if args.size == "tiny":
         args.min_len, args.max_len, args.row_len, args.tokens_per_step = 16, 96, 128, 256
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "cpu"
-    print(f"device {name}, torch {torch.__version__}, size {args.size}, compile {args.compile}")
+    print(
+        f"device {name}, torch {torch.__version__}, size {args.size}, compile {args.compile}, attn {args.attn}"
+    )
     for mode in args.modes.split(","):
         print(json.dumps(run(args, mode)), flush=True)
 

@@ -15,11 +15,19 @@ repeated in every user turn), grown turn by turn to about 128, 512 and 1024 toke
 Timing: one warm-up call per path, then for each context length the runs go ours, generate,
 generate, ours (and so on), and each path reports its fastest run: on a shared machine the minimum
 is the run least disturbed by other processes. The load average is printed for that reason.
+
+GPU (`--size 1b`, on CUDA): no model hub is reachable from the device machine and the copied tree
+is too small for real weights, so this mode builds a Llama of TinyLlama-1.1B's shape (random init,
+bf16, sdpa) and prompts of random token ids, 8 prompts per batch, 128 new tokens; the content does
+not matter to throughput since nothing stops early. A third path, `ours+compile`
+(`SamplingConfig.compile`: decode steps as CUDA graphs), is measured after one untimed call per
+context length, which compiles its graph.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import os
 import platform
@@ -72,6 +80,39 @@ EXCHANGES = [
 ]
 
 
+LLAMA_1B = dict(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    vocab_size=32000,
+)  # TinyLlama-1.1B's shape
+
+
+class IdsOnly:
+    """The tokenizer sampling needs for prompts of random ids: a pad id and a decode."""
+
+    pad_token_id = eos_token_id = 0
+
+    def decode(self, ids, skip_special_tokens=False):
+        return ""
+
+
+def llama_1b(device: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**LLAMA_1B, max_position_embeddings=4096, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).to(device=device, dtype=torch.bfloat16).eval()
+    return model, IdsOnly()
+
+
+def random_prompt(target: int, offset: int) -> list[int]:
+    g = torch.Generator().manual_seed(offset)
+    return torch.randint(1, LLAMA_1B["vocab_size"], (target,), generator=g).tolist()
+
+
 def smollm2():
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -113,46 +154,72 @@ def main() -> None:
     parser.add_argument(
         "--quick", action="store_true", help="two shorter contexts, 16 new tokens, one run each"
     )
+    parser.add_argument(
+        "--size", choices=("smollm2", "1b"), default="smollm2",
+        help="smollm2: the embedded model on CPU; 1b: a random-init 1.1B Llama on the GPU",
+    )  # fmt: skip
+    parser.add_argument("--lengths", help="comma-separated prompt lengths (default by --size)")
+    parser.add_argument("--prompts", type=int, help="prompts per batch (default 2 on CPU, 8 on the GPU)")
     args = parser.parse_args()
 
+    gpu = args.size == "1b"
+    device = "cuda" if gpu and torch.cuda.is_available() else "cpu"
     threads = os.cpu_count() or 1
     torch.set_num_threads(threads)
-    lengths = [128, 512] if args.quick else [128, 512, 1024]
-    new_tokens = 16 if args.quick else 48
+    if args.lengths:
+        lengths = [int(x) for x in args.lengths.split(",")]
+    else:
+        lengths = [128, 512] if args.quick else [128, 512, 1024]
+    new_tokens = 16 if args.quick else (128 if gpu else 48)
     runs = 1 if args.quick else 2
-    prompts_per_length = 2
+    prompts_per_length = args.prompts or (8 if gpu else 2)
     config = SamplingConfig(
         k=4, temperature=0.8, top_p=0.95, max_new_tokens=new_tokens, batch_prompts=prompts_per_length
     )
 
-    print(f"machine: {platform.processor() or platform.machine()}, {threads} CPU threads (os.cpu_count)")
-    print(f"torch {torch.__version__}, set_num_threads({threads}); K={config.k}, {new_tokens} new tokens,")
+    if device == "cuda":
+        print(f"device {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    else:
+        print(f"machine: {platform.processor() or platform.machine()}, {threads} CPU threads (os.cpu_count)")
+        print(f"torch {torch.__version__}, set_num_threads({threads})")
     print(
-        f"{prompts_per_length} prompts per batch, temperature {config.temperature}, top_p {config.top_p}, no stopping"
+        f"K={config.k}, {new_tokens} new tokens, {prompts_per_length} prompts per batch, "
+        f"temperature {config.temperature}, top_p {config.top_p}, no stopping"
     )
     load_start = time.perf_counter()
-    model, tokenizer = smollm2()
+    model, tokenizer = llama_1b(device) if gpu else smollm2()
     print(f"model loaded in {time.perf_counter() - load_start:.0f} s; load average {os.getloadavg()[0]:.1f}")
 
-    def ours(prompts, cfg=config):
-        return sample_candidates(model, tokenizer, prompts, cfg, stop_ids=())
+    def path(fn, cfg):
+        def call(prompts):
+            result = fn(model, tokenizer, prompts, cfg, stop_ids=())
+            if device == "cuda":
+                torch.cuda.synchronize()
+            return result
 
-    def theirs(prompts, cfg=config):
-        return sample_with_generate(model, tokenizer, prompts, cfg, stop_ids=())
+        return call
 
-    warm = [dialogue_prompt(tokenizer, 64, 0)]
+    paths = {"ours": path(sample_candidates, config), "generate": path(sample_with_generate, config)}
+    if gpu:
+        paths["ours+compile"] = path(sample_candidates, dataclasses.replace(config, compile=True))
+
+    def prompt_for(target, offset):
+        return random_prompt(target, offset) if gpu else dialogue_prompt(tokenizer, target, offset)
+
     short = SamplingConfig(k=config.k, max_new_tokens=4, batch_prompts=1)
-    ours(warm, short)
-    theirs(warm, short)
+    for fn in (sample_candidates, sample_with_generate):
+        fn(model, tokenizer, [prompt_for(64, 0)], short, stop_ids=())
 
     rows = []
     for target in lengths:
-        prompts = [dialogue_prompt(tokenizer, target, offset) for offset in range(prompts_per_length)]
+        prompts = [prompt_for(target, offset) for offset in range(prompts_per_length)]
         expected = len(prompts) * config.k * new_tokens
-        paths = {"ours": ours, "generate": theirs}
         times: dict[str, list[float]] = {name: [] for name in paths}
-        order = ["ours", "generate", "generate", "ours"] * ((runs + 1) // 2)
-        for name in order[: 2 * runs]:
+        if "ours+compile" in paths:
+            seconds, _ = timed(paths["ours+compile"], prompts)
+            print(f"  ~{target} tokens, ours+compile: {seconds:.1f} s untimed (compiles)", flush=True)
+        order = [*paths, *reversed(paths)] * ((runs + 1) // 2)
+        for name in order[: len(paths) * runs]:
             seconds, sampled = timed(paths[name], prompts)
             produced = sum(len(c.token_ids) for row in sampled for c in row)
             assert produced == expected, f"{name} generated {produced} tokens, expected {expected}"
@@ -162,16 +229,22 @@ def main() -> None:
         sizes = [len(p) for p in prompts]
         rows.append((target, sizes, expected, best, os.getloadavg()[0]))
 
+    ours_names = [name for name in paths if name != "generate"]
     print()
     print(
-        "| context (prompt tokens) | candidate tokens | ours s | ours tok/s | generate s | generate tok/s | ours / generate |"
+        "| context (prompt tokens) | candidate tokens | generate tok/s | "
+        + " | ".join(f"{n} tok/s | {n} / generate" for n in ours_names)
+        + " |"
     )
-    print("|---|---|---|---|---|---|---|")
+    print("|---|---|---|" + "---|---|" * len(ours_names))
     for target, sizes, expected, best, _ in rows:
-        ours_rate, their_rate = expected / best["ours"], expected / best["generate"]
+        their_rate = expected / best["generate"]
+        shown = sizes if len(set(sizes)) > 1 else [f"{len(sizes)} x {sizes[0]}"]
+        cells = [f"{expected / best[n]:.1f} | {expected / best[n] / their_rate:.2f}x" for n in ours_names]
         print(
-            f"| ~{target} ({', '.join(map(str, sizes))}) | {expected} | {best['ours']:.2f} | {ours_rate:.1f} "
-            f"| {best['generate']:.2f} | {their_rate:.1f} | {ours_rate / their_rate:.2f}x |"
+            f"| ~{target} ({', '.join(map(str, shown))}) | {expected} | {their_rate:.1f} | "
+            + " | ".join(cells)
+            + " |"
         )
     loads = [load for *_, load in rows]
     print(f"\nload average (1 min) after each length: {', '.join(f'{x:.1f}' for x in loads)}")

@@ -134,6 +134,24 @@ def test_greedy_equals_generate_with_a_sliding_window_cache(prompts):
         assert all(c == candidates[0] for c in candidates)
 
 
+def test_compiled_decode_gives_the_same_candidates(prompts):
+    """`compile=True` (torch.compile of the decode step; CUDA graphs on a GPU) changes speed, not
+    results: greedy candidates equal the eager loop's, with rows stopping at different steps."""
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
+    )  # fmt: skip
+    model, tokenizer = LlamaForCausalLM(config).eval(), TinyTokenizer()  # its own: compiling sticks
+    eager = sample_candidates(model, tokenizer, prompts, GREEDY, stop_ids=[])
+    stop_ids = {eager[1][0].token_ids[5]}
+    eager = sample_candidates(model, tokenizer, prompts, GREEDY, stop_ids=stop_ids)
+    compiled = dataclasses.replace(GREEDY, compile=True)
+    assert sample_candidates(model, tokenizer, prompts, compiled, stop_ids=stop_ids) == eager
+    assert any(c[0].finished for c in eager) and not all(c[0].finished for c in eager)
+
+
 def test_generate_baseline_agrees_when_greedy(tiny, prompts):
     model, tokenizer = tiny
     ours = sample_candidates(model, tokenizer, prompts, GREEDY, stop_ids=[EOS])
@@ -247,6 +265,7 @@ def test_training_mode_is_restored(tiny, prompts):
         {"top_p": 1.5},
         {"max_new_tokens": 0},
         {"batch_prompts": 0},
+        {"compile": "yes"},
     ],
 )
 def test_config_rejects_bad_values(changes):

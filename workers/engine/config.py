@@ -35,6 +35,9 @@ class SamplingConfig:
     max_new_tokens: int = 96
     batch_prompts: int = 8  # prompts per prefill; the decode batch is batch_prompts * k rows
     seed: int = 0  # seeds the generator when the caller passes none
+    # Decode steps through torch.compile (CUDA graphs on a GPU): launch overhead dominates GPU
+    # decoding of small batches. Costs a compilation per prompt batch shape; off by default.
+    compile: bool = False
 
     def __post_init__(self) -> None:
         problems = []
@@ -50,6 +53,8 @@ class SamplingConfig:
             problems.append(f"batch_prompts must be an integer >= 1, got {self.batch_prompts!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             problems.append(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
+        if not isinstance(self.compile, bool):
+            problems.append(f"compile must be true or false, got {self.compile!r}")
         if problems:
             raise ValueError("; ".join(problems))
 

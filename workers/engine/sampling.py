@@ -126,21 +126,27 @@ def _sample_batch(
         logits_to_keep=1,
     )
     prompt_len = input_ids.shape[1]
+    cache_len = prompt_len + n_new
+    if config.compile:
+        # Compiled graphs are specialised to the cache's width: round it up so that prompt
+        # batches of similar lengths share one graph instead of compiling one each.
+        cache_len = -(-cache_len // _COMPILE_BUCKET) * _COMPILE_BUCKET
     # The shared prefill: from here on every prompt is k identical rows (prompt-major, like
     # generate's expansion). The first token of each row is drawn from the same logits.
-    cache = _expanded_cache(model, out.past_key_values, k, prompt_len + n_new)
+    cache = _expanded_cache(model, out.past_key_values, k, cache_len)
     logits = out.logits[:, -1, :].repeat_interleave(k, dim=0)
     rows = logits.shape[0]
     next_position = positions[:, -1:].repeat_interleave(k, dim=0) + 1
-    # The whole mask, allocated once: prompt part as padded, generated part all ones (rows that
+    # The whole mask, allocated once: prompt part as padded, the rest all ones (rows that
     # finished feed pad tokens whose outputs are ignored, so they need no masking; positions not
     # yet written are excluded by the causal mask). A static cache takes the full width every
     # step, a dynamic one a prefix view as long as the cache.
     mask = torch.cat(
-        [prompt_mask.repeat_interleave(k, dim=0), prompt_mask.new_ones(rows, n_new)],
+        [prompt_mask.repeat_interleave(k, dim=0), prompt_mask.new_ones(rows, cache_len - prompt_len)],
         dim=1,
     )
     static = isinstance(cache, StaticCache)
+    decode = _compiled_forward(model) if config.compile and static else model
 
     tokens = torch.full((rows, n_new), pad_id, dtype=torch.long, device=device)
     lengths = torch.full((rows,), n_new, dtype=torch.long, device=device)  # tokens kept per row
@@ -157,7 +163,11 @@ def _sample_batch(
         done |= hit
         if step == n_new - 1 or ((step + 1) % check_every == 0 and bool(done.all())):
             break
-        out = model(
+        if decode is not model:
+            # Each call is a new step for CUDA graphs: the previous step's outputs (already used
+            # to draw `token`) may be overwritten.
+            torch.compiler.cudagraph_mark_step_begin()
+        out = decode(
             input_ids=token[:, None],
             attention_mask=mask if static else mask[:, : prompt_len + step + 1],
             position_ids=next_position,
@@ -172,6 +182,24 @@ def _sample_batch(
         (row[:length], fin)
         for row, length, fin in zip(tokens.tolist(), lengths.tolist(), finished, strict=True)
     ]
+
+
+_COMPILE_BUCKET = 256
+
+
+def _compiled_forward(model):
+    """`model.forward` under torch.compile, compiled once per model and kept on it.
+
+    On a GPU, "reduce-overhead" replays each decode step as one CUDA graph instead of hundreds of
+    kernel launches. `dynamic=False`: one graph per shape (rows x cache width), which the cache
+    width's rounding keeps to a few.
+    """
+    compiled = getattr(model, "_gatt_compiled_forward", None)
+    if compiled is None:
+        mode = "reduce-overhead" if _device(model).type == "cuda" else None
+        compiled = torch.compile(model.forward, mode=mode, fullgraph=True, dynamic=False)
+        model._gatt_compiled_forward = compiled
+    return compiled
 
 
 def _expanded_cache(model, prefill: DynamicCache, k: int, max_len: int) -> DynamicCache | StaticCache:

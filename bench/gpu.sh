@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The GPU benchmarks in one run (docs/benchmarks.md, "GPU"): what a device session executes.
+# Needs torch and transformers only; each step has its own time limit so that one slow step
+# (a compilation) cannot take the others' results with it. Results go to ${OUT:-var/gpu}.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${OUT:-var/gpu}
+mkdir -p "$out"
+{
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python -c "import sys, torch, transformers; print(sys.version.split()[0], 'torch', torch.__version__, 'transformers', transformers.__version__)"
+} > "$out/machine.txt" 2>&1
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2; shift 2
+  local start=$SECONDS
+  timeout "$limit" "$@" > "$out/$name.txt" 2>&1
+  echo "$name: exit $? after $((SECONDS - start)) s" >> "$out/steps.txt"
+}
+steps=${STEPS:-training training-compiled training-flex training-flex-compiled sampling sampling-32}
+for name in $steps; do
+  case $name in
+    training) step training 120 python bench/gpu_training.py ;;
+    training-compiled) step training-compiled 120 python bench/gpu_training.py --compile --modes packed ;;
+    training-flex) step training-flex 120 python bench/gpu_training.py --attn flex_attention --modes packed ;;
+    training-flex-compiled) step training-flex-compiled 150 python bench/gpu_training.py --attn flex_attention --compile --modes packed ;;
+    sampling) step sampling 270 python bench/sampling.py --size 1b --lengths 512,1024 ;;
+    sampling-32) step sampling-32 180 python bench/sampling.py --size 1b --lengths 1024 --prompts 32 ;;
+  esac
+done
+cat "$out/machine.txt" "$out/steps.txt"
+for name in $steps; do echo "== $name"; grep -v -i warn "$out/$name.txt" | tail -n 12; done
