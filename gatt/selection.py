@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 
 @dataclass(frozen=True)
@@ -49,14 +50,23 @@ class Selection:
 
 
 def select_best(
-    rewards: Sequence[float], texts: Sequence[str] | None = None, *, threshold: float | None = None
+    rewards: Sequence[float],
+    texts: Sequence[str] | None = None,
+    *,
+    threshold: float | None = None,
+    prefer: Literal["shorter", "longer"] = "shorter",
 ) -> Selection:
     """Argmax of reward with deterministic tie-breaks and an optional minimum reward.
 
-    Ties go to the shorter reply (fewer characters that no verifier looked at), then to the earlier
-    candidate, so the same rewards and texts always give the same choice. A NaN reward (a
-    failed scorer) never wins and counts as 0 in the statistics.
+    Ties go to the shorter reply (fewer characters that no verifier looked at), or with
+    `prefer="longer"` to the longer one, then to the earlier candidate, so the same rewards and
+    texts always give the same choice. "longer" suits a 0/1 verifier with no reward model beside
+    it: every passing reply ties, and the shortest passing reply of a small model is often the
+    least useful one (the asked-for phrase and little else). A NaN reward (a failed scorer) never
+    wins and counts as 0 in the statistics.
     """
+    if prefer not in ("shorter", "longer"):
+        raise ValueError(f"prefer must be 'shorter' or 'longer', not {prefer!r}")
     if not rewards:
         raise ValueError("no candidates to select from")
     if texts is not None and len(texts) != len(rewards):
@@ -64,7 +74,8 @@ def select_best(
     clean = tuple(0.0 if math.isnan(r) else float(r) for r in rewards)
     valid = [i for i, r in enumerate(rewards) if not math.isnan(r)]
     order = valid or list(range(len(rewards)))
-    length = (lambda i: len(texts[i])) if texts is not None else (lambda i: 0)
+    sign = 1 if prefer == "shorter" else -1
+    length = (lambda i: sign * len(texts[i])) if texts is not None else (lambda i: 0)
     best = min(order, key=lambda i: (-clean[i], length(i), i))
     accepted = bool(valid) and (threshold is None or clean[best] >= threshold)
     return Selection(chosen=best if accepted else None, best=best, rewards=clean, threshold=threshold)

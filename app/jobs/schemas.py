@@ -28,7 +28,8 @@ The job's hyperparameters, by section; every field is optional and has a default
 - `reward`: `verifier_weight` (1), `reward_model` (a local path under the server's model roots),
   `reward_model_weight` (0), `min_reward` (0.5: a turn whose best candidate scores lower is dropped),
   `max_repeat_similarity` (0.8: a candidate this similar to an earlier reply of its dialogue is never
-  chosen; null: no check).
+  chosen, nor one that echoes the question it answers; null: no check), `prefer` (`shorter`: among
+  candidates with equal reward keep the shorter; `longer`: the longer).
 - `loss_scope`: `all_turns` (one sequence, loss on every sampled reply) or `last_turn` (the paper:
   one example per reply).
 - `training`: `method` (`lora`|`full`), LoRA `lora_r`/`lora_alpha`/`lora_dropout`, `learning_rate`,

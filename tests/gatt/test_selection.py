@@ -18,6 +18,11 @@ def test_chosen_is_the_reward_argmax():
 def test_ties_go_to_the_shorter_then_the_earlier_reply():
     assert select_best([0.8, 0.8, 0.8], ["long reply", "short", "tiny!"]).chosen == 1
     assert select_best([0.8, 0.8], ["same", "same"]).chosen == 0
+    # prefer="longer": ties go to the longest reply; a higher reward still wins outright.
+    assert select_best([0.8, 0.8, 0.8], ["long reply", "short", "tiny!"], prefer="longer").chosen == 0
+    assert select_best([0.8, 0.9], ["long reply", "short"], prefer="longer").chosen == 1
+    with pytest.raises(ValueError):
+        select_best([0.8], ["a"], prefer="random")
     assert select_best([0.5, 0.5, 0.5]).chosen == 0
 
 

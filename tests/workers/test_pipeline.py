@@ -95,14 +95,17 @@ def test_chosen_reply_is_the_reward_argmax(finished_job):
     for record in records:
         for turn in record["turns"]:
             earlier = record["replies"][: turn["turn"]]
+            question = record["users"][turn["turn"]]
+            limit = config.reward.max_repeat_similarity
             for c in turn["candidates"]:  # the recorded closest earlier reply is the real one
                 closest = closest_earlier(c["text"], earlier)
                 assert c["repeat"] == closest.to_json()
-            # Empty replies and copies of an earlier reply are never chosen.
+                assert c["echo"] == is_repeat(c["text"], [question], limit)
+            # Empty replies, copies of an earlier reply and echoes of the question are never chosen.
             eligible = [
                 (c["reward"]["total"], len(c["text"]), i)
                 for i, c in enumerate(turn["candidates"])
-                if c["text"] and not is_repeat(c["text"], earlier, config.reward.max_repeat_similarity)
+                if c["text"] and not is_repeat(c["text"], earlier, limit) and not c["echo"]
             ]
             best = min(eligible, key=lambda e: (-e[0], e[1], e[2]))[2] if eligible else None
             top = turn["candidates"][best]["reward"]["total"] if best is not None else -math.inf

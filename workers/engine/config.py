@@ -73,6 +73,9 @@ class RewardConfig:
     # A candidate at least this similar to an earlier reply of its dialogue never wins
     # (gatt/repetition.py); None: no check.
     max_repeat_similarity: float | None = 0.8
+    # Among candidates with equal reward (common with 0/1 verifiers and no reward model), keep the
+    # shorter or the longer one.
+    prefer: Literal["shorter", "longer"] = "shorter"
 
     def __post_init__(self) -> None:
         if self.verifier_weight < 0 or self.reward_model_weight < 0:
@@ -87,6 +90,8 @@ class RewardConfig:
             raise ValueError("batch_size must be >= 1")
         if self.max_repeat_similarity is not None and not 0.0 < self.max_repeat_similarity <= 1.0:
             raise ValueError("max_repeat_similarity must be in (0, 1] or null")
+        if self.prefer not in ("shorter", "longer"):
+            raise ValueError(f"prefer must be 'shorter' or 'longer', not {self.prefer!r}")
 
 
 @dataclass(frozen=True)
@@ -214,6 +219,9 @@ class EvaluationConfig:
     attention: bool = True
     # A reply at least this similar to an earlier reply of its dialogue scores 0 (gatt/repetition.py).
     max_repeat_similarity: float | None = 0.8
+    # Among candidates with equal reward (common with 0/1 verifiers and no reward model), keep the
+    # shorter or the longer one.
+    prefer: Literal["shorter", "longer"] = "shorter"
 
     def __post_init__(self) -> None:
         if isinstance(self.conditions, list):

@@ -51,7 +51,7 @@ from gatt.masks import (
     render,
     trained_text,
 )
-from gatt.repetition import closest_earlier
+from gatt.repetition import closest_earlier, is_repeat
 from gatt.selection import Selection, select_best, summarize
 from workers.engine.config import JobConfig
 from workers.engine.hooks import Hooks, Stopped
@@ -323,13 +323,19 @@ def _sample_chunk(config, loaded, scorer, dialogues, instructions, indices, gene
             # An empty reply (or one cut by max_new_tokens before its first sentence ended) never
             # wins: training on it would teach the model to stop mid-sentence. Nor does a copy of an
             # earlier reply: it would teach the model to "keep" the instruction by repeating itself.
+            # Nor an echo of the question being answered, which passes an opening-phrase verifier
+            # ("Ahoy! How long can cooked pasta be frozen?") without answering anything.
             repeats = [closest_earlier(t, s["replies"]) for t in texts]
             max_similarity = config.reward.max_repeat_similarity
+            question = s["users"][len(s["replies"])]
+            echoes = [is_repeat(t, [question], max_similarity) for t in texts]
             ranked = [
-                r.total if t and not rep.is_copy(max_similarity) else math.nan
-                for r, t, rep in zip(rewards, texts, repeats, strict=True)
+                r.total if t and not rep.is_copy(max_similarity) and not echo else math.nan
+                for r, t, rep, echo in zip(rewards, texts, repeats, echoes, strict=True)
             ]
-            selection = select_best(ranked, texts, threshold=config.reward.min_reward)
+            selection = select_best(
+                ranked, texts, threshold=config.reward.min_reward, prefer=config.reward.prefer
+            )
             s["turns"].append(
                 {
                     "turn": len(s["replies"]),
@@ -341,8 +347,11 @@ def _sample_chunk(config, loaded, scorer, dialogues, instructions, indices, gene
                             "tokens": len(c.token_ids),
                             "reward": r.to_json(),
                             "repeat": rep.to_json(),  # closest earlier reply of the dialogue
+                            "echo": echo,  # copies the question it answers
                         }
-                        for t, c, r, rep in zip(texts, candidates, rewards, repeats, strict=True)
+                        for t, c, r, rep, echo in zip(
+                            texts, candidates, rewards, repeats, echoes, strict=True
+                        )
                     ],
                     "chosen": selection.chosen,
                     "best": selection.best,
