@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -22,6 +23,7 @@ from tests.workers.tiny import tiny_llama3
 from workers.engine import sampling
 from workers.engine.evaluation import (
     EvalConfig,
+    _later_turns,
     _summary,
     check_overlap,
     compare,
@@ -124,6 +126,36 @@ def test_compare_differences_and_overlap():
     assert turns[1]["before_ci"] == pytest.approx([0.0, 0.2775], abs=1e-4)
     overall = result["conditions"]["once"]["overall"]
     assert (overall["n_before"], overall["n_after"]) == (20, 30)
+
+
+def test_later_turns_pool_turns_two_on_with_a_by_dialogue_interval():
+    # 20 dialogues of 4 turns; 5 keep the instruction at every later turn, 15 at none: the
+    # pooled rate is 0.25 whichever interval, but the turns of a dialogue move together, so
+    # resampling dialogues gives a wider interval than Wilson over 60 turns.
+    runs = [SimpleNamespace(scores=[1.0, *([1.0] * 3 if i < 5 else [0.0] * 3)]) for i in range(20)]
+    row = _later_turns(runs, 0.5)
+    assert (row["n"], row["adhered"], row["rate"]) == (60, 15, 0.25)
+    lo, hi = row["ci_by_dialogue"]
+    assert lo < 0.25 < hi
+    assert hi - lo > row["ci"][1] - row["ci"][0]
+    assert _later_turns(runs, 0.5) == row  # seeded: the same interval every time
+    assert _later_turns([SimpleNamespace(scores=[1.0])], 0.5)["ci_by_dialogue"] is None
+
+
+def test_format_table_shows_the_pooled_row_when_reports_have_it():
+    before = fake_report({"once": [(10, 10), (0, 10)]})
+    after = fake_report({"once": [(10, 10), (9, 10)]})
+    before["conditions"]["once"]["later_turns"] = {**_summary([0.0] * 10, 0.5), "ci_by_dialogue": [0.0, 0.1]}
+    after["conditions"]["once"]["later_turns"] = {
+        **_summary([1.0] * 9 + [0.0], 0.5),
+        "ci_by_dialogue": [0.7, 1.0],
+    }
+    lines = format_table(before, after).splitlines()
+    assert lines[5].startswith("2+") and "0.00 [0.00, 0.10]" in lines[5] and "0.90 [0.70, 1.00]" in lines[5]
+    assert lines[5].rstrip().endswith("+0.90*")
+    assert lines[6].startswith("all")
+    later = compare(before, after)["conditions"]["once"]["later_turns"]
+    assert later["ci_by_dialogue_overlap"] is False and later["after_ci_by_dialogue"] == [0.7, 1.0]
 
 
 def test_check_overlap_reports_exact_and_normalized_matches():

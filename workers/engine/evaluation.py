@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -192,6 +193,37 @@ def _summary(scores: Sequence[float], threshold: float) -> dict[str, Any]:
 
 def _round(x: float) -> float:
     return round(float(x), 4)
+
+
+def _later_turns(runs: Sequence[_Run], threshold: float) -> dict[str, Any]:
+    """Turns 2 and later pooled: GAtt's claim (keeping the instruction after the turn that gives
+    it) in one number, with about five times the turns of a single turn's row.
+
+    The turns of one dialogue are not independent (a model that drops the instruction at turn 3
+    tends to drop it at turn 4 too), so the Wilson interval over pooled turns is too narrow.
+    `ci_by_dialogue` resamples whole dialogues instead (percentile bootstrap, 2,000 resamples,
+    fixed seed): the interval to trust.
+    """
+    summary = _summary([s for r in runs for s in r.scores[1:]], threshold)
+    per_dialogue = [
+        (sum(1 for s in r.scores[1:] if s >= threshold), len(r.scores) - 1) for r in runs if len(r.scores) > 1
+    ]
+    summary["ci_by_dialogue"] = _bootstrap_rate(per_dialogue)
+    return summary
+
+
+def _bootstrap_rate(groups: Sequence[tuple[int, int]], resamples: int = 2000) -> list[float] | None:
+    """95% percentile interval of sum(hits) / sum(n) over groups resampled with replacement."""
+    if not groups:
+        return None
+    rng = random.Random(0)
+    rates = []
+    for _ in range(resamples):
+        picked = [groups[rng.randrange(len(groups))] for _ in groups]
+        total = sum(n for _, n in picked)
+        rates.append(sum(h for h, _ in picked) / total if total else 0.0)
+    rates.sort()
+    return [_round(rates[int(0.025 * resamples)]), _round(rates[int(0.975 * resamples) - 1])]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -490,6 +522,7 @@ def _condition_report(runs: Sequence[_Run], config: EvalConfig) -> dict[str, Any
             for name, per_turn in sorted(families.items())
         },
         "overall": _summary(all_scores, threshold),
+        "later_turns": _later_turns(runs, threshold),
         "context_cut_turns": sum(r.cut_turns for r in runs),
         "stopped": {
             reason: sum(1 for r in runs if r.stopped == reason)
@@ -545,6 +578,14 @@ def compare(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, An
             ],
             "overall": _compare_rows(b["overall"], a["overall"]),
         }
+        if "later_turns" in b and "later_turns" in a:
+            later = _compare_rows(b["later_turns"], a["later_turns"])
+            later["before_ci_by_dialogue"] = b["later_turns"]["ci_by_dialogue"]
+            later["after_ci_by_dialogue"] = a["later_turns"]["ci_by_dialogue"]
+            later["ci_by_dialogue_overlap"] = _ci_overlap(
+                b["later_turns"]["ci_by_dialogue"], a["later_turns"]["ci_by_dialogue"]
+            )
+            out[condition]["later_turns"] = later
     return {"conditions": out}
 
 
@@ -554,6 +595,13 @@ def _cell(row: Mapping[str, Any] | None, shown_n: int | None) -> str:
     lo, hi = row["ci"]
     text = f"{row['rate']:.2f} [{lo:.2f}, {hi:.2f}]"
     return text if row["n"] == shown_n else f"{text} n={row['n']}"
+
+
+def _by_dialogue(row: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """The pooled later-turns row with its by-dialogue interval in place of the Wilson one."""
+    if row is None:
+        return None
+    return {**row, "ci": row.get("ci_by_dialogue") or row["ci"]}
 
 
 def format_table(
@@ -585,11 +633,12 @@ def format_table(
         for c in conditions:
             for report in reports:
                 cond = report["conditions"][c]
-                found.append(
-                    cond["overall"]
-                    if key == "all"
-                    else next((r for r in cond["turns"] if r["turn"] == key), None)
-                )
+                if key == "all":
+                    found.append(cond["overall"])
+                elif key == "2+":
+                    found.append(_by_dialogue(cond.get("later_turns")))
+                else:
+                    found.append(next((r for r in cond["turns"] if r["turn"] == key), None))
         shown_n = next((r["n"] for r in found if r is not None), None)
         for ci, _c in enumerate(conditions):
             group = found[ci * len(reports) : (ci + 1) * len(reports)]
@@ -606,7 +655,9 @@ def format_table(
     all_turns = sorted(
         {row["turn"] for r in reports for c in conditions for row in r["conditions"][c]["turns"]}
     )
-    table = [header] + [rows_for(t) for t in all_turns] + [rows_for("all")]
+    # Reports written before the pooled row existed have no "later_turns".
+    pooled = all("later_turns" in r["conditions"][c] for r in reports for c in conditions)
+    table = [header] + [rows_for(t) for t in all_turns] + [rows_for("2+")] * pooled + [rows_for("all")]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
     lines.insert(1, "  ".join("-" * w for w in widths))
@@ -621,6 +672,11 @@ def format_table(
     )
     if len(reports) > 1:
         notes += " diff: after - before, * when the intervals do not overlap."
+    if pooled:
+        notes += (
+            "\n2+: turns 2 and later pooled, with an interval from resampling whole dialogues (their"
+            " turns are not independent)."
+        )
     repeats = [
         f"{c} {name} {report['conditions'][c].get('repeats', 0)}/{report['conditions'][c]['overall']['n']}"
         for c in conditions
