@@ -132,14 +132,19 @@ def test_later_turns_pool_turns_two_on_with_a_by_dialogue_interval():
     # 20 dialogues of 4 turns; 5 keep the instruction at every later turn, 15 at none: the
     # pooled rate is 0.25 whichever interval, but the turns of a dialogue move together, so
     # resampling dialogues gives a wider interval than Wilson over 60 turns.
-    runs = [SimpleNamespace(scores=[1.0, *([1.0] * 3 if i < 5 else [0.0] * 3)]) for i in range(20)]
+    runs = [
+        SimpleNamespace(dialogue=i, scores=[1.0, *([1.0] * 3 if i < 5 else [0.0] * 3)]) for i in range(20)
+    ]
     row = _later_turns(runs, 0.5)
     assert (row["n"], row["adhered"], row["rate"]) == (60, 15, 0.25)
     lo, hi = row["ci_by_dialogue"]
     assert lo < 0.25 < hi
     assert hi - lo > row["ci"][1] - row["ci"][0]
     assert _later_turns(runs, 0.5) == row  # seeded: the same interval every time
-    assert _later_turns([SimpleNamespace(scores=[1.0])], 0.5)["ci_by_dialogue"] is None
+    assert _later_turns([SimpleNamespace(dialogue=0, scores=[1.0])], 0.5)["ci_by_dialogue"] is None
+    # Two runs of one dialogue (two instructions) are resampled together, as one dialogue.
+    paired = [SimpleNamespace(dialogue=i // 2, scores=r.scores) for i, r in enumerate(runs)]
+    assert _later_turns(paired, 0.5)["ci_by_dialogue"] != row["ci_by_dialogue"]
 
 
 def test_format_table_shows_the_pooled_row_when_reports_have_it():

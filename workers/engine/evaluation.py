@@ -205,10 +205,12 @@ def _later_turns(runs: Sequence[_Run], threshold: float) -> dict[str, Any]:
     fixed seed): the interval to trust.
     """
     summary = _summary([s for r in runs for s in r.scores[1:]], threshold)
-    per_dialogue = [
-        (sum(1 for s in r.scores[1:] if s >= threshold), len(r.scores) - 1) for r in runs if len(r.scores) > 1
-    ]
-    summary["ci_by_dialogue"] = _bootstrap_rate(per_dialogue)
+    per_dialogue: dict[int, tuple[int, int]] = {}  # a dialogue's runs under other instructions too
+    for r in runs:
+        hits, n = per_dialogue.get(r.dialogue, (0, 0))
+        later = r.scores[1:]
+        per_dialogue[r.dialogue] = (hits + sum(1 for s in later if s >= threshold), n + len(later))
+    summary["ci_by_dialogue"] = _bootstrap_rate([g for g in per_dialogue.values() if g[1]])
     return summary
 
 
