@@ -23,6 +23,7 @@ trained=$(date +%s)
 checkpoint=$(.venv/bin/python -c "import json; print(json.load(open('var/experiment/job/summary.json'))['final_checkpoint'])")
 .venv/bin/python -m workers.evaluate --model default --checkpoint "$checkpoint" \
   --heldout examples/heldout.jsonl --dialogues "${DIALOGUES:-64}" --turns "${TURNS:-6}" \
+  --instructions-per-dialogue "${PER_DIALOGUE:-2}" \
   --instructions examples/experiment/heldout_instructions.json --max-new-tokens 24 --temperature 0.7 --batch-prompts 16 --attention \
   --train-corpus examples/dialogues.jsonl --train-instructions var/experiment/job/instructions.jsonl \
   --out var/experiment/eval
