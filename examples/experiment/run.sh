@@ -18,7 +18,9 @@ with open("var/experiment/corpus.jsonl", "w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps({**row, "id": f"{row['id']}-{copy}"}, ensure_ascii=False) + "\n")
 PY
-.venv/bin/python -m workers.run examples/experiment/job.yaml
+# SEED changes the job only (instructions drawn for training, samples, training order); the
+# evaluation stays the same, so runs with different seeds are compared on the same held-out runs.
+.venv/bin/python -m workers.run examples/experiment/job.yaml --set "seed=${SEED:-0}"
 trained=$(date +%s)
 checkpoint=$(.venv/bin/python -c "import json; print(json.load(open('var/experiment/job/summary.json'))['final_checkpoint'])")
 .venv/bin/python -m workers.evaluate --model default --checkpoint "$checkpoint" \
