@@ -47,8 +47,7 @@ class TinyTokenizer:
         return " ".join(f"t{i}" for i in ids if not (skip_special_tokens and i <= EOS))
 
 
-@pytest.fixture(scope="module")
-def tiny():
+def tiny_model(max_position_embeddings: int = 256):
     torch.manual_seed(0)
     config = LlamaConfig(
         vocab_size=VOCAB,
@@ -57,12 +56,17 @@ def tiny():
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,  # grouped-query attention, like SmolLM2
-        max_position_embeddings=256,
+        max_position_embeddings=max_position_embeddings,
         pad_token_id=PAD,
         bos_token_id=BOS,
         eos_token_id=EOS,
     )
     return LlamaForCausalLM(config).eval(), TinyTokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_model()
 
 
 @pytest.fixture(scope="module")
@@ -137,13 +141,8 @@ def test_greedy_equals_generate_with_a_sliding_window_cache(prompts):
 def test_compiled_decode_gives_the_same_candidates(prompts):
     """`compile=True` (torch.compile of the decode step; CUDA graphs on a GPU) changes speed, not
     results: greedy candidates equal the eager loop's, with rows stopping at different steps."""
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-        pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS,
-    )  # fmt: skip
-    model, tokenizer = LlamaForCausalLM(config).eval(), TinyTokenizer()  # its own: compiling sticks
+    # A model of its own (the compiled forward stays on it), with room for the rounded cache width.
+    model, tokenizer = tiny_model(max_position_embeddings=512)
     eager = sample_candidates(model, tokenizer, prompts, GREEDY, stop_ids=[])
     stop_ids = {eager[1][0].token_ids[5]}
     eager = sample_candidates(model, tokenizer, prompts, GREEDY, stop_ids=stop_ids)
