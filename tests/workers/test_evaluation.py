@@ -142,6 +142,9 @@ def test_later_turns_pool_turns_two_on_with_a_by_dialogue_interval():
     assert hi - lo > row["ci"][1] - row["ci"][0]
     assert _later_turns(runs, 0.5) == row  # seeded: the same interval every time
     assert _later_turns([SimpleNamespace(dialogue=0, scores=[1.0])], 0.5)["ci_by_dialogue"] is None
+    # No hits at all: every resample is 0, but the interval does not collapse to [0, 0].
+    none = _later_turns([SimpleNamespace(dialogue=i, scores=[1.0, 0.0, 0.0]) for i in range(6)], 0.5)
+    assert none["ci_by_dialogue"] == none["ci"] and none["ci"][1] > 0
     # Two runs of one dialogue (two instructions) are resampled together, as one dialogue.
     paired = [SimpleNamespace(dialogue=i // 2, scores=r.scores) for i, r in enumerate(runs)]
     assert _later_turns(paired, 0.5)["ci_by_dialogue"] != row["ci_by_dialogue"]

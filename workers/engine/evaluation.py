@@ -202,7 +202,7 @@ def _later_turns(runs: Sequence[_Run], threshold: float) -> dict[str, Any]:
     The turns of one dialogue are not independent (a model that drops the instruction at turn 3
     tends to drop it at turn 4 too), so the Wilson interval over pooled turns is too narrow.
     `ci_by_dialogue` resamples whole dialogues instead (percentile bootstrap, 2,000 resamples,
-    fixed seed): the interval to trust.
+    fixed seed), widened to the Wilson interval where that is wider: the interval to trust.
     """
     summary = _summary([s for r in runs for s in r.scores[1:]], threshold)
     per_dialogue: dict[int, tuple[int, int]] = {}  # a dialogue's runs under other instructions too
@@ -210,7 +210,12 @@ def _later_turns(runs: Sequence[_Run], threshold: float) -> dict[str, Any]:
         hits, n = per_dialogue.get(r.dialogue, (0, 0))
         later = r.scores[1:]
         per_dialogue[r.dialogue] = (hits + sum(1 for s in later if s >= threshold), n + len(later))
-    summary["ci_by_dialogue"] = _bootstrap_rate([g for g in per_dialogue.values() if g[1]])
+    boot = _bootstrap_rate([g for g in per_dialogue.values() if g[1]])
+    # Never narrower than Wilson: with no (or only) hits every resample gives the same rate, and
+    # the bootstrap interval collapses to a point ([0, 0] for 0 of 12).
+    if boot is not None and summary["ci"] is not None:
+        boot = [min(boot[0], summary["ci"][0]), max(boot[1], summary["ci"][1])]
+    summary["ci_by_dialogue"] = boot
     return summary
 
 
