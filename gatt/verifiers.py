@@ -13,6 +13,7 @@ be stored with datasets and sent over the API unchanged:
     ends_with      {"text": str, "case_sensitive": false}   0/1
     contains       {"text": str, "case_sensitive": false}   0/1
     regex          {"pattern": str, "ignore_case": false}   0/1, re.search
+    opening        {"text": str, "min_words_after": 2}      0/1, opens with the text's words, then says more
     max_words      {"n": int >= 1}                          1 if within n, else n / count
     max_sentences  {"n": int >= 1}                          1 if within n, else n / count
     all_uppercase  {}                                       share of cased letters that are uppercase
@@ -59,6 +60,7 @@ _PARAMS: dict[str, dict[str, tuple[type, bool]]] = {
     "ends_with": {"text": (str, True), "case_sensitive": (bool, False)},
     "contains": {"text": (str, True), "case_sensitive": (bool, False)},
     "regex": {"pattern": (str, True), "ignore_case": (bool, False)},
+    "opening": {"text": (str, True), "min_words_after": (int, False)},
     "max_words": {"n": (int, True)},
     "max_sentences": {"n": (int, True)},
     "all_uppercase": {},
@@ -74,6 +76,7 @@ TOPIC_KINDS = ("hobby", "public_figure")
 # Long patterns are where catastrophic backtracking hides; `re` has no timeout, so keep them short.
 MAX_PATTERN_CHARS = 500
 MAX_TOPIC_CHARS = 200
+MAX_WORDS_AFTER = 50
 
 _TYPE_NAMES = {str: "a string", bool: "a boolean", int: "an integer"}
 
@@ -108,18 +111,22 @@ def check_spec(spec: Any) -> list[Problem]:
             wrong_type = f"must be {_TYPE_NAMES[expected]}, got {type(value).__name__}"
             problems.append(Problem("invalid_param", wrong_type, name))
             continue
-        unusable = _check_value(name, value)
+        unusable = _check_value(name, value, kind)
         if unusable:
             problems.append(Problem("invalid_param", unusable, name))
     return problems
 
 
-def _check_value(name: str, value: Any) -> str | None:
+def _check_value(name: str, value: Any, kind: str) -> str | None:
     """Why a well-typed param value is unusable, or None."""
     if name == "text" and not value.strip():
         return "must not be empty"
+    if name == "text" and kind == "opening" and not _words(value):
+        return "must contain at least one word"
     if name == "n" and value < 1:
         return f"must be at least 1, got {value}"
+    if name == "min_words_after" and not 0 <= value <= MAX_WORDS_AFTER:
+        return f"must be between 0 and {MAX_WORDS_AFTER}, got {value}"
     if name == "language" and _resolve_language(value) is None:
         return (
             f"unknown language {value!r} (use an English name like 'French' or an ISO 639-1 code like 'fr')"
@@ -383,6 +390,35 @@ def _score_regex(spec: dict, reply: str) -> Score:
 
 
 # ---------------------------------------------------------------------------------------------------
+# opening
+#
+# "Always start your reply with 'Hello there, my friend.'" is kept by "Hello there my friend! The
+# museum ..." too: models vary the punctuation of a phrase, and a regex built from the phrase must
+# spell out every variant (and escape it). So this compares words (case-folded), not characters.
+# The phrase alone, or the phrase said twice, keeps the letter of the instruction while answering
+# nothing; a small model trained on such replies learnt to answer every question with the phrase
+# alone (docs/experiment.md, run B). Hence `min_words_after` (default 2): that many words must
+# follow the phrase, and they must not open with the phrase again.
+
+DEFAULT_WORDS_AFTER = 2
+
+
+def _score_opening(spec: dict, reply: str) -> Score:
+    phrase = [w.casefold() for w in _words(spec["text"])]
+    words = [w.casefold() for w in _words(reply)]
+    after = spec.get("min_words_after", DEFAULT_WORDS_AFTER)
+    quoted = _quote(spec["text"].strip())
+    if words[: len(phrase)] != phrase:
+        return Score(0.0, f"does not open with {quoted}")
+    rest = words[len(phrase) :]
+    if rest[: len(phrase)] == phrase:
+        return Score(0.0, f"opens with {quoted} twice")
+    if len(rest) < after:
+        return Score(0.0, f"opens with {quoted}, then {len(rest)} word(s) (at least {after})")
+    return Score(1.0, f"opens with {quoted}")
+
+
+# ---------------------------------------------------------------------------------------------------
 # Length and form
 
 
@@ -616,6 +652,7 @@ _BATCH_SCORERS: dict[str, Callable[[dict, list[str]], list[Score]]] = {
     "ends_with": _one_by_one(_score_ends_with),
     "contains": _one_by_one(_score_contains),
     "regex": _one_by_one(_score_regex),
+    "opening": _one_by_one(_score_opening),
     "max_words": _one_by_one(_score_max_words),
     "max_sentences": _one_by_one(_score_max_sentences),
     "all_uppercase": _one_by_one(_score_all_uppercase),

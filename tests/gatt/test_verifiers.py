@@ -23,6 +23,7 @@ SPECS = [
     {"type": "ends_with", "text": "Goodbye."},
     {"type": "contains", "text": "Paris", "case_sensitive": True},
     {"type": "regex", "pattern": r"\d{4}", "ignore_case": False},
+    {"type": "opening", "text": "Hello there, my friend.", "min_words_after": 2},
     {"type": "max_words", "n": 5},
     {"type": "max_sentences", "n": 2},
     {"type": "all_uppercase"},
@@ -402,4 +403,4 @@ def test_specs_are_json_round_trippable():
 def test_verifier_types_is_the_public_tuple():
     assert isinstance(VERIFIER_TYPES, tuple)
     assert VERIFIER_TYPES == verifiers.VERIFIER_TYPES
-    assert len(set(VERIFIER_TYPES)) == len(VERIFIER_TYPES) == 11
+    assert len(set(VERIFIER_TYPES)) == len(VERIFIER_TYPES) == 12
