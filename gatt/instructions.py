@@ -23,6 +23,7 @@ import copy
 import json
 import math
 import random
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -42,6 +43,7 @@ __all__ = [
     "InstructionFamily",
     "InstructionSet",
     "default_instruction_set",
+    "each_instruction",
     "instruction_set_to_json",
     "parse_instruction_set",
     "synthesize",
@@ -136,6 +138,12 @@ class Constraint:
 class Instruction:
     """A synthesized instruction: the text given to the model once, and what checks obedience.
 
+    Two renderings of the same constraints, as in the paper: `text` is the training view (the
+    instruction kept in the first turn, terse half of the time), `sampling_text` the full wording
+    attached to every user turn while sampling. The paper shortens the instruction only "when
+    constructing the final system message for the training data": the model samples best under
+    the explicit wording, and learns to obey the terse one. They are equal when `terse` is False.
+
     `aggregate` says how the scores of the individual verifiers combine into one ("min", "mean" or
     "product"); the scorer applies it.
     """
@@ -144,6 +152,11 @@ class Instruction:
     constraints: tuple[Constraint, ...]
     terse: bool
     aggregate: Aggregate = "min"
+    verbose_text: str | None = None  # None: the same as `text`
+
+    @property
+    def sampling_text(self) -> str:
+        return self.verbose_text if self.verbose_text is not None else self.text
 
     @property
     def verifiers(self) -> tuple[dict[str, Any], ...]:
@@ -152,6 +165,7 @@ class Instruction:
     def to_json(self) -> dict[str, Any]:
         return {
             "text": self.text,
+            "sampling_text": self.sampling_text,
             "terse": self.terse,
             "aggregate": self.aggregate,
             "constraints": [
@@ -176,10 +190,13 @@ class Instruction:
         if not isinstance(obj, dict):
             p.add("invalid_type", "expected an object", "")
             raise ValidationFailed("instruction", p.items)
-        _check_keys(p, obj, "", required=("text", "terse", "constraints"), optional=("aggregate",))
+        _check_keys(
+            p, obj, "", required=("text", "terse", "constraints"), optional=("aggregate", "sampling_text")
+        )
         text = obj.get("text")
-        if "text" in obj and not isinstance(text, str):
-            p.add("invalid_type", "expected a string", "text")
+        for key in ("text", "sampling_text"):
+            if key in obj and not isinstance(obj[key], str):
+                p.add("invalid_type", "expected a string", key)
         terse = obj.get("terse")
         if "terse" in obj and not isinstance(terse, bool):
             p.add("invalid_type", "expected a boolean", "terse")
@@ -213,7 +230,15 @@ class Instruction:
         if p.items:
             raise ValidationFailed("instruction", p.items)
         assert isinstance(text, str) and isinstance(terse, bool)
-        return cls(text=text, constraints=tuple(constraints), terse=terse, aggregate=aggregate)
+        # Records written before the two renderings existed sampled with `text` itself.
+        sampling_text = obj.get("sampling_text", text)
+        return cls(
+            text=text,
+            constraints=tuple(constraints),
+            terse=terse,
+            aggregate=aggregate,
+            verbose_text=None if sampling_text == text else sampling_text,
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,7 +253,8 @@ def synthesize(instruction_set: InstructionSet, n: int, seed: int) -> list[Instr
     instruction; otherwise pick k (uniform in [min, max], both capped by the number of families)
     distinct families, a random value of each, decide once whether the whole instruction is terse
     (probability `terse_probability`), render each constraint with a random template of that style
-    and join the phrases with a space.
+    and join the phrases with a space. A terse instruction also gets a verbose rendering of the same
+    constraints (`sampling_text`), which sampling attaches to every user turn.
     """
     s = instruction_set
     if n < 0:
@@ -251,6 +277,20 @@ def synthesize(instruction_set: InstructionSet, n: int, seed: int) -> list[Instr
     return out
 
 
+def each_instruction(instruction_set: InstructionSet) -> list[Instruction]:
+    """Every single-constraint instruction of a set, once: each family value rendered with the
+    family's first verbose template, then each custom instruction. What a probe of the set runs
+    (workers/probe.py), so that every value is measured on the same dialogues."""
+    out = []
+    for family in instruction_set.families:
+        for value in family.values:
+            text = family.verbose[0].replace(PLACEHOLDER, value)
+            constraint = Constraint(family.name, value, text, (_substitute(family.verifier, value),))
+            out.append(Instruction(text, (constraint,), terse=False, aggregate=instruction_set.aggregate))
+    out += [_custom_instruction(c, instruction_set.aggregate) for c in instruction_set.custom]
+    return out
+
+
 def _custom_instruction(custom: CustomInstruction, aggregate: Aggregate) -> Instruction:
     constraint = Constraint(CUSTOM_FAMILY, custom.name, custom.text, tuple(copy.deepcopy(custom.verifiers)))
     return Instruction(text=custom.text, constraints=(constraint,), terse=False, aggregate=aggregate)
@@ -261,6 +301,7 @@ def _family_instruction(s: InstructionSet, rng: random.Random) -> Instruction:
     k = rng.randint(min(s.min_constraints, available), min(s.max_constraints, available))
     terse = rng.random() < s.terse_probability
     constraints = []
+    verbose = []
     for family in rng.sample(s.families, k):
         value = rng.choice(family.values)
         # A family without terse templates (allowed only when terse_probability is 0) falls back
@@ -268,20 +309,35 @@ def _family_instruction(s: InstructionSet, rng: random.Random) -> Instruction:
         templates = (family.terse if terse else family.verbose) or family.verbose
         text = rng.choice(templates).replace(PLACEHOLDER, value)
         constraints.append(Constraint(family.name, value, text, (_substitute(family.verifier, value),)))
+        # The full wording of the same constraint, for sampling (one more draw, only when terse).
+        verbose.append(rng.choice(family.verbose).replace(PLACEHOLDER, value) if terse else text)
     text = " ".join(c.text for c in constraints)
-    return Instruction(text=text, constraints=tuple(constraints), terse=terse, aggregate=s.aggregate)
+    sampling_text = " ".join(verbose)
+    return Instruction(
+        text=text,
+        constraints=tuple(constraints),
+        terse=terse,
+        aggregate=s.aggregate,
+        verbose_text=None if sampling_text == text else sampling_text,
+    )
 
 
 def _substitute(spec: Any, value: str) -> Any:
     """Copy of a verifier spec template with `{value}` replaced in every string inside it.
 
     str.replace rather than str.format: a regex or a JSON example in a template may contain other
-    braces, which format() would choke on.
+    braces, which format() would choke on. In the `pattern` of a `regex` verifier the value is
+    escaped: it stands for its literal text ("Why not?" must not make "t" optional). Validation fills
+    templates through this function too, so what is checked is what synthesis produces.
     """
     if isinstance(spec, str):
         return spec.replace(PLACEHOLDER, value)
     if isinstance(spec, dict):
-        return {k: _substitute(v, value) for k, v in spec.items()}
+        regex = spec.get("type") == "regex"
+        return {
+            k: _substitute(v, re.escape(value) if regex and k == "pattern" else value)
+            for k, v in spec.items()
+        }
     if isinstance(spec, list):
         return [_substitute(v, value) for v in spec]
     return spec

@@ -49,34 +49,51 @@ class Selection:
         return max(0.0, self.max_reward - self.mean_reward)
 
 
+Prefer = Literal["relevant", "shorter", "longer"]
+PREFER: tuple[str, ...] = ("relevant", "shorter", "longer")
+
+
 def select_best(
     rewards: Sequence[float],
     texts: Sequence[str] | None = None,
     *,
     threshold: float | None = None,
-    prefer: Literal["shorter", "longer"] = "shorter",
+    prefer: Prefer = "shorter",
+    relevance: Sequence[float] | None = None,
 ) -> Selection:
     """Argmax of reward with deterministic tie-breaks and an optional minimum reward.
 
-    Ties go to the shorter reply (fewer characters that no verifier looked at), or with
-    `prefer="longer"` to the longer one, then to the earlier candidate, so the same rewards and
-    texts always give the same choice. "longer" suits a 0/1 verifier with no reward model beside
-    it: every passing reply ties, and the shortest passing reply of a small model is often the
-    least useful one (the asked-for phrase and little else). A NaN reward (a failed scorer) never
-    wins and counts as 0 in the statistics.
+    Among equal rewards (every passing reply ties under a 0/1 verifier with no reward model):
+
+    - `"relevant"`: the reply most relevant to the question (`relevance`, gatt/relevance.py), then
+      the longer one. The shortest passing reply of a small model is often the asked-for phrase and
+      nothing else, and a longer one may be long with something off the point; relevance tells an
+      answer from both. Without `relevance` this is `"longer"`.
+    - `"shorter"`: the shorter reply (fewer characters that no verifier looked at).
+    - `"longer"`: the longer one.
+
+    Then the earlier candidate, so the same inputs always give the same choice. A NaN reward (a
+    refused candidate or a failed scorer) never wins and counts as 0 in the statistics.
     """
-    if prefer not in ("shorter", "longer"):
-        raise ValueError(f"prefer must be 'shorter' or 'longer', not {prefer!r}")
+    if prefer not in PREFER:
+        raise ValueError(f"prefer must be one of {', '.join(map(repr, PREFER))}, not {prefer!r}")
     if not rewards:
         raise ValueError("no candidates to select from")
     if texts is not None and len(texts) != len(rewards):
         raise ValueError(f"{len(texts)} texts for {len(rewards)} rewards")
+    if relevance is not None and len(relevance) != len(rewards):
+        raise ValueError(f"{len(relevance)} relevance scores for {len(rewards)} rewards")
     clean = tuple(0.0 if math.isnan(r) else float(r) for r in rewards)
     valid = [i for i, r in enumerate(rewards) if not math.isnan(r)]
     order = valid or list(range(len(rewards)))
     sign = 1 if prefer == "shorter" else -1
     length = (lambda i: sign * len(texts[i])) if texts is not None else (lambda i: 0)
-    best = min(order, key=lambda i: (-clean[i], length(i), i))
+    if prefer == "relevant" and relevance is not None:
+        # A NaN relevance (nothing to compare) ranks below every number.
+        rel = [math.inf if math.isnan(r) else -float(r) for r in relevance]
+        best = min(order, key=lambda i: (-clean[i], rel[i], length(i), i))
+    else:
+        best = min(order, key=lambda i: (-clean[i], length(i), i))
     accepted = bool(valid) and (threshold is None or clean[best] >= threshold)
     return Selection(chosen=best if accepted else None, best=best, rewards=clean, threshold=threshold)
 

@@ -6,14 +6,18 @@
 
 Runs every held-out dialogue turn by turn under each condition ("once": the instruction in the
 first turn only, as GAtt trains; "every_turn": on every user turn, the ceiling; optionally
-"none", the floor) for the base model and, if given, the checkpoint (a LoRA checkpoint loads its
-base through `load_model`). Writes into --out:
+"none", the floor; and "once_fixed", "every_turn_fixed", "none_fixed": the same with the corpus's
+own earlier replies as context, so that a turn measures memory of the instruction rather than
+imitation of the model's earlier replies) for the base model and, if given, the checkpoint (a LoRA
+checkpoint loads its base through `load_model`). Writes into --out:
 
-    adherence.json   {"base": report, "gatt": report, "compare": ..., "overlap": ...}
+    adherence.json   {"base": report, "gatt": report, "compare": ..., "overlap": ..., "table": ...}
     attention.json   {"base": report, "gatt": report}              (with --attention)
     attention.png    share of attention on the instruction per turn  (with --attention)
 
-and prints the adherence table. Evaluation instructions are synthesized from the instruction set
+and prints the adherence tables ("adherent", and "adherent and useful": not a copy of an earlier
+reply, not an echo of the question), with two models the paired differences and the ceiling ratio
+(once after / every_turn before). Evaluation instructions are synthesized from the instruction set
 with --instruction-seed, by default the training seed + 1000, so they are not the training draw.
 """
 
@@ -31,14 +35,9 @@ from typing import Any
 from gatt.augment import Placement
 from gatt.errors import ValidationFailed
 from gatt.instructions import Instruction, default_instruction_set, parse_instruction_set, synthesize
-from workers.engine.evaluation import (
-    CONDITIONS,
-    EVAL_SEED_OFFSET,
-    EvalConfig,
-    check_overlap,
-    compare,
-    format_table,
-)
+from gatt.repetition import DEFAULT_MAX_ECHO
+from workers.engine.eval_report import compare, format_table
+from workers.engine.evaluation import CONDITIONS, EVAL_SEED_OFFSET, MAX_TURNS, EvalConfig, check_overlap
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +47,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--heldout", default="examples/heldout.jsonl", help="held-out dialogues (JSONL corpus)")
     p.add_argument("--instructions", default="default", help='"default" or an instruction-set JSON file')
     p.add_argument("--out", required=True, help="output directory")
-    p.add_argument("--turns", type=int, default=8, help="user turns per dialogue (default 8)")
+    p.add_argument(
+        "--turns",
+        type=int,
+        default=8,
+        help=f"user turns per dialogue, at most {MAX_TURNS}, as far as the data go (default 8)",
+    )
     p.add_argument("--dialogues", type=int, default=8, help="held-out dialogues to use (default 8; 0: all)")
     p.add_argument("--instructions-per-dialogue", type=int, default=1)
     p.add_argument(
@@ -65,6 +69,16 @@ def _parser() -> argparse.ArgumentParser:
         help="a reply at least this similar to an earlier reply of its dialogue scores 0 (default 0.8)",
     )
     p.add_argument("--allow-repeats", action="store_true", help="score repeated replies like any other")
+    p.add_argument(
+        "--max-echo",
+        type=_optional_share,
+        default=DEFAULT_MAX_ECHO,
+        help=f"a reply whose echo share of the question is at least this is not useful "
+        f'(default {DEFAULT_MAX_ECHO}; "none": no echo check)',
+    )
+    p.add_argument(
+        "--no-relevance", action="store_true", help="skip the question-reply relevance (embedding model)"
+    )
     p.add_argument("--seed", type=int, default=0, help="the training job's seed (default 0)")
     p.add_argument("--instruction-seed", type=int, help=f"default: --seed + {EVAL_SEED_OFFSET}")
     p.add_argument(
@@ -85,6 +99,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"))
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     return p
+
+
+def _optional_share(text: str) -> float | None:
+    if text.strip().lower() in ("none", "off", "null"):
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'expected a number or "none", got {text!r}') from None
 
 
 def _instruction_set(spec: str):
@@ -121,6 +144,8 @@ def main(argv: list[str] | None = None) -> int:
             batch_prompts=args.batch_prompts,
             seed=args.seed,
             max_repeat_similarity=None if args.allow_repeats else args.max_repeat_similarity,
+            max_echo=args.max_echo,
+            relevance=not args.no_relevance,
         )
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -202,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         adherence["compare"] = compare(adherence["base"], adherence["gatt"])
     if overlap is not None:
         adherence["overlap"] = overlap
+    adherence["table"] = format_table(
+        adherence["base"], adherence.get("gatt"), comparison=adherence.get("compare")
+    )
     written = [out / "adherence.json"]
     _write_json(written[0], adherence)
     if attention:
@@ -209,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
         _write_json(written[1], attention)
         plot_attention(attention, written[2])
     print()
-    print(format_table(adherence["base"], adherence.get("gatt")))
+    print(adherence["table"])
     if overlap is not None:
         users, texts = overlap["user_messages"], overlap["instruction_texts"]
         print(

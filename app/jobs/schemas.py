@@ -17,8 +17,8 @@ The job's hyperparameters, by section; every field is optional and has a default
 
 - `seed` (0): one seed for instruction synthesis, sampling and training.
 - `data`: `max_dialogues` (all), `max_turns` (3) user turns sampled per dialogue, `sample_turns`
-  (`all`: sample every assistant turn, the paper; `last`: keep the corpus's earlier replies and
-  sample only the last).
+  (`all`: sample every assistant turn in order, each on the earlier samples; `last`, the paper's
+  reading: keep the corpus's earlier replies as context and sample only the last).
 - `placement`: `attach` (`prefix`|`suffix`) where the instruction goes on each user turn while
   sampling; `keep` (`first_user`|`system`) where it stays in the training dialogue.
 - `sampling`: `k` (4) candidates per turn, `temperature` (0.8), `top_p` (0.95), `max_new_tokens`,
@@ -26,10 +26,14 @@ The job's hyperparameters, by section; every field is optional and has a default
   `compile` (false: true runs decode steps through torch.compile, as CUDA graphs on a GPU, about
   3x faster there after a compilation of 20-30 s per prompt-batch shape).
 - `reward`: `verifier_weight` (1), `reward_model` (a local path under the server's model roots),
-  `reward_model_weight` (0), `min_reward` (0.5: a turn whose best candidate scores lower is dropped),
-  `max_repeat_similarity` (0.8: a candidate this similar to an earlier reply of its dialogue is never
-  chosen, nor one that echoes the question it answers; null: no check), `prefer` (`shorter`: among
-  candidates with equal reward keep the shorter; `longer`: the longer).
+  `reward_model_weight` (0), `relevance_weight` (0: weight of the question-reply relevance, the
+  cosine of sentence embeddings with the instruction's words ignored), `min_reward` (0.5: a turn
+  whose best candidate scores lower is dropped), `max_repeat_similarity` (0.8: a candidate this
+  similar to an earlier reply of its dialogue is never chosen; null: no check), `max_echo` (0.75: a
+  candidate that repeats this share of the question it answers is never chosen; null: no check),
+  `min_relevance` (null: a candidate less relevant than this is never chosen; 0.28 is reached by 95%
+  of real answers), `prefer` (`relevant`: among candidates with equal reward keep the most relevant,
+  then the longer; `shorter`; `longer`).
 - `loss_scope`: `all_turns` (one sequence, loss on every sampled reply) or `last_turn` (the paper:
   one example per reply).
 - `training`: `method` (`lora`|`full`), LoRA `lora_r`/`lora_alpha`/`lora_dropout`, `learning_rate`,

@@ -24,7 +24,7 @@ from gatt.instructions import (
     parse_instruction_set,
     synthesize,
 )
-from gatt.verifiers import check_spec
+from gatt.verifiers import check_spec, score
 
 # --------------------------------------------------------------------------------------------------
 # Fixtures
@@ -533,3 +533,29 @@ def test_default_set_loads_and_validates():
     assert parse_instruction_set(instruction_set_to_json(s)) == s
     for c in s.custom:
         assert c.verifiers and all(check_spec(v) == [] for v in c.verifiers)
+
+
+def test_regex_verifier_pattern_gets_the_value_escaped():
+    # "Why not?" put raw into a pattern makes "?" a quantifier, and "Why no, ..." would pass.
+    spec = {
+        "families": [
+            {
+                "name": "opening",
+                "verbose": ["Start every reply with '{value}'"],
+                "terse": [],
+                "values": ["Why not?"],
+                "verifier": {"type": "regex", "pattern": "^\\W*{value}\\W+\\w+", "ignore_case": True},
+            }
+        ],
+        "terse_probability": 0.0,
+    }
+    (ins,) = synthesize(parse_instruction_set(spec), 1, seed=0)
+    assert ins.text == "Start every reply with 'Why not?'"
+    (verifier,) = ins.verifiers
+    assert verifier["pattern"] == "^\\W*Why\\ not\\?\\W+\\w+" and verifier["ignore_case"] is True
+    assert score(verifier, "Why no, it is fine").value == 0.0
+    assert score(verifier, "Why not? It is fine").value == 1.0
+    # Only a regex pattern is escaped: other verifiers compare the value as written.
+    spec["families"][0]["verifier"] = {"type": "starts_with", "text": "{value}"}
+    (ins,) = synthesize(parse_instruction_set(spec), 1, seed=0)
+    assert ins.verifiers == ({"type": "starts_with", "text": "Why not?"},)

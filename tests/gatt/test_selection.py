@@ -64,3 +64,18 @@ def test_selection_is_an_argmax_and_respects_the_threshold(rewards, threshold):
     assert s.best == rewards.index(max(rewards))
     assert s.accepted == (threshold is None or max(rewards) >= threshold)
     assert 0.0 <= s.pass_rate <= 1.0 and s.gain >= 0.0
+
+
+def test_relevant_ties_go_to_the_most_relevant_then_the_longer_reply():
+    texts = ["Ahoy!", "Ahoy! It keeps three to five days.", "Ahoy! I like ships and the sea, matey."]
+    relevance = [0.0, 0.7, 0.1]
+    assert select_best([1, 1, 1], texts, prefer="relevant", relevance=relevance).chosen == 1
+    assert select_best([1, 0.9, 1], texts, prefer="relevant", relevance=relevance).chosen == 2  # reward first
+    assert select_best([1, 1, 1], texts, prefer="relevant", relevance=[0.5] * 3).chosen == 2  # then longer
+    assert select_best([1, 1], ["same", "same"], prefer="relevant", relevance=[0.5, 0.5]).chosen == 0
+    assert select_best([1, 1, 1], texts, prefer="relevant").chosen == 2  # no relevance: the longer
+    # A NaN relevance ranks below any number; a NaN reward never wins, however relevant.
+    assert select_best([1, 1], ["a", "bb"], prefer="relevant", relevance=[0.3, math.nan]).chosen == 0
+    assert select_best([math.nan, 0.5], texts[:2], prefer="relevant", relevance=[0.9, 0.1]).chosen == 1
+    with pytest.raises(ValueError):
+        select_best([1, 1], ["a", "b"], prefer="relevant", relevance=[0.1])

@@ -8,9 +8,11 @@ tests check. One slow test runs the real embedded SmolLM2 on two held-out dialog
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 
 from gatt.augment import Placement
@@ -21,15 +23,13 @@ from gatt.verifiers import score_all_batch
 from tests.threads import one_torch_thread
 from tests.workers.tiny import tiny_llama3
 from workers.engine import sampling
+from workers.engine.eval_report import _later_turns, _summary, compare, format_table
+from workers.engine.eval_stats import cluster_weights, compare_paired, paired_difference, paired_ratio
 from workers.engine.evaluation import (
     EvalConfig,
-    _later_turns,
-    _summary,
     check_overlap,
-    compare,
     condition_messages,
     evaluate_adherence,
-    format_table,
     wilson_interval,
 )
 from workers.engine.models import LoadedModel
@@ -423,3 +423,343 @@ def test_real_model_two_dialogues_ahoy(heldout, capsys):
     for t in attention["turns"]:
         assert 0 <= t["reply"]["mean"] <= t["reply"]["max"] <= 1
         assert 0 <= t["first"]["mean"] <= t["first"]["max"] <= 1
+
+
+# --- the paired two-way cluster bootstrap (workers/engine/eval_stats.py) -------------------------
+
+
+def random_outcomes(runs: int, turns: int, rate: float, seed: int) -> list[list[float]]:
+    rng = np.random.default_rng(seed)
+    return (rng.random((runs, turns)) < rate).astype(float).tolist()
+
+
+def test_paired_difference_of_identical_reports_is_zero():
+    before = random_outcomes(40, 4, 0.4, 1)
+    dialogues, instructions = [r // 2 for r in range(40)], [f"inst {r % 5}" for r in range(40)]
+    result = paired_difference(before, before, dialogues, instructions)
+    for row in [*result["turns"], result["later_turns"], result["overall"]]:
+        assert row["diff"] == 0.0 and row["ci"][0] <= 0 <= row["ci"][1] and not row["significant"]
+    assert [row["n"] for row in result["turns"]] == [40] * 4
+    assert (result["later_turns"]["n"], result["overall"]["n"]) == (120, 160)
+
+
+def test_paired_difference_detects_a_shift_of_every_run():
+    before = random_outcomes(64, 6, 0.2, 2)
+    after = [[1.0 if t >= 1 else x for t, x in enumerate(row)] for row in before]  # every later turn kept
+    dialogues, instructions = list(range(64)), [f"inst {r % 8}" for r in range(64)]
+    result = paired_difference(before, after, dialogues, instructions)
+    later = result["later_turns"]
+    assert later["after"] == 1.0 and later["diff"] > 0.5
+    assert later["significant"] and later["ci"][0] > 0
+    assert all(row["significant"] for row in result["turns"][1:])
+    assert result["turns"][0]["diff"] == 0.0 and not result["turns"][0]["significant"]  # turn 1 unchanged
+
+
+def test_clustering_widens_the_interval_when_a_dialogues_runs_move_together():
+    # 16 dialogues x 4 instruction slots; after training a dialogue's runs either all gain at every
+    # turn or none does: 64 runs, but only 16 independent outcomes.
+    dialogues = [r // 4 for r in range(64)]
+    instructions = [f"inst {r % 4}" for r in range(64)]
+    before = [[0.0] * 4 for _ in range(64)]
+    after = [[1.0 if dialogues[r] % 2 else 0.0] * 4 for r in range(64)]
+    clustered = paired_difference(before, after, dialogues, instructions)["later_turns"]
+    naive = paired_difference(before, after, list(range(64)), ["one"] * 64)["later_turns"]
+    assert clustered["diff"] == naive["diff"] == 0.5
+    width = clustered["ci"][1] - clustered["ci"][0]
+    assert width > 1.5 * (naive["ci"][1] - naive["ci"][0])
+
+
+def test_the_paired_bootstrap_is_seeded():
+    before, after = random_outcomes(30, 3, 0.3, 3), random_outcomes(30, 3, 0.5, 4)
+    args = (before, after, [r // 3 for r in range(30)], [f"i{r % 3}" for r in range(30)])
+    assert paired_difference(*args) == paired_difference(*args)
+    weights = cluster_weights([0, 0, 1, 2], ["a", "b", "a", "a"], resamples=5, seed=0)
+    assert weights.shape == (5, 4)
+    # A run's weight is its dialogue's draws times its instruction's draws.
+    again = cluster_weights([0, 0, 1, 2], ["a", "b", "a", "a"], resamples=5, seed=0)
+    assert (weights == again).all()
+    assert not (cluster_weights([0, 0, 1, 2], ["a", "b", "a", "a"], resamples=5, seed=1) == weights).all()
+    # One instruction: the weights are the dialogues' draw counts, which add up to the dialogues.
+    alone = cluster_weights([0, 1, 2, 3], ["a"] * 4, resamples=50, seed=0)
+    assert (alone.sum(axis=1) == 4).all()
+
+
+def test_paired_difference_pairs_only_cells_both_reports_have():
+    before = [[1.0, 0.0, 0.0], [1.0, 0.0]]  # run 1 was cut after turn 2 before training
+    after = [[1.0, 1.0, 1.0], [1.0, 1.0, None]]
+    result = paired_difference(before, after, [0, 1], ["a", "a"])
+    assert [row["n"] for row in result["turns"]] == [2, 2, 1]
+    assert result["turns"][2]["diff"] == 1.0 and result["later_turns"]["n"] == 3
+
+
+def test_paired_ratio_and_the_bar():
+    ceiling = [[1.0, 1.0, 1.0, 0.0]] * 10 + [[1.0, 0.0, 1.0, 0.0]] * 10
+    once = [[1.0, 1.0, 0.0, 0.0]] * 20
+    result = paired_ratio(ceiling, once, list(range(20)), ["a"] * 20)
+    by_turn = {row["turn"]: row for row in result["turns"]}
+    assert by_turn[2]["ratio"] == 2.0 and by_turn[2]["meets_bar"]
+    assert by_turn[3]["ratio"] == 0.0 and not by_turn[3]["meets_bar"]
+    # 0 of 20 against a ceiling of 0: no ratio, but not below 90% of the ceiling either.
+    assert by_turn[4]["ratio"] is None and by_turn[4]["meets_bar"] and by_turn[4]["undefined"] == 2000
+    lo, hi = by_turn[2]["ci"]
+    assert lo <= 2.0 <= hi
+
+
+def transcript_report(condition_outcomes: dict[str, list[list[float]]], *, useful: bool = True) -> dict:
+    """A report with transcripts only (what the paired comparison reads)."""
+    transcripts = {}
+    for condition, rows in condition_outcomes.items():
+        transcripts[condition] = [
+            {
+                "dialogue": r // 2,
+                "slot": r % 2,
+                "instruction": {"text": f"inst {r % 2}"},
+                "scores": row,
+                **({"useful": [x >= 0.5 for x in row]} if useful else {}),
+            }
+            for r, row in enumerate(rows)
+        ]
+    return {
+        "config": {"pass_threshold": 0.5},
+        "conditions": {c: {} for c in condition_outcomes},
+        "transcripts": transcripts,
+    }
+
+
+def test_compare_paired_gives_differences_and_the_ceiling():
+    base = transcript_report({"once": [[1.0, 0.0, 0.0]] * 20, "every_turn": [[1.0, 1.0, 0.0]] * 20})
+    gatt = transcript_report({"once": [[1.0, 1.0, 1.0]] * 20, "every_turn": [[1.0, 1.0, 1.0]] * 20})
+    started = time.monotonic()
+    result = compare_paired(base, gatt)
+    assert time.monotonic() - started < 5
+    once = result["outcomes"]["adherent"]["once"]
+    assert (once["runs"], once["dialogues"], once["instructions"]) == (20, 10, 2)
+    assert once["later_turns"]["diff"] == 1.0 and once["later_turns"]["significant"]
+    assert set(result["outcomes"]) == {"adherent", "useful"}
+    ceiling = result["ceiling"]["once/every_turn"]["adherent"]
+    assert [row["ratio"] for row in ceiling["turns"]] == [1.0, 1.0, None]
+    assert ceiling["done"] and result["bar"] == 0.9
+    assert "once_fixed/every_turn_fixed" not in result["ceiling"]
+    # Reports written before "useful" existed: only the adherence outcome is paired.
+    old = compare_paired(
+        transcript_report({"once": [[1.0]] * 4}, useful=False), transcript_report({"once": [[0.0]] * 4})
+    )
+    assert set(old["outcomes"]) == {"adherent"}
+    json.dumps(result)
+
+
+def test_format_table_stars_come_from_the_paired_interval():
+    # The Wilson intervals of 6/20 and 12/20 overlap, but every run that kept the instruction
+    # before keeps it after: the paired interval excludes 0.
+    before_rows = [[1.0, 1.0 if r < 6 else 0.0] for r in range(20)]
+    after_rows = [[1.0, 1.0 if r < 12 else 0.0] for r in range(20)]
+    before = fake_report({"once": [(20, 20), (6, 20)]})
+    after = fake_report({"once": [(20, 20), (12, 20)]})
+    for report, rows in ((before, before_rows), (after, after_rows)):
+        report["transcripts"] = transcript_report({"once": rows})["transcripts"]
+        report["transcripts"]["once"] = [
+            {**t, "dialogue": i, "slot": 0, "instruction": {"text": "same"}}
+            for i, t in enumerate(report["transcripts"]["once"])
+        ]
+    assert compare(before, after)["conditions"]["once"]["turns"][1]["ci_overlap"] is True
+    lines = format_table(before, after).splitlines()
+    assert lines[4].startswith("2") and lines[4].rstrip().endswith("+0.30*")
+    assert "* when the paired interval" in format_table(before, after)
+    assert "Wilson intervals do not overlap" not in format_table(before, after)
+
+
+# --- fixed context, usefulness, per instruction ----------------------------------------------------
+
+
+def test_eval_config_bounds_and_new_fields():
+    assert EvalConfig(turns=20, conditions=("once_fixed", "every_turn_fixed", "none_fixed")).turns == 20
+    assert EvalConfig(turns=64).turns == 64
+    for bad in (
+        {"turns": 65},
+        {"dialogues": 5000},
+        {"instructions_per_dialogue": 2000},
+        {"max_new_tokens": 4096},
+        {"batch_prompts": 1000},
+        {"max_echo": 0},
+        {"max_echo": 1.5},
+        {"relevance": "yes"},
+        {"conditions": ("once_fixed", "once_fixed")},
+    ):
+        with pytest.raises(ValueError):
+            EvalConfig(**bad)
+    config = EvalConfig(max_echo=None, relevance=False)
+    assert EvalConfig(**config.to_json()) == config  # attention.py rebuilds it from to_json
+
+
+def test_fixed_condition_messages_hold_the_corpus_replies():
+    users = ["Where is Rome?", "And Paris?", "Which is older?"]
+    corpus = ["In Italy.", "In France.", "Rome."]
+    text = SHORT.text
+    once = condition_messages("once_fixed", text, users, corpus[:2], system=None, placement=Placement())
+    assert [m["role"] for m in once] == ["user", "assistant", "user", "assistant", "user"]
+    assert [m["content"] for m in once if m["role"] == "assistant"] == corpus[:2]
+    assert [m["content"].count(text) for m in once] == [1, 0, 0, 0, 0]
+    every = condition_messages(
+        "every_turn_fixed", text, users, corpus[:2], system=None, placement=Placement()
+    )
+    assert [m["content"].count(text) for m in every] == [1, 0, 1, 0, 1]
+    none = condition_messages("none_fixed", text, users, corpus[:2], system=None, placement=Placement())
+    assert all(text not in m["content"] for m in none)
+    # The same views as the own-context conditions, given the same replies.
+    assert once == condition_messages("once", text, users, corpus[:2], system=None, placement=Placement())
+    with pytest.raises(ValueError):
+        condition_messages("twice_fixed", text, users, [], system=None, placement=Placement())
+
+
+def test_fixed_conditions_generate_after_the_corpus_replies(tiny, heldout, monkeypatch):
+    seen: list[str] = []
+    real = sampling.sample_candidates
+
+    def recording(model, tokenizer, prompts, *args, **kwargs):
+        seen.extend(tiny.tokenizer.decode(p) for p in prompts)
+        return real(model, tokenizer, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(sampling, "sample_candidates", recording)
+    config = EvalConfig(
+        turns=3, dialogues=2, conditions=("once_fixed", "every_turn_fixed"), max_new_tokens=4, relevance=False
+    )
+    report = evaluate_adherence(tiny, heldout, [SHORT], config, placement=Placement())
+    for d in range(2):
+        corpus = [reply for _, reply in heldout[d].turns[:2]]
+        last = [p for p in seen if heldout[d].turns[2][0] in p]
+        assert len(last) == 2  # turn 3 of each fixed condition: a distinct prompt each
+        for prompt in last:
+            assert all(reply in prompt for reply in corpus)
+        # "once_fixed": the instruction before the first reply only; "every_turn_fixed": on all 3 turns.
+        assert sorted(p.count(SHORT.text) for p in last) == [1, 3]
+    for name in ("once_fixed", "every_turn_fixed"):
+        cond = report["conditions"][name]
+        assert cond["context"] == "corpus" and cond["missing_reply_turns"] == 0
+        assert [t["n"] for t in cond["turns"]] == [2, 2, 2]
+        for t in report["transcripts"][name]:
+            assert t["context"] == "corpus" and len(t["replies"]) == 3
+            assert t["relevance"] == [None, None, None] and cond["relevance"] is None
+    # Turn 1 has no earlier reply: the fixed conditions' first prompts are the own-context ones.
+    assert len({p for p in seen if heldout[0].turns[1][0] not in p and heldout[0].turns[0][0] in p}) == 1
+
+
+def test_fixed_runs_stop_where_a_corpus_reply_is_missing(tiny):
+    partial = SimpleNamespace(
+        id="p", system=None, turns=[("Hi there.", "Hello."), ("How are you?", None), ("Bye.", None)]
+    )
+    config = EvalConfig(turns=3, conditions=("once", "once_fixed"), max_new_tokens=2, relevance=False)
+    report = evaluate_adherence(tiny, [partial], [SHORT], config, placement=Placement())
+    assert [t["n"] for t in report["conditions"]["once"]["turns"]] == [1, 1, 1]
+    fixed = report["conditions"]["once_fixed"]
+    assert [t["n"] for t in fixed["turns"]] == [1, 1] and fixed["missing_reply_turns"] == 1
+    assert report["missing_replies"] == [{"dialogue": 0, "dialogue_id": "p", "from_turn": 3}]
+
+
+FRENCH = instruction("Speak French.", ("language", "French", {"type": "language", "language": "French"}))
+
+
+def test_echoes_and_copies_are_not_useful(tiny, heldout, monkeypatch):
+    # The generator is replaced (the model is not under test): turn 1 adheres, turn 2 echoes the
+    # question behind the phrase, turn 3 copies the corpus's reply to turn 1 behind the phrase.
+    first = heldout[0]
+    (q1, a1), (q2, _), _ = first.turns[:3]
+
+    def scripted(model, tokenizer, prompts, *args, **kwargs):
+        out = []
+        for p in prompts:
+            text = tokenizer.decode(p)
+            turn = text.count("<|start_header_id|>user")
+            reply = {1: "Ahoy! Here is a real answer.", 2: f"Ahoy! {q2}", 3: f"Ahoy! {a1}"}[turn]
+            out.append([sampling.Candidate(reply, (1, 2), True)])
+        return out
+
+    monkeypatch.setattr(sampling, "sample_candidates", scripted)
+    config = EvalConfig(turns=3, conditions=("once_fixed",), relevance=False)
+    report = evaluate_adherence(tiny, [first], [AHOY], config, placement=Placement())
+    t = report["transcripts"]["once_fixed"][0]
+    assert t["echoes"] == [False, True, False] and t["echo_shares"][1] == 1.0
+    assert t["repeats"] == [False, False, True]
+    assert t["reasons"][2].startswith("repeats the corpus reply of turn 1")
+    assert t["scores"][:2] == [1.0, 1.0] and t["scores"][2] == 0.0  # an echo keeps its score
+    assert t["useful"] == [True, False, False]
+    cond = report["conditions"]["once_fixed"]
+    assert [r["rate"] for r in cond["turns"]] == [1.0, 1.0, 0.0]
+    assert [r["useful"]["rate"] for r in cond["turns"]] == [1.0, 0.0, 0.0]
+    assert [r["echoes"] for r in cond["turns"]] == [0, 1, 0] and cond["echoes"] == 1
+    assert (cond["later_useful"]["n"], cond["later_useful"]["hits"]) == (2, 0)
+    table = format_table(report)
+    assert "Adherent and useful" in table and "once_fixed base 1/3" in table
+    # Without the echo check the echo is useful.
+    report = evaluate_adherence(
+        tiny,
+        [first],
+        [AHOY],
+        EvalConfig(turns=2, conditions=("once_fixed",), max_echo=None, relevance=False),
+        placement=Placement(),
+    )
+    assert report["transcripts"]["once_fixed"][0]["useful"] == [True, True]
+
+
+def test_report_with_relevance_instructions_and_a_comparison(tiny, heldout):
+    config = EvalConfig(
+        turns=2,
+        dialogues=2,
+        instructions_per_dialogue=2,
+        conditions=("once", "every_turn", "once_fixed", "every_turn_fixed"),
+        max_new_tokens=4,
+    )
+    report = evaluate_adherence(tiny, heldout, [SHORT, FRENCH, TWO], config, placement=Placement())
+    json.dumps(report)
+    from gatt.relevance import RELEVANCE_FLOOR
+
+    assert report["relevance_floor"] == RELEVANCE_FLOOR and report["missing_replies"] == []
+    for name in config.conditions:
+        cond = report["conditions"][name]
+        for row in cond["turns"]:
+            assert row["useful"]["n"] == row["n"] == 4 and row["useful"]["hits"] <= row["adhered"]
+            assert row["relevance"]["n"] == 4 and -1 <= row["relevance"]["mean"] <= 1
+            assert 0 <= row["relevance"]["share"] <= 1
+        # Dialogue 0 gets (SHORT, FRENCH), dialogue 1 (TWO, SHORT): per constraint set, or text.
+        rows = {r["instruction"]: r for r in cond["instructions"]}
+        assert set(rows) == {SHORT.text, "language: French", TWO.text}
+        assert rows[SHORT.text]["runs"] == 2 and rows[SHORT.text]["n"] == 2
+        assert sum(r["n"] for r in rows.values()) == cond["later_turns"]["n"] == 4
+        assert {"useful_overall", "later_useful", "relevance", "echoes"} <= set(cond)
+    # The same report twice: every paired difference is 0, and nothing is significant.
+    comparison = compare(report, report)
+    for outcome in ("adherent", "useful"):
+        for result in comparison["paired"]["outcomes"][outcome].values():
+            assert all(row["diff"] in (0.0, None) and not row["significant"] for row in result["turns"])
+    assert set(comparison["paired"]["ceiling"]) == {"once/every_turn", "once_fixed/every_turn_fixed"}
+    assert comparison["conditions"]["once"]["later_turns"]["paired"]["significant"] is False
+    table = format_table(report, report, comparison=comparison)
+    assert "Adherent and useful" in table and "once_fixed gatt / every_turn_fixed base (useful)" in table
+    assert "once gatt / every_turn base (adherent), by turn: 2:" in table
+    assert table.count("once_fixed diff") == 2  # both tables
+
+
+@pytest.mark.slow
+def test_real_model_fixed_context_two_dialogues_two_turns(heldout, capsys):
+    from workers.engine.models import load_model
+
+    loaded = load_model("default")
+    config = EvalConfig(
+        turns=2, dialogues=2, max_new_tokens=8, conditions=("once", "once_fixed", "every_turn_fixed")
+    )
+    report = evaluate_adherence(loaded, heldout, [AHOY], config, placement=Placement())
+    with capsys.disabled():
+        print("\n" + format_table(report))
+    for name in config.conditions:
+        cond = report["conditions"][name]
+        assert [t["n"] for t in cond["turns"]] == [2, 2]
+        for row in cond["turns"]:
+            assert row["useful"]["hits"] <= row["adhered"]
+            assert row["relevance"]["n"] == 2 and -1 <= row["relevance"]["mean"] <= 1
+        for t in report["transcripts"][name]:
+            assert all(len(r) > 0 for r in t["replies"]) and all(x is not None for x in t["relevance"])
+    # Turn 1 is one prompt in every condition (greedy): the same reply.
+    firsts = {name: [t["replies"][0] for t in report["transcripts"][name]] for name in config.conditions}
+    assert firsts["once"] == firsts["once_fixed"] == firsts["every_turn_fixed"]
+    assert all(t["context"] == "corpus" for t in report["transcripts"]["once_fixed"])
+    comparison = compare(report, report)
+    assert not comparison["paired"]["outcomes"]["adherent"]["once_fixed"]["later_turns"]["significant"]

@@ -13,12 +13,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from gatt.instructions import Instruction
 from gatt.masks import IGNORE_INDEX, build_examples
-from gatt.repetition import closest_earlier, is_repeat
-from workers.engine.config import parse_config
+from gatt.repetition import DEFAULT_MAX_ECHO, Repeat, closest_earlier, echo_share
+from gatt.selection import select_best, summarize
+from workers.engine.config import RewardConfig, parse_config
 from workers.engine.hooks import Hooks
 from workers.engine.models import load_model
-from workers.engine.pipeline import build_training_set, complete_reply, run_job
+from workers.engine.pipeline import _selection, build_training_set, complete_reply, is_eligible, run_job
+from workers.engine.rewards import Reward
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,7 +95,9 @@ def test_chosen_reply_is_the_reward_argmax(finished_job):
     assert turns and all(len(t["candidates"]) == 3 for t in turns)
     # Short dialogues on a model with an 8k context: no dialogue may stop for lack of room.
     assert not [r for r in records if r["stopped"] == "context_length"]
+    assert config.reward.prefer == "relevant" and config.reward.max_echo == DEFAULT_MAX_ECHO
     for record in records:
+        sampling_text = Instruction.from_json(record["instruction"]).sampling_text
         for turn in record["turns"]:
             earlier = record["replies"][: turn["turn"]]
             question = record["users"][turn["turn"]]
@@ -100,14 +105,24 @@ def test_chosen_reply_is_the_reward_argmax(finished_job):
             for c in turn["candidates"]:  # the recorded closest earlier reply is the real one
                 closest = closest_earlier(c["text"], earlier)
                 assert c["repeat"] == closest.to_json()
-                assert c["echo"] == is_repeat(c["text"], [question], limit)
-            # Empty replies, copies of an earlier reply and echoes of the question are never chosen.
-            eligible = [
-                (c["reward"]["total"], len(c["text"]), i)
-                for i, c in enumerate(turn["candidates"])
-                if c["text"] and not is_repeat(c["text"], earlier, limit) and not c["echo"]
+                share = echo_share(c["text"], question, ignore=sampling_text)
+                assert c["echo"] == {"share": round(share, 4), "is_echo": share >= config.reward.max_echo}
+                assert -1.0 <= c["reward"]["relevance"] <= 1.0
+                # Empty replies, copies of an earlier reply and echoes of the question are never chosen.
+                echo = share >= config.reward.max_echo
+                assert c["eligible"] == (bool(c["text"]) and not closest.is_copy(limit) and not echo)
+            # Refused candidates rank as 0, in the choice and in the statistics alike.
+            assert turn["ranked"] == [
+                c["reward"]["total"] if c["eligible"] else 0.0 for c in turn["candidates"]
             ]
-            best = min(eligible, key=lambda e: (-e[0], e[1], e[2]))[2] if eligible else None
+            assert turn["stats"]["max_reward"] == max(turn["ranked"])
+            # Ties go to the more relevant reply, then the longer, then the earlier.
+            eligible = [
+                (c["reward"]["total"], c["reward"]["relevance"], len(c["text"]), i)
+                for i, c in enumerate(turn["candidates"])
+                if c["eligible"]
+            ]
+            best = min(eligible, key=lambda e: (-e[0], -e[1], -e[2], e[3]))[3] if eligible else None
             top = turn["candidates"][best]["reward"]["total"] if best is not None else -math.inf
             expected = best if top >= config.reward.min_reward else None
             assert turn["chosen"] == expected
@@ -145,10 +160,74 @@ def test_written_training_set_trains_on_sampled_replies_only(finished_job, loade
         assert decoded == "".join(f"{reply}<|im_end|>" for reply in record["replies"])
 
 
+def test_summary_agrees_with_the_turn_statistics(finished_job):
+    config, result, _ = finished_job
+    turns = [t for r in _records(config) for t in r["turns"]]
+    summary = json.loads((Path(config.output_dir) / "summary.json").read_text())["selection"]
+    assert summary == result.selection
+    assert summary["mean_best_reward"] == pytest.approx(
+        sum(t["stats"]["max_reward"] for t in turns) / len(turns)
+    )
+    assert summary["mean_gain"] == pytest.approx(sum(t["stats"]["gain"] for t in turns) / len(turns))
+
+
 def test_unfinished_replies_are_cut_to_their_last_sentence():
     assert complete_reply("Ahoy! I like it. And then", finished=False) == "Ahoy! I like it."
     assert complete_reply("no sentence ends here", finished=False) == ""
     assert complete_reply("  whole reply, model stopped  ", finished=True) == "whole reply, model stopped"
+    # A trimmed reply that keeps less than half of the words is mostly its opening: not trainable.
+    assert complete_reply("Oh, nice! She loves playing with those", finished=False) == ""
+    assert complete_reply("Oh, nice! She loves it. And those", finished=False) == "Oh, nice! She loves it."
+    assert complete_reply("Oh, nice! She loves playing with those", finished=True).endswith("those")
+
+
+def _candidate(total: float, text: str, *, eligible: bool = True) -> dict:
+    return {"text": text, "reward": {"total": total}, "eligible": eligible}
+
+
+def test_summary_statistics_use_what_ranking_used():
+    # A copy of an earlier reply has the highest raw reward, but ranking refused it (counted 0).
+    candidates = [
+        _candidate(1.0, "Ahoy! Paris.", eligible=False),
+        _candidate(0.6, "Ahoy! It is Madrid."),
+        _candidate(0.2, "Madrid."),
+    ]
+    rewards = [c["reward"]["total"] if c["eligible"] else math.nan for c in candidates]
+    chosen = select_best(rewards, [c["text"] for c in candidates], threshold=0.5)
+    turn = {
+        "candidates": candidates,
+        "chosen": chosen.chosen,
+        "best": chosen.best,
+        "ranked": list(chosen.rewards),
+        "threshold": 0.5,
+    }
+    assert chosen.chosen == 1 and turn["ranked"] == [0.0, 0.6, 0.2]
+    selection = _selection(turn)
+    assert selection == chosen
+    assert selection.max_reward == 0.6 and selection.mean_reward == pytest.approx(0.8 / 3)
+    assert selection.pass_rate == pytest.approx(1 / 3)
+    stats = summarize([selection])
+    assert stats.mean_best_reward == 0.6 and stats.mean_gain == pytest.approx(0.6 - 0.8 / 3)
+    # A record without "ranked" (an older run) still counts refused candidates as 0.
+    del turn["ranked"]
+    assert _selection(turn) == chosen
+
+
+def test_copies_echoes_and_irrelevant_replies_are_not_eligible():
+    config = RewardConfig()
+    answer = Reward(total=1.0, verifier=1.0, reason="", relevance=0.6)
+    fresh, copy = Repeat(0.2, 0), Repeat(0.9, 0)
+    assert is_eligible("Ahoy! Three days.", answer, fresh, 0.3, config)
+    assert not is_eligible("", answer, fresh, 0.0, config)
+    assert not is_eligible("Ahoy! Paris.", answer, copy, 0.0, config)
+    # Echoes are refused by max_echo (0.75), not by the copy threshold: 0.6 is an answer here.
+    assert is_eligible("Ahoy! Cooked pasta keeps in the fridge.", answer, fresh, 0.6, config)
+    assert not is_eligible("Ahoy! How long can cooked pasta keep?", answer, fresh, 0.8, config)
+    assert is_eligible("x", answer, fresh, 1.0, RewardConfig(max_echo=None))
+    floor = RewardConfig(min_relevance=0.28)
+    assert is_eligible("Ahoy! Three days.", answer, fresh, 0.0, floor)
+    off_topic = Reward(total=1.0, verifier=1.0, reason="", relevance=0.1)
+    assert not is_eligible("Ahoy! I like boats.", off_topic, fresh, 0.0, floor)
 
 
 def test_rerun_reuses_samples_and_checkpoints(finished_job):

@@ -22,6 +22,7 @@ from transformers import LlamaConfig, LlamaForSequenceClassification
 from gatt.errors import ValidationFailed
 from gatt.instructions import Constraint, Instruction
 from gatt.masks import IGNORE_INDEX
+from gatt.relevance import relevance
 from tests.gatt.chat_tokenizers import llama3
 from tests.threads import one_torch_thread
 from workers.engine.config import RewardConfig, parse_config
@@ -265,6 +266,56 @@ def test_a_reward_model_with_weight_zero_is_never_loaded(tmp_path):
     config = RewardConfig(reward_model=str(tmp_path / "missing"), reward_model_weight=0.0)
     (group,) = RewardScorer(config, allowed_roots=[tmp_path]).score(AHOY, CONTEXTS[:1], CANDIDATES[:1])
     assert all(r.reward_model is None and r.total == r.verifier for r in group)
+
+
+# ---------------------------------------------------------------------------------------------
+# Relevance (gatt/relevance.py, the packaged sentence-embedding model)
+
+
+def test_relevance_is_computed_when_ranking_needs_it_and_weighted_as_documented():
+    assert RewardConfig().prefer == "relevant" and RewardConfig().relevance_weight == 0.0
+    shorter = RewardScorer(RewardConfig(prefer="shorter")).score(AHOY, CONTEXTS, CANDIDATES)
+    assert all(r.relevance is None and r.to_json()["relevance"] is None for g in shorter for r in g)
+    # By default the question is the context's last user message without the instruction.
+    questions = ["Hello there!", "And of Spain, and why is it there?"]
+    expected = [
+        relevance([q] * len(group), group, ignore=[AHOY.sampling_text] * len(group))
+        for q, group in zip(questions, CANDIDATES, strict=True)
+    ]
+    for rewards in (
+        RewardScorer(RewardConfig()).score(AHOY, CONTEXTS, CANDIDATES),
+        RewardScorer(RewardConfig()).score(AHOY, CONTEXTS, CANDIDATES, questions=questions),
+    ):
+        for group, plain, rel in zip(rewards, shorter, expected, strict=True):
+            assert [r.relevance for r in group] == pytest.approx(rel, abs=1e-5)
+            assert [r.total for r in group] == [r.total for r in plain]  # weight 0: a tie-break only
+    assert expected[0][2] == 0.0  # the empty candidate
+    asked = ["What is the capital of Spain, and why is it there?"]
+    for w_rel in (1.0, 0.5):
+        (group,) = RewardScorer(RewardConfig(relevance_weight=w_rel)).score(
+            AHOY, CONTEXTS[1:], CANDIDATES[1:], questions=asked
+        )
+        for r in group:
+            assert r.relevance is not None and r.to_json()["relevance"] == r.relevance
+            assert r.total == pytest.approx((r.verifier + w_rel * max(0.0, r.relevance)) / (1 + w_rel))
+    with pytest.raises(ValueError, match="questions"):
+        RewardScorer(RewardConfig()).score(AHOY, CONTEXTS, CANDIDATES, questions=asked)
+
+
+def test_ranking_settings_are_checked():
+    config = parse_config(
+        {"reward": {"relevance_weight": 0.5, "min_relevance": 0.28, "max_echo": None, "prefer": "longer"}}
+    ).reward
+    assert (config.relevance_weight, config.min_relevance, config.max_echo) == (0.5, 0.28, None)
+    assert RewardConfig(verifier_weight=0.0, relevance_weight=1.0).needs_relevance
+    assert not RewardConfig(prefer="shorter").needs_relevance
+    assert RewardConfig(prefer="shorter", min_relevance=0.1).needs_relevance
+    for bad in ({"max_echo": 0}, {"max_echo": 1.5}, {"min_relevance": 2}, {"relevance_weight": -1}):
+        with pytest.raises(ValueError):
+            RewardConfig(**bad)
+    with pytest.raises(ValidationFailed) as exc:
+        parse_config({"reward": {"prefer": "random", "max_echo": 0}})
+    assert sorted(p.field for p in exc.value.problems) == ["reward.prefer"]
 
 
 # ---------------------------------------------------------------------------------------------

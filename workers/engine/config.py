@@ -20,6 +20,7 @@ import yaml
 from gatt.augment import Placement
 from gatt.errors import Problem, ValidationFailed
 from gatt.masks import Scope
+from gatt.repetition import DEFAULT_MAX_ECHO
 
 # --- stage configs: plain dataclasses, importable without torch (the API validates with them) ---
 
@@ -73,14 +74,23 @@ class RewardConfig:
     # A candidate at least this similar to an earlier reply of its dialogue never wins
     # (gatt/repetition.py); None: no check.
     max_repeat_similarity: float | None = 0.8
+    # A candidate that repeats at least this share of the question it answers never wins
+    # (gatt/repetition.py, echo_share); None: no check.
+    max_echo: float | None = DEFAULT_MAX_ECHO
+    # Relevance: cosine of the question and the reply without the instruction's words
+    # (gatt/relevance.py). Weighted into the reward like the other parts (0: not in the reward).
+    relevance_weight: float = 0.0
+    # A candidate less relevant than this never wins; None: no floor (gatt.relevance.RELEVANCE_FLOOR,
+    # 0.28, is what 95% of the corpus's real answers reach).
+    min_relevance: float | None = None
     # Among candidates with equal reward (common with 0/1 verifiers and no reward model), keep the
-    # shorter or the longer one.
-    prefer: Literal["shorter", "longer"] = "shorter"
+    # most relevant one ("relevant", then the longer), the shorter or the longer one.
+    prefer: Literal["relevant", "shorter", "longer"] = "relevant"
 
     def __post_init__(self) -> None:
-        if self.verifier_weight < 0 or self.reward_model_weight < 0:
+        if self.verifier_weight < 0 or self.reward_model_weight < 0 or self.relevance_weight < 0:
             raise ValueError("reward weights must be >= 0")
-        if self.verifier_weight + self.reward_model_weight <= 0:
+        if self.verifier_weight + self.reward_model_weight + self.relevance_weight <= 0:
             raise ValueError("at least one reward weight must be > 0")
         if self.reward_model_weight > 0 and not self.reward_model:
             raise ValueError("reward_model_weight > 0 needs reward_model (a local directory)")
@@ -90,8 +100,17 @@ class RewardConfig:
             raise ValueError("batch_size must be >= 1")
         if self.max_repeat_similarity is not None and not 0.0 < self.max_repeat_similarity <= 1.0:
             raise ValueError("max_repeat_similarity must be in (0, 1] or null")
-        if self.prefer not in ("shorter", "longer"):
-            raise ValueError(f"prefer must be 'shorter' or 'longer', not {self.prefer!r}")
+        if self.max_echo is not None and not 0.0 < self.max_echo <= 1.0:
+            raise ValueError("max_echo must be in (0, 1] or null")
+        if self.min_relevance is not None and not -1.0 <= self.min_relevance <= 1.0:
+            raise ValueError("min_relevance must be in [-1, 1] or null")
+        if self.prefer not in ("relevant", "shorter", "longer"):
+            raise ValueError(f"prefer must be 'relevant', 'shorter' or 'longer', not {self.prefer!r}")
+
+    @property
+    def needs_relevance(self) -> bool:
+        """Whether ranking uses relevance: weighted in, as a floor, or to break ties."""
+        return self.relevance_weight > 0 or self.min_relevance is not None or self.prefer == "relevant"
 
 
 @dataclass(frozen=True)
@@ -211,7 +230,9 @@ class EvaluationConfig:
     enabled: bool = False
     # The last N dialogues of the corpus are held out: never sampled, never trained on.
     heldout_dialogues: int = 8
-    turns: int = 8
+    turns: int = 8  # up to 64, as far as the held-out dialogues and the context go
+    # Of none / once / every_turn (the model's own earlier replies as context) and none_fixed /
+    # once_fixed / every_turn_fixed (the corpus's earlier replies: memory, not imitation).
     conditions: tuple[str, ...] = ("once", "every_turn")
     max_new_tokens: int = 64
     pass_threshold: float = 0.5
@@ -219,9 +240,9 @@ class EvaluationConfig:
     attention: bool = True
     # A reply at least this similar to an earlier reply of its dialogue scores 0 (gatt/repetition.py).
     max_repeat_similarity: float | None = 0.8
-    # Among candidates with equal reward (common with 0/1 verifiers and no reward model), keep the
-    # shorter or the longer one.
-    prefer: Literal["shorter", "longer"] = "shorter"
+    # A reply whose echo share of the question is at least this is not useful (gatt/repetition.py).
+    max_echo: float | None = DEFAULT_MAX_ECHO
+    relevance: bool = True  # question-reply relevance by sentence embeddings (gatt/relevance.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.conditions, list):
@@ -241,6 +262,8 @@ class EvaluationConfig:
             batch_prompts=self.batch_prompts,
             seed=seed,
             max_repeat_similarity=self.max_repeat_similarity,
+            max_echo=self.max_echo,
+            relevance=self.relevance,
         )
 
 
@@ -250,8 +273,9 @@ class DataConfig:
     instructions: str = "default"  # "default" (the paper-style set) or a JSON instruction-set file
     max_dialogues: int | None = None  # use the first N dialogues of the corpus
     max_turns: int = 3  # user turns per dialogue to sample (the corpus may have more)
-    # "all": sample every assistant turn (the paper). "last": keep the corpus's own earlier
-    # assistant turns as context and sample only the last one, which is much cheaper.
+    # "last" (the paper's reading): keep the corpus's own earlier assistant turns as zero-loss
+    # context and sample only the last one. "all": sample every assistant turn in order, each on
+    # the earlier samples; small models follow the instruction far more often this way.
     sample_turns: Literal["all", "last"] = "all"
 
 

@@ -2,50 +2,69 @@
 
 The measurement behind the paper's Table 30 (share of turns where the attribute is respected,
 baseline against GAtt) and the later multi-turn benchmarks (Multi-IF, SysBench): run held-out
-dialogues turn by turn with the model's *own* replies as context, and score every reply with the
-instruction's verifiers. Three conditions differ only in where the instruction is:
+dialogues turn by turn and score every reply with the instruction's verifiers. This module runs the
+evaluation: its settings (`EvalConfig`), the conditions and the messages each gives the model, the
+evaluation instructions, the loop (`evaluate_adherence`) with the scoring of every reply, and the
+check that the held-out data were not trained on (`check_overlap`). What the runs add up to, per
+condition (rates with intervals per turn, family and instruction), and two reports compared and
+printed, is workers/engine/eval_report.py; the statistics are workers/engine/eval_stats.py.
+
+The conditions differ in where the instruction is, and in whose earlier replies form the context:
 
 - `"once"`: only in the first user turn (or the system message), exactly as GAtt trains
   (`gatt.augment.plain_messages`). This is what GAtt should improve.
 - `"every_turn"`: attached to every user turn (`sampling_messages`), the view GAtt samples from:
-  the ceiling the "once" condition is compared with.
+  the ceiling the "once" condition is compared with. It carries the instruction's full wording
+  (`Instruction.sampling_text`) as sampling does; "once" carries `text`, terse when the training
+  view is.
 - `"none"`: no instruction at all (optional): the floor, how often a reply satisfies the verifier
   by chance (a topic mention, a language the model speaks anyway).
 
-A turn *adheres* when its score (`score_all_batch(instruction.verifiers, ...)`, aggregated with the
-instruction's `aggregate`) is >= `pass_threshold`. Rates carry a 95% Wilson interval: with 8-16
-dialogues per turn a normal-approximation interval would be badly off near 0 and 1. The turns of
-one dialogue are not independent, so the pooled "overall" interval is optimistic; the per-turn
-intervals are the ones to read.
+These three run with the model's *own* earlier replies as context. A model that opened its first
+reply with the asked-for phrase can then keep it by imitating itself, without remembering the
+instruction. `"once_fixed"`, `"every_turn_fixed"` and `"none_fixed"` put the instruction in the
+same places but take the earlier assistant turns from the held-out corpus (teacher forcing): only
+the reply to turn k is generated and scored, its context holds the corpus's replies to turns 1..k-1
+(written without the instruction), so adherence at turn k measures memory of the instruction, not
+imitation. A fixed run stops before a turn whose earlier corpus reply is missing or empty
+(`missing_reply_turns`, and the report's `missing_replies`).
 
-Choices the paper leaves open, and ours:
+A turn *adheres* when its score (`score_all_batch(instruction.verifiers, ...)`, aggregated with the
+instruction's `aggregate`) is >= `pass_threshold`. It is *adherent and useful* (`useful`) when it
+adheres, does not copy an earlier reply of its context and does not echo the question: a reply
+that opens with the phrase and then repeats the user's question has kept nothing useful.
+
+- Copies: a reply at least `max_repeat_similarity` (0.8, gatt/repetition.py) similar to an earlier
+  reply of its context (the model's own replies, or the corpus's in a fixed condition) scores 0
+  and is counted in `repeats`: a model that repeats its last answer whatever the user asks has not
+  kept the instruction, even when the copy opens with the asked-for phrase.
+- Echoes: `echo_share(reply, question, ignore=instruction)` >= `max_echo` (0.75) is an echo,
+  counted in `echoes`; it keeps its adherence score but is not useful.
+- Relevance (`relevance: true`): the cosine of sentence embeddings of question and reply, the
+  instruction's words ignored (gatt/relevance.py); reported per turn as a mean and as the share at or
+  above `RELEVANCE_FLOOR`. It does not enter `useful`.
+
+Choices the paper leaves open, and ours (the report's are in workers/engine/eval_report.py):
 
 - Replies are greedy by default (`temperature` 0), so two evaluations of the same model on the
   same dialogues and instructions give the same replies, and before/after differences are the
-  model's, not the sampler's.
+  model's, not the sampler's. Which instruction goes with which dialogue is deterministic too, so
+  the runs of two reports pair up.
 - A reply is scored as generated (stripped). A reply cut by `max_new_tokens` is kept whole in the
   context and scored as is (`truncated` counts them per turn): trimming it to its last sentence,
   as the training stage does, would score an empty reply for a long first sentence.
-- A dialogue stops when its next prompt plus `max_new_tokens` would not fit the model's context
-  (or `max_context`); the turns not run are reported as `context_cut_turns` and are simply absent
-  from the later turns' `n`.
-- Per family: every constraint of an instruction is scored on its own (its verifiers, the
-  instruction's aggregate), so "Speak in French. You enjoy chess." counts once for `language`
-  and once for `hobby` at each turn.
-- A reply that copies an earlier reply of its dialogue (`max_repeat_similarity`, default 0.8 on
-  gatt/repetition.py's word-sequence similarity) scores 0 and is counted in `repeats`: a model
-  that repeats its last answer whatever the user asks has not kept the instruction, even when the
-  copy opens with the asked-for phrase.
+- A dialogue runs for at most `turns` user turns (up to 64), as far as its data go, and stops when
+  its next prompt plus `max_new_tokens` would not fit the model's context (or `max_context`); the
+  turns not run are reported as `context_cut_turns` and are simply absent from the later turns' `n`.
 
-Everything returned is JSON-serialisable. This module imports torch only inside
-`evaluate_adherence`, so `EvalConfig` and the statistics can be imported anywhere.
+Everything returned is JSON-serialisable. This module imports torch (and the embedding model) only
+inside `evaluate_adherence`, so `EvalConfig` and the report can be imported anywhere.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import random
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -53,33 +72,50 @@ from typing import Any
 
 from gatt.augment import Placement, plain_messages, sampling_messages
 from gatt.instructions import Instruction, InstructionSet, synthesize
-from gatt.repetition import DEFAULT_MAX_SIMILARITY, closest_earlier
+from gatt.repetition import DEFAULT_MAX_ECHO, DEFAULT_MAX_SIMILARITY, closest_earlier, echo_share
 from gatt.verifiers import score_all_batch
+from workers.engine.eval_stats import round4, wilson_interval
 
 __all__ = [
     "CONDITIONS",
     "EVAL_SEED_OFFSET",
+    "FIXED_CONDITIONS",
+    "MAX_TURNS",
     "EvalConfig",
     "check_overlap",
-    "compare",
     "condition_messages",
     "evaluate_adherence",
     "eval_instructions",
-    "format_table",
     "wilson_interval",
 ]
 
-CONDITIONS: tuple[str, ...] = ("none", "once", "every_turn")
+# Own context (the model's earlier replies), then fixed context (the corpus's earlier replies).
+CONDITIONS: tuple[str, ...] = ("none", "once", "every_turn", "none_fixed", "once_fixed", "every_turn_fixed")
+FIXED_CONDITIONS: tuple[str, ...] = tuple(c for c in CONDITIONS if c.endswith("_fixed"))
 # Evaluation instructions are drawn with the training seed plus this, so that with the default
 # instruction set they are (mostly) other combinations than the ones trained on.
 EVAL_SEED_OFFSET = 1000
-# Two-sided 95%: the 0.975 quantile of the standard normal.
-Z_95 = 1.959963984540054
+# Upper bounds: EvaluationConfig passes tenant-chosen values through EvalConfig.
+MAX_TURNS = 64  # gatt.dialogues.CorpusLimits.max_turns
+_UPPER = {
+    "turns": MAX_TURNS,
+    "dialogues": 4096,
+    "instructions_per_dialogue": 1024,  # workers/probe.py runs every instruction of a set
+    "max_new_tokens": 2048,
+    "batch_prompts": 256,
+    "samples_per_turn": 100,
+}
+_round = round4
+
+
+def _base(condition: str) -> str:
+    """The instruction placement of a condition: "once_fixed" -> "once"."""
+    return condition.removesuffix("_fixed")
 
 
 @dataclass(frozen=True)
 class EvalConfig:
-    turns: int = 8  # user turns per dialogue, at most
+    turns: int = 8  # user turns per dialogue, at most (as far as the data and the context allow)
     dialogues: int | None = None  # held-out dialogues to use (the first n); None: all
     # Instructions per dialogue: dialogue i is run with instructions[i * m + j], j < m (cycling
     # through the list when it is shorter, so one custom instruction serves every dialogue).
@@ -93,9 +129,13 @@ class EvalConfig:
     seed: int = 0  # seeds the sampler when temperature > 0
     max_context: int | None = None  # cap on prompt + reply tokens; None: the model's max positions
     samples_per_turn: int = 2  # replies quoted in the report per condition and turn
-    # A reply at least this similar to an earlier reply of its dialogue scores 0: repeating the last
+    # A reply at least this similar to an earlier reply of its context scores 0: repeating the last
     # answer is not keeping the instruction (gatt/repetition.py). None: no check.
     max_repeat_similarity: float | None = DEFAULT_MAX_SIMILARITY
+    # A reply whose echo_share of the question is at least this is an echo: not useful. None: no check.
+    max_echo: float | None = DEFAULT_MAX_ECHO
+    # Question-reply relevance by sentence embeddings (gatt/relevance.py; loads its model).
+    relevance: bool = True
 
     def __post_init__(self) -> None:
         if isinstance(self.conditions, str | list):
@@ -107,14 +147,31 @@ class EvalConfig:
         problems = []
         for name in ("turns", "instructions_per_dialogue", "max_new_tokens", "batch_prompts"):
             value = getattr(self, name)
-            if not (isinstance(value, int) and value >= 1):
-                problems.append(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("dialogues", "max_context"):
-            value = getattr(self, name)
-            if value is not None and not (isinstance(value, int) and value >= 1):
-                problems.append(f"{name} must be an integer >= 1 or null, got {value!r}")
-        if not isinstance(self.samples_per_turn, int) or self.samples_per_turn < 0:
-            problems.append(f"samples_per_turn must be an integer >= 0, got {self.samples_per_turn!r}")
+            if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= _UPPER[name]):
+                problems.append(f"{name} must be an integer in [1, {_UPPER[name]}], got {value!r}")
+        if self.dialogues is not None and not (
+            isinstance(self.dialogues, int)
+            and not isinstance(self.dialogues, bool)
+            and 1 <= self.dialogues <= _UPPER["dialogues"]
+        ):
+            problems.append(
+                f"dialogues must be an integer in [1, {_UPPER['dialogues']}] or null, got {self.dialogues!r}"
+            )
+        if self.max_context is not None and not (
+            isinstance(self.max_context, int)
+            and not isinstance(self.max_context, bool)
+            and self.max_context >= 1
+        ):
+            problems.append(f"max_context must be an integer >= 1 or null, got {self.max_context!r}")
+        if not (
+            isinstance(self.samples_per_turn, int)
+            and not isinstance(self.samples_per_turn, bool)
+            and 0 <= self.samples_per_turn <= _UPPER["samples_per_turn"]
+        ):
+            problems.append(
+                f"samples_per_turn must be an integer in [0, {_UPPER['samples_per_turn']}], "
+                f"got {self.samples_per_turn!r}"
+            )
         if not self.conditions or any(c not in CONDITIONS for c in self.conditions):
             problems.append(f"conditions must be a non-empty subset of {CONDITIONS}, got {self.conditions!r}")
         elif len(set(self.conditions)) != len(self.conditions):
@@ -131,12 +188,14 @@ class EvalConfig:
             problems.append(f"pass_threshold must be in [0, 1], got {self.pass_threshold!r}")
         if not isinstance(self.seed, int):
             problems.append(f"seed must be an integer, got {self.seed!r}")
-        if self.max_repeat_similarity is not None and not (
-            isinstance(self.max_repeat_similarity, int | float) and 0 < self.max_repeat_similarity <= 1
-        ):
-            problems.append(
-                f"max_repeat_similarity must be in (0, 1] or null, got {self.max_repeat_similarity!r}"
-            )
+        for name in ("max_repeat_similarity", "max_echo"):
+            value = getattr(self, name)
+            if value is not None and not (
+                isinstance(value, int | float) and not isinstance(value, bool) and 0 < value <= 1
+            ):
+                problems.append(f"{name} must be in (0, 1] or null, got {value!r}")
+        if not isinstance(self.relevance, bool):
+            problems.append(f"relevance must be true or false, got {self.relevance!r}")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -157,83 +216,6 @@ def eval_instructions(
 
 
 # --------------------------------------------------------------------------------------------------
-# Statistics
-
-
-def wilson_interval(successes: int, n: int, z: float = Z_95) -> tuple[float, float] | None:
-    """Wilson score interval for a binomial proportion (None when n is 0).
-
-    Unlike the normal approximation it stays inside [0, 1] and is not degenerate at 0/n or n/n,
-    which matter here: a baseline at turn 6 is often 0 of 8.
-    """
-    if n < 0 or not 0 <= successes <= n:
-        raise ValueError(f"need 0 <= successes <= n, got {successes} of {n}")
-    if n == 0:
-        return None
-    p = successes / n
-    z2 = z * z
-    denom = 1 + z2 / n
-    centre = (p + z2 / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z2 / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
-def _summary(scores: Sequence[float], threshold: float) -> dict[str, Any]:
-    n = len(scores)
-    adhered = sum(1 for s in scores if s >= threshold)
-    ci = wilson_interval(adhered, n)
-    return {
-        "n": n,
-        "adhered": adhered,
-        "rate": _round(adhered / n) if n else None,
-        "ci": [_round(ci[0]), _round(ci[1])] if ci else None,
-        "mean_score": _round(sum(scores) / n) if n else None,
-    }
-
-
-def _round(x: float) -> float:
-    return round(float(x), 4)
-
-
-def _later_turns(runs: Sequence[_Run], threshold: float) -> dict[str, Any]:
-    """Turns 2 and later pooled: GAtt's claim (keeping the instruction after the turn that gives
-    it) in one number, with about five times the turns of a single turn's row.
-
-    The turns of one dialogue are not independent (a model that drops the instruction at turn 3
-    tends to drop it at turn 4 too), so the Wilson interval over pooled turns is too narrow.
-    `ci_by_dialogue` resamples whole dialogues instead (percentile bootstrap, 2,000 resamples,
-    fixed seed), widened to the Wilson interval where that is wider: the interval to trust.
-    """
-    summary = _summary([s for r in runs for s in r.scores[1:]], threshold)
-    per_dialogue: dict[int, tuple[int, int]] = {}  # a dialogue's runs under other instructions too
-    for r in runs:
-        hits, n = per_dialogue.get(r.dialogue, (0, 0))
-        later = r.scores[1:]
-        per_dialogue[r.dialogue] = (hits + sum(1 for s in later if s >= threshold), n + len(later))
-    boot = _bootstrap_rate([g for g in per_dialogue.values() if g[1]])
-    # Never narrower than Wilson: with no (or only) hits every resample gives the same rate, and
-    # the bootstrap interval collapses to a point ([0, 0] for 0 of 12).
-    if boot is not None and summary["ci"] is not None:
-        boot = [min(boot[0], summary["ci"][0]), max(boot[1], summary["ci"][1])]
-    summary["ci_by_dialogue"] = boot
-    return summary
-
-
-def _bootstrap_rate(groups: Sequence[tuple[int, int]], resamples: int = 2000) -> list[float] | None:
-    """95% percentile interval of sum(hits) / sum(n) over groups resampled with replacement."""
-    if not groups:
-        return None
-    rng = random.Random(0)
-    rates = []
-    for _ in range(resamples):
-        picked = [groups[rng.randrange(len(groups))] for _ in groups]
-        total = sum(n for _, n in picked)
-        rates.append(sum(h for h, _ in picked) / total if total else 0.0)
-    rates.sort()
-    return [_round(rates[int(0.025 * resamples)]), _round(rates[int(0.975 * resamples) - 1])]
-
-
-# --------------------------------------------------------------------------------------------------
 # The conditions
 
 
@@ -246,17 +228,31 @@ def condition_messages(
     system: str | None,
     placement: Placement,
 ) -> list[dict[str, str]]:
-    """The context for answering `users[len(replies)]` under `condition`, ending on that user turn."""
+    """The context for answering `users[len(replies)]` under `condition`, ending on that user turn.
+
+    `replies` are the earlier assistant turns: the model's own in "none", "once" and "every_turn",
+    the corpus's in the fixed conditions (`_Run.context` picks them); the instruction goes where
+    the condition without "_fixed" puts it."""
     turn = len(replies)
     if turn >= len(users):
         raise ValueError(f"no user turn left to answer: {len(users)} user turns, {turn} replies")
-    if condition == "every_turn":
+    if condition not in CONDITIONS:
+        raise ValueError(f"unknown condition {condition!r}; use one of {CONDITIONS}")
+    base = _base(condition)
+    if base == "every_turn":
         return sampling_messages(instruction, users[: turn + 1], replies, system=system, placement=placement)
-    if condition == "once":
+    if base == "once":
         return plain_messages(instruction, users[: turn + 1], replies, system=system, placement=placement)
-    if condition == "none":
-        return plain_messages(None, users[: turn + 1], replies, system=system, placement=placement)
-    raise ValueError(f"unknown condition {condition!r}; use one of {CONDITIONS}")
+    return plain_messages(None, users[: turn + 1], replies, system=system, placement=placement)
+
+
+def _usable_corpus_turns(corpus: Sequence[str | None], turns: int) -> int:
+    """How many of the first `turns` user turns a fixed condition can run: turn k needs the
+    corpus's replies to turns 1..k-1, none missing or blank."""
+    for k in range(turns):
+        if k > 0 and not (corpus[k - 1] or "").strip():
+            return k
+    return turns
 
 
 @dataclass
@@ -270,14 +266,30 @@ class _Run:
     instruction: Instruction
     system: str | None
     users: list[str]
+    corpus: list[str | None] = field(default_factory=list)  # the corpus's replies (fixed context)
     replies: list[str] = field(default_factory=list)
     scores: list[float] = field(default_factory=list)
     reasons: list[str] = field(default_factory=list)
     constraint_scores: list[list[float]] = field(default_factory=list)  # per turn, per constraint
     finished: list[bool] = field(default_factory=list)
     repeats: list[bool] = field(default_factory=list)  # the reply copies an earlier one (scored 0)
+    echo_shares: list[float] = field(default_factory=list)
+    echoes: list[bool] = field(default_factory=list)  # the reply echoes the question
+    relevance: list[float | None] = field(default_factory=list)
+    useful: list[bool] = field(default_factory=list)  # adherent, not a copy, not an echo
     stopped: str | None = None
     cut_turns: int = 0
+    missing_turns: int = 0  # fixed: turns not run for want of an earlier corpus reply
+
+    @property
+    def fixed(self) -> bool:
+        return self.condition in FIXED_CONDITIONS
+
+    def context(self) -> list[str]:
+        """The earlier assistant turns the next reply is generated after (and checked for copies)."""
+        if self.fixed:
+            return [r or "" for r in self.corpus[: len(self.replies)]]
+        return self.replies
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -286,14 +298,20 @@ class _Run:
             "slot": self.slot,
             "instruction": self.instruction.to_json(),
             "system": self.system,
+            "context": "corpus" if self.fixed else "own",
             "users": self.users[: len(self.replies)],
             "replies": self.replies,
             "scores": [_round(s) for s in self.scores],
             "reasons": self.reasons,
             "finished": self.finished,
             "repeats": self.repeats,
+            "echo_shares": [_round(s) for s in self.echo_shares],
+            "echoes": self.echoes,
+            "relevance": [None if x is None else _round(x) for x in self.relevance],
+            "useful": self.useful,
             "stopped": self.stopped,
             "context_cut_turns": self.cut_turns,
+            "missing_reply_turns": self.missing_turns,
         }
 
 
@@ -353,18 +371,25 @@ def evaluate_adherence(
     `placement` must be the training job's, so that "once" is exactly the GAtt training view.
     The report's `transcripts` hold every reply; `attention.attention_report` can reuse the "once"
     ones. `hooks.progress("evaluate", turn, turns)` is called per turn, `hooks.should_stop()` is
-    honoured between batches, and skipped dialogues / context cuts are reported as warning events.
+    honoured between batches, and skipped dialogues, missing corpus replies and context cuts are
+    reported as warning events.
     """
     import torch
 
     from gatt.masks import TemplateError, check_contents, encode, render
     from workers.engine import sampling
     from workers.engine.config import SamplingConfig
+    from workers.engine.eval_report import _condition_report
     from workers.engine.hooks import Hooks, Stopped
     from workers.engine.models import end_of_turn_ids
 
     if not instructions:
         raise ValueError("no instructions to evaluate")
+    relevance_fn, relevance_floor = None, None
+    if config.relevance:
+        from gatt.relevance import RELEVANCE_FLOOR, relevance
+
+        relevance_fn, relevance_floor = relevance, RELEVANCE_FLOOR
     hooks = hooks or Hooks()
     started = time.monotonic()
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -384,21 +409,39 @@ def evaluate_adherence(
 
     selected = list(dialogues[: config.dialogues] if config.dialogues else dialogues)
     per = config.instructions_per_dialogue
+    fixed = any(c in FIXED_CONDITIONS for c in config.conditions)
     runs: list[_Run] = []
     skipped: list[dict[str, Any]] = []
+    missing: list[dict[str, Any]] = []
     for i, dialogue in enumerate(selected):
-        users = [user for user, _ in dialogue.turns[: config.turns]]
+        turns = dialogue.turns[: config.turns]
+        users = [user for user, _ in turns]
+        corpus = [reply for _, reply in turns]
         slots = [instructions[(i * per + j) % len(instructions)] for j in range(per)]
+        usable = _usable_corpus_turns(corpus, len(users)) if fixed else len(users)
         try:  # text that spells a control token would forge turn boundaries in every prompt
             texts = [*users, dialogue.system or "", *(inst.text for inst in slots)]
+            texts += [r or "" for r in corpus[: max(0, usable - 1)]] if fixed else []
             check_contents(tokenizer, [{"content": t} for t in texts])
         except TemplateError as exc:
             skipped.append({"dialogue": i, "dialogue_id": dialogue.id, "reason": str(exc)})
             hooks.event("warning", "control_token", f"held-out dialogue {i} skipped: {exc}", {"dialogue": i})
             continue
+        if usable < len(users):
+            missing.append({"dialogue": i, "dialogue_id": dialogue.id, "from_turn": usable + 1})
+            hooks.event(
+                "warning",
+                "missing_reply",
+                f"held-out dialogue {i}: fixed conditions stop before turn {usable + 1}, "
+                "an earlier corpus reply is missing",
+                {"dialogue": i, "from_turn": usable + 1},
+            )
         for condition in config.conditions:
             for j, inst in enumerate(slots):
-                runs.append(_Run(condition, i, dialogue.id, j, inst, dialogue.system, users))
+                run = _Run(condition, i, dialogue.id, j, inst, dialogue.system, list(users), list(corpus))
+                if run.fixed and usable < len(users):
+                    run.users, run.missing_turns = run.users[:usable], len(users) - usable
+                runs.append(run)
 
     max_turns = max((len(r.users) for r in runs), default=0)
     for t in range(max_turns):
@@ -410,8 +453,11 @@ def evaluate_adherence(
             raise Stopped("cancelled during evaluation")
         prompts = []
         for r in active:
+            # Every turn carries the full wording, as when a job samples; once, the training view's
+            # text (terse for a terse instruction), as GAtt trains.
+            text = r.instruction.sampling_text if _base(r.condition) == "every_turn" else r.instruction.text
             messages = condition_messages(
-                r.condition, r.instruction.text, r.users, r.replies, system=r.system, placement=placement
+                r.condition, text, r.users, r.context(), system=r.system, placement=placement
             )
             prompts.append(encode(tokenizer, render(tokenizer, messages, generation_prompt=True)))
         cut = 0
@@ -431,8 +477,8 @@ def evaluate_adherence(
         if not keep:
             continue
         # Greedy replies to the same prompt are the same: generate each distinct prompt once (at
-        # turn 1, "once" and "every_turn" are the same prompt). Similar lengths in one batch waste
-        # less on left padding.
+        # turn 1, "once", "every_turn" and their fixed variants are the same prompt). Similar
+        # lengths in one batch waste less on left padding.
         distinct = list(dict.fromkeys(tuple(prompts[k]) for k in keep)) if sampling_config.greedy else None
         batch = (
             sorted(distinct, key=len) if distinct is not None else sorted((prompts[k] for k in keep), key=len)
@@ -455,26 +501,45 @@ def evaluate_adherence(
         turn_runs = [active[k] for k in keep]
         replies = [c[0].text.strip() for c in candidates]
         scored = _score_turn(turn_runs, replies)
-        for r, c, reply, (value, reason, parts) in zip(turn_runs, candidates, replies, scored, strict=True):
-            earlier = closest_earlier(reply, r.replies)
+        if relevance_fn is not None:
+            relevances: list[float | None] = list(
+                relevance_fn(
+                    [r.users[t] for r in turn_runs], replies, ignore=[r.instruction.text for r in turn_runs]
+                )
+            )
+        else:
+            relevances = [None] * len(turn_runs)
+        for r, c, reply, (value, reason, parts), rel in zip(
+            turn_runs, candidates, replies, scored, relevances, strict=True
+        ):
+            earlier = closest_earlier(reply, r.context())
             repeat = earlier.is_copy(config.max_repeat_similarity)
             if repeat:
                 value, parts = 0.0, [0.0] * len(parts)
-                reason = f"repeats its reply of turn {earlier.turn + 1} (similarity {earlier.similarity:.2f})"
+                whose = "the corpus reply" if r.fixed else "its reply"
+                reason = f"repeats {whose} of turn {earlier.turn + 1} (similarity {earlier.similarity:.2f})"
+            share = echo_share(reply, r.users[t], ignore=r.instruction.text)
+            echo = config.max_echo is not None and share >= config.max_echo
             r.repeats.append(repeat)
+            r.echo_shares.append(share)
+            r.echoes.append(echo)
+            r.relevance.append(None if rel is None else float(rel))
+            r.useful.append(value >= config.pass_threshold and not repeat and not echo)
             r.replies.append(reply)
             r.finished.append(c[0].finished)
             r.scores.append(value)
             r.reasons.append(reason)
             r.constraint_scores.append(parts)
-            try:  # a reply that spells a control token would forge the next turn's context
-                check_contents(tokenizer, [{"content": reply}])
-            except TemplateError:
-                r.stopped = "control_token_in_reply"
+            if not r.fixed:
+                try:  # a reply that spells a control token would forge the next turn's context
+                    check_contents(tokenizer, [{"content": reply}])
+                except TemplateError:
+                    r.stopped = "control_token_in_reply"
     hooks.progress("evaluate", max_turns, max_turns)
 
     conditions = {
-        c: _condition_report([r for r in runs if r.condition == c], config) for c in config.conditions
+        c: _condition_report([r for r in runs if r.condition == c], config, relevance_floor)
+        for c in config.conditions
     }
     return {
         "model": getattr(loaded, "source", None),
@@ -484,214 +549,12 @@ def evaluate_adherence(
         "runs_per_condition": len(runs) // max(1, len(config.conditions)),
         "context_limit": limit,
         "skipped": skipped,
+        "missing_replies": missing,
+        "relevance_floor": relevance_floor,
         "conditions": conditions,
         "transcripts": {c: [r.to_json() for r in runs if r.condition == c] for c in config.conditions},
         "wall_s": round(time.monotonic() - started, 2),
     }
-
-
-def _condition_report(runs: Sequence[_Run], config: EvalConfig) -> dict[str, Any]:
-    threshold = config.pass_threshold
-    n_turns = max((len(r.replies) for r in runs), default=0)
-    turns = []
-    families: dict[str, list[list[float]]] = {}
-    samples = []
-    for t in range(n_turns):
-        at = [r for r in runs if len(r.replies) > t]
-        row = {"turn": t + 1, **_summary([r.scores[t] for r in at], threshold)}
-        row["truncated"] = sum(1 for r in at if not r.finished[t])
-        row["empty"] = sum(1 for r in at if not r.replies[t])
-        row["repeats"] = sum(1 for r in at if r.repeats[t])
-        turns.append(row)
-        for r in at:
-            for constraint, value in zip(r.instruction.constraints, r.constraint_scores[t], strict=True):
-                per_turn = families.setdefault(constraint.family, [[] for _ in range(n_turns)])
-                per_turn[t].append(value)
-        for r in at[: config.samples_per_turn]:
-            samples.append(
-                {
-                    "turn": t + 1,
-                    "dialogue_id": r.dialogue_id,
-                    "instruction": r.instruction.text,
-                    "user": r.users[t],
-                    "reply": r.replies[t],
-                    "score": _round(r.scores[t]),
-                    "reason": r.reasons[t],
-                }
-            )
-    all_scores = [s for r in runs for s in r.scores]
-    return {
-        "turns": turns,
-        "families": {
-            name: [
-                {"turn": t + 1, **_summary(values, threshold)} for t, values in enumerate(per_turn) if values
-            ]
-            for name, per_turn in sorted(families.items())
-        },
-        "overall": _summary(all_scores, threshold),
-        "later_turns": _later_turns(runs, threshold),
-        "context_cut_turns": sum(r.cut_turns for r in runs),
-        "stopped": {
-            reason: sum(1 for r in runs if r.stopped == reason)
-            for reason in sorted({r.stopped for r in runs if r.stopped})
-        },
-        "truncated": sum(1 for r in runs for f in r.finished if not f),
-        "repeats": sum(1 for r in runs for x in r.repeats if x),
-        "samples": samples,
-    }
-
-
-# --------------------------------------------------------------------------------------------------
-# Comparing and printing
-
-
-def _ci_overlap(a: Sequence[float] | None, b: Sequence[float] | None) -> bool | None:
-    if a is None or b is None:
-        return None
-    return not (a[1] < b[0] or b[1] < a[0])
-
-
-def _compare_rows(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
-    diff = None
-    if before["rate"] is not None and after["rate"] is not None:
-        diff = _round(after["rate"] - before["rate"])
-    return {
-        "n_before": before["n"],
-        "n_after": after["n"],
-        "before": before["rate"],
-        "after": after["rate"],
-        "before_ci": before["ci"],
-        "after_ci": after["ci"],
-        "diff": diff,
-        "ci_overlap": _ci_overlap(before["ci"], after["ci"]),
-    }
-
-
-def compare(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
-    """Per condition and turn (and overall): the two rates, after - before, and whether the 95%
-    intervals overlap. Non-overlapping intervals are a conservative sign of a real difference;
-    overlapping ones do not prove there is none."""
-    out: dict[str, Any] = {}
-    for condition, b in before["conditions"].items():
-        a = after["conditions"].get(condition)
-        if a is None:
-            continue
-        after_turns = {row["turn"]: row for row in a["turns"]}
-        out[condition] = {
-            "turns": [
-                {"turn": row["turn"], **_compare_rows(row, after_turns[row["turn"]])}
-                for row in b["turns"]
-                if row["turn"] in after_turns
-            ],
-            "overall": _compare_rows(b["overall"], a["overall"]),
-        }
-        if "later_turns" in b and "later_turns" in a:
-            later = _compare_rows(b["later_turns"], a["later_turns"])
-            later["before_ci_by_dialogue"] = b["later_turns"]["ci_by_dialogue"]
-            later["after_ci_by_dialogue"] = a["later_turns"]["ci_by_dialogue"]
-            later["ci_by_dialogue_overlap"] = _ci_overlap(
-                b["later_turns"]["ci_by_dialogue"], a["later_turns"]["ci_by_dialogue"]
-            )
-            out[condition]["later_turns"] = later
-    return {"conditions": out}
-
-
-def _cell(row: Mapping[str, Any] | None, shown_n: int | None) -> str:
-    if row is None or row["rate"] is None:
-        return "-"
-    lo, hi = row["ci"]
-    text = f"{row['rate']:.2f} [{lo:.2f}, {hi:.2f}]"
-    return text if row["n"] == shown_n else f"{text} n={row['n']}"
-
-
-def _by_dialogue(row: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
-    """The pooled later-turns row with its by-dialogue interval in place of the Wilson one."""
-    if row is None:
-        return None
-    return {**row, "ci": row.get("ci_by_dialogue") or row["ci"]}
-
-
-def format_table(
-    report_before: Mapping[str, Any],
-    report_after: Mapping[str, Any] | None = None,
-    *,
-    labels: tuple[str, str] = ("base", "gatt"),
-) -> str:
-    """A plain-text table, turn x condition, each cell "rate [lo, hi]" (95% Wilson interval).
-
-    With two reports every condition gets a column per model and a "diff" column (after - before;
-    `*` when the intervals do not overlap). The `n` column is the first cell's n; a cell with a
-    different n says so.
-    """
-    reports = [report_before] if report_after is None else [report_before, report_after]
-    names = [labels[0]] if report_after is None else list(labels)
-    conditions = list(report_before["conditions"])
-    if report_after is not None:
-        conditions = [c for c in conditions if c in report_after["conditions"]]
-    header = ["turn", "n"]
-    for c in conditions:
-        header += [f"{c} {name}" if len(reports) > 1 else c for name in names]
-        if len(reports) > 1:
-            header.append(f"{c} diff")
-
-    def rows_for(key: Any) -> list[str]:
-        cells: list[str] = []
-        found = []
-        for c in conditions:
-            for report in reports:
-                cond = report["conditions"][c]
-                if key == "all":
-                    found.append(cond["overall"])
-                elif key == "2+":
-                    found.append(_by_dialogue(cond.get("later_turns")))
-                else:
-                    found.append(next((r for r in cond["turns"] if r["turn"] == key), None))
-        shown_n = next((r["n"] for r in found if r is not None), None)
-        for ci, _c in enumerate(conditions):
-            group = found[ci * len(reports) : (ci + 1) * len(reports)]
-            cells += [_cell(r, shown_n) for r in group]
-            if len(reports) > 1:
-                b, a = group
-                if b is None or a is None or b["rate"] is None or a["rate"] is None:
-                    cells.append("-")
-                else:
-                    star = "*" if _ci_overlap(b["ci"], a["ci"]) is False else ""
-                    cells.append(f"{a['rate'] - b['rate']:+.2f}{star}")
-        return [str(key), "-" if shown_n is None else str(shown_n), *cells]
-
-    all_turns = sorted(
-        {row["turn"] for r in reports for c in conditions for row in r["conditions"][c]["turns"]}
-    )
-    # Reports written before the pooled row existed have no "later_turns".
-    pooled = all("later_turns" in r["conditions"][c] for r in reports for c in conditions)
-    table = [header] + [rows_for(t) for t in all_turns] + [rows_for("2+")] * pooled + [rows_for("all")]
-    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    threshold = report_before["config"]["pass_threshold"]
-    title = (
-        f"Instruction adherence: share of replies scoring >= {threshold} per turn, "
-        "95% Wilson interval in brackets"
-    )
-    notes = (
-        "once: instruction in the first turn only (the GAtt view); every_turn: on every user turn "
-        "(the ceiling); none: no instruction (the floor)."
-    )
-    if len(reports) > 1:
-        notes += " diff: after - before, * when the intervals do not overlap."
-    if pooled:
-        notes += (
-            "\n2+: turns 2 and later pooled, with an interval from resampling whole dialogues (their"
-            " turns are not independent)."
-        )
-    repeats = [
-        f"{c} {name} {report['conditions'][c].get('repeats', 0)}/{report['conditions'][c]['overall']['n']}"
-        for c in conditions
-        for name, report in zip(names, reports, strict=True)
-    ]
-    if report_before["config"].get("max_repeat_similarity") is not None:
-        notes += "\nReplies that copy an earlier reply (scored 0): " + ", ".join(repeats) + "."
-    return "\n".join([title, *lines, notes])
 
 
 # --------------------------------------------------------------------------------------------------

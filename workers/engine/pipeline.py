@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from gatt.augment import sampling_messages, training_dialogue
+from gatt.augment import Placement, sampling_messages, training_dialogue
 from gatt.dialogues import Dialogue, parse_corpus
 from gatt.instructions import (
     Instruction,
@@ -51,12 +51,12 @@ from gatt.masks import (
     render,
     trained_text,
 )
-from gatt.repetition import closest_earlier, is_repeat
+from gatt.repetition import Repeat, closest_earlier, echo_share
 from gatt.selection import Selection, select_best, summarize
-from workers.engine.config import JobConfig
+from workers.engine.config import JobConfig, RewardConfig
 from workers.engine.hooks import Hooks, Stopped
 from workers.engine.models import LoadedModel, ModelError, end_of_turn_ids, load_model
-from workers.engine.rewards import RewardScorer
+from workers.engine.rewards import Reward, RewardScorer
 from workers.engine.sampling import sample_candidates
 from workers.engine.training import train
 from workers.engine.values import VALUES_FILE, values_for_job
@@ -295,9 +295,8 @@ def _sample_chunk(config, loaded, scorer, dialogues, instructions, indices, gene
             raise Stopped("cancelled during sampling")
         contexts, prompts = [], []
         for s in active:
-            text = instructions[s["index"]].text
-            messages = sampling_messages(
-                text, s["users"], s["replies"], system=s["system"], placement=config.placement
+            messages = sampling_context(
+                instructions[s["index"]], s["users"], s["replies"], s["system"], config.placement
             )
             contexts.append(messages)
             prompts.append(encode(tokenizer, render(tokenizer, messages, generation_prompt=True)))
@@ -319,23 +318,23 @@ def _sample_chunk(config, loaded, scorer, dialogues, instructions, indices, gene
             s = active[k]
             texts = [complete_reply(c.text, c.finished) for c in candidates]
             instruction = Instruction.from_json(s["instruction"])
-            (rewards,) = scorer.score(instruction, [contexts[k]], [texts])
-            # An empty reply (or one cut by max_new_tokens before its first sentence ended) never
-            # wins: training on it would teach the model to stop mid-sentence. Nor does a copy of an
-            # earlier reply: it would teach the model to "keep" the instruction by repeating itself.
-            # Nor an echo of the question being answered, which passes an opening-phrase verifier
-            # ("Ahoy! How long can cooked pasta be frozen?") without answering anything.
-            repeats = [closest_earlier(t, s["replies"]) for t in texts]
-            max_similarity = config.reward.max_repeat_similarity
             question = s["users"][len(s["replies"])]
-            echoes = [is_repeat(t, [question], max_similarity) for t in texts]
-            ranked = [
-                r.total if t and not rep.is_copy(max_similarity) and not echo else math.nan
-                for r, t, rep, echo in zip(rewards, texts, repeats, echoes, strict=True)
+            (rewards,) = scorer.score(instruction, [contexts[k]], [texts], questions=[question])
+            repeats = [closest_earlier(t, s["replies"]) for t in texts]
+            # The instruction's words are not an echo: it may demand a phrase the question also has.
+            echoes = [echo_share(t, question, ignore=instruction.sampling_text) for t in texts]
+            eligible = [
+                is_eligible(t, r, rep, echo, config.reward)
+                for t, r, rep, echo in zip(texts, rewards, repeats, echoes, strict=True)
             ]
             selection = select_best(
-                ranked, texts, threshold=config.reward.min_reward, prefer=config.reward.prefer
+                [r.total if ok else math.nan for r, ok in zip(rewards, eligible, strict=True)],
+                texts,
+                threshold=config.reward.min_reward,
+                prefer=config.reward.prefer,
+                relevance=_relevances(rewards),
             )
+            max_echo = config.reward.max_echo
             s["turns"].append(
                 {
                     "turn": len(s["replies"]),
@@ -347,14 +346,21 @@ def _sample_chunk(config, loaded, scorer, dialogues, instructions, indices, gene
                             "tokens": len(c.token_ids),
                             "reward": r.to_json(),
                             "repeat": rep.to_json(),  # closest earlier reply of the dialogue
-                            "echo": echo,  # copies the question it answers
+                            # how much of the question it repeats, and whether that refused it
+                            "echo": {
+                                "share": round(echo, 4),
+                                "is_echo": max_echo is not None and echo >= max_echo,
+                            },
+                            "eligible": ok,  # ranked on its reward; False: never chosen, counts 0
                         }
-                        for t, c, r, rep, echo in zip(
-                            texts, candidates, rewards, repeats, echoes, strict=True
+                        for t, c, r, rep, echo, ok in zip(
+                            texts, candidates, rewards, repeats, echoes, eligible, strict=True
                         )
                     ],
                     "chosen": selection.chosen,
                     "best": selection.best,
+                    # the rewards the choice and the statistics were computed from
+                    "ranked": list(selection.rewards),
                     "stats": {
                         "mean_reward": selection.mean_reward,
                         "max_reward": selection.max_reward,
@@ -372,21 +378,73 @@ def _sample_chunk(config, loaded, scorer, dialogues, instructions, indices, gene
     return states
 
 
+def sampling_context(
+    instruction: Instruction,
+    users: Sequence[str],
+    replies: Sequence[str],
+    system: str | None,
+    placement: Placement,
+) -> list[dict[str, str]]:
+    """The messages a reply is sampled from: the instruction's full wording on every user turn.
+
+    A terse instruction (`Instruction.terse`) stays terse only in the training view
+    (`build_training_set`), as in the paper."""
+    return sampling_messages(instruction.sampling_text, users, replies, system=system, placement=placement)
+
+
 _SENTENCE_END = re.compile(r"[.!?…](?=\s|$)|\n")
+
+
+_WORD = re.compile(r"\w+")
 
 
 def complete_reply(text: str, finished: bool) -> str:
     """The reply as it may be trained on: whole if the model ended it, else cut back to its last
-    complete sentence ("" when no sentence was completed within max_new_tokens)."""
+    complete sentence. "" (never chosen) when no sentence was completed within max_new_tokens, or
+    when the complete sentences hold less than half of the words generated: what is left is then
+    mostly the opening ("Oh, nice!" of "Oh, nice! She loves playing with those"), often the very
+    phrase an instruction asks for, and ranking would keep the phrase with no answer after it."""
     text = text.strip()
     if finished:
         return text
     ends = [m.end() for m in _SENTENCE_END.finditer(text)]
-    return text[: ends[-1]].strip() if ends else ""
+    if not ends:
+        return ""
+    kept = text[: ends[-1]].strip()
+    return kept if 2 * len(_WORD.findall(kept)) >= len(_WORD.findall(text)) else ""
+
+
+def is_eligible(text: str, reward: Reward, repeat: Repeat, echo: float, config: RewardConfig) -> bool:
+    """Whether a candidate may be chosen at all; one that may not is ranked as NaN (counts 0).
+
+    Not an empty reply (or one cut by max_new_tokens before its first sentence ended): training on
+    it would teach the model to stop mid-sentence. Not a copy of an earlier reply: it would teach
+    the model to "keep" the instruction by repeating itself. Not an echo of the question, which
+    passes an opening-phrase verifier ("Ahoy! How long can cooked pasta be frozen?") without
+    answering anything. Not a reply less relevant to the question than `min_relevance`.
+    """
+    if not text or repeat.is_copy(config.max_repeat_similarity):
+        return False
+    if config.max_echo is not None and echo >= config.max_echo:
+        return False
+    return config.min_relevance is None or (
+        reward.relevance is not None and reward.relevance >= config.min_relevance
+    )
+
+
+def _relevances(rewards: Sequence[Reward]) -> list[float] | None:
+    """The candidates' relevance for `prefer: relevant`; None when it was not computed."""
+    values = [r.relevance for r in rewards if r.relevance is not None]
+    return values if len(values) == len(rewards) else None
 
 
 def _selection(turn: dict[str, Any]) -> Selection:
-    rewards = tuple(c["reward"]["total"] for c in turn["candidates"])
+    """The turn's Selection as ranking made it, from the rewards it ranked on (refused candidates
+    count 0), so that summary.json agrees with the turn's `stats`."""
+    if "ranked" in turn:
+        rewards = tuple(float(r) for r in turn["ranked"])
+    else:  # a record written before rankings were recorded: its candidates' totals
+        rewards = tuple(c["reward"]["total"] if c.get("eligible", True) else 0.0 for c in turn["candidates"])
     return Selection(chosen=turn["chosen"], best=turn["best"], rewards=rewards, threshold=turn["threshold"])
 
 
@@ -456,7 +514,7 @@ class Evaluation:
 
     def finish(self) -> dict[str, Any]:
         from workers.engine.attention import plot_attention
-        from workers.engine.evaluation import compare, format_table
+        from workers.engine.eval_report import compare, format_table
 
         base = json.loads((self.directory / "base.json").read_text())
         gatt = json.loads((self.directory / "gatt.json").read_text())
