@@ -14,8 +14,9 @@ dialogues:
 - every family value of the set (rendered with the family's first verbose template) and every
   custom instruction runs on every dialogue (`gatt.instructions.each_instruction`), under the
   conditions none (the floor), once and every_turn, turn by turn, as `workers.evaluate` does;
-- the table gives, per instruction, the rate by turn under each condition and, over turns 2 and
-  later, the ceiling (every_turn), once, and their difference ("room"), sorted by ceiling.
+- the table gives, per instruction, the rate by turn under each condition, the rate over turns 2
+  and later, and "room": the ceiling (every_turn) minus once over turns 2+ (and the same for the
+  fixed-context conditions, `room_fixed`, when they are asked for), sorted by ceiling.
 
 Writes `probe.json` (the table's numbers and the whole adherence report) into --out and prints a
 Markdown table for docs/experiment.md.
@@ -36,6 +37,8 @@ from gatt.instructions import CUSTOM_FAMILY, Instruction, each_instruction, pars
 from workers.engine.evaluation import EvalConfig
 
 CONDITIONS = ("none", "once", "every_turn")
+# (instruction given once, its ceiling): room = ceiling - once, over turns 2 and later.
+ROOMS = (("once", "every_turn"), ("once_fixed", "every_turn_fixed"))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -84,32 +87,31 @@ def summarize(report: dict[str, Any], instructions: Sequence[Instruction]) -> li
             ]
             row[f"{condition}_later"] = _rate([s for r in mine for s in r["scores"][1:]], threshold)
             row[f"{condition}_later_n"] = sum(len(r["scores"][1:]) for r in mine)
-        if row.get("every_turn_later") is not None and row.get("once_later") is not None:
-            row["room"] = round(row["every_turn_later"] - row["once_later"], 3)
+        for once, ceiling in ROOMS:
+            if row.get(f"{ceiling}_later") is not None and row.get(f"{once}_later") is not None:
+                row[_room(once)] = round(row[f"{ceiling}_later"] - row[f"{once}_later"], 3)
         rows.append(row)
-    return sorted(rows, key=lambda r: -(r.get("every_turn_later") or 0.0))
+    return sorted(rows, key=lambda r: -(r.get("every_turn_later") or r.get("every_turn_fixed_later") or 0.0))
+
+
+def _room(once: str) -> str:
+    return "room" + once.removeprefix("once")
 
 
 def markdown(rows: Sequence[dict[str, Any]], conditions: Sequence[str]) -> str:
     def cells(values: Sequence[float | None]) -> str:
         return " / ".join("-" if v is None else f"{v:.2f}" for v in values)
 
-    head = ["instruction", *(f"{c}, by turn" for c in conditions), "every_turn 2+", "once 2+", "room", "n 2+"]
+    rooms = [(o, c) for o, c in ROOMS if o in conditions and c in conditions]
+    head = ["instruction", *(f"{c}, by turn" for c in conditions), *(f"{c} 2+" for c in conditions)]
+    head += [_room(o) for o, _ in rooms] + ["n 2+"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
-        later = [r.get("every_turn_later"), r.get("once_later"), r.get("room")]
-        lines.append(
-            "| "
-            + " | ".join(
-                [
-                    r["instruction"],
-                    *(cells(r.get(c, [])) for c in conditions),
-                    *("-" if v is None else f"{v:.2f}" for v in later),
-                    str(r.get("once_later_n", "-")),
-                ]
-            )
-            + " |"
-        )
+        later = [r.get(f"{c}_later") for c in conditions] + [r.get(_room(o)) for o, _ in rooms]
+        n = r.get(f"{conditions[0]}_later_n", "-")
+        cols = [r["instruction"], *(cells(r.get(c, [])) for c in conditions)]
+        cols += ["-" if v is None else f"{v:.2f}" for v in later] + [str(n)]
+        lines.append("| " + " | ".join(cols) + " |")
     return "\n".join(lines)
 
 

@@ -40,11 +40,14 @@ The job's hyperparameters, by section; every field is optional and has a default
   `schedule` (`cosine`|`linear`|`constant`), `warmup_steps`, `max_steps` or `epochs`,
   `micro_batch_size`, `grad_accum`, `max_grad_norm`, `max_seq_len`, `checkpoint_every`,
   `keep_checkpoints`, `merge_on_save`.
-
 - `evaluation`: `enabled` (false), `heldout_dialogues` (8: the corpus's last dialogues, never
-  trained on), `turns` (8), `conditions` (`once`, `every_turn`; also `none`), `max_new_tokens`,
-  `pass_threshold` (0.5), `batch_prompts`, `attention` (true), `max_repeat_similarity` (0.8: a reply
-  this similar to an earlier reply of its dialogue scores 0; null: no check).
+  trained on), `turns` (8, at most 64), `conditions` (`once`, `every_turn`; also `none`, and
+  `once_fixed`, `every_turn_fixed`, `none_fixed`, where the earlier assistant turns are the corpus's
+  own replies, so that adherence measures memory of the instruction, not imitation of the model's
+  earlier replies), `max_new_tokens`, `pass_threshold` (0.5), `batch_prompts`, `attention` (true),
+  `max_repeat_similarity` (0.8: a reply this similar to an earlier reply of its context scores 0;
+  null: no check), `max_echo` (0.75: a reply repeating this share of its question is an echo, not
+  useful), `relevance` (true: report the question-reply relevance).
 - `values`: `enabled` (false): the model proposes the hobby and public-figure values itself, as in
   the paper (`families`, `per_family`, `mode` merge|replace, `min_values`, `samples`, ...).
 

@@ -57,4 +57,16 @@ def test_summary_counts_later_turns_per_instruction_and_sorts_by_ceiling():
     assert ahoy["once_later_n"] == 4
     assert rows[1]["every_turn_later"] == 0.5  # 0.4 fails the 0.5 threshold, 0.6 passes
     table = markdown(rows, ("once", "every_turn"))
-    assert "| opening: Ahoy! | 1.00 / 0.50 / 0.00 | 1.00 / 1.00 / 0.50 | 0.75 | 0.25 | 0.50 | 4 |" in table
+    assert "| opening: Ahoy! | 1.00 / 0.50 / 0.00 | 1.00 / 1.00 / 0.50 | 0.25 | 0.75 | 0.50 | 4 |" in table
+
+
+def test_fixed_context_conditions_get_a_room_of_their_own():
+    instructions = each_instruction(parse_instruction_set(SET))[:1]
+    report = {
+        "config": {"pass_threshold": 0.5},
+        "transcripts": {"once_fixed": [_run(0, [1, 0, 0, 0])], "every_turn_fixed": [_run(0, [1, 1, 0, 1])]},
+    }
+    (row,) = summarize(report, instructions)
+    assert row["room_fixed"] == round(2 / 3, 3) and "room" not in row
+    table = markdown([row], ("once_fixed", "every_turn_fixed"))
+    assert table.splitlines()[0].endswith("| room_fixed | n 2+ |")

@@ -240,7 +240,7 @@ def compare(
     the paired runs with the two-way cluster bootstrap's interval, `significant` when it excludes 0.
     `paired` (top level): that bootstrap for both outcomes ("adherent", "useful") and every
     condition, and `ceiling`: "once" after / "every_turn" before per turn with its interval and the
-    done-bar (>= 0.9 at every turn 2+), also for the fixed conditions (workers/engine/eval_stats.py).
+    target (>= 0.9 at every turn 2+), also for the fixed conditions (workers/engine/eval_stats.py).
     Reports without transcripts (or, for "useful", written before it existed) get no paired rows.
     """
     paired = compare_paired(before, after, resamples=resamples, seed=seed)

@@ -60,7 +60,8 @@ OUTCOMES: tuple[str, ...] = ("adherent", "useful")
 # (numerator condition after training, denominator condition before it): the instruction given once
 # after GAtt against the base model's ceiling, the instruction on every turn.
 CEILING_PAIRS: tuple[tuple[str, str], ...] = (("once", "every_turn"), ("once_fixed", "every_turn_fixed"))
-# The done-bar: once-given adherence after GAtt >= 90% of the base model's every-turn rate.
+# The target: once-given adherence after GAtt at least 90% of the base model's every-turn rate, the
+# ceiling that GAtt distils (the every-turn view is what sampling sees).
 CEILING_BAR = 0.9
 
 
