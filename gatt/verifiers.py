@@ -13,7 +13,7 @@ be stored with datasets and sent over the API unchanged:
     ends_with      {"text": str, "case_sensitive": false}   0/1
     contains       {"text": str, "case_sensitive": false}   0/1
     regex          {"pattern": str, "ignore_case": false}   0/1, re.search
-    opening        {"text": str, "min_words_after": 2}      0/1, opens with the text's words, then says more
+    opening        {"text": str, "min_words_after": 2}      0/1, opens with the text's words/emoji, then words
     max_words      {"n": int >= 1}                          1 if within n, else n / count
     max_sentences  {"n": int >= 1}                          1 if within n, else n / count
     all_uppercase  {}                                       share of cased letters that are uppercase
@@ -121,8 +121,8 @@ def _check_value(name: str, value: Any, kind: str) -> str | None:
     """Why a well-typed param value is unusable, or None."""
     if name == "text" and not value.strip():
         return "must not be empty"
-    if name == "text" and kind == "opening" and not _words(value):
-        return "must contain at least one word"
+    if name == "text" and kind == "opening" and not _opening_tokens(value):
+        return "must contain a word or a symbol such as an emoji"
     if name == "n" and value < 1:
         return f"must be at least 1, got {value}"
     if name == "min_words_after" and not 0 <= value <= MAX_WORDS_AFTER:
@@ -394,27 +394,40 @@ def _score_regex(spec: dict, reply: str) -> Score:
 #
 # "Always start your reply with 'Hello there, my friend.'" is kept by "Hello there my friend! The
 # museum ..." too: models vary the punctuation of a phrase, and a regex built from the phrase must
-# spell out every variant (and escape it). So this compares words (case-folded), not characters.
-# The phrase alone, or the phrase said twice, keeps the letter of the instruction while answering
-# nothing; a small model trained on such replies learnt to answer every question with the phrase
-# alone (docs/experiment.md, run B). Hence `min_words_after` (default 2): that many words must
-# follow the phrase, and they must not open with the phrase again.
+# spell out every variant (and escape it). So this compares tokens: words (case-folded) and symbol
+# characters such as emoji, punctuation ignored. The phrase alone, or the phrase said twice, keeps
+# the letter of the instruction while answering nothing; a small model trained on such replies
+# learnt to answer every question with the phrase alone (docs/experiment.md, run B), or with the
+# emoji it was asked for, repeated (run H, whose regex let symbols sit between the emoji and the
+# words). Hence `min_words_after` (default 2): that many *words* must follow the phrase at once.
 
 DEFAULT_WORDS_AFTER = 2
+_OPENING_TOKEN = re.compile(r"(\w+)|[^\w\s]")
+
+
+def _opening_tokens(text: str) -> list[str]:
+    return [
+        m.group()
+        for m in _OPENING_TOKEN.finditer(text.casefold())
+        if m.group(1) or unicodedata.category(m.group()).startswith("S")
+    ]
 
 
 def _score_opening(spec: dict, reply: str) -> Score:
-    phrase = [w.casefold() for w in _words(spec["text"])]
-    words = [w.casefold() for w in _words(reply)]
+    phrase = _opening_tokens(spec["text"])
+    tokens = _opening_tokens(reply)
     after = spec.get("min_words_after", DEFAULT_WORDS_AFTER)
     quoted = _quote(spec["text"].strip())
-    if words[: len(phrase)] != phrase:
+    if tokens[: len(phrase)] != phrase:
         return Score(0.0, f"does not open with {quoted}")
-    rest = words[len(phrase) :]
+    rest = tokens[len(phrase) :]
     if rest[: len(phrase)] == phrase:
         return Score(0.0, f"opens with {quoted} twice")
-    if len(rest) < after:
-        return Score(0.0, f"opens with {quoted}, then {len(rest)} word(s) (at least {after})")
+    words = 0
+    while words < len(rest) and _WORD.fullmatch(rest[words]):
+        words += 1
+    if words < after:
+        return Score(0.0, f"opens with {quoted}, then {words} word(s) (at least {after})")
     return Score(1.0, f"opens with {quoted}")
 
 

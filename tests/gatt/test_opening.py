@@ -36,5 +36,23 @@ def test_opening_words_after_can_be_set():
 def test_opening_spec_problems():
     assert check_spec(SPEC) == []
     assert [p.field for p in check_spec({"type": "opening", "text": "?!"})] == ["text"]
+    assert check_spec({"type": "opening", "text": "🎯"}) == []
     assert [p.field for p in check_spec({**SPEC, "min_words_after": -1})] == ["min_words_after"]
     assert [p.field for p in check_spec({**SPEC, "min_words_after": 51})] == ["min_words_after"]
+
+
+@pytest.mark.parametrize(
+    ("reply", "value"),
+    [
+        ("🎯 Book the Colosseum online.", 1.0),
+        ("🎯Book the Colosseum online.", 1.0),
+        ("🎯🎯🎯🎯", 0.0),  # the emoji alone, repeated: what run H's regex let the model learn
+        ("🎯 🎯 Book it.", 0.0),
+        ("👍🏱⚕ Risotto is a type of rice dish.", 0.0),  # symbols between the emoji and the words
+        ("💡 Book the Colosseum online.", 0.0),
+        ("Book the Colosseum online. 🎯", 0.0),
+    ],
+)
+def test_opening_with_an_emoji_wants_words_right_after_it(reply, value):
+    spec = {"type": "opening", "text": "🎯" if "👍" not in reply else "👍"}
+    assert score(spec, reply).value == value
