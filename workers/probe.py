@@ -141,22 +141,27 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
+    from gatt.masks import TemplateError
     from workers.engine.evaluation import evaluate_adherence
-    from workers.engine.models import load_model
+    from workers.engine.models import ModelError, load_model
     from workers.run import printing_hooks
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    loaded = load_model(args.model)
-    # Dialogue i runs instructions[(i * m + j) % m] for j < m: every instruction on every dialogue.
-    report = evaluate_adherence(
-        loaded,
-        dialogues,
-        instructions,
-        config,
-        placement=Placement(attach=args.attach, keep=args.keep),
-        hooks=printing_hooks(),
-    )
+    try:
+        loaded = load_model(args.model)
+        # Dialogue i runs instructions[(i * m + j) % m] for j < m: every instruction on every dialogue.
+        report = evaluate_adherence(
+            loaded,
+            dialogues,
+            instructions,
+            config,
+            placement=Placement(attach=args.attach, keep=args.keep),
+            hooks=printing_hooks(),
+        )
+    except (ModelError, TemplateError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     rows = summarize(report, instructions)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
