@@ -38,7 +38,7 @@ DEFAULT_MAX_SIMILARITY = 0.8
 # back on?" answered "... Then put the pedals back on ..."). 0.75 lies between the two groups.
 DEFAULT_MAX_ECHO = 0.75
 
-# A word, or any other visible character; _tokens keeps the latter only when it is a symbol.
+# A word, or any other visible character; `tokens` keeps the latter only when it is a symbol.
 _TOKEN = re.compile(r"(\w+)|[^\w\s]")
 
 
@@ -55,7 +55,7 @@ class Repeat:
         return {"similarity": round(self.similarity, 4), "turn": self.turn}
 
 
-def _tokens(text: str) -> list[str]:
+def tokens(text: str) -> list[str]:
     """Lower-cased words and symbol characters (emoji, ...), in order; punctuation is dropped."""
     return [
         m.group()
@@ -66,7 +66,7 @@ def _tokens(text: str) -> list[str]:
 
 def similarity(a: str, b: str) -> float:
     """Token-sequence similarity in [0, 1]; two texts without tokens are equal (1.0)."""
-    wa, wb = _tokens(a), _tokens(b)
+    wa, wb = tokens(a), tokens(b)
     if not wa and not wb:
         return 1.0
     # autojunk off: with short texts, frequent words ("the") must still count as matches.
@@ -98,9 +98,9 @@ def echo_share(reply: str, question: str, *, ignore: str = "") -> float:
     Words of `ignore` (the instruction) are removed from both texts first. 0.0 when the question has
     no words left.
     """
-    skip = set(_tokens(ignore))
-    wq = [w for w in _tokens(question) if w not in skip]
-    wr = [w for w in _tokens(reply) if w not in skip]
+    skip = set(tokens(ignore))
+    wq = [w for w in tokens(question) if w not in skip]
+    wr = [w for w in tokens(reply) if w not in skip]
     if not wq or not wr:
         return 0.0
     least = 1 if len(wq) == 1 else 2

@@ -42,6 +42,7 @@ from typing import Any
 from lingua import Language, LanguageDetector, LanguageDetectorBuilder
 
 from gatt.errors import Problem, ValidationFailed
+from gatt.repetition import tokens
 
 
 @dataclass(frozen=True)
@@ -121,7 +122,7 @@ def _check_value(name: str, value: Any, kind: str) -> str | None:
     """Why a well-typed param value is unusable, or None."""
     if name == "text" and not value.strip():
         return "must not be empty"
-    if name == "text" and kind == "opening" and not _opening_tokens(value):
+    if name == "text" and kind == "opening" and not tokens(value):
         return "must contain a word or a symbol such as an emoji"
     if name == "n" and value < 1:
         return f"must be at least 1, got {value}"
@@ -402,25 +403,16 @@ def _score_regex(spec: dict, reply: str) -> Score:
 # words). Hence `min_words_after` (default 2): that many *words* must follow the phrase at once.
 
 DEFAULT_WORDS_AFTER = 2
-_OPENING_TOKEN = re.compile(r"(\w+)|[^\w\s]")
-
-
-def _opening_tokens(text: str) -> list[str]:
-    return [
-        m.group()
-        for m in _OPENING_TOKEN.finditer(text.casefold())
-        if m.group(1) or unicodedata.category(m.group()).startswith("S")
-    ]
 
 
 def _score_opening(spec: dict, reply: str) -> Score:
-    phrase = _opening_tokens(spec["text"])
-    tokens = _opening_tokens(reply)
+    phrase = tokens(spec["text"])
+    said = tokens(reply)
     after = spec.get("min_words_after", DEFAULT_WORDS_AFTER)
     quoted = _quote(spec["text"].strip())
-    if tokens[: len(phrase)] != phrase:
+    if said[: len(phrase)] != phrase:
         return Score(0.0, f"does not open with {quoted}")
-    rest = tokens[len(phrase) :]
+    rest = said[len(phrase) :]
     if rest[: len(phrase)] == phrase:
         return Score(0.0, f"opens with {quoted} twice")
     words = 0
