@@ -27,7 +27,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from gatt.instructions import CUSTOM_FAMILY, Instruction
-from workers.engine.eval_stats import compare_paired, pooled_rate, rate_summary, round4, wilson_interval
+from workers.engine.eval_stats import compare_paired, pooled_rate, rate_summary, round4
 from workers.engine.evaluation import FIXED_CONDITIONS, EvalConfig, _Run
 
 __all__ = ["compare", "format_table"]
@@ -40,13 +40,12 @@ _round = round4
 
 def _summary(scores: Sequence[float], threshold: float) -> dict[str, Any]:
     n = len(scores)
-    adhered = sum(1 for s in scores if s >= threshold)
-    ci = wilson_interval(adhered, n)
+    row = rate_summary(sum(1 for s in scores if s >= threshold), n)
     return {
         "n": n,
-        "adhered": adhered,
-        "rate": _round(adhered / n) if n else None,
-        "ci": [_round(ci[0]), _round(ci[1])] if ci else None,
+        "adhered": row["hits"],
+        "rate": row["rate"],
+        "ci": row["ci"],
         "mean_score": _round(sum(scores) / n) if n else None,
     }
 
