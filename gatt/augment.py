@@ -21,6 +21,7 @@ from typing import Literal
 
 Attach = Literal["prefix", "suffix"]
 Keep = Literal["first_user", "system"]
+History = Literal["sampled", "corpus", "both"]
 
 # A blank line keeps the instruction visibly apart from the user's own words in every template.
 SEPARATOR = "\n\n"
@@ -166,3 +167,29 @@ def training_dialogue(
         else:
             flags.append(False)
     return TrainingDialogue(tuple(messages), tuple(flags))
+
+
+def corpus_history(
+    replies: Sequence[str],
+    trained: Sequence[bool],
+    corpus_replies: Sequence[str | None],
+    *,
+    include_first: bool = True,
+) -> list[tuple[list[str], list[bool]]]:
+    """Each trained sampled reply on the corpus's own earlier replies: `(replies, trained)` pairs.
+
+    A reply sampled on the model's own adherent history can be learnt as "go on like the replies
+    above" instead of "do what the first turn asked". Put after the corpus's replies, which were
+    not written under the instruction, the same reply can only be explained by the instruction:
+    that is memory, and it gives nothing to copy. Loss is on the sampled reply alone. Stops at the
+    first earlier turn the corpus has no reply for. `include_first=False` leaves out turn 1, whose
+    history is empty (the sampled dialogue already trains it).
+    """
+    views = []
+    for k, flag in enumerate(trained):
+        earlier = [r for r in corpus_replies[:k] if r]
+        if len(earlier) < k:
+            break
+        if flag and (k > 0 or include_first):
+            views.append(([*earlier, replies[k]], [False] * k + [True]))
+    return views

@@ -4,13 +4,15 @@
 # given once, on every turn, never, and the same with the corpus's own replies as history.
 #   MODE=all|last (data.sample_turns)   SEED=0 (the job's seed; the evaluation stays the same)
 #   FAMILY=emoji (examples/experiment/<FAMILY>_train.json and <FAMILY>_heldout.json)
+#   HISTORY=corpus|sampled|both (data.train_history: what each sampled reply is trained after)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 scripts/setup.sh >/dev/null
 MODE=${MODE:-all}
 SEED=${SEED:-0}
+HISTORY=${HISTORY:-corpus}
 FAMILY=${FAMILY:-emoji}
-OUT=${OUT:-var/experiment/$FAMILY-$MODE-$SEED}
+OUT=${OUT:-var/experiment/$FAMILY-$MODE-$HISTORY-$SEED}
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 start=$(date +%s)
 rm -rf "$OUT"
@@ -20,7 +22,7 @@ mkdir -p "$OUT"
 cat examples/dialogues.jsonl examples/train_large.jsonl > "$OUT/corpus.jsonl"
 .venv/bin/python -m workers.run examples/experiment/job.yaml --set "seed=$SEED" --set "output_dir=$OUT/job" \
   --set "data.corpus=$OUT/corpus.jsonl" --set "data.instructions=examples/experiment/${FAMILY}_train.json" \
-  --set "data.sample_turns=$MODE"
+  --set "data.sample_turns=$MODE" --set "data.train_history=$HISTORY"
 trained=$(date +%s)
 checkpoint=$(.venv/bin/python -c "import json; print(json.load(open('$OUT/job/summary.json'))['final_checkpoint'])")
 .venv/bin/python -m workers.evaluate --model default --checkpoint "$checkpoint" \

@@ -277,6 +277,11 @@ class DataConfig:
     # context and sample only the last one. "all": sample every assistant turn in order, each on
     # the earlier samples; small models follow the instruction far more often this way.
     sample_turns: Literal["all", "last"] = "all"
+    # The history a sampled reply is trained on. "sampled": the dialogue as sampled (with
+    # sample_turns "all", the model's own adherent replies). "corpus": each reply alone after the
+    # corpus's own earlier replies, so that only the first turn's instruction explains it (memory,
+    # not imitation). "both": the sampled dialogue and the corpus view of turns 2 onwards.
+    train_history: Literal["sampled", "corpus", "both"] = "sampled"
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from gatt.augment import Placement, sampling_messages, training_dialogue
+from gatt.augment import Placement, corpus_history, sampling_messages, training_dialogue
 from gatt.dialogues import Dialogue, parse_corpus
 from gatt.instructions import (
     Instruction,
@@ -111,7 +111,9 @@ def run_job(
     )
     selections = [_selection(turn) for record in records for turn in record["turns"]]
 
-    examples = build_training_set(config, loaded.tokenizer, records, out / "training_set.jsonl", hooks)
+    examples = build_training_set(
+        config, loaded.tokenizer, records, out / "training_set.jsonl", hooks, dialogues=dialogues
+    )
     if not examples:
         raise NoAcceptedSamples(
             "no accepted samples to train on: no candidate reached reward.min_reward; lower the "
@@ -540,48 +542,81 @@ class Evaluation:
 
 
 def build_training_set(
-    config: JobConfig, tokenizer: Any, records: Sequence[dict[str, Any]], path: Path, hooks: Hooks
+    config: JobConfig,
+    tokenizer: Any,
+    records: Sequence[dict[str, Any]],
+    path: Path,
+    hooks: Hooks,
+    *,
+    dialogues: Sequence[Dialogue] = (),
 ) -> list[TokenizedExample]:
-    """Turn sampled dialogues into loss-masked examples and write them in readable form."""
+    """Turn sampled dialogues into loss-masked examples and write them in readable form.
+
+    `dialogues` (indexed by each record's `index`) supplies the corpus's replies that
+    `data.train_history` "corpus" and "both" put before each sampled reply."""
     examples: list[TokenizedExample] = []
     rows = []
+    history = config.data.train_history
     for record in records:
         if not any(record["trained"]):
             continue
-        n = len(record["replies"])
-        dialogue = training_dialogue(
-            Instruction.from_json(record["instruction"]).text,
-            record["users"][:n],
-            record["replies"],
-            record["trained"],
-            system=record["system"],
-            placement=config.placement,
-        )
-        try:
-            masked = build_examples(tokenizer, dialogue, config.loss_scope)
-        except TemplateError as exc:
-            hooks.event("warning", "template", f"dialogue {record['index']} skipped: {exc}", {})
-            continue
-        if masked.fallback_reason:
-            hooks.event(
-                "warning", "loss_scope_fallback", masked.fallback_reason, {"dialogue": record["index"]}
+        views: list[tuple[str, list[str], list[bool]]] = []
+        if history in ("sampled", "both"):
+            views.append(("sampled", record["replies"], record["trained"]))
+        if history in ("corpus", "both"):
+            corpus_replies = [reply for _, reply in dialogues[record["index"]].turns]
+            views.extend(
+                ("corpus", replies, trained)
+                for replies, trained in corpus_history(
+                    record["replies"], record["trained"], corpus_replies, include_first=history == "corpus"
+                )
             )
-        examples.extend(masked.examples)
-        rows.append(
-            {
-                "index": record["index"],
-                "dialogue_id": record["dialogue_id"],
-                "scope": masked.scope,
-                "fallback_reason": masked.fallback_reason,
-                "messages": list(dialogue.messages),
-                "trained": list(dialogue.trained),
-                "trained_spans": [trained_text(tokenizer, e) for e in masked.examples],
-                "tokens": masked.n_tokens,
-                "trained_tokens": masked.n_trained,
-            }
-        )
+        for view, replies, trained in views:
+            row = _training_example(config, tokenizer, record, replies, trained, hooks, examples)
+            if row is not None:
+                rows.append({"history": view, **row})
     _write_jsonl(path, rows)
     return examples
+
+
+def _training_example(
+    config: JobConfig,
+    tokenizer: Any,
+    record: dict[str, Any],
+    replies: Sequence[str],
+    trained: Sequence[bool],
+    hooks: Hooks,
+    examples: list[TokenizedExample],
+) -> dict[str, Any] | None:
+    """Append one training dialogue's masked examples to `examples`; its readable row, or None
+    when its template refuses it."""
+    dialogue = training_dialogue(
+        Instruction.from_json(record["instruction"]).text,
+        record["users"][: len(replies)],
+        replies,
+        trained,
+        system=record["system"],
+        placement=config.placement,
+    )
+    try:
+        masked = build_examples(tokenizer, dialogue, config.loss_scope)
+    except TemplateError as exc:
+        hooks.event("warning", "template", f"dialogue {record['index']} skipped: {exc}", {})
+        return None
+    if masked.fallback_reason:
+        hooks.event("warning", "loss_scope_fallback", masked.fallback_reason, {"dialogue": record["index"]})
+    examples.extend(masked.examples)
+    return {
+        "index": record["index"],
+        "dialogue_id": record["dialogue_id"],
+        "scope": masked.scope,
+        "fallback_reason": masked.fallback_reason,
+        "messages": list(dialogue.messages),
+        "trained": list(dialogue.trained),
+        "trained_spans": [trained_text(tokenizer, e) for e in masked.examples],
+        "tokens": masked.n_tokens,
+        "trained_tokens": masked.n_trained,
+    }
 
 
 # --- small helpers ---------------------------------------------------------------------------
