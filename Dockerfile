@@ -7,6 +7,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 GATT_CACHE_DIR
 COPY pyproject.toml README.md ./
 COPY gatt gatt
 COPY workers workers
+COPY service service
 COPY app app
 COPY migrations migrations
 COPY alembic.ini ./

@@ -14,10 +14,11 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from app.auth import repository, service
-from app.core.config import get_settings
-from app.core.db import make_engine, make_sessionmaker, session_scope
+from app.auth import service
 from app.core.errors import AppError
+from service.db import make_engine, make_sessionmaker, session_scope
+from service.repositories import auth as repository
+from service.settings import get_settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -46,14 +46,14 @@ from pydantic import BaseModel, Field
 from sqlalchemy import Engine, create_engine, event, text, update
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.core.config import Settings
-from app.core.db import make_sessionmaker, session_scope
 from app.core.errors import AppError, ServiceUnavailable, error_response
 from app.health.endpoints import Health, healthz
 from app.health.endpoints import router as service_health_router
-from app.jobs import repository as jobs
 from app.main import create_app
-from app.models import Base, Job, JobStatus
+from service.db import make_sessionmaker, session_scope
+from service.models import Base, Job, JobStatus
+from service.repositories import jobs
+from service.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +330,8 @@ def factory() -> FastAPI:
 def create_key(data_dir: Path, team: str, name: str | None = None) -> str:
     """A new API key for `team` in the embedded database, creating the team if it does not exist.
     (`python -m app.admin` speaks to Postgres only.)"""
-    from app.auth import repository, service
+    from app.auth import service
+    from service.repositories import auth as repository
 
     _, engine, sessions = open_database(data_dir)
     try:

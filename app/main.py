@@ -11,11 +11,12 @@ from fastapi import FastAPI
 from app.api import api_router
 from app.core.admission import AdmissionLimit
 from app.core.body_limit import BodyLimitMiddleware
-from app.core.config import Settings, get_settings
-from app.core.db import make_engine, make_sessionmaker
 from app.core.errors import install_error_handlers
 from app.core.ratelimit import RateLimiter
 from app.health.endpoints import router as health_router
+from service.db import make_engine, make_sessionmaker
+from service.queue import send_job
+from service.settings import Settings, get_settings
 
 DESCRIPTION = """\
 Ghost Attention (GAtt) fine-tuning as a service.
@@ -36,14 +37,9 @@ Lists are newest first and paginated with `limit` and `after` (the `next_after` 
 """
 
 
-def _send_to_workers(job_id: UUID) -> None:
-    from workers.celery_app import JOB_TASK, celery
-
-    celery.send_task(JOB_TASK, args=[str(job_id)])
-
-
 def create_app(settings: Settings | None = None, enqueue: Callable[[UUID], None] | None = None) -> FastAPI:
-    """The app. `enqueue` hands a new job to the workers (default: a Celery message by name)."""
+    """The app. `enqueue` hands a new job to the workers (default: a Celery message by name,
+    `service.queue.send_job`)."""
     settings = settings or get_settings()
     engine = make_engine(settings)
     limiter = (
@@ -77,7 +73,7 @@ def create_app(settings: Settings | None = None, enqueue: Callable[[UUID], None]
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
-    app.state.enqueue = enqueue or _send_to_workers
+    app.state.enqueue = enqueue or send_job
     app.state.rate_limiter = limiter  # per API key, checked in app.auth.dependencies.current_team
 
     install_error_handlers(app)

@@ -124,10 +124,10 @@ def prepare_database() -> str:
 def seed(url: str, n_jobs: int) -> tuple[str, list[str]]:
     """A fresh team with a key and `n_jobs` running jobs; returns the key and the job ids."""
     from app.auth import service as auth_service
-    from app.core.config import Settings
-    from app.core.db import make_engine, make_sessionmaker, session_scope
     from app.jobs.service import job_config
-    from app.models import Corpus, Job, JobStage, JobStatus
+    from service.db import make_engine, make_sessionmaker, session_scope
+    from service.models import Corpus, Job, JobStage, JobStatus
+    from service.settings import Settings
 
     settings = Settings(database_url=url)
     engine = make_engine(settings)

@@ -1,5 +1,5 @@
 """Alembic environment: the URL comes from Settings (GATT_DATABASE_URL), the target schema from
-app.models. Online mode only; offline SQL is `alembic upgrade head --sql` against the same metadata."""
+service.models. Online mode only; offline SQL is `alembic upgrade head --sql` against the same metadata."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import create_engine, pool
 
-import app.models  # noqa: F401  (registers every table on the metadata)
-from app.core.config import Settings
-from app.models.base import Base
+import service.models  # noqa: F401  (registers every table on the metadata)
+from service.models.base import Base
+from service.settings import Settings
 
 config = context.config
 if config.config_file_name is not None:

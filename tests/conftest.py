@@ -28,7 +28,7 @@ def database_url() -> Iterator[str]:
     except Exception as e:  # pragma: no cover - the message is the point
         pytest.fail(f"test database unavailable at {db.SERVER_URL} ({e}); start it with scripts/services.sh")
     url = db.url_for(db.TEST_DATABASE)
-    from app.core.config import get_settings
+    from service.settings import get_settings
 
     previous = os.environ.get("GATT_DATABASE_URL")
     os.environ["GATT_DATABASE_URL"] = url

@@ -28,7 +28,7 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
-from app.core.storage import ArtifactStore, StoredFile
+from service.storage import ArtifactStore, StoredFile
 
 log = logging.getLogger(__name__)
 

@@ -1,44 +1,10 @@
-"""The Celery application: Redis broker, only ids in messages, at-least-once delivery.
-
-Why these settings:
-- `task_acks_late` + `task_reject_on_worker_lost`: a task is acknowledged only when it returns, so
-  a worker killed mid-job leaves its message to be delivered again instead of losing the job.
-- `worker_prefetch_multiplier=1`: a worker holds one job at a time; a long GPU job must not sit on
-  messages other workers could run.
-- Redis redelivers an unacknowledged message after `visibility_timeout`. A job can run for hours,
-  longer than any sensible timeout, so a redelivery can reach a job that is still running. That is
-  harmless: a run starts only by taking the job's lease in Postgres (`app.jobs.repository.claim`),
-  which succeeds only for a queued job or one whose lease expired. Postgres, not the broker, decides.
-
-This module imports no torch; the API process uses it to send tasks by name.
-"""
+"""The worker's Celery application: `celery -A workers.celery_app worker`. Its settings, and why,
+are in `service/queue.py`; the tasks it runs are in `workers/tasks.py`."""
 
 from __future__ import annotations
 
-from celery import Celery
+from service.queue import JOB_TASK, REAP_TASK, make_celery
 
-from app.core.config import get_settings
-
-JOB_TASK = "jobs.run"
-REAP_TASK = "jobs.reap"
-
-
-def make_celery(broker_url: str | None = None) -> Celery:
-    settings = get_settings()
-    app = Celery("gatt", broker=broker_url or settings.redis_url, include=["workers.tasks"])
-    app.conf.update(
-        task_acks_late=True,
-        task_reject_on_worker_lost=True,
-        worker_prefetch_multiplier=1,
-        task_default_queue="default",
-        task_routes={JOB_TASK: {"queue": settings.job_queue}, REAP_TASK: {"queue": "default"}},
-        broker_transport_options={"visibility_timeout": 6 * 3600},
-        broker_connection_retry_on_startup=True,
-        task_ignore_result=True,
-        worker_hijack_root_logger=False,
-        beat_schedule={"reap": {"task": REAP_TASK, "schedule": max(5.0, settings.lease_s / 2)}},
-    )
-    return app
-
+__all__ = ["JOB_TASK", "REAP_TASK", "celery"]
 
 celery = make_celery()

@@ -33,13 +33,11 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.core.config import Settings, get_settings
-from app.core.db import make_engine, make_sessionmaker, session_scope
-from app.core.storage import StoreError, remote_store
-from app.corpora import repository as corpora
-from app.jobs import repository as jobs
-from app.jobs.service import job_dir, job_key
-from app.models import InstructionSet, Job, JobStage, JobStatus
+from service.db import make_engine, make_sessionmaker, session_scope
+from service.models import InstructionSet, Job, JobStage, JobStatus
+from service.repositories import corpora, jobs
+from service.settings import Settings, get_settings
+from service.storage import StoreError, job_dir, job_key, remote_store
 from workers.artifact_sync import ScratchSync
 from workers.celery_app import JOB_TASK, REAP_TASK, celery
 

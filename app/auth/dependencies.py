@@ -8,7 +8,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from app.auth import keys, service
 from app.core.db import SessionDep
 from app.core.errors import RateLimited
-from app.models import Team
+from service.models import Team
 
 # Declared for the OpenAPI security scheme only (auto_error=False); the header is checked below so that
 # a missing key and a malformed one get different codes and the envelope.

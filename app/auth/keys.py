@@ -3,7 +3,7 @@
 A key is ``gatt_<prefix>_<secret>``: `prefix` is 8 random characters of [a-z0-9] (stored in clear and
 indexed, so a key is found with one indexed lookup and can be named in logs and admin commands),
 `secret` is 43 URL-safe base64 characters (256 random bits). Only the SHA-256 of the whole key is
-stored; see `app.models.api_key` for why a fast hash is right for such keys.
+stored; see `service.models.api_key` for why a fast hash is right for such keys.
 """
 
 from __future__ import annotations

@@ -6,9 +6,10 @@ from datetime import UTC, datetime
 
 from sqlalchemy.orm import Session
 
-from app.auth import keys, repository
+from app.auth import keys
 from app.core.errors import Conflict, NotFound, Unauthorized, Unprocessable
-from app.models import ApiKey, Team
+from service.models import ApiKey, Team
+from service.repositories import auth as repository
 
 
 def create_team(session: Session, name: str) -> Team:

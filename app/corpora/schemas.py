@@ -6,7 +6,7 @@ from uuid import UUID
 from pydantic import BaseModel, Field
 
 from app.core.pagination import Page
-from app.models import Corpus as CorpusRow
+from service.models import Corpus as CorpusRow
 
 
 class CorpusStats(BaseModel):

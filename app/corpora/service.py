@@ -8,11 +8,11 @@ from datetime import UTC, datetime
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.errors import Conflict, NotFound, Unprocessable
-from app.core.pagination import PageParams, PageResult
-from app.corpora import repository
-from app.models import Corpus, Team
 from gatt.dialogues import CorpusLimits, corpus_stats, dump_corpus, parse_corpus
 from gatt.errors import ValidationFailed
+from service.models import Corpus, Team
+from service.pagination import PageParams, PageResult
+from service.repositories import corpora as repository
 
 CONTENT_CHUNK_BYTES = 1024 * 1024
 

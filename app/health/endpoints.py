@@ -9,7 +9,7 @@ from pydantic import BaseModel, Field
 from sqlalchemy import text
 
 from app.core.errors import ServiceUnavailable, error_response
-from app.core.storage import remote_store
+from service.storage import remote_store
 
 router = APIRouter(tags=["health"])
 

@@ -9,11 +9,11 @@ from typing import Any
 from sqlalchemy.orm import Session
 
 from app.core.errors import Conflict, NotFound, Unprocessable
-from app.core.pagination import PageParams, PageResult
-from app.instruction_sets import repository
-from app.models import InstructionSet, Team
 from gatt.errors import ValidationFailed
 from gatt.instructions import default_instruction_set, instruction_set_to_json, parse_instruction_set
+from service.models import InstructionSet, Team
+from service.pagination import PageParams, PageResult
+from service.repositories import instruction_sets as repository
 
 
 def validate_spec(spec: Any, *, field_prefix: str = "spec") -> dict[str, Any]:

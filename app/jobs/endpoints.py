@@ -27,8 +27,8 @@ from app.jobs.schemas import (
     Metric,
     MetricList,
 )
-from app.models import Job as JobRow
-from app.models import JobStatus
+from service.models import Job as JobRow
+from service.models import JobStatus
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/jobs", tags=["jobs"])

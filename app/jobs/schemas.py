@@ -8,8 +8,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from app.core.pagination import Page
 from app.core.safe_json import JSONObject, StoredText
-from app.models import Job as JobRow
-from app.models import JobStage, JobStatus
+from service.models import Job as JobRow
+from service.models import JobStage, JobStatus
 
 CONFIG_DESCRIPTION = """\
 The job's hyperparameters, by section; every field is optional and has a default

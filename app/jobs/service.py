@@ -15,16 +15,22 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from app.core.config import Settings
 from app.core.errors import Conflict, NotFound, Unprocessable
-from app.core.pagination import PageParams, PageResult
-from app.core.storage import ArtifactMissing, ArtifactStore, InvalidKey, StoredFile, artifact_store
-from app.corpora import repository as corpora
-from app.instruction_sets import repository as instruction_sets
-from app.jobs import repository
 from app.jobs.schemas import JobCreate
-from app.models import Checkpoint, Job, JobStatus, Team
 from gatt.errors import Problem, ValidationFailed
+from service.models import Checkpoint, Job, JobStatus, Team
+from service.pagination import PageParams, PageResult
+from service.repositories import corpora, instruction_sets
+from service.repositories import jobs as repository
+from service.settings import Settings
+from service.storage import (
+    ArtifactMissing,
+    ArtifactStore,
+    InvalidKey,
+    StoredFile,
+    artifact_store,
+    job_key,
+)
 from workers.engine.config import parse_config
 
 # Decided by the server, never by a request: where data and outputs live, and on which device.
@@ -180,18 +186,8 @@ def checkpoints(session: Session, team: Team, id: uuid.UUID) -> list[Checkpoint]
 
 
 # --- artifacts -------------------------------------------------------------------------------
-# Read through the artifact store (app/core/storage.py): the shared directory, or S3 when configured.
+# Read through the artifact store (service/storage.py): the shared directory, or S3 when configured.
 # Keys are `<team>/<job>/...`, built from the job's row (or a checkpoint row's path), never from a request.
-
-
-def job_dir(settings: Settings, job: Job) -> Path:
-    """Where a job's run writes: <artifact_dir>/<team>/<job> (with S3, the worker's local scratch)."""
-    return settings.artifact_dir / job_key(job)
-
-
-def job_key(job: Job) -> str:
-    """The store key of a job's directory."""
-    return f"{job.team_id}/{job.id}"
 
 
 def artifact_rows(

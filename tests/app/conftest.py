@@ -13,8 +13,8 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.core.config import Settings
 from app.main import create_app
+from service.settings import Settings
 from tests.app.factories import Tenant, make_tenant
 
 # Small limits so that the limit tests move kilobytes, not megabytes.

@@ -11,8 +11,8 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.auth import service as auth_service
-from app.core.db import session_scope
-from app.models import Corpus, InstructionSet, Job, JobStatus, Team
+from service.db import session_scope
+from service.models import Corpus, InstructionSet, Job, JobStatus, Team
 
 
 @dataclass(frozen=True)

@@ -17,8 +17,8 @@ import httpx
 import pytest
 import uvicorn
 
-from app.core.config import Settings
 from app.main import create_app
+from service.settings import Settings
 from tests.app.factories import make_tenant
 
 CLIENTS = 120

@@ -7,7 +7,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app import admin
 from app.auth import keys
 from app.auth import service as auth_service
-from app.core.db import session_scope
+from service.db import session_scope
 from tests.app.factories import Tenant
 
 URL = "/v1/instruction-sets"

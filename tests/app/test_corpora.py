@@ -7,7 +7,7 @@ import uuid
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.models import Corpus, JobStatus
+from service.models import Corpus, JobStatus
 from tests.app.conftest import MAX_CORPUS_BYTES
 from tests.app.factories import Tenant, count_rows, dialogue, jsonl, make_job, set_job_status
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from app.core.config import Settings
 from app.main import create_app
+from service.settings import Settings
 from tests.app.conftest import MAX_JSON_BODY_BYTES
 from tests.app.factories import Tenant
 

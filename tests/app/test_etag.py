@@ -8,7 +8,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import event
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.models import JobStatus
+from service.models import JobStatus
 from tests.app.factories import Tenant, dialogue, jsonl, make_job, set_job_status
 
 

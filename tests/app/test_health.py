@@ -2,8 +2,8 @@ from __future__ import annotations
 
 from fastapi.testclient import TestClient
 
-from app.core.config import Settings
 from app.main import create_app
+from service.settings import Settings
 
 
 def test_healthz(client: TestClient) -> None:

@@ -5,7 +5,7 @@ import uuid
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.models import InstructionSet, JobStatus
+from service.models import InstructionSet, JobStatus
 from tests.app.factories import Tenant, count_rows, dialogue, jsonl, make_job, set_job_status
 
 URL = "/v1/instruction-sets"

@@ -8,8 +8,8 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.jobs import repository
-from app.models import Job, JobStatus
+from service.models import Job, JobStatus
+from service.repositories import jobs as repository
 from tests.app.factories import Tenant, dialogue, jsonl
 
 URL = "/v1/jobs"

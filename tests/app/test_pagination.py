@@ -3,7 +3,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from app.core.pagination import decode_cursor, encode_cursor
+from app.core.pagination import decode_cursor
+from service.pagination import encode_cursor
 from tests.app.factories import Tenant, dialogue, jsonl
 
 URL = "/v1/instruction-sets"

@@ -25,10 +25,10 @@ from sqlalchemy import func, update
 
 import workers.engine.evaluation as evaluation_module
 import workers.engine.pipeline as pipeline
-from app.core.config import Settings
-from app.core.db import session_scope
 from app.main import create_app
-from app.models import Job
+from service.db import session_scope
+from service.models import Job
+from service.settings import Settings
 from tests.app.factories import make_tenant
 from workers import tasks
 from workers.tasks import JobRun, run_job_by_id

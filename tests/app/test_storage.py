@@ -1,4 +1,4 @@
-"""The artifact store (app/core/storage.py) on both backends, the local directory and S3 (a real S3
+"""The artifact store (service/storage.py) on both backends, the local directory and S3 (a real S3
 HTTP server: moto's standalone server, see the `s3_server` fixture), the worker's copies between
 its scratch directory and the store (workers/artifact_sync.py), and the fenced checkpoint row."""
 
@@ -12,9 +12,10 @@ from pathlib import Path
 import boto3
 import pytest
 
-from app.core.config import Settings
-from app.core.db import session_scope
-from app.core.storage import (
+from service.db import session_scope
+from service.repositories import jobs as repository
+from service.settings import Settings
+from service.storage import (
     ArtifactMissing,
     ArtifactStore,
     InvalidKey,
@@ -24,7 +25,6 @@ from app.core.storage import (
     artifact_store,
     remote_store,
 )
-from app.jobs import repository
 from tests.app.factories import dialogue, jsonl, make_job
 from workers import artifact_sync
 from workers.artifact_sync import CHECKPOINTS, MANIFEST, ScratchSync

@@ -19,8 +19,8 @@ import pytest
 from celery import Celery
 from fastapi.testclient import TestClient
 
-from app.core.config import Settings
 from app.main import create_app
+from service.settings import Settings
 from tests.app.factories import make_tenant
 
 pytestmark = pytest.mark.slow

@@ -37,10 +37,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from app.core.config import Settings
-from app.core.db import make_engine, make_sessionmaker
 from app.main import create_app
-from app.models import Checkpoint, Job, JobEvent, JobMetric
+from service.db import make_engine, make_sessionmaker
+from service.models import Checkpoint, Job, JobEvent, JobMetric
+from service.settings import Settings
 from tests.app.factories import Tenant, make_tenant
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -27,10 +27,10 @@ import pytest
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 
-from app.core.config import Settings
-from app.core.db import session_scope
 from app.main import create_app
-from app.models import Checkpoint
+from service.db import session_scope
+from service.models import Checkpoint
+from service.settings import Settings
 from tests.app.factories import dialogue, jsonl, make_tenant
 
 schemathesis = pytest.importorskip("schemathesis")

@@ -11,9 +11,9 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from app.core.config import Settings
 from app.core.ratelimit import KEY_PREFIX, RateLimiter
 from app.main import create_app
+from service.settings import Settings
 from tests.app.factories import Tenant, make_tenant
 from tests.reliability.conftest import RedisServer, free_port
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 from sqlalchemy import String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.models.base import Base, Timestamps, UUIDPrimaryKey
+from service.models.base import Base, Timestamps, UUIDPrimaryKey
 
 
 class Team(UUIDPrimaryKey, Timestamps, Base):

@@ -6,7 +6,7 @@ from datetime import datetime
 from sqlalchemy import ForeignKey, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.models.base import Base, Timestamps, UUIDPrimaryKey
+from service.models.base import Base, Timestamps, UUIDPrimaryKey
 
 
 class ApiKey(UUIDPrimaryKey, Timestamps, Base):

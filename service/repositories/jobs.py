@@ -14,8 +14,8 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from app.core.pagination import PageParams, PageResult, keyset_page
-from app.models import Checkpoint, Job, JobEvent, JobMetric, JobStatus
+from service.models import Checkpoint, Job, JobEvent, JobMetric, JobStatus
+from service.pagination import PageParams, PageResult, keyset_page
 
 TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 

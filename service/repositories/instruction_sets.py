@@ -7,8 +7,8 @@ from typing import Any
 from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
-from app.core.pagination import PageParams, PageResult, keyset_page
-from app.models import ACTIVE_JOB_STATUSES, InstructionSet, Job
+from service.models import ACTIVE_JOB_STATUSES, InstructionSet, Job
+from service.pagination import PageParams, PageResult, keyset_page
 
 
 def add(session: Session, team_id: uuid.UUID, name: str, spec: dict[str, Any]) -> InstructionSet:

@@ -7,8 +7,8 @@ from typing import Any
 from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
-from app.core.pagination import PageParams, PageResult, keyset_page
-from app.models import ACTIVE_JOB_STATUSES, Corpus, Job
+from service.models import ACTIVE_JOB_STATUSES, Corpus, Job
+from service.pagination import PageParams, PageResult, keyset_page
 
 
 def add(

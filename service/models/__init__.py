@@ -1,12 +1,12 @@
 """ORM models: singular classes, plural tables. Importing this package registers every table on
 `Base.metadata` (Alembic's autogenerate relies on that)."""
 
-from app.models.api_key import ApiKey
-from app.models.base import Base
-from app.models.corpus import Corpus
-from app.models.instruction_set import InstructionSet
-from app.models.job import ACTIVE_JOB_STATUSES, Checkpoint, Job, JobEvent, JobMetric, JobStage, JobStatus
-from app.models.team import Team
+from service.models.api_key import ApiKey
+from service.models.base import Base
+from service.models.corpus import Corpus
+from service.models.instruction_set import InstructionSet
+from service.models.job import ACTIVE_JOB_STATUSES, Checkpoint, Job, JobEvent, JobMetric, JobStage, JobStatus
+from service.models.team import Team
 
 __all__ = [
     "ACTIVE_JOB_STATUSES",

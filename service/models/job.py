@@ -21,7 +21,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.models.base import Base, CreatedAt, Timestamps, UUIDPrimaryKey
+from service.models.base import Base, CreatedAt, Timestamps, UUIDPrimaryKey
 
 
 class JobStatus(enum.StrEnum):

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from app.core.config import Settings
+    from service.models import Job
+    from service.settings import Settings
 
 CHUNK = 1 << 20  # bytes per read: large enough to stream fast, small enough to never matter in memory
 
@@ -313,3 +314,16 @@ def _s3_store(
     return S3Store(
         bucket, prefix, endpoint_url=endpoint_url, region=region, addressing_style=addressing_style
     )
+
+
+# --- where a job's artifacts live ----------------------------------------------------------
+
+
+def job_dir(settings: Settings, job: Job) -> Path:
+    """Where a job's run writes: <artifact_dir>/<team>/<job> (with S3, the worker's local scratch)."""
+    return settings.artifact_dir / job_key(job)
+
+
+def job_key(job: Job) -> str:
+    """The store key of a job's directory."""
+    return f"{job.team_id}/{job.id}"

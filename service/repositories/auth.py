@@ -6,7 +6,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from app.models import ApiKey, Team
+from service.models import ApiKey, Team
 
 
 def get_team_by_name(session: Session, name: str) -> Team | None:

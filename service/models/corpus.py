@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import BigInteger, ForeignKey, Index, LargeBinary, String
 from sqlalchemy.orm import Mapped, deferred, mapped_column
 
-from app.models.base import Base, Timestamps, UUIDPrimaryKey
+from service.models.base import Base, Timestamps, UUIDPrimaryKey
 
 
 class Corpus(UUIDPrimaryKey, Timestamps, Base):

@@ -7,7 +7,7 @@ from typing import Any
 from sqlalchemy import ForeignKey, Index, String
 from sqlalchemy.orm import Mapped, mapped_column
 
-from app.models.base import Base, Timestamps, UUIDPrimaryKey
+from service.models.base import Base, Timestamps, UUIDPrimaryKey
 
 
 class InstructionSet(UUIDPrimaryKey, Timestamps, Base):

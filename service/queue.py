@@ -1,0 +1,56 @@
+"""The job queue: a Celery application on Redis, only ids in messages, at-least-once delivery.
+
+The API sends tasks by name through `client()`; the worker process builds its own app with
+`make_celery()` (`workers/celery_app.py`) and registers the tasks on it. Neither imports the other.
+
+Why these settings:
+- `task_acks_late` + `task_reject_on_worker_lost`: a task is acknowledged only when it returns, so
+  a worker killed mid-job leaves its message to be delivered again instead of losing the job.
+- `worker_prefetch_multiplier=1`: a worker holds one job at a time; a long GPU job must not sit on
+  messages other workers could run.
+- Redis redelivers an unacknowledged message after `visibility_timeout`. A job can run for hours,
+  longer than any sensible timeout, so a redelivery can reach a job that is still running. That is
+  harmless: a run starts only by taking the job's lease in Postgres (`service.repositories.jobs.claim`),
+  which succeeds only for a queued job or one whose lease expired. Postgres, not the broker, decides.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from uuid import UUID
+
+from celery import Celery
+
+from service.settings import get_settings
+
+JOB_TASK = "jobs.run"
+REAP_TASK = "jobs.reap"
+
+
+def make_celery(broker_url: str | None = None) -> Celery:
+    settings = get_settings()
+    app = Celery("gatt", broker=broker_url or settings.redis_url, include=["workers.tasks"])
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        worker_prefetch_multiplier=1,
+        task_default_queue="default",
+        task_routes={JOB_TASK: {"queue": settings.job_queue}, REAP_TASK: {"queue": "default"}},
+        broker_transport_options={"visibility_timeout": 6 * 3600},
+        broker_connection_retry_on_startup=True,
+        task_ignore_result=True,
+        worker_hijack_root_logger=False,
+        beat_schedule={"reap": {"task": REAP_TASK, "schedule": max(5.0, settings.lease_s / 2)}},
+    )
+    return app
+
+
+@lru_cache
+def client() -> Celery:
+    """The Celery app the API sends with (created on first use; it connects on first send)."""
+    return make_celery()
+
+
+def send_job(job_id: UUID) -> None:
+    """Hand a committed job to the workers: a `jobs.run` message holding its id."""
+    client().send_task(JOB_TASK, args=[str(job_id)])
