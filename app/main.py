@@ -60,6 +60,9 @@ def create_app(settings: Settings | None = None, enqueue: Callable[[UUID], None]
         version="0.1.0",
         description=DESCRIPTION,
         lifespan=lifespan,
+        # operationId = the endpoint function's name (`create_job`, `list_jobs`, ...): what client
+        # generators name their methods after.
+        generate_unique_id_function=lambda route: route.name,
         openapi_tags=[
             {"name": "instruction sets", "description": "The instructions GAtt teaches a model to keep."},
             {"name": "corpora", "description": "Dialogue corpora (JSONL) that jobs train on."},

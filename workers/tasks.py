@@ -40,6 +40,7 @@ from service.settings import Settings, get_settings
 from service.storage import StoreError, job_dir, job_key, remote_store
 from workers.artifact_sync import ScratchSync
 from workers.celery_app import JOB_TASK, REAP_TASK, celery
+from workers.engine.hooks import Hooks, Stage, Stopped
 
 log = logging.getLogger(__name__)
 
@@ -128,9 +129,13 @@ class JobRun:
 
     def event(self, level: str, kind: str, message: str, data: dict[str, Any]) -> None:
         self._tx(lambda s: jobs.add_event(s, self.job_id, level, kind, message, data or None))
-        if kind == "stage" and message in _STAGES:
-            self.renew(stage=JobStage(message), progress=0.0, progress_done=0, progress_total=0, eta_s=None)
-        if kind == "stage" and self.sync is not None:
+
+    def stage(self, stage: Stage) -> None:
+        if stage.value in _STAGES:  # `done` is no stage of the row: it keeps the last one reached
+            self.renew(
+                stage=JobStage(stage.value), progress=0.0, progress_done=0, progress_total=0, eta_s=None
+            )
+        if self.sync is not None:
             self.sync.sync()  # what the previous stage wrote (samples, training set, ...) becomes readable
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
@@ -142,8 +147,6 @@ class JobRun:
         self.renew(latest_metrics={"step": step, **values}, trained_tokens=trained, eta_s=values.get("eta_s"))
 
     def checkpoint(self, step: int, path: str, manifest: dict[str, Any]) -> None:
-        from workers.engine.hooks import Stopped
-
         relative = Path(path).resolve().relative_to(self.settings.artifact_dir.resolve()).as_posix()
         root = self.settings.artifact_dir.resolve()
         if self.lost.is_set():
@@ -180,14 +183,13 @@ class JobRun:
         self._cancelled = self._tx(lambda s: jobs.cancel_requested(s, self.job_id))
         return self._cancelled
 
-    def hooks(self):
-        from workers.engine.hooks import Hooks
-
+    def hooks(self) -> Hooks:
         return Hooks(
             progress=self.progress,
             event=self.event,
             metrics=self.metrics,
             checkpoint=self.checkpoint,
+            stage=self.stage,
             should_stop=self.should_stop,
         )
 
@@ -255,8 +257,7 @@ def run_job_task(self, job_id: str) -> str:
 def run_job_by_id(job_id: str | uuid.UUID, settings: Settings, factory: sessionmaker[Session]) -> str:
     """One run of a job: lease, engine, persist, terminal transition. The body of `jobs.run`, callable
     without Celery (the embedded mode's in-process worker, `app.embedded`). Returns what happened."""
-    from workers.engine.hooks import Stopped
-    from workers.engine.pipeline import run_job
+    from workers.engine.pipeline import run_job  # torch loads here, not when Celery imports the tasks
 
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
     jid = uuid.UUID(str(job_id))

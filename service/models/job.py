@@ -39,7 +39,6 @@ ACTIVE_JOB_STATUSES = (JobStatus.QUEUED, JobStatus.RUNNING)
 class JobStage(enum.StrEnum):
     SYNTHESIZE = "synthesize"
     SAMPLE = "sample"
-    RANK = "rank"
     TRAIN = "train"
     EVALUATE = "evaluate"
 

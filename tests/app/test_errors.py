@@ -114,3 +114,20 @@ def test_openapi_documents_everything(client: TestClient) -> None:
             assert value.get("description"), f"{name}.{prop}"
     upload = spec["paths"]["/v1/corpora"]["post"]["requestBody"]["content"]["multipart/form-data"]
     assert upload["schema"]["required"] == ["file"]
+
+
+def test_operation_ids_read_as_method_names(client: TestClient) -> None:
+    # Client generators name their methods after these.
+    spec = client.get("/openapi.json").json()
+    ids = {
+        f"{method.upper()} {path}": op["operationId"]
+        for path, methods in spec["paths"].items()
+        for method, op in methods.items()
+    }
+    assert ids["POST /v1/jobs"] == "create_job"
+    assert ids["GET /v1/jobs"] == "list_jobs"
+    assert ids["GET /v1/jobs/{job_id}"] == "get_job"
+    assert ids["POST /v1/jobs/{job_id}/cancel"] == "cancel_job"
+    assert ids["GET /v1/corpora/{corpus_id}"] == "get_corpus"
+    assert ids["DELETE /v1/instruction-sets/{instruction_set_id}"] == "delete_instruction_set"
+    assert len(set(ids.values())) == len(ids)

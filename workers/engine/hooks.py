@@ -7,9 +7,20 @@ within one step.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+
+class Stage(enum.StrEnum):
+    """The stages of a job, in the order they start (`evaluate` runs before and after `train`)."""
+
+    SYNTHESIZE = "synthesize"
+    SAMPLE = "sample"
+    EVALUATE = "evaluate"
+    TRAIN = "train"
+    DONE = "done"
 
 
 @dataclass
@@ -22,8 +33,9 @@ class Hooks:
     metrics: Callable[[int, dict[str, float]], None] = lambda step, metrics: None
     # (step, path, manifest): after a checkpoint is completely written.
     checkpoint: Callable[[int, str, dict[str, Any]], None] = lambda step, path, manifest: None
+    # (stage): a stage starts; also reported as an event of kind "stage".
+    stage: Callable[[Stage], None] = lambda stage: None
     should_stop: Callable[[], bool] = lambda: False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 class Stopped(Exception):

@@ -54,7 +54,7 @@ from gatt.masks import (
 from gatt.repetition import Repeat, closest_earlier, echo_share
 from gatt.selection import Selection, select_best, summarize
 from workers.engine.config import JobConfig, RewardConfig
-from workers.engine.hooks import Hooks, Stopped
+from workers.engine.hooks import Hooks, Stage, Stopped
 from workers.engine.models import LoadedModel, ModelError, end_of_turn_ids, load_model
 from workers.engine.rewards import Reward, RewardScorer
 from workers.engine.sampling import sample_candidates
@@ -95,7 +95,7 @@ def run_job(
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "config.json", config.to_json())
 
-    _stage(hooks, "synthesize")
+    _stage(hooks, Stage.SYNTHESIZE)
     dialogues, heldout = split_heldout(config, load_dialogues(config))
     if config.values.enabled:
         # The model lists some families' values itself (workers/engine/values.py): load it first.
@@ -105,7 +105,7 @@ def run_job(
     _write_jsonl(out / "instructions.jsonl", [i.to_json() for i in instructions])
 
     loaded = _job_model(config, loaded, allowed_roots)
-    _stage(hooks, "sample")
+    _stage(hooks, Stage.SAMPLE)
     records = sample_dialogues(
         config, loaded, dialogues, instructions, out / "samples.jsonl", hooks, allowed_roots=allowed_roots
     )
@@ -122,11 +122,11 @@ def run_job(
     evaluation = None
     if config.evaluation.enabled:
         # Before training: train() turns the model into the trained one in place.
-        _stage(hooks, "evaluate")
+        _stage(hooks, Stage.EVALUATE)
         evaluation = Evaluation(config, instruction_set, dialogues, instructions, heldout, out / "evaluation")
         evaluation.run("base", loaded, hooks)
 
-    _stage(hooks, "train")
+    _stage(hooks, Stage.TRAIN)
     # The adapter records the base weights it applies to: the embedded default by name, anything
     # else (a local model, or the merged base of an earlier checkpoint) by its directory.
     base_model = "default" if loaded.source == "default" else str(loaded.base_dir)
@@ -140,7 +140,7 @@ def run_job(
         base_model=base_model,
     )
     if evaluation is not None:
-        _stage(hooks, "evaluate")
+        _stage(hooks, Stage.EVALUATE)
         evaluation.run("gatt", dataclasses.replace(loaded, model=result.model), hooks)
         evaluation.finish()
     final_metrics = result.metrics[-1] if result.metrics else {}
@@ -156,7 +156,7 @@ def run_job(
         wall_s=time.monotonic() - started,
     )
     _write_json(out / "summary.json", _jsonable(job.__dict__))
-    _stage(hooks, "done")
+    _stage(hooks, Stage.DONE)
     return job
 
 
@@ -622,8 +622,9 @@ def _training_example(
 # --- small helpers ---------------------------------------------------------------------------
 
 
-def _stage(hooks: Hooks, stage: str) -> None:
-    hooks.event("info", "stage", stage, {"stage": stage})
+def _stage(hooks: Hooks, stage: Stage) -> None:
+    hooks.event("info", "stage", stage.value, {"stage": stage.value})
+    hooks.stage(stage)
 
 
 def _write_json(path: Path, obj: Any) -> None:
