@@ -43,7 +43,7 @@ from typing import Any, Literal
 import anyio
 from fastapi import APIRouter, FastAPI
 from pydantic import BaseModel, Field
-from sqlalchemy import Engine, create_engine, event, text, update
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.errors import AppError, ServiceUnavailable, error_response
@@ -51,7 +51,7 @@ from app.health.endpoints import Health, healthz
 from app.health.endpoints import router as service_health_router
 from app.main import create_app
 from service.db import make_sessionmaker, session_scope
-from service.models import Base, Job, JobStatus
+from service.models import Base
 from service.repositories import jobs
 from service.settings import Settings
 
@@ -157,18 +157,7 @@ class EmbeddedWorker:
         self._stopping.set()
         self._queue.put(None)
         with session_scope(self.factory) as s:
-            ids = list(
-                s.scalars(
-                    update(Job)
-                    .where(Job.status == JobStatus.RUNNING, Job.lease_owner.startswith(self._owner_prefix))
-                    .values(status=JobStatus.QUEUED, lease_owner=None, lease_expires_at=None)
-                    .returning(Job.id)
-                )
-            )
-            for id in ids:
-                jobs.add_event(
-                    s, id, "warning", "requeued", "the embedded service stopped; job requeued", None
-                )
+            jobs.requeue_owned(s, self._owner_prefix, "the embedded service stopped; job requeued")
         if self._thread is not None:
             self._thread.join(timeout_s)
 

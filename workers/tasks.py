@@ -29,13 +29,12 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
-from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import make_engine, make_sessionmaker, session_scope
-from service.models import InstructionSet, Job, JobStage, JobStatus
-from service.repositories import corpora, jobs
+from service.models import Job, JobStage, JobStatus
+from service.repositories import corpora, instruction_sets, jobs
 from service.settings import Settings, get_settings
 from service.storage import StoreError, job_dir, job_key, remote_store
 from workers.artifact_sync import ScratchSync
@@ -163,7 +162,7 @@ class JobRun:
             # The trainer keeps only the newest checkpoints on disk: unlist the ones it deleted.
             for row in jobs.checkpoints(s, self.job_id):
                 if not (root / row.path).is_dir():
-                    s.delete(row)
+                    jobs.unlist_checkpoint(s, row)
             jobs.add_event(s, self.job_id, "info", "checkpoint", f"checkpoint at step {step}", {"step": step})
             return True
 
@@ -203,7 +202,7 @@ def prepare_config(job: Job, settings: Settings, out: Path, factory: sessionmake
         content = corpora.read_content(s, job.corpus_id)
         spec = None
         if job.instruction_set_id is not None:
-            spec = s.scalar(select(InstructionSet.spec).where(InstructionSet.id == job.instruction_set_id))
+            spec = instruction_sets.spec(s, job.instruction_set_id)
     if content is None:
         raise JobFailure("corpus_deleted", "The job's corpus was deleted before the job ran.")
     (out / "corpus.jsonl").write_bytes(content)

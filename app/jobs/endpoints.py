@@ -8,11 +8,10 @@ from uuid import UUID
 
 from fastapi import APIRouter, BackgroundTasks, Header, Path, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
-from sqlalchemy import select
 
 from app.auth.dependencies import CurrentTeam
 from app.core.db import SessionDep, SettingsDep
-from app.core.errors import AUTH_RESPONSES, ERROR_RESPONSES, NotFound, error_response
+from app.core.errors import AUTH_RESPONSES, ERROR_RESPONSES, error_response
 from app.core.pagination import PageParamsDep
 from app.jobs import service
 from app.jobs.schemas import (
@@ -27,7 +26,6 @@ from app.jobs.schemas import (
     Metric,
     MetricList,
 )
-from service.models import Job as JobRow
 from service.models import JobStatus
 
 log = logging.getLogger(__name__)
@@ -147,11 +145,7 @@ def get_job(
     carries an `ETag`; poll with `If-None-Match` to get 304 while the job has not changed."""
     if if_none_match is not None:
         # The cheap path: only updated_at, by primary key (and team, so another team's job is a 404).
-        updated_at = session.scalar(
-            select(JobRow.updated_at).where(JobRow.id == job_id, JobRow.team_id == team.id)
-        )
-        if updated_at is None:
-            raise NotFound("No such job.", param="job_id")
+        updated_at = service.updated_at(session, team, job_id)
         etag = _etag(job_id, updated_at)
         if _etag_matches(if_none_match, etag):
             return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})

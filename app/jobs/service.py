@@ -9,6 +9,7 @@ import tarfile
 import uuid
 import zlib
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -153,6 +154,14 @@ def get(session: Session, team: Team, id: uuid.UUID) -> Job:
     if job is None:
         raise NotFound("No such job.", param="job_id")
     return job
+
+
+def updated_at(session: Session, team: Team, id: uuid.UUID) -> datetime:
+    """The job's last change (its ETag) without loading the row."""
+    when = repository.updated_at(session, team.id, id)
+    if when is None:
+        raise NotFound("No such job.", param="job_id")
+    return when
 
 
 def list_page(session: Session, team: Team, params: PageParams, status: JobStatus | None) -> PageResult[Job]:

@@ -44,6 +44,11 @@ def get_for_share(session: Session, team_id: uuid.UUID, id: uuid.UUID) -> Instru
     return session.scalars(stmt).one_or_none()
 
 
+def spec(session: Session, id: uuid.UUID) -> dict[str, Any] | None:
+    """The set's spec, deleted or not (a job keeps the set it was created with)."""
+    return session.scalar(select(InstructionSet.spec).where(InstructionSet.id == id))
+
+
 def page(session: Session, team_id: uuid.UUID, params: PageParams) -> PageResult[InstructionSet]:
     stmt = select(InstructionSet).where(
         InstructionSet.team_id == team_id, InstructionSet.deleted_at.is_(None)

@@ -45,6 +45,11 @@ def get_any(session: Session, id: uuid.UUID) -> Job | None:
     return session.get(Job, id, populate_existing=True)
 
 
+def updated_at(session: Session, team_id: uuid.UUID, id: uuid.UUID) -> datetime | None:
+    """Only the job's `updated_at` (its ETag), by primary key and team: one indexed read."""
+    return session.scalar(select(Job.updated_at).where(Job.id == id, Job.team_id == team_id))
+
+
 def get_by_idempotency_key(session: Session, team_id: uuid.UUID, key: str) -> Job | None:
     return session.scalars(
         select(Job).where(Job.team_id == team_id, Job.idempotency_key == key)
@@ -209,6 +214,10 @@ def checkpoints(session: Session, job_id: uuid.UUID) -> list[Checkpoint]:
     )
 
 
+def unlist_checkpoint(session: Session, row: Checkpoint) -> None:
+    session.delete(row)
+
+
 def checkpoint(session: Session, job_id: uuid.UUID, step: int) -> Checkpoint | None:
     stmt = select(Checkpoint).where(Checkpoint.job_id == job_id, Checkpoint.step == step)
     return session.scalars(stmt).one_or_none()
@@ -237,6 +246,21 @@ def requeue_expired(session: Session) -> list[uuid.UUID]:
         add_event(
             session, id, "warning", "worker_lost", "the worker stopped renewing its lease; job requeued", None
         )
+    return ids
+
+
+def requeue_owned(session: Session, owner_prefix: str, message: str) -> list[uuid.UUID]:
+    """Running jobs whose lease owner starts with `owner_prefix` go back to queued, each with a
+    `requeued` event: a process hands back the jobs it holds when it stops."""
+    stmt = (
+        update(Job)
+        .where(Job.status == JobStatus.RUNNING, Job.lease_owner.startswith(owner_prefix))
+        .values(status=JobStatus.QUEUED, lease_owner=None, lease_expires_at=None)
+        .returning(Job.id)
+    )
+    ids = list(session.scalars(stmt))
+    for id in ids:
+        add_event(session, id, "warning", "requeued", message, None)
     return ids
 
 
