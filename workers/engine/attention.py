@@ -46,6 +46,7 @@ from gatt.instructions import Instruction
 from gatt.masks import TemplateError, build_examples, encode, render
 from workers.engine.evaluation import EvalConfig, evaluate_adherence
 from workers.engine.hooks import Hooks, Stopped
+from workers.engine.models import unwrap
 
 __all__ = [
     "attention_report",
@@ -59,10 +60,6 @@ __all__ = [
 _MARKER = "GATTINSTRUCTIONMARKERQZX"
 
 
-def _base_model(model: Any) -> Any:
-    return model.get_base_model() if hasattr(model, "get_base_model") else model
-
-
 @contextmanager
 def eager_attention(model: Any) -> Iterator[Any]:
     """Run the block with eager attention (which can return weights); restore the previous kind.
@@ -70,7 +67,7 @@ def eager_attention(model: Any) -> Iterator[Any]:
     Works on a plain transformers model and on a peft model around one (the switch is made on
     the base model, whose attention modules LoRA leaves in place).
     """
-    base = _base_model(model)
+    base = unwrap(model)
     previous = getattr(base.config, "_attn_implementation", None)
     if previous != "eager":
         base.set_attn_implementation("eager")
@@ -155,7 +152,7 @@ def _span_shares(
     model: Any, ids: Sequence[int], span: tuple[int, int], queries: Sequence[int], device: Any
 ) -> torch.Tensor:
     """(layers, heads, queries): share of each query row's attention on ids[span[0]:span[1]]."""
-    base = _base_model(model)
+    base = unwrap(model)
     rows = torch.tensor(list(queries), dtype=torch.long, device=device)
     collected: list[torch.Tensor] = []
 

@@ -140,7 +140,7 @@ def load_model(
         model = _with_adapter(model, adapter_dir)
     model.to(torch_device)
     model.eval()
-    generation_config = getattr(_base_model(model), "generation_config", None)
+    generation_config = getattr(unwrap(model), "generation_config", None)
     if generation_config is not None and generation_config.pad_token_id is None:
         generation_config.pad_token_id = tokenizer.pad_token_id  # else generate() warns every call
 
@@ -513,7 +513,8 @@ def _with_adapter(model: Any, adapter_dir: Path) -> Any:
         raise ModelError("invalid_model", f"cannot load the adapter in {adapter_dir}: {exc}") from exc
 
 
-def _base_model(model: Any) -> Any:
+def unwrap(model: Any) -> Any:
+    """The transformers model itself, through a peft wrapper if there is one."""
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from gatt.masks import IGNORE_INDEX, TokenizedExample, fit_to_length
 from workers.engine.config import TrainConfig
 from workers.engine.hooks import Hooks, Stopped
+from workers.engine.models import unwrap
 
 CHECKPOINTS = "checkpoints"
 MANIFEST = "manifest.json"
@@ -187,7 +188,7 @@ _PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
 
 def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
     """The decoder stack and output head of a plain causal LM (through a peft wrapper), else None."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base = unwrap(model)
     config = getattr(base, "config", None)
     if getattr(config, "model_type", None) not in _PLAIN_HEAD_TYPES:
         return None
