@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gatt.masks import IGNORE_INDEX, TokenizedExample  # noqa: E402
-from workers.engine.training import Batch, collate, summed_loss  # noqa: E402
+from workers.engine.objectives import Batch, collate, summed_loss  # noqa: E402
 
 SIZES = {
     # TinyLlama-1.1B's shape.

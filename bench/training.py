@@ -187,7 +187,8 @@ def train_config(steps: int) -> Any:
 
 def step_batches(examples: list[Any], config: Any) -> list[list[Any]]:
     """The examples of every optimiser step, in the order `train` visits them."""
-    from workers.engine.training import _prepare, micro_batch_indices
+    from workers.engine.schedule import micro_batch_indices
+    from workers.engine.training import _prepare
 
     data, *_ = _prepare(examples, config.max_seq_len)
     assert len(data) == len(examples), "the benchmark's examples all fit max_seq_len"
@@ -201,7 +202,7 @@ def step_batches(examples: list[Any], config: Any) -> list[list[Any]]:
 def run_side(side: str, steps: int, n_dialogues: int) -> dict[str, Any]:
     torch = _setup_torch()
     from workers.engine.models import load_model
-    from workers.engine.training import collate
+    from workers.engine.objectives import collate
 
     loaded = load_model("default")
     model, tokenizer = loaded.model, loaded.tokenizer
@@ -275,7 +276,8 @@ def run_trl(
     from transformers import TrainerCallback
     from trl import SFTConfig, SFTTrainer
 
-    from workers.engine.training import _prepare_model, trained_labels
+    from workers.engine.objectives import trained_labels
+    from workers.engine.training import _prepare_model
 
     # The same adapter, initialised from the same seeds as train() does it.
     random.seed(config.seed)
@@ -336,7 +338,8 @@ def run_trl(
 
 def epoch_cost(model: Any, examples: list[Any], pad_id: int, device: Any) -> dict[str, float]:
     """One epoch of forward + backward in train()'s micro-batches; no optimiser step."""
-    from workers.engine.training import collate, epoch_permutation, summed_loss
+    from workers.engine.objectives import collate, summed_loss
+    from workers.engine.schedule import epoch_permutation
 
     torch = sys.modules["torch"]
     order = epoch_permutation(len(examples), 0, 0)

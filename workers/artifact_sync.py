@@ -15,7 +15,7 @@ and hashing all work on local files) and `workers/tasks.py` calls, at the right 
   is brought back into the scratch directory, so the engine resumes from it (finished samples,
   evaluation reports and, above all, checkpoints) instead of starting over.
 
-This module imports no torch: the path constants below mirror `workers/engine/training.py`
+This module imports no torch: the path constants below mirror `workers/engine/checkpoints.py`
 (tests/app/test_storage.py checks that they agree).
 """
 
@@ -32,9 +32,9 @@ from service.storage import ArtifactStore, StoredFile
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "train/checkpoints"  # the pipeline trains into out/"train"; training.CHECKPOINTS below it
-MANIFEST = "manifest.json"  # training.MANIFEST
-STEP_DIR = re.compile(r"^step-(\d{6,})$")  # training._CKPT_NAME: finished checkpoints only, not *.tmp
+CHECKPOINTS = "train/checkpoints"  # the pipeline trains into out/"train"; checkpoints.CHECKPOINTS below it
+MANIFEST = "manifest.json"  # checkpoints.MANIFEST
+STEP_DIR = re.compile(r"^step-(\d{6,})$")  # checkpoints.STEP_DIR: finished checkpoints only, not *.tmp
 RESTORE = ".restore"  # staging for downloaded checkpoints, inside the job directory
 
 

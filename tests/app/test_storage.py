@@ -165,11 +165,11 @@ def test_settings_choose_the_store(tmp_path: Path, s3_server: str) -> None:
 
 
 def test_sync_constants_match_the_engine() -> None:
-    from workers.engine import training
+    from workers.engine import checkpoints
 
-    assert f"train/{training.CHECKPOINTS}" == artifact_sync.CHECKPOINTS
-    assert artifact_sync.MANIFEST == training.MANIFEST
-    assert artifact_sync.STEP_DIR.pattern == training._CKPT_NAME.pattern
+    assert f"train/{checkpoints.CHECKPOINTS}" == artifact_sync.CHECKPOINTS
+    assert artifact_sync.MANIFEST == checkpoints.MANIFEST
+    assert artifact_sync.STEP_DIR.pattern == checkpoints.STEP_DIR.pattern
 
 
 # --- the worker's side -----------------------------------------------------------------------

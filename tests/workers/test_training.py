@@ -21,20 +21,13 @@ from gatt.augment import training_dialogue
 from gatt.masks import IGNORE_INDEX, TokenizedExample, build_examples, fit_to_length
 from tests.gatt import chat_tokenizers
 from tests.threads import one_torch_thread
-from workers.engine import training
+from workers.engine import objectives
+from workers.engine.checkpoints import MANIFEST, verify_checkpoint
+from workers.engine.config import TrainConfig
 from workers.engine.hooks import Hooks, Stopped
-from workers.engine.training import (
-    MANIFEST,
-    METRIC_FIELDS,
-    Batch,
-    TrainConfig,
-    collate,
-    epoch_permutation,
-    lr_at,
-    summed_loss,
-    train,
-    verify_checkpoint,
-)
+from workers.engine.objectives import Batch, collate, summed_loss
+from workers.engine.schedule import epoch_permutation, lr_at
+from workers.engine.training import METRIC_FIELDS, train
 
 VOCAB = 300
 
@@ -228,7 +221,7 @@ def test_summed_loss_matches_full_logits_loss_and_gradients(tie, head, monkeypat
     # summed_loss computes logits only where tokens train: for a plain causal LM the head runs on
     # exactly those positions; for other architectures the model is asked for the trained columns.
     if head == "trained columns":
-        monkeypatch.setattr(training, "_PLAIN_HEAD_TYPES", frozenset())
+        monkeypatch.setattr(objectives, "_PLAIN_HEAD_TYPES", frozenset())
     examples = [handmade(30, [(4, 9), (20, 25)], seed=11), handmade(17, [(12, 16)], seed=12)]
     batch = collate(examples, pad_id=0)
     model, reference = tiny_llama(tie=tie), tiny_llama(tie=tie)
