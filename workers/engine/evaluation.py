@@ -376,12 +376,11 @@ def evaluate_adherence(
     """
     import torch
 
-    from gatt.masks import TemplateError, check_contents, encode, render
-    from workers.engine import sampling
+    from gatt.masks import TemplateError, check_contents
     from workers.engine.config import SamplingConfig
     from workers.engine.eval_report import _condition_report
     from workers.engine.hooks import Hooks, Stopped
-    from workers.engine.models import end_of_turn_ids
+    from workers.engine.rollout import Rollout
 
     if not instructions:
         raise ValueError("no instructions to evaluate")
@@ -392,11 +391,8 @@ def evaluate_adherence(
         relevance_fn, relevance_floor = relevance, RELEVANCE_FLOOR
     hooks = hooks or Hooks()
     started = time.monotonic()
-    model, tokenizer = loaded.model, loaded.tokenizer
-    stop_ids = end_of_turn_ids(tokenizer)
-    limit = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-    if config.max_context is not None:
-        limit = min(limit, config.max_context)
+    rollout = Rollout.of(loaded, max_context=config.max_context)
+    tokenizer = loaded.tokenizer
     sampling_config = SamplingConfig(
         k=1,
         temperature=config.temperature,
@@ -451,54 +447,39 @@ def evaluate_adherence(
             break
         if hooks.should_stop():
             raise Stopped("cancelled during evaluation")
-        prompts = []
+        contexts = []
         for r in active:
             # Every turn carries the full wording, as when a job samples; once, the training view's
             # text (terse for a terse instruction), as GAtt trains.
             text = r.instruction.sampling_text if _base(r.condition) == "every_turn" else r.instruction.text
-            messages = condition_messages(
-                r.condition, text, r.users, r.context(), system=r.system, placement=placement
+            contexts.append(
+                condition_messages(
+                    r.condition, text, r.users, r.context(), system=r.system, placement=placement
+                )
             )
-            prompts.append(encode(tokenizer, render(tokenizer, messages, generation_prompt=True)))
+        # Similar lengths in one batch waste less on left padding; greedy replies to the same
+        # prompt are the same, so each distinct prompt is generated once (at turn 1, "once",
+        # "every_turn" and their fixed variants are the same prompt).
+        results = rollout.turn(
+            contexts, sampling_config, generator=generator, should_stop=hooks.should_stop, by_length=True
+        )
         cut = 0
-        for r, prompt in zip(active, prompts, strict=True):
-            if len(prompt) + config.max_new_tokens > limit:
+        for r, result in zip(active, results, strict=True):
+            if result is None:
                 r.stopped = "context_length"
                 r.cut_turns = len(r.users) - t
                 cut += r.cut_turns
-        keep = [k for k, r in enumerate(active) if r.stopped is None]
         if cut:
             hooks.event(
                 "warning",
                 "context_length",
-                f"evaluation: {cut} turn(s) not run, the context would exceed {limit} tokens",
+                f"evaluation: {cut} turn(s) not run, the context would exceed {rollout.limit} tokens",
                 {"turn": t + 1, "turns_cut": cut},
             )
-        if not keep:
+        turn_runs = [r for r, result in zip(active, results, strict=True) if result is not None]
+        candidates = [result for result in results if result is not None]
+        if not candidates:
             continue
-        # Greedy replies to the same prompt are the same: generate each distinct prompt once (at
-        # turn 1, "once", "every_turn" and their fixed variants are the same prompt). Similar
-        # lengths in one batch waste less on left padding.
-        distinct = list(dict.fromkeys(tuple(prompts[k]) for k in keep)) if sampling_config.greedy else None
-        batch = (
-            sorted(distinct, key=len) if distinct is not None else sorted((prompts[k] for k in keep), key=len)
-        )
-        generated = sampling.sample_candidates(
-            model,
-            tokenizer,
-            [list(p) for p in batch],
-            sampling_config,
-            stop_ids=stop_ids,
-            generator=generator,
-            should_stop=hooks.should_stop,
-        )
-        if distinct is not None:
-            by_prompt = {p: c for p, c in zip(batch, generated, strict=True)}
-            candidates = [by_prompt[tuple(prompts[k])] for k in keep]
-        else:
-            keep.sort(key=lambda k: len(prompts[k]))  # the order `batch` was sorted into (stable)
-            candidates = generated
-        turn_runs = [active[k] for k in keep]
         replies = [c[0].text.strip() for c in candidates]
         scored = _score_turn(turn_runs, replies)
         if relevance_fn is not None:
@@ -514,7 +495,7 @@ def evaluate_adherence(
         ):
             earlier = closest_earlier(reply, r.context())
             repeat = earlier.is_copy(config.max_repeat_similarity)
-            if repeat:
+            if repeat and earlier.turn is not None:  # is_copy implies an earlier turn
                 value, parts = 0.0, [0.0] * len(parts)
                 whose = "the corpus reply" if r.fixed else "its reply"
                 reason = f"repeats {whose} of turn {earlier.turn + 1} (similarity {earlier.similarity:.2f})"
@@ -547,7 +528,7 @@ def evaluate_adherence(
         "placement": {"attach": placement.attach, "keep": placement.keep},
         "dialogues": len(selected) - len(skipped),
         "runs_per_condition": len(runs) // max(1, len(config.conditions)),
-        "context_limit": limit,
+        "context_limit": rollout.limit,
         "skipped": skipped,
         "missing_replies": missing,
         "relevance_floor": relevance_floor,

@@ -47,17 +47,16 @@ from gatt.masks import (
     TokenizedExample,
     build_examples,
     check_contents,
-    encode,
-    render,
     trained_text,
 )
 from gatt.repetition import Repeat, closest_earlier, echo_share
 from gatt.selection import Selection, select_best, summarize
 from workers.engine.config import JobConfig, RewardConfig
 from workers.engine.hooks import Hooks, Stage, Stopped
-from workers.engine.models import LoadedModel, ModelError, end_of_turn_ids, load_model
+from workers.engine.models import LoadedModel, ModelError, load_model
 from workers.engine.rewards import Reward, RewardScorer
-from workers.engine.sampling import sample_candidates
+from workers.engine.rollout import Rollout
+from workers.engine.sampling import Candidate
 from workers.engine.training import train
 from workers.engine.values import VALUES_FILE, values_for_job
 
@@ -230,6 +229,7 @@ def sample_dialogues(
     """Sample every dialogue not yet in `path`, chunk by chunk; return all records in order."""
     done = {record["index"]: record for record in _read_records(path)}
     scorer = RewardScorer(config.reward, device=loaded.device, allowed_roots=allowed_roots)
+    rollout = Rollout.of(loaded)
     chunk_size = config.sampling.batch_prompts
     hooks.progress("sample", len(done), len(dialogues))
     for start in range(0, len(dialogues), chunk_size):
@@ -243,7 +243,7 @@ def sample_dialogues(
         generator = torch.Generator(device=loaded.device).manual_seed(
             ((config.seed * 1_000_003 + config.sampling.seed) * 1_000_003 + start) % 2**63
         )
-        chunk = _sample_chunk(config, loaded, scorer, dialogues, instructions, todo, generator, hooks)
+        chunk = _sample_chunk(config, rollout, scorer, dialogues, instructions, todo, generator, hooks)
         with open(path, "a", encoding="utf-8") as f:
             for record in chunk:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -254,130 +254,130 @@ def sample_dialogues(
     return [done[i] for i in sorted(done)]
 
 
-def _sample_chunk(config, loaded, scorer, dialogues, instructions, indices, generator, hooks) -> list[dict]:
-    model, tokenizer = loaded.model, loaded.tokenizer
-    stop_ids = end_of_turn_ids(tokenizer)
-    limit = getattr(model.config, "max_position_embeddings", None) or 1 << 30
-    states = []
-    for i in indices:
-        dialogue = dialogues[i]
-        turns = dialogue.turns[: config.data.max_turns]
-        users = [user for user, _ in turns]
-        replies, trained = [], []
-        if config.data.sample_turns == "last":
-            # Earlier corpus replies stay as context with zero loss; only the last turn is sampled.
-            replies = [reply or "" for _, reply in turns[:-1]]
-            trained = [False] * len(replies)
-        try:  # text that spells a control token would forge turn boundaries in every prompt
-            check_contents(
-                tokenizer, [{"content": text} for text in [*users, *replies, dialogue.system or ""]]
-            )
-            stopped = None
-        except TemplateError as exc:
-            stopped = "control_token"
-            hooks.event("warning", "control_token", f"dialogue {i} skipped: {exc}", {"dialogue": i})
-        states.append(
-            {
-                "index": i,
-                "dialogue_id": dialogue.id,
-                "instruction": instructions[i].to_json(),
-                "system": dialogue.system,
-                "users": users,
-                "replies": replies,
-                "trained": trained,
-                "turns": [],
-                "stopped": stopped,
-            }
-        )
+def _sample_chunk(config, rollout, scorer, dialogues, instructions, indices, generator, hooks) -> list[dict]:
+    """Sample the dialogues `indices` turn by turn, all at once; their records."""
+    states = [
+        _new_record(config, rollout.tokenizer, dialogues[i], i, instructions[i], hooks) for i in indices
+    ]
     while True:
         active = [s for s in states if s["stopped"] is None and len(s["replies"]) < len(s["users"])]
         if not active:
             break
         if hooks.should_stop():
             raise Stopped("cancelled during sampling")
-        contexts, prompts = [], []
-        for s in active:
-            messages = sampling_context(
+        contexts = [
+            sampling_context(
                 instructions[s["index"]], s["users"], s["replies"], s["system"], config.placement
             )
-            contexts.append(messages)
-            prompts.append(encode(tokenizer, render(tokenizer, messages, generation_prompt=True)))
-        fits = [len(p) + config.sampling.max_new_tokens <= limit for p in prompts]
-        for s, ok in zip(active, fits, strict=True):
-            if not ok:
+            for s in active
+        ]
+        results = rollout.turn(contexts, config.sampling, generator=generator)
+        for s, candidates in zip(active, results, strict=True):
+            if candidates is None:
                 s["stopped"] = "context_length"
                 hooks.event("warning", "context_length", f"dialogue {s['index']} stopped: context full", {})
-        keep = [k for k, ok in enumerate(fits) if ok]
-        samples = sample_candidates(
-            model,
-            tokenizer,
-            [prompts[k] for k in keep],
-            config.sampling,
-            stop_ids=stop_ids,
-            generator=generator,
-        )
-        for k, candidates in zip(keep, samples, strict=True):
-            s = active[k]
-            texts = [complete_reply(c.text, c.finished) for c in candidates]
-            instruction = Instruction.from_json(s["instruction"])
-            question = s["users"][len(s["replies"])]
-            (rewards,) = scorer.score(instruction, [contexts[k]], [texts], questions=[question])
-            repeats = [closest_earlier(t, s["replies"]) for t in texts]
-            # The instruction's words are not an echo: it may demand a phrase the question also has.
-            echoes = [echo_share(t, question, ignore=instruction.sampling_text) for t in texts]
-            eligible = [
-                is_eligible(t, r, rep, echo, config.reward)
-                for t, r, rep, echo in zip(texts, rewards, repeats, echoes, strict=True)
-            ]
-            selection = select_best(
-                [r.total if ok else math.nan for r, ok in zip(rewards, eligible, strict=True)],
-                texts,
-                threshold=config.reward.min_reward,
-                prefer=config.reward.prefer,
-                relevance=_relevances(rewards),
-            )
-            max_echo = config.reward.max_echo
-            s["turns"].append(
-                {
-                    "turn": len(s["replies"]),
-                    "candidates": [
-                        {
-                            "text": t,  # what was scored and may be trained on
-                            "raw": c.text,  # what the model generated
-                            "finished": c.finished,
-                            "tokens": len(c.token_ids),
-                            "reward": r.to_json(),
-                            "repeat": rep.to_json(),  # closest earlier reply of the dialogue
-                            # how much of the question it repeats, and whether that refused it
-                            "echo": {
-                                "share": round(echo, 4),
-                                "is_echo": max_echo is not None and echo >= max_echo,
-                            },
-                            "eligible": ok,  # ranked on its reward; False: never chosen, counts 0
-                        }
-                        for t, c, r, rep, echo, ok in zip(
-                            texts, candidates, rewards, repeats, echoes, eligible, strict=True
-                        )
-                    ],
-                    "chosen": selection.chosen,
-                    "best": selection.best,
-                    # the rewards the choice and the statistics were computed from
-                    "ranked": list(selection.rewards),
-                    "stats": {
-                        "mean_reward": selection.mean_reward,
-                        "max_reward": selection.max_reward,
-                        "pass_rate": selection.pass_rate,
-                        "gain": selection.gain,
-                    },
-                    "threshold": selection.threshold,
-                }
-            )
-            if selection.chosen is None:
-                s["stopped"] = "no_acceptable_candidate"
-            else:
-                s["replies"].append(texts[selection.chosen])
-                s["trained"].append(True)
+        for s, context, candidates in zip(active, contexts, results, strict=True):
+            if candidates is not None:
+                _rank_turn(config, scorer, s, context, candidates)
     return states
+
+
+def _new_record(
+    config: JobConfig, tokenizer: Any, dialogue: Dialogue, index: int, instruction: Instruction, hooks: Hooks
+) -> dict[str, Any]:
+    """A dialogue's `samples.jsonl` record before its first sampled turn."""
+    turns = dialogue.turns[: config.data.max_turns]
+    users = [user for user, _ in turns]
+    replies: list[str] = []
+    trained: list[bool] = []
+    if config.data.sample_turns == "last":
+        # Earlier corpus replies stay as context with zero loss; only the last turn is sampled.
+        replies = [reply or "" for _, reply in turns[:-1]]
+        trained = [False] * len(replies)
+    try:  # text that spells a control token would forge turn boundaries in every prompt
+        check_contents(tokenizer, [{"content": text} for text in [*users, *replies, dialogue.system or ""]])
+        stopped = None
+    except TemplateError as exc:
+        stopped = "control_token"
+        hooks.event("warning", "control_token", f"dialogue {index} skipped: {exc}", {"dialogue": index})
+    return {
+        "index": index,
+        "dialogue_id": dialogue.id,
+        "instruction": instruction.to_json(),
+        "system": dialogue.system,
+        "users": users,
+        "replies": replies,
+        "trained": trained,
+        "turns": [],
+        "stopped": stopped,
+    }
+
+
+def _rank_turn(
+    config: JobConfig,
+    scorer: RewardScorer,
+    s: dict[str, Any],
+    context: list[dict[str, str]],
+    candidates: Sequence[Candidate],
+) -> None:
+    """Score one turn's candidates, choose one, and record it all in the dialogue's record `s`:
+    the choice becomes the context of the next turn, or no choice ends the dialogue."""
+    texts = [complete_reply(c.text, c.finished) for c in candidates]
+    instruction = Instruction.from_json(s["instruction"])
+    question = s["users"][len(s["replies"])]
+    (rewards,) = scorer.score(instruction, [context], [texts], questions=[question])
+    repeats = [closest_earlier(t, s["replies"]) for t in texts]
+    # The instruction's words are not an echo: it may demand a phrase the question also has.
+    echoes = [echo_share(t, question, ignore=instruction.sampling_text) for t in texts]
+    eligible = [
+        is_eligible(t, r, rep, echo, config.reward)
+        for t, r, rep, echo in zip(texts, rewards, repeats, echoes, strict=True)
+    ]
+    selection = select_best(
+        [r.total if ok else math.nan for r, ok in zip(rewards, eligible, strict=True)],
+        texts,
+        threshold=config.reward.min_reward,
+        prefer=config.reward.prefer,
+        relevance=_relevances(rewards),
+    )
+    max_echo = config.reward.max_echo
+    s["turns"].append(
+        {
+            "turn": len(s["replies"]),
+            "candidates": [
+                {
+                    "text": t,  # what was scored and may be trained on
+                    "raw": c.text,  # what the model generated
+                    "finished": c.finished,
+                    "tokens": len(c.token_ids),
+                    "reward": r.to_json(),
+                    "repeat": rep.to_json(),  # closest earlier reply of the dialogue
+                    # how much of the question it repeats, and whether that refused it
+                    "echo": {"share": round(echo, 4), "is_echo": max_echo is not None and echo >= max_echo},
+                    "eligible": ok,  # ranked on its reward; False: never chosen, counts 0
+                }
+                for t, c, r, rep, echo, ok in zip(
+                    texts, candidates, rewards, repeats, echoes, eligible, strict=True
+                )
+            ],
+            "chosen": selection.chosen,
+            "best": selection.best,
+            # the rewards the choice and the statistics were computed from
+            "ranked": list(selection.rewards),
+            "stats": {
+                "mean_reward": selection.mean_reward,
+                "max_reward": selection.max_reward,
+                "pass_rate": selection.pass_rate,
+                "gain": selection.gain,
+            },
+            "threshold": selection.threshold,
+        }
+    )
+    if selection.chosen is None:
+        s["stopped"] = "no_acceptable_candidate"
+    else:
+        s["replies"].append(texts[selection.chosen])
+        s["trained"].append(True)
 
 
 def sampling_context(

@@ -23,12 +23,18 @@ What the loop has to get right, and what the tests check against `model.generate
 
 `sample_with_generate` is the same job done by `model.generate(num_return_sequences=K)`: the
 baseline for `bench/sampling.py` and a cross-check in the tests.
+
+The engine asks for candidates through the `Sampler` interface (`workers/engine/rollout.py`
+drives it turn by turn); `SharedPrefillSampler` is this loop behind it, on the job's own model.
+Ours on purpose: on CPU the shared prefill is what makes K candidates affordable, and its exact
+sampling order is what makes a resumed job sample what an uninterrupted one would.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import torch
 from transformers import DynamicCache, StaticCache
@@ -51,6 +57,47 @@ class Candidate:
     text: str  # decoded with skip_special_tokens=True, without the stop token
     token_ids: tuple[int, ...]  # the generated tokens, without the stop token
     finished: bool  # True: ended at a stop id; False: cut at max_new_tokens
+
+
+class Sampler(Protocol):
+    """K candidate replies (`config.k`) for each of a batch of prompts, rendered token ids that end
+    with the generation prompt. The same generator state and prompts give the same candidates."""
+
+    def candidates(
+        self,
+        prompts: list[list[int]],
+        config: SamplingConfig,
+        *,
+        generator: torch.Generator | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[list[Candidate]]: ...
+
+
+@dataclass(frozen=True)
+class SharedPrefillSampler:
+    """`sample_candidates` on a model in this process."""
+
+    model: Any
+    tokenizer: Any
+    stop_ids: Collection[int]
+
+    def candidates(
+        self,
+        prompts: list[list[int]],
+        config: SamplingConfig,
+        *,
+        generator: torch.Generator | None = None,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> list[list[Candidate]]:
+        return sample_candidates(
+            self.model,
+            self.tokenizer,
+            prompts,
+            config,
+            stop_ids=self.stop_ids,
+            generator=generator,
+            should_stop=should_stop,
+        )
 
 
 def sample_candidates(

@@ -33,12 +33,11 @@ from gatt.instructions import (
     instruction_set_to_json,
     parse_instruction_set,
 )
-from gatt.masks import encode, render
 from gatt.verifiers import check_spec
 from workers.engine.config import JobConfig, SamplingConfig, ValuesConfig
 from workers.engine.hooks import Hooks
-from workers.engine.models import LoadedModel, end_of_turn_ids
-from workers.engine.sampling import sample_candidates
+from workers.engine.models import LoadedModel
+from workers.engine.rollout import Rollout
 
 PROMPT = "List {count} {description}, one per line, no numbering."
 # What the model is asked for, per family; other families are asked for "examples of <name>".
@@ -240,8 +239,6 @@ def _ask(
 ) -> list[str]:
     """`samples` replies of the model to `prompt`, seeded. A reply cut by max_new_tokens loses its
     last line, which may be a partial name ("Winston Chur")."""
-    tokenizer = loaded.tokenizer
-    ids = encode(tokenizer, render(tokenizer, [{"role": "user", "content": prompt}], generation_prompt=True))
     config = SamplingConfig(
         k=samples,
         temperature=temperature,
@@ -251,9 +248,11 @@ def _ask(
         seed=seed,
     )
     generator = torch.Generator(device=loaded.device).manual_seed(seed)
-    (candidates,) = sample_candidates(
-        loaded.model, tokenizer, [ids], config, stop_ids=end_of_turn_ids(tokenizer), generator=generator
+    (candidates,) = Rollout.of(loaded).turn(
+        [[{"role": "user", "content": prompt}]], config, generator=generator
     )
+    if candidates is None:
+        raise ValueError("the value prompt does not fit the model's context window")
     texts = [c.text for c in candidates]
     return [t if c.finished else t.rsplit("\n", 1)[0] for t, c in zip(texts, candidates, strict=True)]
 
