@@ -355,55 +355,18 @@ def _score_turn(runs: Sequence[_Run], replies: Sequence[str]) -> list[tuple[floa
 # The evaluation
 
 
-def evaluate_adherence(
-    loaded: Any,
-    dialogues: Sequence[Any],
+def _plan(
+    selected: Sequence[Any],
     instructions: Sequence[Instruction],
     config: EvalConfig,
-    *,
-    placement: Placement,
-    hooks: Any = None,
-) -> dict[str, Any]:
-    """Run every held-out dialogue under every condition of `config`, turn by turn, and report
-    adherence per condition and turn (see the module docstring; `loaded` is a
-    `workers.engine.models.LoadedModel`, `dialogues` are `gatt.dialogues.Dialogue`s).
-
-    `placement` must be the training job's, so that "once" is exactly the GAtt training view.
-    The report's `transcripts` hold every reply; `attention.attention_report` can reuse the "once"
-    ones. `hooks.progress("evaluate", turn, turns)` is called per turn, `hooks.should_stop()` is
-    honoured between batches, and skipped dialogues, missing corpus replies and context cuts are
-    reported as warning events.
-    """
-    import torch
-
+    tokenizer: Any,
+    hooks: Any,
+) -> tuple[list[_Run], list[dict[str, Any]], list[dict[str, Any]]]:
+    """The runs to evaluate (each dialogue under each condition with each of its instructions), the
+    dialogues skipped for control tokens, and those whose fixed runs stop early (a missing corpus
+    reply); both reported as warning events."""
     from gatt.masks import TemplateError, check_contents
-    from workers.engine.config import SamplingConfig
-    from workers.engine.eval_report import _condition_report
-    from workers.engine.hooks import Hooks, Stopped
-    from workers.engine.rollout import Rollout
 
-    if not instructions:
-        raise ValueError("no instructions to evaluate")
-    relevance_fn, relevance_floor = None, None
-    if config.relevance:
-        from gatt.relevance import RELEVANCE_FLOOR, relevance
-
-        relevance_fn, relevance_floor = relevance, RELEVANCE_FLOOR
-    hooks = hooks or Hooks()
-    started = time.monotonic()
-    rollout = Rollout.of(loaded, max_context=config.max_context)
-    tokenizer = loaded.tokenizer
-    sampling_config = SamplingConfig(
-        k=1,
-        temperature=config.temperature,
-        top_p=config.top_p,
-        max_new_tokens=config.max_new_tokens,
-        batch_prompts=config.batch_prompts,
-        seed=config.seed,
-    )
-    generator = torch.Generator(device=loaded.device).manual_seed(config.seed)
-
-    selected = list(dialogues[: config.dialogues] if config.dialogues else dialogues)
     per = config.instructions_per_dialogue
     fixed = any(c in FIXED_CONDITIONS for c in config.conditions)
     runs: list[_Run] = []
@@ -438,6 +401,108 @@ def evaluate_adherence(
                 if run.fixed and usable < len(users):
                     run.users, run.missing_turns = run.users[:usable], len(users) - usable
                 runs.append(run)
+    return runs, skipped, missing
+
+
+def _record_turn(
+    turn_runs: Sequence[_Run],
+    candidates: Sequence[Sequence[Any]],
+    t: int,
+    config: EvalConfig,
+    relevance_fn: Any,
+    tokenizer: Any,
+) -> None:
+    """Score turn `t`'s reply of each run (adherence, copy, echo, relevance) and append it to the run;
+    a reply that spells a control token ends its run."""
+    from gatt.masks import TemplateError, check_contents
+
+    replies = [c[0].text.strip() for c in candidates]
+    scored = _score_turn(turn_runs, replies)
+    if relevance_fn is not None:
+        relevances: list[float | None] = list(
+            relevance_fn(
+                [r.users[t] for r in turn_runs], replies, ignore=[r.instruction.text for r in turn_runs]
+            )
+        )
+    else:
+        relevances = [None] * len(turn_runs)
+    for r, c, reply, (value, reason, parts), rel in zip(
+        turn_runs, candidates, replies, scored, relevances, strict=True
+    ):
+        earlier = closest_earlier(reply, r.context())
+        repeat = earlier.is_copy(config.max_repeat_similarity)
+        if repeat and earlier.turn is not None:  # is_copy implies an earlier turn
+            value, parts = 0.0, [0.0] * len(parts)
+            whose = "the corpus reply" if r.fixed else "its reply"
+            reason = f"repeats {whose} of turn {earlier.turn + 1} (similarity {earlier.similarity:.2f})"
+        share = echo_share(reply, r.users[t], ignore=r.instruction.text)
+        echo = config.max_echo is not None and share >= config.max_echo
+        r.repeats.append(repeat)
+        r.echo_shares.append(share)
+        r.echoes.append(echo)
+        r.relevance.append(None if rel is None else float(rel))
+        r.useful.append(value >= config.pass_threshold and not repeat and not echo)
+        r.replies.append(reply)
+        r.finished.append(c[0].finished)
+        r.scores.append(value)
+        r.reasons.append(reason)
+        r.constraint_scores.append(parts)
+        if not r.fixed:
+            try:  # a reply that spells a control token would forge the next turn's context
+                check_contents(tokenizer, [{"content": reply}])
+            except TemplateError:
+                r.stopped = "control_token_in_reply"
+
+
+def evaluate_adherence(
+    loaded: Any,
+    dialogues: Sequence[Any],
+    instructions: Sequence[Instruction],
+    config: EvalConfig,
+    *,
+    placement: Placement,
+    hooks: Any = None,
+) -> dict[str, Any]:
+    """Run every held-out dialogue under every condition of `config`, turn by turn, and report
+    adherence per condition and turn (see the module docstring; `loaded` is a
+    `workers.engine.models.LoadedModel`, `dialogues` are `gatt.dialogues.Dialogue`s).
+
+    `placement` must be the training job's, so that "once" is exactly the GAtt training view.
+    The report's `transcripts` hold every reply; `attention.attention_report` can reuse the "once"
+    ones. `hooks.progress("evaluate", turn, turns)` is called per turn, `hooks.should_stop()` is
+    honoured between batches, and skipped dialogues, missing corpus replies and context cuts are
+    reported as warning events.
+    """
+    import torch
+
+    from workers.engine.config import SamplingConfig
+    from workers.engine.eval_report import _condition_report
+    from workers.engine.hooks import Hooks, Stopped
+    from workers.engine.rollout import Rollout
+
+    if not instructions:
+        raise ValueError("no instructions to evaluate")
+    relevance_fn, relevance_floor = None, None
+    if config.relevance:
+        from gatt.relevance import RELEVANCE_FLOOR, relevance
+
+        relevance_fn, relevance_floor = relevance, RELEVANCE_FLOOR
+    hooks = hooks or Hooks()
+    started = time.monotonic()
+    rollout = Rollout.of(loaded, max_context=config.max_context)
+    tokenizer = loaded.tokenizer
+    sampling_config = SamplingConfig(
+        k=1,
+        temperature=config.temperature,
+        top_p=config.top_p,
+        max_new_tokens=config.max_new_tokens,
+        batch_prompts=config.batch_prompts,
+        seed=config.seed,
+    )
+    generator = torch.Generator(device=loaded.device).manual_seed(config.seed)
+
+    selected = list(dialogues[: config.dialogues] if config.dialogues else dialogues)
+    runs, skipped, missing = _plan(selected, instructions, config, tokenizer, hooks)
 
     max_turns = max((len(r.users) for r in runs), default=0)
     for t in range(max_turns):
@@ -480,42 +545,7 @@ def evaluate_adherence(
         candidates = [result for result in results if result is not None]
         if not candidates:
             continue
-        replies = [c[0].text.strip() for c in candidates]
-        scored = _score_turn(turn_runs, replies)
-        if relevance_fn is not None:
-            relevances: list[float | None] = list(
-                relevance_fn(
-                    [r.users[t] for r in turn_runs], replies, ignore=[r.instruction.text for r in turn_runs]
-                )
-            )
-        else:
-            relevances = [None] * len(turn_runs)
-        for r, c, reply, (value, reason, parts), rel in zip(
-            turn_runs, candidates, replies, scored, relevances, strict=True
-        ):
-            earlier = closest_earlier(reply, r.context())
-            repeat = earlier.is_copy(config.max_repeat_similarity)
-            if repeat and earlier.turn is not None:  # is_copy implies an earlier turn
-                value, parts = 0.0, [0.0] * len(parts)
-                whose = "the corpus reply" if r.fixed else "its reply"
-                reason = f"repeats {whose} of turn {earlier.turn + 1} (similarity {earlier.similarity:.2f})"
-            share = echo_share(reply, r.users[t], ignore=r.instruction.text)
-            echo = config.max_echo is not None and share >= config.max_echo
-            r.repeats.append(repeat)
-            r.echo_shares.append(share)
-            r.echoes.append(echo)
-            r.relevance.append(None if rel is None else float(rel))
-            r.useful.append(value >= config.pass_threshold and not repeat and not echo)
-            r.replies.append(reply)
-            r.finished.append(c[0].finished)
-            r.scores.append(value)
-            r.reasons.append(reason)
-            r.constraint_scores.append(parts)
-            if not r.fixed:
-                try:  # a reply that spells a control token would forge the next turn's context
-                    check_contents(tokenizer, [{"content": reply}])
-                except TemplateError:
-                    r.stopped = "control_token_in_reply"
+        _record_turn(turn_runs, candidates, t, config, relevance_fn, tokenizer)
     hooks.progress("evaluate", max_turns, max_turns)
 
     conditions = {
