@@ -2,7 +2,7 @@
 
 Where Postgres or Redis cannot be reached, `scripts/main.sh` runs the main job against this app
 instead (set `GATT_FORCE_EMBEDDED=1` there to choose it on purpose). It is the same FastAPI app
-(`app.main.create_app`), with two substitutions:
+(`app.main.create_app`), composed with other parts:
 
 - **job state in SQLite**: one database file under the data directory, artifacts beside it;
 - **an in-process worker instead of Celery**: one thread takes jobs from a queue, one at a time,
@@ -47,9 +47,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.errors import AppError, ServiceUnavailable, error_response
-from app.health.endpoints import Health, healthz
-from app.health.endpoints import router as service_health_router
-from app.main import create_app
+from app.main import TITLE, create_app
 from service.db import make_sessionmaker, session_scope
 from service.models import Base
 from service.repositories import jobs
@@ -205,14 +203,6 @@ class EmbeddedReadiness(BaseModel):
     checks: dict[str, str] = Field(description='"sqlite" and "worker", each "ok".')
 
 
-def _is_service_health(route: Any) -> bool:
-    # FastAPI >= 0.16x keeps an included router as one route (`original_router`); older ones copy its
-    # routes into the app.
-    return getattr(route, "original_router", None) is service_health_router or getattr(
-        route, "path", None
-    ) in ("/healthz", "/readyz")
-
-
 class _ModeHeader:
     """Adds `X-Gatt-Mode: embedded` to every HTTP response (plain ASGI: streams stay streams)."""
 
@@ -240,17 +230,9 @@ def create_embedded_app(data_dir: Path) -> FastAPI:
     data_dir = Path(data_dir)
     settings, engine, factory = open_database(data_dir)
     worker = EmbeddedWorker(settings, factory)
-    app = create_app(settings, enqueue=worker.submit)
-    # create_app made a Postgres-style engine (never connected): use the SQLite one instead.
-    app.state.engine.dispose()
-    app.state.engine, app.state.sessionmaker = engine, factory
-    app.state.worker, app.state.mode = worker, "embedded"
-    app.title += " (embedded mode)"
-
-    inner = app.router.lifespan_context
 
     @asynccontextmanager
-    async def lifespan(a: FastAPI) -> AsyncIterator[Any]:
+    async def run_worker(_: FastAPI) -> AsyncIterator[None]:
         log.warning(
             "EMBEDDED MODE (no Postgres, no Redis): job state in %s, artifacts in %s, jobs run in this "
             "process one at a time. A fallback, not a deployment.",
@@ -259,25 +241,32 @@ def create_embedded_app(data_dir: Path) -> FastAPI:
         )
         worker.start()
         try:
-            async with inner(a) as state:
-                yield state
+            yield
         finally:
             await anyio.to_thread.run_sync(worker.stop)
-            engine.dispose()
 
-    app.router.lifespan_context = lifespan
+    app = create_app(
+        settings,
+        worker.submit,
+        engine=engine,
+        readiness=_readiness(settings, engine, worker),
+        lifespan=run_worker,
+        title=f"{TITLE} (embedded mode)",
+    )
+    app.state.worker, app.state.mode = worker, "embedded"
+    app.add_middleware(_ModeHeader)
+    return app
 
-    # The service's /readyz checks Postgres and Redis, and here there is neither: swap the health
-    # router for one whose /readyz checks what this mode runs on (/healthz stays as it is).
-    app.router.routes[:] = [r for r in app.router.routes if not _is_service_health(r)]
-    health = APIRouter(tags=["health"])
-    health.add_api_route("/healthz", healthz, response_model=Health, summary="Liveness")
+
+def _readiness(settings: Settings, engine: Engine, worker: EmbeddedWorker) -> APIRouter:
+    """/readyz of this mode: there is no Postgres or Redis, but SQLite and the worker thread."""
+    router = APIRouter(tags=["health"])
 
     def check_sqlite() -> None:
         with engine.connect() as conn:
             conn.execute(text("SELECT 1"))
 
-    @health.get(
+    @router.get(
         "/readyz",
         response_model=EmbeddedReadiness,
         summary="Readiness",
@@ -303,9 +292,7 @@ def create_embedded_app(data_dir: Path) -> FastAPI:
             )
         return EmbeddedReadiness(checks={"sqlite": "ok", "worker": "ok"})
 
-    app.include_router(health)
-    app.add_middleware(_ModeHeader)
-    return app
+    return router
 
 
 def factory() -> FastAPI:

@@ -1,19 +1,21 @@
-"""The FastAPI application: `uvicorn app.main:app`, or `create_app(settings)` in tests."""
+"""The FastAPI application: `uvicorn app.main:app`, or `create_app(settings, ...)` composed with other
+parts (tests, the embedded mode)."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from uuid import UUID
 
-from fastapi import FastAPI
+from fastapi import APIRouter, FastAPI
+from sqlalchemy import Engine
 
 from app.api import api_router
 from app.core.admission import AdmissionLimit
 from app.core.body_limit import BodyLimitMiddleware
 from app.core.errors import install_error_handlers
 from app.core.ratelimit import RateLimiter
-from app.health.endpoints import router as health_router
+from app.health import endpoints as health
 from service.db import make_engine, make_sessionmaker
 from service.queue import send_job
 from service.settings import Settings, get_settings
@@ -37,11 +39,28 @@ Lists are newest first and paginated with `limit` and `after` (the `next_after` 
 """
 
 
-def create_app(settings: Settings | None = None, enqueue: Callable[[UUID], None] | None = None) -> FastAPI:
-    """The app. `enqueue` hands a new job to the workers (default: a Celery message by name,
-    `service.queue.send_job`)."""
+TITLE = "GAtt fine-tuning service"
+
+
+def create_app(
+    settings: Settings | None = None,
+    enqueue: Callable[[UUID], None] | None = None,
+    *,
+    engine: Engine | None = None,
+    readiness: APIRouter | None = None,
+    lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
+    title: str = TITLE,
+) -> FastAPI:
+    """The app, composed of what it runs on.
+
+    `engine` holds job state (default: the database of `settings`); the app disposes it when it
+    stops. `enqueue` hands a committed job to the workers (default: a Celery message by name,
+    `service.queue.send_job`). `readiness` serves `/readyz` (default: Postgres, Redis and, with
+    S3, the bucket). `lifespan` runs inside the app's own, to start and stop what the caller adds
+    (the embedded mode's worker thread).
+    """
     settings = settings or get_settings()
-    engine = make_engine(settings)
+    engine = engine if engine is not None else make_engine(settings)
     limiter = (
         RateLimiter.from_url(settings.redis_url, settings.rate_limit_per_s, settings.rate_limit_burst)
         if settings.rate_limit_per_s > 0
@@ -49,17 +68,23 @@ def create_app(settings: Settings | None = None, enqueue: Callable[[UUID], None]
     )
 
     @asynccontextmanager
-    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        yield
-        engine.dispose()
-        if limiter is not None:
-            limiter.close()
+    async def app_lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            if lifespan is None:
+                yield
+            else:
+                async with lifespan(app):
+                    yield
+        finally:
+            engine.dispose()
+            if limiter is not None:
+                limiter.close()
 
     app = FastAPI(
-        title="GAtt fine-tuning service",
+        title=title,
         version="0.1.0",
         description=DESCRIPTION,
-        lifespan=lifespan,
+        lifespan=app_lifespan,
         # operationId = the endpoint function's name (`create_job`, `list_jobs`, ...): what client
         # generators name their methods after.
         generate_unique_id_function=lambda route: route.name,
@@ -83,9 +108,16 @@ def create_app(settings: Settings | None = None, enqueue: Callable[[UUID], None]
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_json_body_bytes)
     # Added last, so outermost: requests wait for a slot before any other work (app/core/admission.py).
     app.add_middleware(AdmissionLimit, limit=settings.max_requests_in_flight)
-    app.include_router(health_router)
+    app.include_router(health.liveness)
+    app.include_router(readiness if readiness is not None else health.readiness)
     app.include_router(api_router)
     return app
 
 
-app = create_app()
+def __getattr__(name: str) -> FastAPI:
+    # `uvicorn app.main:app`: the service app is built when first asked for, not when this module is
+    # imported, so that importing `create_app` (tests, the embedded mode) builds nothing.
+    if name == "app":
+        globals()["app"] = built = create_app()
+        return built
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -11,7 +11,9 @@ from sqlalchemy import text
 from app.core.errors import ServiceUnavailable, error_response
 from service.storage import remote_store
 
-router = APIRouter(tags=["health"])
+# Two routers, so that a composition (the embedded mode) can serve its own readiness check.
+liveness = APIRouter(tags=["health"])
+readiness = APIRouter(tags=["health"])
 
 
 class Health(BaseModel):
@@ -26,7 +28,7 @@ class Readiness(BaseModel):
     )
 
 
-@router.get("/healthz", response_model=Health, summary="Liveness")
+@liveness.get("/healthz", response_model=Health, summary="Liveness")
 def healthz() -> Health:
     """The process is up and serving requests. Checks nothing else (see /readyz)."""
     return Health()
@@ -47,7 +49,7 @@ def _check_redis(request: Request, timeout_s: float) -> None:
         client.close()
 
 
-@router.get(
+@readiness.get(
     "/readyz",
     response_model=Readiness,
     summary="Readiness",
