@@ -1,13 +1,24 @@
-"""One shape for every validation problem in the GAtt core.
+"""The root of the errors a job can end with, and one shape for every validation problem.
 
-The service turns these into HTTP 422 bodies unchanged, so a problem carries a stable `code`,
-a human `message`, the `field` path it concerns ("messages[2].role") and, for files, the 1-based
-`line` number. Validators collect *every* problem and raise once, never stopping at the first.
+`GattError` is what the core and the engine raise when the input or the model is at fault: its
+`job_code` is stable (a failed job's `error.code`) and its message says what to do. Anything else
+that ends a job is an internal error.
+
+The service turns validation problems into HTTP 422 bodies unchanged, so a problem carries a
+stable `code`, a human `message`, the `field` path it concerns ("messages[2].role") and, for
+files, the 1-based `line` number. Validators collect *every* problem and raise once, never
+stopping at the first.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+
+class GattError(Exception):
+    """An error a user can act on; `job_code` names it for programs."""
+
+    job_code = "internal_error"
 
 
 @dataclass(frozen=True)
@@ -23,8 +34,10 @@ class Problem:
         return f"{where}{field}{self.message} [{self.code}]"
 
 
-class ValidationFailed(ValueError):
+class ValidationFailed(GattError, ValueError):
     """Raised with the complete list of problems found in one input."""
+
+    job_code = "invalid_input"
 
     def __init__(self, what: str, problems: list[Problem]):
         self.what = what

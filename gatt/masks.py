@@ -29,14 +29,17 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from gatt.augment import TrainingDialogue
+from gatt.errors import GattError
 
 IGNORE_INDEX = -100
 Scope = Literal["last_turn", "all_turns"]
 SCOPES: tuple[Scope, ...] = ("last_turn", "all_turns")
 
 
-class TemplateError(ValueError):
+class TemplateError(GattError, ValueError):
     """The chat template (or a message) does not allow exact masking of a reply."""
+
+    job_code = "chat_template"
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from gatt.errors import GattError
 from service.db import make_engine, make_sessionmaker, session_scope
 from service.models import Job, JobStage, JobStatus
 from service.repositories import corpora, instruction_sets, jobs
@@ -215,31 +216,20 @@ def prepare_config(job: Job, settings: Settings, out: Path, factory: sessionmake
     return parse_config({**raw, "model": job.model, "output_dir": str(out)})
 
 
-class JobFailure(Exception):
+class JobFailure(GattError):
+    """A job that cannot run for a reason of the service's (its corpus was deleted, ...)."""
+
     def __init__(self, code: str, message: str):
         super().__init__(message)
-        self.code, self.message = code, message
+        self.job_code, self.message = code, message
 
 
 def error_of(exc: BaseException) -> tuple[str, str]:
     """A stable code and a message a user can act on."""
-    from gatt.errors import ValidationFailed
-    from gatt.masks import TemplateError
-    from workers.engine.models import ModelError
-    from workers.engine.pipeline import NoAcceptedSamples
-
-    if isinstance(exc, JobFailure):
-        return exc.code, exc.message
+    if isinstance(exc, GattError):
+        return exc.job_code, str(exc)
     if isinstance(exc, StoreError):
         return "artifact_store", f"The artifact store failed: {exc}"
-    if isinstance(exc, ModelError):
-        return f"model_{exc.code}", str(exc)
-    if isinstance(exc, ValidationFailed):
-        return "invalid_input", str(exc)
-    if isinstance(exc, TemplateError):
-        return "chat_template", str(exc)
-    if isinstance(exc, NoAcceptedSamples):
-        return "no_accepted_samples", str(exc)
     if isinstance(exc, MemoryError) or "out of memory" in str(exc).lower():
         return (
             "out_of_memory",

@@ -40,6 +40,7 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from gatt.errors import GattError
 from gatt.masks import TemplateError, end_of_turn_token
 
 log = logging.getLogger(__name__)
@@ -66,13 +67,17 @@ PROBE = [{"role": "user", "content": "What is the capital of France? Answer in o
 PROBE_NEW_TOKENS = 8
 
 
-class ModelError(Exception):
+class ModelError(GattError):
     """A model cannot be loaded. `code` is stable (for the API); the message says what to do."""
 
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
         self.message = message
+
+    @property
+    def job_code(self) -> str:  # type: ignore[override]
+        return f"model_{self.code}"
 
     def __str__(self) -> str:
         return f"{self.message} [{self.code}]"

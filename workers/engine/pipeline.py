@@ -35,6 +35,7 @@ import torch
 
 from gatt.augment import Placement, corpus_history, sampling_messages, training_dialogue
 from gatt.dialogues import Dialogue, parse_corpus
+from gatt.errors import GattError
 from gatt.instructions import (
     Instruction,
     InstructionSet,
@@ -61,8 +62,10 @@ from workers.engine.training import train
 from workers.engine.values import VALUES_FILE, values_for_job
 
 
-class NoAcceptedSamples(RuntimeError):
+class NoAcceptedSamples(GattError, RuntimeError):
     """Every sampled turn fell below the minimum reward: there is nothing to train on."""
+
+    job_code = "no_accepted_samples"
 
 
 @dataclass
