@@ -12,7 +12,7 @@ be stored with datasets and sent over the API unchanged:
     starts_with    {"text": str, "case_sensitive": false}   0/1
     ends_with      {"text": str, "case_sensitive": false}   0/1
     contains       {"text": str, "case_sensitive": false}   0/1
-    regex          {"pattern": str, "ignore_case": false}   0/1, re.search
+    regex          {"pattern": str, "ignore_case": false}   0/1, RE2 search (linear time; see tenant_regex)
     opening        {"text": str, "min_words_after": 2}      0/1, opens with the text's words/emoji, then words
     max_words      {"n": int >= 1}                          1 if within n, else n / count
     max_sentences  {"n": int >= 1}                          1 if within n, else n / count
@@ -28,6 +28,7 @@ an invalid spec. Combined instructions are scored with `score_all`, aggregating 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -39,6 +40,7 @@ from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
+import re2
 from lingua import Language, LanguageDetector, LanguageDetectorBuilder
 
 from gatt.errors import Problem, ValidationFailed
@@ -145,9 +147,12 @@ def _check_value(name: str, value: Any, kind: str) -> str | None:
         if len(value) > MAX_PATTERN_CHARS:
             return f"must be at most {MAX_PATTERN_CHARS} characters, got {len(value)}"
         try:
-            re.compile(value)
-        except re.error as exc:
-            return f"does not compile: {exc}"
+            tenant_regex(value, ignore_case=False)
+        except re2.error as exc:
+            detail = exc.args[0].decode(errors="replace") if isinstance(exc.args[0], bytes) else str(exc)
+            return (
+                f"does not compile as an RE2 pattern (linear time: no backreferences or lookaround): {detail}"
+            )
     return None
 
 
@@ -384,9 +389,23 @@ def _score_contains(spec: dict, reply: str) -> Score:
     return Score(float(ok), f"{'contains' if ok else 'does not contain'} {_quote(spec['text'].strip())}")
 
 
+@functools.lru_cache(maxsize=1024)
+def tenant_regex(pattern: str, *, ignore_case: bool) -> Any:
+    """A tenant's pattern compiled by RE2, whose matching time is linear in the text: a pattern
+    such as `(.|.)*Q` cannot stall the process (Python's `re` backtracks, holding the GIL). RE2
+    has no backreferences or lookaround, and its `\\w`, `\\d`, `\\s` and `\\b` are ASCII
+    (`\\pL` is a letter of any script)."""
+    options = re2.Options()
+    options.log_errors = False
+    options.case_sensitive = not ignore_case
+    return re2.compile(pattern, options)
+
+
 def _score_regex(spec: dict, reply: str) -> Score:
-    flags = re.IGNORECASE if spec.get("ignore_case", False) else 0
-    ok = re.search(spec["pattern"], reply, flags) is not None
+    ok = (
+        tenant_regex(spec["pattern"], ignore_case=bool(spec.get("ignore_case", False))).search(reply)
+        is not None
+    )
     return Score(float(ok), f"{'matches' if ok else 'does not match'} /{spec['pattern'][:40]}/")
 
 

@@ -36,7 +36,8 @@ The job's hyperparameters, by section; every field is optional and has a default
   then the longer; `shorter`; `longer`).
 - `loss_scope`: `all_turns` (one sequence, loss on every sampled reply) or `last_turn` (the paper:
   one example per reply).
-- `training`: `method` (`lora`|`full`), LoRA `lora_r`/`lora_alpha`/`lora_dropout`, `learning_rate`,
+- `training`: `method` (`lora`|`full`), LoRA `lora_r`/`lora_alpha`/`lora_dropout`, `lora_targets`
+  (`all-linear`, module names joined by `|`, or a list of module names), `learning_rate`,
   `schedule` (`cosine`|`linear`|`constant`), `warmup_steps`, `max_steps` or `epochs`,
   `micro_batch_size`, `grad_accum`, `max_grad_norm`, `max_seq_len`, `checkpoint_every`,
   `keep_checkpoints`, `merge_on_save`.
@@ -52,6 +53,11 @@ The job's hyperparameters, by section; every field is optional and has a default
   the paper (`families`, `per_family`, `mode` merge|replace, `min_values`, `samples`, ...).
 
 Unknown fields are errors (422 `invalid_config`, every problem with its path in `details`).
+Every size is bounded, and a larger one is refused with its limit: `sampling.k` and
+`values.samples` 64, `max_new_tokens` 4096, `batch_prompts` 256, `reward.batch_size` 1024,
+`lora_r` 512, `max_steps`/`warmup_steps`/`checkpoint_every` 1,000,000, `epochs` 100,
+`micro_batch_size` 512, `grad_accum` 1024, `max_seq_len` 131,072, `keep_checkpoints` 50,
+`data.max_turns` 64 (evaluation sizes likewise). Verifier `pattern`s are RE2 (linear time).
 """
 
 

@@ -72,6 +72,41 @@ def test_invalid_config_lists_every_problem_with_its_path(client, tenant, corpus
     }
 
 
+# Each of these was accepted and queued before the engine config had upper bounds.
+UNBOUNDED = [
+    ({"sampling": {"k": 10_000}}, "config.sampling", "k must be an integer in [1, 64]"),
+    ({"sampling": {"max_new_tokens": 10**9}}, "config.sampling", "max_new_tokens"),
+    ({"sampling": {"batch_prompts": 10**6}}, "config.sampling", "batch_prompts"),
+    ({"reward": {"batch_size": 10**7}}, "config.reward", "batch_size must be <= 1024"),
+    ({"training": {"lora_r": 10**6}}, "config.training", "lora_r must be <= 512"),
+    ({"training": {"max_steps": 10**12}}, "config.training", "max_steps must be <= 1000000"),
+    ({"training": {"micro_batch_size": 10**5}}, "config.training", "micro_batch_size"),
+    ({"training": {"keep_checkpoints": 10**9}}, "config.training", "keep_checkpoints must be <= 50"),
+    ({"training": {"epochs": 1e9}}, "config.training", "epochs must be <= 100"),
+    ({"training": {"lora_targets": "(.|.)*Q"}}, "config.training", "lora_targets must be"),
+    ({"values": {"samples": 10**4}}, "config.values", "samples must be <= 64"),
+    ({"data": {"max_dialogues": -5}}, "config.data", "max_dialogues must be >= 1"),
+    ({"data": {"max_turns": 0}}, "config.data", "max_turns must be >= 1"),
+    ({"data": {"max_turns": 10**6}}, "config.data", "max_turns must be <= 64"),
+]
+
+
+@pytest.mark.parametrize(("config", "field", "message"), UNBOUNDED)
+def test_every_size_a_job_asks_for_is_bounded(client, tenant, corpus_id, config, field, message):
+    r = create(client, tenant, {"corpus_id": corpus_id, "config": config})
+    assert r.status_code == 422, r.text
+    (detail,) = r.json()["error"]["details"]
+    assert detail["field"].startswith(field) and message in detail["message"], detail
+
+
+def test_lora_targets_may_name_modules(client, tenant, corpus_id):
+    for targets in ("q_proj|v_proj", ["q_proj", "v_proj"], "all-linear"):
+        r = create(
+            client, tenant, {"corpus_id": corpus_id, "config": {"training": {"lora_targets": targets}}}
+        )
+        assert r.status_code == 201, r.text
+
+
 def test_model_paths_must_lie_under_a_model_root(client, tenant, corpus_id):
     for model in ("/etc", "../models/x", "relative/dir"):
         r = create(client, tenant, {"corpus_id": corpus_id, "model": model})

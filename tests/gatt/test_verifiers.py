@@ -404,3 +404,23 @@ def test_verifier_types_is_the_public_tuple():
     assert isinstance(VERIFIER_TYPES, tuple)
     assert VERIFIER_TYPES == verifiers.VERIFIER_TYPES
     assert len(set(VERIFIER_TYPES)) == len(VERIFIER_TYPES) == 12
+
+
+def test_a_backtracking_pattern_runs_in_linear_time():
+    # Python's re takes exponential time on this pattern (it froze a server while holding the GIL);
+    # RE2 answers at once. 200,000 characters would take re longer than the age of the universe.
+    spec = {"type": "regex", "pattern": "(.|.)*Q"}
+    assert check_spec(spec) == []
+    assert score(spec, "a" * 200_000).value == 0.0
+    assert score(spec, "a" * 1000 + "Q").value == 1.0
+
+
+def test_patterns_re2_cannot_run_in_linear_time_are_refused():
+    for pattern in (r"(a)\1", r"(?=a)b", r"(?<!x)y"):
+        (problem,) = check_spec({"type": "regex", "pattern": pattern})
+        assert problem.field == "pattern" and "RE2" in problem.message, pattern
+
+
+def test_ignore_case_with_re2():
+    assert score({"type": "regex", "pattern": "^hello", "ignore_case": True}, "HeLLo there").value == 1.0
+    assert score({"type": "regex", "pattern": "^hello"}, "HeLLo there").value == 0.0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from dataclasses import asdict, dataclass, field
@@ -27,6 +28,28 @@ from gatt.repetition import DEFAULT_MAX_ECHO
 Method = Literal["lora", "full"]
 Schedule = Literal["cosine", "linear", "constant"]
 
+# Upper bounds of every size a job's config sets: a job is a tenant's request, and nothing it asks
+# for may be unbounded (work, memory, disk). Generous for real jobs; each is named in the error.
+LIMITS: dict[str, int] = {
+    "k": 64,  # candidates per prompt (also values.samples)
+    "max_new_tokens": 4096,
+    "batch_prompts": 256,
+    "batch_size": 1024,  # reward-model batch
+    "lora_r": 512,
+    "lora_alpha": 8192,
+    "steps": 1_000_000,  # max_steps, warmup_steps, checkpoint_every
+    "epochs": 100,
+    "micro_batch_size": 512,
+    "grad_accum": 1024,
+    "max_seq_len": 131_072,
+    "keep_checkpoints": 50,
+    "per_family": 200,  # values proposed or required per family
+    "temperature": 10,
+    "dialogues": 1_000_000,  # data.max_dialogues
+    "turns": 64,  # data.max_turns: a corpus dialogue has at most 64 turns
+}
+_MODULE_NAMES = re.compile(r"[A-Za-z0-9_.]+(\|[A-Za-z0-9_.]+)*")
+
 
 @dataclass(frozen=True)
 class SamplingConfig:
@@ -42,16 +65,22 @@ class SamplingConfig:
 
     def __post_init__(self) -> None:
         problems = []
-        if not (isinstance(self.k, int) and self.k >= 1):
-            problems.append(f"k must be an integer >= 1, got {self.k!r}")
+        if not (isinstance(self.k, int) and 1 <= self.k <= LIMITS["k"]):
+            problems.append(f"k must be an integer in [1, {LIMITS['k']}], got {self.k!r}")
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
             problems.append(f"temperature must be > 0, or 0 for greedy, got {self.temperature!r}")
         if not (0 < self.top_p <= 1):
             problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1):
-            problems.append(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if not (isinstance(self.batch_prompts, int) and self.batch_prompts >= 1):
-            problems.append(f"batch_prompts must be an integer >= 1, got {self.batch_prompts!r}")
+        if not (
+            isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= LIMITS["max_new_tokens"]
+        ):
+            problems.append(
+                f"max_new_tokens must be an integer in [1, {LIMITS['max_new_tokens']}], got {self.max_new_tokens!r}"
+            )
+        if not (isinstance(self.batch_prompts, int) and 1 <= self.batch_prompts <= LIMITS["batch_prompts"]):
+            problems.append(
+                f"batch_prompts must be an integer in [1, {LIMITS['batch_prompts']}], got {self.batch_prompts!r}"
+            )
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
             problems.append(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
         if not isinstance(self.compile, bool):
@@ -96,8 +125,7 @@ class RewardConfig:
             raise ValueError("reward_model_weight > 0 needs reward_model (a local directory)")
         if self.min_reward is not None and not 0.0 <= self.min_reward <= 1.0:
             raise ValueError("min_reward must be in [0, 1]")
-        if self.batch_size < 1:
-            raise ValueError("batch_size must be >= 1")
+        _int_at_least("batch_size", self.batch_size, 1, LIMITS["batch_size"])
         if self.max_repeat_similarity is not None and not 0.0 < self.max_repeat_similarity <= 1.0:
             raise ValueError("max_repeat_similarity must be in (0, 1] or null")
         if self.max_echo is not None and not 0.0 < self.max_echo <= 1.0:
@@ -119,8 +147,8 @@ class TrainConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
-    # "all-linear" (peft: every linear layer but the output head), a peft regex, or a tuple of
-    # module names such as ("q_proj", "v_proj").
+    # "all-linear" (peft: every linear layer but the output head), names joined by "|"
+    # ("q_proj|v_proj"), or a tuple of module names such as ("q_proj", "v_proj").
     lora_targets: str | tuple[str, ...] = "all-linear"
     learning_rate: float = 2e-4
     weight_decay: float = 0.0
@@ -152,12 +180,17 @@ class TrainConfig:
             raise ValueError(f"method must be 'lora' or 'full', not {self.method!r}")
         if self.schedule not in ("cosine", "linear", "constant"):
             raise ValueError(f"schedule must be 'cosine', 'linear' or 'constant', not {self.schedule!r}")
-        _int_at_least("lora_r", self.lora_r, 1)
-        _int_at_least("lora_alpha", self.lora_alpha, 1)
+        _int_at_least("lora_r", self.lora_r, 1, LIMITS["lora_r"])
+        _int_at_least("lora_alpha", self.lora_alpha, 1, LIMITS["lora_alpha"])
         _number_in("lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
         if isinstance(self.lora_targets, str):
-            if not self.lora_targets.strip():
-                raise ValueError("lora_targets must not be empty")
+            # peft matches a string as a regex over every module name (Python's re): only names and
+            # alternatives, which cannot backtrack, are taken from a job.
+            if self.lora_targets != "all-linear" and not _MODULE_NAMES.fullmatch(self.lora_targets):
+                raise ValueError(
+                    "lora_targets must be 'all-linear', module names joined by '|' "
+                    f"(letters, digits, '_' and '.'), or a list of module names, not {self.lora_targets!r}"
+                )
         elif not (
             isinstance(self.lora_targets, tuple)
             and self.lora_targets
@@ -172,20 +205,20 @@ class TrainConfig:
             raise ValueError(f"betas must be a pair (beta1, beta2), not {self.betas!r}")
         for i, beta in enumerate(self.betas):
             _number_in(f"betas[{i}]", beta, low=0.0, high=1.0, high_open=True)
-        _int_at_least("warmup_steps", self.warmup_steps, 0)
+        _int_at_least("warmup_steps", self.warmup_steps, 0, LIMITS["steps"])
         if self.max_steps is not None:
-            _int_at_least("max_steps", self.max_steps, 1)
-        _number_in("epochs", self.epochs, low=0.0, low_open=True)
-        _int_at_least("micro_batch_size", self.micro_batch_size, 1)
-        _int_at_least("grad_accum", self.grad_accum, 1)
+            _int_at_least("max_steps", self.max_steps, 1, LIMITS["steps"])
+        _number_in("epochs", self.epochs, low=0.0, low_open=True, high=LIMITS["epochs"])
+        _int_at_least("micro_batch_size", self.micro_batch_size, 1, LIMITS["micro_batch_size"])
+        _int_at_least("grad_accum", self.grad_accum, 1, LIMITS["grad_accum"])
         if self.max_grad_norm is not None:
             _number_in("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
-        _int_at_least("max_seq_len", self.max_seq_len, 2)
+        _int_at_least("max_seq_len", self.max_seq_len, 2, LIMITS["max_seq_len"])
         _int_at_least("seed", self.seed, 0)
         if self.seed >= 2**32:
             raise ValueError(f"seed must be < 2**32, not {self.seed}")
-        _int_at_least("checkpoint_every", self.checkpoint_every, 0)
-        _int_at_least("keep_checkpoints", self.keep_checkpoints, 1)
+        _int_at_least("checkpoint_every", self.checkpoint_every, 0, LIMITS["steps"])
+        _int_at_least("keep_checkpoints", self.keep_checkpoints, 1, LIMITS["keep_checkpoints"])
         if not isinstance(self.merge_on_save, bool):
             raise ValueError(f"merge_on_save must be a bool, not {self.merge_on_save!r}")
 
@@ -197,11 +230,13 @@ class TrainConfig:
         return out
 
 
-def _int_at_least(name: str, value: Any, low: int) -> None:
+def _int_at_least(name: str, value: Any, low: int, high: int | None = None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{name} must be an integer, not {value!r}")
     if value < low:
         raise ValueError(f"{name} must be >= {low}, not {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{name} must be <= {high}, not {value}")
 
 
 def _number_in(
@@ -283,6 +318,11 @@ class DataConfig:
     # not imitation). "both": the sampled dialogue and the corpus view of turns 2 onwards.
     train_history: Literal["sampled", "corpus", "both"] = "sampled"
 
+    def __post_init__(self) -> None:
+        if self.max_dialogues is not None:
+            _int_at_least("max_dialogues", self.max_dialogues, 1, LIMITS["dialogues"])
+        _int_at_least("max_turns", self.max_turns, 1, LIMITS["turns"])
+
 
 @dataclass(frozen=True)
 class ValuesConfig:
@@ -310,11 +350,11 @@ class ValuesConfig:
             raise ValueError(f"families must be a list of family names, not {self.families!r}")
         if self.mode not in ("replace", "merge"):
             raise ValueError(f"mode must be 'replace' or 'merge', not {self.mode!r}")
-        _int_at_least("per_family", self.per_family, 1)
-        _int_at_least("min_values", self.min_values, 1)
-        _int_at_least("max_new_tokens", self.max_new_tokens, 1)
-        _number_in("temperature", self.temperature, low=0.0)
-        _int_at_least("samples", self.samples, 1)
+        _int_at_least("per_family", self.per_family, 1, LIMITS["per_family"])
+        _int_at_least("min_values", self.min_values, 1, LIMITS["per_family"])
+        _int_at_least("max_new_tokens", self.max_new_tokens, 1, LIMITS["max_new_tokens"])
+        _number_in("temperature", self.temperature, low=0.0, high=LIMITS["temperature"])
+        _int_at_least("samples", self.samples, 1, LIMITS["k"])
 
 
 @dataclass(frozen=True)
