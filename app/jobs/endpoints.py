@@ -29,6 +29,10 @@ from app.jobs.schemas import (
 from service.models import JobStatus
 
 log = logging.getLogger(__name__)
+# Sequence numbers, steps and offsets are 32-bit in the database; a larger one is a 422, not a
+# database error.
+MAX_INT = 2**31 - 1
+
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 JobId = Annotated[UUID, Path(description="The job's id.")]
@@ -173,7 +177,7 @@ def list_events(
     session: SessionDep,
     team: CurrentTeam,
     job_id: JobId,
-    after_seq: Annotated[int, Query(ge=0, description="Only events after this sequence number.")] = 0,
+    after_seq: Annotated[int, Query(ge=0, le=MAX_INT, description="Only events after this sequence number.")] = 0,
     limit: Annotated[int, Query(ge=1, le=1000, description="At most this many events.")] = 100,
 ) -> EventList:
     """The append-only log: stage changes, warnings, errors, checkpoints written. Poll with `after_seq`."""
@@ -190,7 +194,7 @@ def list_metrics(
     session: SessionDep,
     team: CurrentTeam,
     job_id: JobId,
-    after_step: Annotated[int, Query(ge=0, description="Only steps after this one.")] = 0,
+    after_step: Annotated[int, Query(ge=0, le=MAX_INT, description="Only steps after this one.")] = 0,
     limit: Annotated[int, Query(ge=1, le=10000, description="At most this many steps.")] = 1000,
 ) -> MetricList:
     """One row per optimiser step."""
@@ -207,7 +211,7 @@ def _rows(session, settings, team, job_id, name: str, offset: int, limit: int) -
     return ArtifactRows(data=rows, offset=offset, has_more=has_more)
 
 
-Offset = Annotated[int, Query(ge=0, description="Index of the first row.")]
+Offset = Annotated[int, Query(ge=0, le=MAX_INT, description="Index of the first row.")]
 Limit = Annotated[int, Query(ge=1, le=500, description="At most this many rows.")]
 
 
@@ -324,7 +328,7 @@ def download_checkpoint(
     team: CurrentTeam,
     settings: SettingsDep,
     job_id: JobId,
-    step: Annotated[int, Path(ge=0, description="The checkpoint's step.")],
+    step: Annotated[int, Path(ge=0, le=MAX_INT, description="The checkpoint's step.")],
 ) -> StreamingResponse:
     """The checkpoint as a streamed .tar.gz: adapter or full weights (safetensors), tokenizer with its
     chat template, configs and a manifest with the sha256 of every file. Loads with

@@ -238,3 +238,16 @@ def test_reaper_requeues_a_vanished_worker_once_per_lease(client, tenant, corpus
         assert job_id in repository.stale_queued(s, timedelta(seconds=-1))
     events = client.get(f"{URL}/{job_id}/events", headers=tenant.headers).json()["data"]
     assert "worker_lost" in [e["kind"] for e in events]
+
+
+def test_integers_beyond_the_database_are_refused_not_a_server_error(client, tenant, corpus_id):
+    job_id = create(client, tenant, {"corpus_id": corpus_id}).json()["id"]
+    huge = 9223372036854775808  # 2**63: past every integer column
+    for path in (
+        f"{URL}/{job_id}/checkpoints/{huge}/archive",
+        f"{URL}/{job_id}/events?after_seq={huge}",
+        f"{URL}/{job_id}/metrics?after_step={huge}",
+        f"{URL}/{job_id}/samples?offset={huge}",
+    ):
+        r = client.get(path, headers=tenant.headers)
+        assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", (path, r.text)
