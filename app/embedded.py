@@ -278,8 +278,9 @@ def _readiness(settings: Settings, engine: Engine, worker: EmbeddedWorker) -> AP
         try:
             with anyio.fail_after(settings.readiness_timeout_s):
                 await anyio.to_thread.run_sync(check_sqlite, abandon_on_cancel=True)
-        except Exception as e:
-            failures["sqlite"] = f"{type(e).__name__}: {e}"
+        except Exception as e:  # the answer names the kind of failure; the log has the rest
+            log.warning("readiness: sqlite failed: %s", e)
+            failures["sqlite"] = f"{type(e).__name__} (details in the server log)"
         if not worker.alive:
             failures["worker"] = "the worker thread is not running"
         if failures:

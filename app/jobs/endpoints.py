@@ -177,7 +177,9 @@ def list_events(
     session: SessionDep,
     team: CurrentTeam,
     job_id: JobId,
-    after_seq: Annotated[int, Query(ge=0, le=MAX_INT, description="Only events after this sequence number.")] = 0,
+    after_seq: Annotated[
+        int, Query(ge=0, le=MAX_INT, description="Only events after this sequence number.")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000, description="At most this many events.")] = 100,
 ) -> EventList:
     """The append-only log: stage changes, warnings, errors, checkpoints written. Poll with `after_seq`."""

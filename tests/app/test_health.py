@@ -25,6 +25,8 @@ def test_readyz_names_the_failing_dependency(settings: Settings) -> None:
     error = response.json()["error"]
     assert error["code"] == "not_ready"
     assert [d["field"] for d in error["details"]] == ["redis"]
+    # the probe needs no key: it must not tell anyone where the dependencies live
+    assert "127.0.0.1" not in response.text and ":1" not in error["details"][0]["message"]
 
 
 def test_readyz_checks_the_s3_bucket_when_artifacts_go_there(
