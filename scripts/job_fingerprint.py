@@ -59,13 +59,13 @@ def fingerprint(out: Path) -> dict[str, Any]:
     return {"files": files, "steps": steps}
 
 
-def run(target: Path, overrides: list[str]) -> None:
+def run(target: Path, overrides: list[str], keep: Path | None = None) -> None:
     from workers.engine.config import load_config, parse_config
     from workers.engine.pipeline import run_job
     from workers.run import _apply_override, printing_hooks
 
     raw = load_config(ROOT / "examples" / "job.yaml").to_json()
-    work = Path(tempfile.mkdtemp(prefix="gatt-fingerprint-"))
+    work = keep or Path(tempfile.mkdtemp(prefix="gatt-fingerprint-"))
     try:
         raw["output_dir"] = str(work / "job")
         for assignment in overrides:
@@ -74,7 +74,8 @@ def run(target: Path, overrides: list[str]) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(json.dumps(fingerprint(work / "job"), indent=1) + "\n", encoding="utf-8")
     finally:
-        shutil.rmtree(work, ignore_errors=True)
+        if keep is None:
+            shutil.rmtree(work, ignore_errors=True)
     print(f"fingerprint written to {target}")
 
 
@@ -98,12 +99,13 @@ def main(argv: list[str] | None = None) -> int:
     p = commands.add_parser("run", help="run examples/job.yaml and write its fingerprint")
     p.add_argument("out", type=Path)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--keep", type=Path, default=None, metavar="DIR", help="run in DIR and keep it")
     p = commands.add_parser("compare", help="exit 1 unless two fingerprints match")
     p.add_argument("a", type=Path)
     p.add_argument("b", type=Path)
     args = parser.parse_args(argv)
     if args.command == "run":
-        run(args.out, args.set)
+        run(args.out, args.set, args.keep)
         return 0
     a, b = (json.loads(path.read_text(encoding="utf-8")) for path in (args.a, args.b))
     problems = compare(a, b)

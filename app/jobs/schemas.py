@@ -18,7 +18,9 @@ The job's hyperparameters, by section; every field is optional and has a default
 - `seed` (0): one seed for instruction synthesis, sampling and training.
 - `data`: `max_dialogues` (all), `max_turns` (3) user turns sampled per dialogue, `sample_turns`
   (`all`: sample every assistant turn in order, each on the earlier samples; `last`, the paper's
-  reading: keep the corpus's earlier replies as context and sample only the last).
+  reading: keep the corpus's earlier replies as context and sample only the last), `train_history`
+  (`sampled`: train the dialogue as sampled; `corpus`: each kept reply alone after the corpus's
+  own earlier replies, so that only the first turn's instruction explains it; `both`).
 - `placement`: `attach` (`prefix`|`suffix`) where the instruction goes on each user turn while
   sampling; `keep` (`first_user`|`system`) where it stays in the training dialogue.
 - `sampling`: `k` (4) candidates per turn, `temperature` (0.8), `top_p` (0.95), `max_new_tokens`,
