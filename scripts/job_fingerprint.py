@@ -5,10 +5,13 @@
     .venv/bin/python scripts/job_fingerprint.py compare var/fp/before.json var/fp/after.json
 
 `run` runs examples/job.yaml (seed 0; `--set key=value` as in `python -m workers.run`) in a
-fresh directory and writes a fingerprint: the sha256 of every artifact that must not change
-byte for byte (instructions, samples, training set, evaluation reports, checkpoint weights) and
-each optimiser step's loss, gradient norm, learning rate and trained tokens. `compare` wants the
-same bytes and the same step values within 1e-6, and prints every difference.
+fresh directory (`--keep DIR` keeps it; `of DIR` fingerprints a kept one) and writes a
+fingerprint: the sha256 of every artifact that must not change (instructions, samples, training
+set, evaluation reports, checkpoint weights) and each optimiser step's loss, gradient norm,
+learning rate and trained tokens. JSON artifacts are hashed with their numbers rounded to 9
+decimals: the language verifier's confidences differ in the 15th digit from one run of the same
+code to the next. `compare` wants the same hashes and the same step values within 1e-6, and
+prints every difference.
 
 Run both on the same machine with the same OMP_NUM_THREADS: float reductions depend on threads.
 """
@@ -29,12 +32,30 @@ sys.path.insert(0, str(ROOT))
 
 STEP_FIELDS = ("loss", "grad_norm", "learning_rate", "trained_tokens")
 TOLERANCE = 1e-6
-# Whole files that must not change. Evaluation reports hold wall times, compared without them.
+# JSONL artifacts that must not change. Evaluation reports hold wall times, compared without them.
 EXACT = ("instructions.jsonl", "samples.jsonl", "training_set.jsonl")
 
 
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _rounded(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return round(obj, 9)
+    if isinstance(obj, dict):
+        return {k: _rounded(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_rounded(v) for v in obj]
+    return obj
+
+
+def _json_sha256(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(_rounded(obj), sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+
+def _jsonl_sha256(path: Path) -> str:
+    return _json_sha256([json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()])
 
 
 def _without_times(obj: Any) -> Any:
@@ -46,12 +67,11 @@ def _without_times(obj: Any) -> Any:
 
 
 def fingerprint(out: Path) -> dict[str, Any]:
-    files = {name: _sha256(out / name) for name in EXACT}
+    files = {name: _jsonl_sha256(out / name) for name in EXACT}
     for report in sorted((out / "evaluation").glob("*.json")):
-        data = _without_times(json.loads(report.read_text(encoding="utf-8")))
-        files[f"evaluation/{report.name}"] = hashlib.sha256(
-            json.dumps(data, sort_keys=True).encode()
-        ).hexdigest()
+        files[f"evaluation/{report.name}"] = _json_sha256(
+            _without_times(json.loads(report.read_text("utf-8")))
+        )
     for weights in sorted((out / "train" / "checkpoints").glob("step-*/*.safetensors")):
         files[weights.relative_to(out).as_posix()] = _sha256(weights)
     rows = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
@@ -100,12 +120,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("out", type=Path)
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--keep", type=Path, default=None, metavar="DIR", help="run in DIR and keep it")
+    p = commands.add_parser("of", help="the fingerprint of a job directory already run")
+    p.add_argument("job_dir", type=Path)
+    p.add_argument("out", type=Path)
     p = commands.add_parser("compare", help="exit 1 unless two fingerprints match")
     p.add_argument("a", type=Path)
     p.add_argument("b", type=Path)
     args = parser.parse_args(argv)
     if args.command == "run":
         run(args.out, args.set, args.keep)
+        return 0
+    if args.command == "of":
+        args.out.write_text(json.dumps(fingerprint(args.job_dir), indent=1) + "\n", encoding="utf-8")
         return 0
     a, b = (json.loads(path.read_text(encoding="utf-8")) for path in (args.a, args.b))
     problems = compare(a, b)
