@@ -136,7 +136,7 @@ class TrainingDialogue:
 
 
 def training_dialogue(
-    instruction: str,
+    instruction: str | None,
     users: Sequence[str],
     replies: Sequence[str],
     trained: Sequence[bool],
@@ -148,6 +148,7 @@ def training_dialogue(
 
     `trained[i]` says whether `replies[i]` was sampled and accepted (True) or is context only
     (False: a corpus reply kept as is). Replies after the last user turn are not allowed.
+    `instruction=None` is a plain dialogue (replay of the corpus, with no instruction).
     """
     if len(replies) > len(users):
         raise ValueError(f"{len(replies)} replies for {len(users)} user turns")

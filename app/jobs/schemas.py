@@ -20,7 +20,9 @@ The job's hyperparameters, by section; every field is optional and has a default
   (`all`: sample every assistant turn in order, each on the earlier samples; `last`, the paper's
   reading: keep the corpus's earlier replies as context and sample only the last), `train_history`
   (`sampled`: train the dialogue as sampled; `corpus`: each kept reply alone after the corpus's
-  own earlier replies, so that only the first turn's instruction explains it; `both`).
+  own earlier replies, so that only the first turn's instruction explains it; `both`), `replay`
+  (0: plain corpus dialogues per GAtt example, with no instruction and loss on the corpus's
+  replies, to keep the model's answers where no instruction is given; at most 10).
 - `placement`: `attach` (`prefix`|`suffix`) where the instruction goes on each user turn while
   sampling; `keep` (`first_user`|`system`) where it stays in the training dialogue.
 - `sampling`: `k` (4) candidates per turn, `temperature` (0.8), `top_p` (0.95), `max_new_tokens`,

@@ -44,8 +44,8 @@ def test_a_turn_the_corpus_has_no_reply_for_ends_the_views():
     assert corpus_history(SAMPLED, [True, True, True], ["", "Then this."]) == [(["💡 Hello there."], [True])]
 
 
-def _rows(tmp_path, history: str) -> list[dict]:
-    config = parse_config({"output_dir": str(tmp_path), "data": {"train_history": history}})
+def _rows(tmp_path, history: str, replay: float = 0.0) -> list[dict]:
+    config = parse_config({"output_dir": str(tmp_path), "data": {"train_history": history, "replay": replay}})
     instruction = Instruction(text="Open with 💡", constraints=(), terse=False)
     messages = []
     for user, reply in zip(USERS, CORPUS, strict=True):
@@ -105,3 +105,19 @@ def test_sampled_history_is_the_default(tmp_path):
 def test_an_unknown_history_is_refused():
     with pytest.raises(ValueError, match="train_history"):
         parse_config({"data": {"train_history": "own"}})
+
+
+def test_replay_adds_plain_corpus_dialogues_without_the_instruction(tmp_path):
+    rows = _rows(tmp_path, "corpus", replay=1 / 3)  # one plain dialogue for the three GAtt rows
+    assert [row["history"] for row in rows] == ["corpus", "corpus", "corpus", "replay"]
+    plain = rows[-1]
+    assert [m["content"] for m in plain["messages"] if m["role"] == "user"] == USERS  # no instruction
+    assert _replies(plain) == CORPUS
+    assert plain["trained"] == [m["role"] == "assistant" for m in plain["messages"]]
+
+
+def test_replay_is_bounded():
+    with pytest.raises(ValueError, match="replay"):
+        parse_config({"data": {"replay": 11}})
+    with pytest.raises(ValueError, match="replay"):
+        parse_config({"data": {"replay": -0.5}})

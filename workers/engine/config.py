@@ -47,6 +47,7 @@ LIMITS: dict[str, int] = {
     "temperature": 10,
     "dialogues": 1_000_000,  # data.max_dialogues
     "turns": 64,  # data.max_turns: a corpus dialogue has at most 64 turns
+    "replay": 10,  # plain corpus dialogues per GAtt example
 }
 _MODULE_NAMES = re.compile(r"[A-Za-z0-9_.]+(\|[A-Za-z0-9_.]+)*")
 
@@ -317,8 +318,13 @@ class DataConfig:
     # corpus's own earlier replies, so that only the first turn's instruction explains it (memory,
     # not imitation). "both": the sampled dialogue and the corpus view of turns 2 onwards.
     train_history: Literal["sampled", "corpus", "both"] = "sampled"
+    # Replay: this many plain corpus dialogues per GAtt training example (0.5: one for every two),
+    # with no instruction and loss on the corpus's own replies, so that the model keeps answering
+    # as it did where no instruction is given.
+    replay: float = 0.0
 
     def __post_init__(self) -> None:
+        _number_in("replay", self.replay, low=0.0, high=LIMITS["replay"])
         if self.max_dialogues is not None:
             _int_at_least("max_dialogues", self.max_dialogues, 1, LIMITS["dialogues"])
         _int_at_least("max_turns", self.max_turns, 1, LIMITS["turns"])

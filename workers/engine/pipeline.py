@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import re
 import time
 from collections.abc import Iterator, Sequence
@@ -556,7 +557,8 @@ def build_training_set(
     """Turn sampled dialogues into loss-masked examples and write them in readable form.
 
     `dialogues` (indexed by each record's `index`) supplies the corpus's replies that
-    `data.train_history` "corpus" and "both" put before each sampled reply."""
+    `data.train_history` "corpus" and "both" put before each sampled reply, and the plain
+    dialogues `data.replay` adds."""
     examples: list[TokenizedExample] = []
     rows = []
     history = config.data.train_history
@@ -578,8 +580,42 @@ def build_training_set(
             row = _training_example(config, tokenizer, record, replies, trained, hooks, examples)
             if row is not None:
                 rows.append({"history": view, **row})
+    for record in _replay_records(config, dialogues, round(config.data.replay * len(rows))):
+        row = _training_example(
+            config, tokenizer, record, record["replies"], record["trained"], hooks, examples
+        )
+        if row is not None:
+            rows.append({"history": "replay", **row})
     _write_jsonl(path, rows)
     return examples
+
+
+def _replay_records(config: JobConfig, dialogues: Sequence[Dialogue], n: int) -> list[dict[str, Any]]:
+    """`n` corpus dialogues drawn with the job's seed (each at most once), as plain records: no
+    instruction, every corpus reply of the first `data.max_turns` turns trained."""
+    order = random.Random(config.seed).sample(range(len(dialogues)), k=min(n, len(dialogues)))
+    records = []
+    for i in order:
+        turns = dialogues[i].turns[: config.data.max_turns]
+        replies = []
+        for _, reply in turns:
+            if not reply:
+                break
+            replies.append(reply)
+        if replies:
+            users = [user for user, _ in turns[: len(replies)]]
+            records.append(
+                {
+                    "index": i,
+                    "dialogue_id": dialogues[i].id,
+                    "instruction": None,
+                    "system": dialogues[i].system,
+                    "users": users,
+                    "replies": replies,
+                    "trained": [True] * len(replies),
+                }
+            )
+    return records
 
 
 def _training_example(
@@ -593,8 +629,9 @@ def _training_example(
 ) -> dict[str, Any] | None:
     """Append one training dialogue's masked examples to `examples`; its readable row, or None
     when its template refuses it."""
+    instruction = record["instruction"]
     dialogue = training_dialogue(
-        Instruction.from_json(record["instruction"]).text,
+        Instruction.from_json(instruction).text if instruction is not None else None,
         record["users"][: len(replies)],
         replies,
         trained,
