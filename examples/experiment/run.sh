@@ -5,6 +5,7 @@
 #   MODE=all|last (data.sample_turns)   SEED=0 (the job's seed; the evaluation stays the same)
 #   FAMILY=emoji (examples/experiment/<FAMILY>_train.json and <FAMILY>_heldout.json)
 #   HISTORY=corpus|sampled|both (data.train_history: what each sampled reply is trained after)
+#   SETS="--set reward.max_echo=0.5 ..." (more job overrides; say them where the run is documented)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 scripts/setup.sh >/dev/null
@@ -22,7 +23,7 @@ mkdir -p "$OUT"
 cat examples/dialogues.jsonl examples/train_large.jsonl > "$OUT/corpus.jsonl"
 .venv/bin/python -m workers.run examples/experiment/job.yaml --set "seed=$SEED" --set "output_dir=$OUT/job" \
   --set "data.corpus=$OUT/corpus.jsonl" --set "data.instructions=examples/experiment/${FAMILY}_train.json" \
-  --set "data.sample_turns=$MODE" --set "data.train_history=$HISTORY"
+  --set "data.sample_turns=$MODE" --set "data.train_history=$HISTORY" ${SETS:-}
 trained=$(date +%s)
 checkpoint=$(.venv/bin/python -c "import json; print(json.load(open('$OUT/job/summary.json'))['final_checkpoint'])")
 .venv/bin/python -m workers.evaluate --model default --checkpoint "$checkpoint" \
