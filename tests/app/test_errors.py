@@ -131,3 +131,13 @@ def test_operation_ids_read_as_method_names(client: TestClient) -> None:
     assert ids["GET /v1/corpora/{corpus_id}"] == "get_corpus"
     assert ids["DELETE /v1/instruction-sets/{instruction_set_id}"] == "delete_instruction_set"
     assert len(set(ids.values())) == len(ids)
+
+
+def test_every_response_carries_the_security_headers(client: TestClient, tenant) -> None:
+    for response in (
+        client.get("/v1/jobs", headers=tenant.headers),  # a tenant's data
+        client.get("/v1/nope"),  # an error
+        client.get("/healthz"),
+    ):
+        assert response.headers["x-content-type-options"] == "nosniff", response.url
+        assert response.headers["cache-control"] == "no-store", response.url
