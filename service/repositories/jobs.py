@@ -251,10 +251,22 @@ def requeue_expired(session: Session) -> list[uuid.UUID]:
 
 def requeue_owned(session: Session, owner_prefix: str, message: str) -> list[uuid.UUID]:
     """Running jobs whose lease owner starts with `owner_prefix` go back to queued, each with a
-    `requeued` event: a process hands back the jobs it holds when it stops."""
+    `requeued` event: a process hands back the jobs it holds when it stops. A job whose cancel
+    was asked for ends `cancelled` instead, since `claim` would never take it again."""
+    t = now()
+    owned = (Job.status == JobStatus.RUNNING, Job.lease_owner.startswith(owner_prefix))
+    cancelled = update(Job).where(*owned, Job.cancel_requested.is_(True))
+    for id in list(
+        session.scalars(
+            cancelled.values(status=JobStatus.CANCELLED, finished_at=t, lease_expires_at=None).returning(
+                Job.id
+            )
+        )
+    ):
+        add_event(session, id, "info", "cancelled", "cancelled; its worker stopped", None)
     stmt = (
         update(Job)
-        .where(Job.status == JobStatus.RUNNING, Job.lease_owner.startswith(owner_prefix))
+        .where(*owned)
         .values(status=JobStatus.QUEUED, lease_owner=None, lease_expires_at=None)
         .returning(Job.id)
     )

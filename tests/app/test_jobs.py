@@ -171,6 +171,25 @@ def test_cancel_running_asks_the_worker(client, tenant, corpus_id, db):
         assert repository.finish(s, uuid.UUID(job["id"]), "test-worker", JobStatus.CANCELLED)
 
 
+def test_a_stopping_process_hands_back_its_jobs_and_ends_those_asked_to_cancel(client, tenant, corpus_id, db):
+    # The embedded worker's stop(): a requeued job with a pending cancel could never be claimed
+    # again (claim refuses cancel_requested) and stayed queued for ever.
+    plain, cancelling = (
+        uuid.UUID(create(client, tenant, {"corpus_id": corpus_id}).json()["id"]) for _ in "ab"
+    )
+    with db() as s, s.begin():
+        for job_id in (plain, cancelling):
+            assert repository.claim(s, job_id, "host:1:abc", 60) is not None
+        assert repository.request_cancel(s, cancelling)
+    with db() as s, s.begin():
+        assert repository.requeue_owned(s, "host:1:", "stopped") == [plain]
+    for job_id, status, last_event in ((plain, "queued", "requeued"), (cancelling, "cancelled", "cancelled")):
+        job = client.get(f"{URL}/{job_id}", headers=tenant.headers).json()
+        assert job["status"] == status
+        events = client.get(f"{URL}/{job_id}/events", headers=tenant.headers).json()["data"]
+        assert events[-1]["kind"] == last_event
+
+
 def test_claim_is_exclusive_until_the_lease_expires(client, tenant, corpus_id, db):
     job_id = uuid.UUID(create(client, tenant, {"corpus_id": corpus_id}).json()["id"])
     with db() as s, s.begin():
