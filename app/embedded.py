@@ -47,6 +47,7 @@ from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.errors import AppError, ServiceUnavailable, error_response
+from app.core.headers import ResponseHeaders
 from app.main import TITLE, create_app
 from service.db import make_sessionmaker, session_scope
 from service.models import Base
@@ -203,28 +204,6 @@ class EmbeddedReadiness(BaseModel):
     checks: dict[str, str] = Field(description='"sqlite" and "worker", each "ok".')
 
 
-class _ModeHeader:
-    """Adds `X-Gatt-Mode: embedded` to every HTTP response (plain ASGI: streams stay streams)."""
-
-    def __init__(self, app: Any):
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_mode(message: Any) -> None:
-            if message["type"] == "http.response.start":
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (MODE_HEADER.lower().encode(), b"embedded"),
-                ]
-            await send(message)
-
-        await self.app(scope, receive, send_with_mode)
-
-
 def create_embedded_app(data_dir: Path) -> FastAPI:
     """The service on SQLite under `data_dir`, running its jobs in this process, one at a time."""
     data_dir = Path(data_dir)
@@ -254,7 +233,7 @@ def create_embedded_app(data_dir: Path) -> FastAPI:
         title=f"{TITLE} (embedded mode)",
     )
     app.state.worker, app.state.mode = worker, "embedded"
-    app.add_middleware(_ModeHeader)
+    app.add_middleware(ResponseHeaders, headers={MODE_HEADER: "embedded"})
     return app
 
 

@@ -14,7 +14,7 @@ from app.api import api_router
 from app.core.admission import AdmissionLimit
 from app.core.body_limit import BodyLimitMiddleware
 from app.core.errors import install_error_handlers
-from app.core.headers import SecurityHeaders
+from app.core.headers import SECURITY_HEADERS, ResponseHeaders
 from app.core.ratelimit import RateLimiter
 from app.health import endpoints as health
 from service.db import make_engine, make_sessionmaker
@@ -107,7 +107,7 @@ def create_app(
 
     install_error_handlers(app)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_json_body_bytes)
-    app.add_middleware(SecurityHeaders)
+    app.add_middleware(ResponseHeaders, headers=SECURITY_HEADERS)
     # Added last, so outermost: requests wait for a slot before any other work (app/core/admission.py).
     app.add_middleware(AdmissionLimit, limit=settings.max_requests_in_flight)
     app.include_router(health.liveness)

@@ -1,24 +1,29 @@
-"""Headers every response carries, whatever route or error produced it.
+"""Headers added to every response, whatever route or error produced it.
+
+`ResponseHeaders` adds each of its headers unless the route set that header itself. Plain ASGI, so
+streamed bodies (checkpoint archives) stay streamed. The service adds `SECURITY_HEADERS`:
 
 - `X-Content-Type-Options: nosniff`: a browser renders a body only as its declared type, so a
   tenant's text served as JSON (an instruction, a sample) can never be run as HTML or script.
 - `Cache-Control: no-store` unless the route set its own: answers are per key and change as jobs
   run; no proxy or browser cache may keep or share them.
 
-Plain ASGI, so streamed bodies (checkpoint archives) stay streamed.
+The embedded mode adds `X-Gatt-Mode: embedded` the same way.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-_NOSNIFF = (b"x-content-type-options", b"nosniff")
-_NO_STORE = (b"cache-control", b"no-store")
+SECURITY_HEADERS = {"X-Content-Type-Options": "nosniff", "Cache-Control": "no-store"}
 
 
-class SecurityHeaders:
-    def __init__(self, app: ASGIApp) -> None:
+class ResponseHeaders:
+    def __init__(self, app: ASGIApp, headers: Mapping[str, str]) -> None:
         self.app = app
+        self.headers = [(name.lower().encode(), value.encode()) for name, value in headers.items()]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -28,11 +33,8 @@ class SecurityHeaders:
         async def send_with_headers(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = list(message.get("headers", []))
-                names = {name.lower() for name, _ in headers}
-                if _NOSNIFF[0] not in names:
-                    headers.append(_NOSNIFF)
-                if _NO_STORE[0] not in names:
-                    headers.append(_NO_STORE)
+                present = {name.lower() for name, _ in headers}
+                headers += [(name, value) for name, value in self.headers if name not in present]
                 message["headers"] = headers
             await send(message)
 
