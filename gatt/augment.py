@@ -19,6 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from gatt.dialogues import leading_replies
+
 Attach = Literal["prefix", "suffix"]
 Keep = Literal["first_user", "system"]
 History = Literal["sampled", "corpus", "both"]
@@ -186,11 +188,9 @@ def corpus_history(
     first earlier turn the corpus has no reply for. `include_first=False` leaves out turn 1, whose
     history is empty (the sampled dialogue already trains it).
     """
+    earlier = leading_replies(corpus_replies)
     views = []
-    for k, flag in enumerate(trained):
-        earlier = [r for r in corpus_replies[:k] if r]
-        if len(earlier) < k:
-            break
+    for k, flag in enumerate(trained[: len(earlier) + 1]):
         if flag and (k > 0 or include_first):
-            views.append(([*earlier, replies[k]], [False] * k + [True]))
+            views.append(([*earlier[:k], replies[k]], [False] * k + [True]))
     return views

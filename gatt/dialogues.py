@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import difflib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -86,6 +86,17 @@ class Dialogue:
         out: dict[str, Any] = {} if self.id is None else {"id": self.id}
         out["messages"] = [{"role": m.role, "content": m.content} for m in self.messages]
         return out
+
+
+def leading_replies(replies: Sequence[str | None]) -> list[str]:
+    """The replies before the first missing or blank one: the corpus history a turn can stand on
+    (turn k needs the replies to turns 1..k-1)."""
+    out: list[str] = []
+    for reply in replies:
+        if reply is None or not reply.strip():
+            break
+        out.append(reply)
+    return out
 
 
 @dataclass(frozen=True)

@@ -71,6 +71,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from gatt.augment import Placement, plain_messages, sampling_messages
+from gatt.dialogues import leading_replies
 from gatt.instructions import Instruction, InstructionSet, synthesize
 from gatt.repetition import DEFAULT_MAX_ECHO, DEFAULT_MAX_SIMILARITY, closest_earlier, echo_share
 from gatt.verifiers import score_all_batch
@@ -249,10 +250,7 @@ def condition_messages(
 def _usable_corpus_turns(corpus: Sequence[str | None], turns: int) -> int:
     """How many of the first `turns` user turns a fixed condition can run: turn k needs the
     corpus's replies to turns 1..k-1, none missing or blank."""
-    for k in range(turns):
-        if k > 0 and not (corpus[k - 1] or "").strip():
-            return k
-    return turns
+    return min(turns, len(leading_replies(corpus)) + 1)
 
 
 @dataclass

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from gatt.augment import Placement, corpus_history, sampling_messages, training_dialogue
-from gatt.dialogues import Dialogue, parse_corpus
+from gatt.dialogues import Dialogue, leading_replies, parse_corpus
 from gatt.errors import GattError
 from gatt.instructions import (
     Instruction,
@@ -597,11 +597,7 @@ def _replay_records(config: JobConfig, dialogues: Sequence[Dialogue], n: int) ->
     records = []
     for i in order:
         turns = dialogues[i].turns[: config.data.max_turns]
-        replies = []
-        for _, reply in turns:
-            if not reply:
-                break
-            replies.append(reply)
+        replies = leading_replies([reply for _, reply in turns])
         if replies:
             users = [user for user, _ in turns[: len(replies)]]
             records.append(
