@@ -89,6 +89,9 @@ def create_app(
         # operationId = the endpoint function's name (`create_job`, `list_jobs`, ...): what client
         # generators name their methods after.
         generate_unique_id_function=lambda route: route.name,
+        # One schema per model (not "-Input"/"-Output" pairs): `JobOptions` is named by the job
+        # schemas' $ref (app/jobs/schemas.py).
+        separate_input_output_schemas=False,
         openapi_tags=[
             {"name": "instruction sets", "description": "The instructions GAtt teaches a model to keep."},
             {"name": "corpora", "description": "Dialogue corpora (JSONL) that jobs train on."},

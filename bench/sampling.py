@@ -27,7 +27,6 @@ context length, which compiles its graph.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.util
 import os
 import platform
@@ -201,7 +200,7 @@ def main() -> None:
 
     paths = {"ours": path(sample_candidates, config), "generate": path(sample_with_generate, config)}
     if gpu:
-        paths["ours+compile"] = path(sample_candidates, dataclasses.replace(config, compile=True))
+        paths["ours+compile"] = path(sample_candidates, config.model_copy(update={"compile": True}))
 
     def prompt_for(target, offset):
         return random_prompt(target, offset) if gpu else dialogue_prompt(tokenizer, target, offset)

@@ -41,7 +41,9 @@ class Placement:
     """
 
     attach: Attach = "prefix"
+    """Where the instruction goes on each user turn while sampling: before it or after it."""
     keep: Keep = "first_user"
+    """Where it stays in the training dialogue: on the first user turn, or in the system message."""
 
     def __post_init__(self) -> None:
         if self.attach not in ("prefix", "suffix"):

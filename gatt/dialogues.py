@@ -19,13 +19,12 @@ Validation reports every problem it finds, each with its 1-based line and a fiel
 
 from __future__ import annotations
 
-import difflib
 import json
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from gatt.errors import Problem, ValidationFailed
+from gatt.errors import Problem, ValidationFailed, did_you_mean
 
 ROLES = ("system", "user", "assistant")
 _TOP_KEYS = ("id", "messages")
@@ -290,7 +289,7 @@ def _check_dialogue(obj: Any, limits: CorpusLimits | None, line: int | None) -> 
         if key not in _TOP_KEYS:
             problem(
                 "unknown_field",
-                f"expected only {_names(_TOP_KEYS)}, found {key!r}{_hint(key, _TOP_KEYS)}",
+                f"expected only {_names(_TOP_KEYS)}, found {key!r}{did_you_mean(key, _TOP_KEYS)}",
                 key,
             )
     if "id" in obj:
@@ -318,7 +317,7 @@ def _check_dialogue(obj: Any, limits: CorpusLimits | None, line: int | None) -> 
             continue
         for key in item:
             if key not in _MESSAGE_KEYS:
-                hint = _hint(key, _MESSAGE_KEYS)
+                hint = did_you_mean(key, _MESSAGE_KEYS)
                 problem(
                     "unknown_field",
                     f"expected only {_names(_MESSAGE_KEYS)}, found {key!r}{hint}",
@@ -418,11 +417,6 @@ def _short(text: str, limit: int = 40) -> str:
 
 def _names(names: Iterable[str]) -> str:
     return ", ".join(repr(n) for n in names)
-
-
-def _hint(key: str, known: tuple[str, ...]) -> str:
-    close = difflib.get_close_matches(key, known, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _has_surrogate(text: str) -> bool:

@@ -12,6 +12,8 @@ stopping at the first.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 
@@ -45,3 +47,9 @@ class ValidationFailed(GattError, ValueError):
         shown = "; ".join(str(p) for p in problems[:5])
         more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         super().__init__(f"invalid {what}: {shown}{more}")
+
+
+def did_you_mean(key: str, known: Iterable[str]) -> str:
+    """A hint such as ` (did you mean 'messages'?)` naming the closest known key, or ""."""
+    close = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""

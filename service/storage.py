@@ -24,7 +24,7 @@ import os
 import shutil
 import tempfile
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -79,7 +79,7 @@ class ArtifactStore(ABC):
         """Every file under the directory `prefix`, sorted by key; [] when there is none."""
 
     @abstractmethod
-    def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Generator[bytes, None, None]:
         """The file's bytes, a chunk at a time (raises `ArtifactMissing` on the first `next`)."""
 
     @abstractmethod
@@ -101,7 +101,7 @@ class ArtifactStore(ABC):
         except ArtifactMissing:
             return None
 
-    def iter_lines(self, key: str) -> Iterator[bytes]:
+    def iter_lines(self, key: str) -> Generator[bytes, None, None]:
         """The complete lines of a JSONL file, newline included. A last line without its newline is
         not yielded: a worker may be appending it right now, or died mid-append."""
         pending = b""
@@ -143,7 +143,7 @@ class LocalStore(ArtifactStore):
             )
         return found
 
-    def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Generator[bytes, None, None]:
         try:
             f = open(self.path(key), "rb")  # noqa: SIM115 - closed by the with below
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError) as exc:
@@ -253,7 +253,7 @@ class S3Store(ArtifactStore):
                     found.append(StoredFile(f"{prefix}/{rel}", obj["Size"], obj["LastModified"].timestamp()))
         return sorted(found, key=lambda f: f.key)
 
-    def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Iterator[bytes]:
+    def iter_chunks(self, key: str, chunk_size: int = CHUNK) -> Generator[bytes, None, None]:
         # The body is read as it arrives: a multi-gigabyte checkpoint never sits in memory.
         with self._errors(key):
             body = self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"]

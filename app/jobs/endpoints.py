@@ -27,6 +27,7 @@ from app.jobs.schemas import (
     MetricList,
 )
 from service.models import JobStatus
+from workers.engine.config import JobOptions
 
 log = logging.getLogger(__name__)
 # Sequence numbers, steps and offsets are 32-bit in the database; a larger one is a 422, not a
@@ -104,10 +105,10 @@ def list_jobs(
 
 # Declared before "/{job_id}" so that "config-defaults" is never taken for an id.
 @router.get("/config-defaults", summary="Get the default job config", responses=AUTH_RESPONSES)
-def get_config_defaults(team: CurrentTeam, settings: SettingsDep) -> dict[str, Any]:
+def get_config_defaults(team: CurrentTeam) -> JobOptions:
     """Every field of a job's `config` with its default value: what a job created with `"config": {}`
     runs with. Copy it and change what you need."""
-    return service.job_config({}, settings)
+    return JobOptions()
 
 
 def _etag(job_id: UUID, updated_at: datetime) -> str:

@@ -1,68 +1,19 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from app.core.pagination import Page
 from app.core.safe_json import JSONObject, StoredText
 from service.models import Job as JobRow
 from service.models import JobStage, JobStatus
 
-CONFIG_DESCRIPTION = """\
-The job's hyperparameters, by section; every field is optional and has a default
-(`GET /v1/jobs/config-defaults` returns them all):
-
-- `seed` (0): one seed for instruction synthesis, sampling and training.
-- `data`: `max_dialogues` (all), `max_turns` (3) user turns sampled per dialogue, `sample_turns`
-  (`all`: sample every assistant turn in order, each on the earlier samples; `last`, the paper's
-  reading: keep the corpus's earlier replies as context and sample only the last), `train_history`
-  (`sampled`: train the dialogue as sampled; `corpus`: each kept reply alone after the corpus's
-  own earlier replies, so that only the first turn's instruction explains it; `both`), `replay`
-  (0: plain corpus dialogues per GAtt example, with no instruction and loss on the corpus's
-  replies, to keep the model's answers where no instruction is given; at most 10).
-- `placement`: `attach` (`prefix`|`suffix`) where the instruction goes on each user turn while
-  sampling; `keep` (`first_user`|`system`) where it stays in the training dialogue.
-- `sampling`: `k` (4) candidates per turn, `temperature` (0.8), `top_p` (0.95), `max_new_tokens`,
-  `batch_prompts` (prompts per forward pass), `seed` (mixed with the job seed for sampling),
-  `compile` (false: true runs decode steps through torch.compile, as CUDA graphs on a GPU, about
-  3x faster there after a compilation of 20-30 s per prompt-batch shape).
-- `reward`: `verifier_weight` (1), `reward_model` (a local path under the server's model roots),
-  `reward_model_weight` (0), `relevance_weight` (0: weight of the question-reply relevance, the
-  cosine of sentence embeddings with the instruction's words ignored), `min_reward` (0.5: a turn
-  whose best candidate scores lower is dropped), `max_repeat_similarity` (0.8: a candidate this
-  similar to an earlier reply of its dialogue is never chosen; null: no check), `max_echo` (0.75: a
-  candidate that repeats this share of the question it answers is never chosen; null: no check),
-  `min_relevance` (null: a candidate less relevant than this is never chosen; 0.28 is reached by 95%
-  of real answers), `prefer` (`relevant`: among candidates with equal reward keep the most relevant,
-  then the longer; `shorter`; `longer`).
-- `loss_scope`: `all_turns` (one sequence, loss on every sampled reply) or `last_turn` (the paper:
-  one example per reply).
-- `training`: `method` (`lora`|`full`), LoRA `lora_r`/`lora_alpha`/`lora_dropout`, `lora_targets`
-  (`all-linear`, module names joined by `|`, or a list of module names), `learning_rate`,
-  `schedule` (`cosine`|`linear`|`constant`), `warmup_steps`, `max_steps` or `epochs`,
-  `micro_batch_size`, `grad_accum`, `max_grad_norm`, `max_seq_len`, `checkpoint_every`,
-  `keep_checkpoints`, `merge_on_save`.
-- `evaluation`: `enabled` (false), `heldout_dialogues` (8: the corpus's last dialogues, never
-  trained on), `turns` (8, at most 64), `conditions` (`once`, `every_turn`; also `none`, and
-  `once_fixed`, `every_turn_fixed`, `none_fixed`, where the earlier assistant turns are the corpus's
-  own replies, so that adherence measures memory of the instruction, not imitation of the model's
-  earlier replies), `max_new_tokens`, `pass_threshold` (0.5), `batch_prompts`, `attention` (true),
-  `max_repeat_similarity` (0.8: a reply this similar to an earlier reply of its context scores 0;
-  null: no check), `max_echo` (0.75: a reply repeating this share of its question is an echo, not
-  useful), `relevance` (true: report the question-reply relevance).
-- `values`: `enabled` (false): the model proposes the hobby and public-figure values itself, as in
-  the paper (`families`, `per_family`, `mode` merge|replace, `min_values`, `samples`, ...).
-
-Unknown fields are errors (422 `invalid_config`, every problem with its path in `details`).
-Every size is bounded, and a larger one is refused with its limit: `sampling.k` and
-`values.samples` 64, `max_new_tokens` 4096, `batch_prompts` 256, `reward.batch_size` 1024,
-`lora_r` 512, `max_steps`/`warmup_steps`/`checkpoint_every` 1,000,000, `epochs` 100,
-`micro_batch_size` 512, `grad_accum` 1024, `max_seq_len` 131,072, `keep_checkpoints` 50,
-`data.max_turns` 64 (evaluation sizes likewise). Verifier `pattern`s are RE2 (linear time).
-"""
+# A request's `config` is checked by the engine's own model (workers/engine/config.py), so that its
+# 422 keeps the `invalid_config` code, `server_field` and "did you mean"; OpenAPI shows that model.
+CONFIG_SCHEMA = {"allOf": [{"$ref": "#/components/schemas/JobOptions"}]}
 
 
 class JobCreate(BaseModel):
@@ -78,7 +29,11 @@ class JobCreate(BaseModel):
     instruction_set_id: UUID | None = Field(
         default=None, description="The instruction set to synthesize from; null for the default set."
     )
-    config: JSONObject = Field(default_factory=dict, description=CONFIG_DESCRIPTION)
+    config: Annotated[JSONObject, WithJsonSchema(CONFIG_SCHEMA)] = Field(
+        default_factory=dict,
+        description="The job's hyperparameters by section (`JobOptions`); every field is optional "
+        "(`GET /v1/jobs/config-defaults` returns them all).",
+    )
 
 
 class JobError(BaseModel):
@@ -103,7 +58,9 @@ class Job(BaseModel):
     model: str = Field(description="The base model.")
     corpus_id: UUID = Field(description="The corpus.")
     instruction_set_id: UUID | None = Field(description="The instruction set; null for the default set.")
-    config: dict[str, Any] = Field(description="The job's full configuration, defaults filled in.")
+    config: Annotated[dict[str, Any], WithJsonSchema(CONFIG_SCHEMA)] = Field(
+        description="The job's options, defaults filled in."
+    )
     error: JobError | None = Field(description="Why the job failed; null otherwise.")
     trained_tokens: int = Field(description="Tokens that carried loss so far.")
     latest_metrics: dict[str, Any] | None = Field(description="The metrics of the latest training step.")

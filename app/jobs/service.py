@@ -32,36 +32,18 @@ from service.storage import (
     artifact_store,
     job_key,
 )
-from workers.engine.config import parse_config
-
-# Decided by the server, never by a request: where data and outputs live, and on which device.
-_SERVER_FIELDS = {"model", "output_dir", "device", "dtype"}
-_SERVER_DATA_FIELDS = {"corpus", "instructions"}
+from workers.engine.config import parse_options
 
 
 def job_config(body_config: dict[str, Any], settings: Settings) -> dict[str, Any]:
-    """The full engine config of a request (defaults filled in), or a 422 listing every problem."""
-    problems = [
-        Problem("server_field", "set by the server, not by a request", k)
-        for k in body_config
-        if k in _SERVER_FIELDS
-    ]
-    data = body_config.get("data")
-    if isinstance(data, dict):
-        problems += [
-            Problem("server_field", "set by the server, not by a request", f"data.{k}")
-            for k in data
-            if k in _SERVER_DATA_FIELDS
-        ]
-    if not problems:
-        try:
-            config = parse_config(body_config).to_json()
-        except ValidationFailed as exc:
-            problems = exc.problems
-    if not problems:
-        reward_model = config["reward"]["reward_model"]
-        if reward_model is not None:
-            problems += check_model_path(reward_model, settings, "reward.reward_model")
+    """The full options of a request (defaults filled in), or a 422 listing every problem."""
+    try:
+        config = parse_options(body_config).to_json()
+        problems = []
+        if (reward_model := config["reward"]["reward_model"]) is not None:
+            problems = check_model_path(reward_model, settings, "reward.reward_model")
+    except ValidationFailed as exc:
+        problems = exc.problems
     if problems:
         raise Unprocessable.from_problems(
             problems,
@@ -69,10 +51,6 @@ def job_config(body_config: dict[str, Any], settings: Settings) -> dict[str, Any
             message="The job config is invalid; see details.",
             field_prefix="config",
         )
-    for key in ("model", "output_dir", "device", "dtype"):
-        config.pop(key, None)
-    for key in _SERVER_DATA_FIELDS:
-        config["data"].pop(key, None)
     return config
 
 

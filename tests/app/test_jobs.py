@@ -74,20 +74,25 @@ def test_invalid_config_lists_every_problem_with_its_path(client, tenant, corpus
 
 # Each of these was accepted and queued before the engine config had upper bounds.
 UNBOUNDED = [
-    ({"sampling": {"k": 10_000}}, "config.sampling", "k must be an integer in [1, 64]"),
-    ({"sampling": {"max_new_tokens": 10**9}}, "config.sampling", "max_new_tokens"),
-    ({"sampling": {"batch_prompts": 10**6}}, "config.sampling", "batch_prompts"),
-    ({"reward": {"batch_size": 10**7}}, "config.reward", "batch_size must be <= 1024"),
-    ({"training": {"lora_r": 10**6}}, "config.training", "lora_r must be <= 512"),
-    ({"training": {"max_steps": 10**12}}, "config.training", "max_steps must be <= 1000000"),
-    ({"training": {"micro_batch_size": 10**5}}, "config.training", "micro_batch_size"),
-    ({"training": {"keep_checkpoints": 10**9}}, "config.training", "keep_checkpoints must be <= 50"),
-    ({"training": {"epochs": 1e9}}, "config.training", "epochs must be <= 100"),
-    ({"training": {"lora_targets": "(.|.)*Q"}}, "config.training", "lora_targets must be"),
-    ({"values": {"samples": 10**4}}, "config.values", "samples must be <= 64"),
-    ({"data": {"max_dialogues": -5}}, "config.data", "max_dialogues must be >= 1"),
-    ({"data": {"max_turns": 0}}, "config.data", "max_turns must be >= 1"),
-    ({"data": {"max_turns": 10**6}}, "config.data", "max_turns must be <= 64"),
+    ({"sampling": {"k": 10_000}}, "config.sampling.k", "k must be <= 64"),
+    ({"sampling": {"max_new_tokens": 10**9}}, "config.sampling.max_new_tokens", "must be <= 4096"),
+    ({"sampling": {"batch_prompts": 10**6}}, "config.sampling.batch_prompts", "must be <= 256"),
+    ({"sampling": {"temperature": 1e6}}, "config.sampling.temperature", "must be <= 10"),
+    ({"reward": {"batch_size": 10**7}}, "config.reward.batch_size", "batch_size must be <= 1024"),
+    ({"reward": {"relevance_weight": 1e12}}, "config.reward.relevance_weight", "must be <= 100"),
+    ({"training": {"lora_r": 10**6}}, "config.training.lora_r", "lora_r must be <= 512"),
+    ({"training": {"max_steps": 10**12}}, "config.training.max_steps", "max_steps must be <= 1000000"),
+    ({"training": {"micro_batch_size": 10**5}}, "config.training.micro_batch_size", "must be <= 512"),
+    ({"training": {"keep_checkpoints": 10**9}}, "config.training.keep_checkpoints", "must be <= 50"),
+    ({"training": {"epochs": 1e9}}, "config.training.epochs", "epochs must be <= 100"),
+    ({"training": {"lora_targets": "(.|.)*Q"}}, "config.training.lora_targets", "lora_targets must be"),
+    ({"training": {"lora_targets": ["q"] * 65}}, "config.training.lora_targets", "1 to 64 module names"),
+    ({"values": {"samples": 10**4}}, "config.values.samples", "samples must be <= 64"),
+    ({"values": {"families": ["f"] * 33}}, "config.values.families", "at most 32"),
+    ({"data": {"max_dialogues": -5}}, "config.data.max_dialogues", "max_dialogues must be >= 1"),
+    ({"data": {"max_turns": 0}}, "config.data.max_turns", "max_turns must be >= 1"),
+    ({"data": {"max_turns": 10**6}}, "config.data.max_turns", "max_turns must be <= 64"),
+    ({"evaluation": {"turns": 65}}, "config.evaluation.turns", "turns must be <= 64"),
 ]
 
 
@@ -96,7 +101,7 @@ def test_every_size_a_job_asks_for_is_bounded(client, tenant, corpus_id, config,
     r = create(client, tenant, {"corpus_id": corpus_id, "config": config})
     assert r.status_code == 422, r.text
     (detail,) = r.json()["error"]["details"]
-    assert detail["field"].startswith(field) and message in detail["message"], detail
+    assert detail["field"] == field and message in detail["message"], detail
 
 
 def test_lora_targets_may_name_modules(client, tenant, corpus_id):
@@ -236,6 +241,30 @@ def test_config_defaults_are_what_an_empty_config_runs_with(client, tenant, corp
     assert job["config"] == defaults.json()
     assert defaults.json()["sampling"]["k"] == 4 and "output_dir" not in defaults.json()
     assert client.get(f"{URL}/config-defaults").status_code == 401
+
+
+def test_openapi_publishes_the_config_with_defaults_and_bounds(client):
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    for model in ("JobCreate", "Job"):
+        ref = schemas[model]["properties"]["config"]["allOf"][0]["$ref"]
+        assert ref == "#/components/schemas/JobOptions", model
+    options = schemas["JobOptions"]
+    assert options["additionalProperties"] is False
+    sections = {"data", "placement", "sampling", "reward", "training", "evaluation", "values"}
+    assert sections < options["properties"].keys() and "output_dir" not in options["properties"]
+
+    def section(name):
+        return schemas[options["properties"][name]["$ref"].rsplit("/", 1)[-1]]
+
+    k = section("sampling")["properties"]["k"]
+    assert (k["type"], k["default"], k["minimum"], k["maximum"]) == ("integer", 4, 1, 64)
+    assert "corpus" not in section("data")["properties"]
+    assert section("training")["properties"]["method"]["enum"] == ["lora", "full"]
+    for name in sections:
+        for field, value in section(name)["properties"].items():
+            # FastAPI leaves nulls out of the document, so a null default shows as a nullable field.
+            assert "default" in value or {"type": "null"} in value["anyOf"], f"{name}.{field}"
 
 
 def test_reaper_requeues_a_vanished_worker_once_per_lease(client, tenant, corpus_id, db):

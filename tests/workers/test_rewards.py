@@ -315,7 +315,10 @@ def test_ranking_settings_are_checked():
             RewardConfig(**bad)
     with pytest.raises(ValidationFailed) as exc:
         parse_config({"reward": {"prefer": "random", "max_echo": 0}})
-    assert sorted(p.field for p in exc.value.problems) == ["reward.prefer"]
+    assert sorted(p.field for p in exc.value.problems) == [
+        "reward.max_echo",
+        "reward.prefer",
+    ]  # every problem at once
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,7 +8,6 @@ One slow test repeats it on the real SmolLM2-135M-Instruct with its chat templat
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 from pathlib import Path
 
@@ -146,7 +145,7 @@ def test_compiled_decode_gives_the_same_candidates(prompts):
     eager = sample_candidates(model, tokenizer, prompts, GREEDY, stop_ids=[])
     stop_ids = {eager[1][0].token_ids[5]}
     eager = sample_candidates(model, tokenizer, prompts, GREEDY, stop_ids=stop_ids)
-    compiled = dataclasses.replace(GREEDY, compile=True)
+    compiled = GREEDY.model_copy(update={"compile": True})
     assert sample_candidates(model, tokenizer, prompts, compiled, stop_ids=stop_ids) == eager
     assert any(c[0].finished for c in eager) and not all(c[0].finished for c in eager)
 
@@ -213,7 +212,7 @@ def test_all_rows_stopped_ends_decoding_early(tiny, prompts):
 
 def test_tiny_top_p_is_greedy(tiny, prompts):
     model, tokenizer = tiny
-    config = dataclasses.replace(GREEDY, temperature=1.0, top_p=1e-6)
+    config = GREEDY.model_copy(update={"temperature": 1.0, "top_p": 1e-6})
     generator = torch.Generator().manual_seed(3)
     sampled = sample_candidates(model, tokenizer, prompts, config, stop_ids=[EOS], generator=generator)
     assert sampled == sample_candidates(model, tokenizer, prompts, GREEDY, stop_ids=[EOS])
@@ -319,7 +318,7 @@ def test_real_model_candidates_and_greedy_equality(smollm2):
         assert len(candidates) == 2
         assert all(c.text.strip() and "<|im_end|>" not in c.text for c in candidates)
 
-    greedy = dataclasses.replace(config, temperature=0)
+    greedy = config.model_copy(update={"temperature": 0})
     sampled = sample_candidates(model, tokenizer, prompts, greedy, stop_ids=stop_ids)
     for prompt, candidates in zip(prompts, sampled, strict=True):
         expected, finished = generate_alone(model, prompt, greedy.max_new_tokens, stop_ids)

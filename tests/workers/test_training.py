@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import csv
-import dataclasses
 import hashlib
 import json
 import math
@@ -451,7 +450,7 @@ def test_resume_refuses_a_different_setup(tmp_path, tok, dialogue_examples, unin
             tiny_llama(len(tok)),
             tok,
             dialogue_examples,
-            dataclasses.replace(RESUME, micro_batch_size=3),
+            RESUME.model_copy(update={"micro_batch_size": 3}),
             tmp_path / "run",
             base_model="tiny",
         )

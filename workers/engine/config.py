@@ -1,32 +1,37 @@
-"""The typed configuration of one GAtt job, read from YAML or JSON and checked strictly.
+"""The typed configuration of one GAtt job: one pydantic model, read from YAML or JSON, checked strictly.
 
-One file describes a whole job (model, data, and a section per stage). Every field has a
-documented default, unknown keys are errors (a typo must not silently fall back to a default),
-and all problems are reported at once, each with its dotted path ("sampling.top_p").
+One file describes a whole job (model, data, and a section per stage). `JobOptions` is what a
+request may set (the API publishes its JSON schema: every field with its default, bounds and the
+docstring under it); `JobConfig` adds what only the server decides (model, paths, device).
+Unknown keys are errors with a "did you mean" (a typo must not silently fall back to a default),
+numbers are not strings or booleans, and every problem is reported at once with its dotted path
+("sampling.top_p"). Importable without torch: the API validates with it.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
-import types
-import typing
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic import StrictBool as Bool
+from pydantic import StrictInt as Int
+from pydantic import StrictStr as Str
 
 from gatt.augment import Placement
-from gatt.errors import Problem, ValidationFailed
+from gatt.errors import Problem, ValidationFailed, did_you_mean
 from gatt.masks import Scope
 from gatt.repetition import DEFAULT_MAX_ECHO
 
-# --- stage configs: plain dataclasses, importable without torch (the API validates with them) ---
-
+Float = Annotated[float, Strict()]  # an int is taken as a float; a bool or a string is not
+Seed = Annotated[int, Strict(), Field(ge=0, lt=2**32)]  # mixed into torch/numpy generators
+Share = Annotated[float, Strict(), Field(gt=0.0, le=1.0)]
 Method = Literal["lora", "full"]
 Schedule = Literal["cosine", "linear", "constant"]
+Condition = Literal["none", "once", "every_turn", "none_fixed", "once_fixed", "every_turn_fixed"]
 
 # Upper bounds of every size a job's config sets: a job is a tenant's request, and nothing it asks
 # for may be unbounded (work, memory, disk). Generous for real jobs; each is named in the error.
@@ -35,106 +40,116 @@ LIMITS: dict[str, int] = {
     "max_new_tokens": 4096,
     "batch_prompts": 256,
     "batch_size": 1024,  # reward-model batch
+    "weight": 100,  # reward weights
     "lora_r": 512,
     "lora_alpha": 8192,
+    "lora_targets": 64,  # module names in a list
     "steps": 1_000_000,  # max_steps, warmup_steps, checkpoint_every
     "epochs": 100,
     "micro_batch_size": 512,
     "grad_accum": 1024,
     "max_seq_len": 131_072,
     "keep_checkpoints": 50,
+    "families": 32,  # values.families
     "per_family": 200,  # values proposed or required per family
     "temperature": 10,
     "dialogues": 1_000_000,  # data.max_dialogues
     "turns": 64,  # data.max_turns: a corpus dialogue has at most 64 turns
     "replay": 10,  # plain corpus dialogues per GAtt example
+    "name_chars": 1024,  # paths and module names
+}
+# Evaluation: own context (the model's earlier replies), then fixed context (the corpus's earlier
+# replies); its bounds hold for the API's evaluation section and for workers/evaluate.py.
+CONDITIONS: tuple[str, ...] = ("none", "once", "every_turn", "none_fixed", "once_fixed", "every_turn_fixed")
+MAX_TURNS = 64  # gatt.dialogues.CorpusLimits.max_turns
+EVAL_LIMITS = {
+    "turns": MAX_TURNS,
+    "dialogues": 4096,
+    "instructions_per_dialogue": 1024,  # workers/probe.py runs every instruction of a set
+    "max_new_tokens": 2048,
+    "batch_prompts": 256,
+    "samples_per_turn": 100,
 }
 _MODULE_NAMES = re.compile(r"[A-Za-z0-9_.]+(\|[A-Za-z0-9_.]+)*")
+Name = Annotated[str, Strict(), Field(min_length=1, max_length=LIMITS["name_chars"])]
+Beta = Annotated[float, Strict(), Field(ge=0.0, lt=1.0)]
+FamilyName = Annotated[str, Strict(), Field(min_length=1, max_length=64, pattern=r"\S")]
 
 
-@dataclass(frozen=True)
-class SamplingConfig:
-    k: int = 4  # candidates per prompt
-    temperature: float = 0.8  # 0 means greedy (argmax); top_p is then irrelevant
-    top_p: float = 0.95  # nucleus: sample from the smallest set of tokens holding this much probability
-    max_new_tokens: int = 96
-    batch_prompts: int = 8  # prompts per prefill; the decode batch is batch_prompts * k rows
-    seed: int = 0  # seeds the generator when the caller passes none
-    # Decode steps through torch.compile (CUDA graphs on a GPU): launch overhead dominates GPU
-    # decoding of small batches. Costs a compilation per prompt batch shape; off by default.
-    compile: bool = False
+class Section(BaseModel):
+    """A config section: immutable, closed (unknown keys are errors), finite numbers only."""
 
-    def __post_init__(self) -> None:
-        problems = []
-        if not (isinstance(self.k, int) and 1 <= self.k <= LIMITS["k"]):
-            problems.append(f"k must be an integer in [1, {LIMITS['k']}], got {self.k!r}")
-        if not (math.isfinite(self.temperature) and self.temperature >= 0):
-            problems.append(f"temperature must be > 0, or 0 for greedy, got {self.temperature!r}")
-        if not (0 < self.top_p <= 1):
-            problems.append(f"top_p must be in (0, 1], got {self.top_p!r}")
-        if not (
-            isinstance(self.max_new_tokens, int) and 1 <= self.max_new_tokens <= LIMITS["max_new_tokens"]
-        ):
-            problems.append(
-                f"max_new_tokens must be an integer in [1, {LIMITS['max_new_tokens']}], got {self.max_new_tokens!r}"
-            )
-        if not (isinstance(self.batch_prompts, int) and 1 <= self.batch_prompts <= LIMITS["batch_prompts"]):
-            problems.append(
-                f"batch_prompts must be an integer in [1, {LIMITS['batch_prompts']}], got {self.batch_prompts!r}"
-            )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            problems.append(f"seed must be an integer in [0, 2**32), got {self.seed!r}")
-        if not isinstance(self.compile, bool):
-            problems.append(f"compile must be true or false, got {self.compile!r}")
-        if problems:
-            raise ValueError("; ".join(problems))
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False, use_attribute_docstrings=True)
+
+    def to_json(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+# pydantic reads this off the dataclass when a job config embeds it: unknown keys are errors there too.
+Placement.__pydantic_config__ = ConfigDict(extra="forbid", use_attribute_docstrings=True)  # type: ignore[attr-defined]
+
+
+class SamplingConfig(Section):
+    """Sampling K candidate replies for every sampled assistant turn (workers/engine/sampling.py)."""
+
+    k: Int = Field(4, ge=1, le=LIMITS["k"])
+    """Candidates per prompt."""
+    temperature: Float = Field(0.8, ge=0.0, le=LIMITS["temperature"])
+    """0 means greedy (argmax); top_p is then irrelevant."""
+    top_p: Share = 0.95
+    """Nucleus: sample from the smallest set of tokens holding this much probability."""
+    max_new_tokens: Int = Field(96, ge=1, le=LIMITS["max_new_tokens"])
+    """Longest reply sampled, in tokens; a cut reply is trimmed to its last sentence."""
+    batch_prompts: Int = Field(8, ge=1, le=LIMITS["batch_prompts"])
+    """Prompts per prefill; the decode batch is batch_prompts * k rows."""
+    seed: Seed = 0
+    """Mixed with the job's seed for sampling."""
+    compile: Bool = False
+    """Decode steps through torch.compile (CUDA graphs on a GPU, about 3x faster there): launch
+    overhead dominates GPU decoding of small batches. Costs a compilation of 20-30 s per prompt
+    batch shape."""
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
 
 
-@dataclass(frozen=True)
-class RewardConfig:
-    verifier_weight: float = 1.0
-    reward_model: str | None = None  # local directory of a sequence-classification model
-    reward_model_weight: float = 0.0
-    min_reward: float | None = 0.5  # a turn whose best candidate is below this is dropped
-    batch_size: int = 16
-    # A candidate at least this similar to an earlier reply of its dialogue never wins
-    # (gatt/repetition.py); None: no check.
-    max_repeat_similarity: float | None = 0.8
-    # A candidate that repeats at least this share of the question it answers never wins
-    # (gatt/repetition.py, echo_share); None: no check.
-    max_echo: float | None = DEFAULT_MAX_ECHO
-    # Relevance: cosine of the question and the reply without the instruction's words
-    # (gatt/relevance.py). Weighted into the reward like the other parts (0: not in the reward).
-    relevance_weight: float = 0.0
-    # A candidate less relevant than this never wins; None: no floor (gatt.relevance.RELEVANCE_FLOOR,
-    # 0.28, is what 95% of the corpus's real answers reach).
-    min_relevance: float | None = None
-    # Among candidates with equal reward (common with 0/1 verifiers and no reward model), keep the
-    # most relevant one ("relevant", then the longer), the shorter or the longer one.
-    prefer: Literal["relevant", "shorter", "longer"] = "relevant"
+class RewardConfig(Section):
+    """Ranking the candidates of a turn and keeping the best (workers/engine/rewards.py)."""
 
-    def __post_init__(self) -> None:
-        if self.verifier_weight < 0 or self.reward_model_weight < 0 or self.relevance_weight < 0:
-            raise ValueError("reward weights must be >= 0")
+    verifier_weight: Float = Field(1.0, ge=0.0, le=LIMITS["weight"])
+    """Weight of the instruction's verifiers (each scores 0 to 1) in the reward."""
+    reward_model: Name | None = None
+    """A local directory of a sequence-classification model, under one of the server's model roots."""
+    reward_model_weight: Float = Field(0.0, ge=0.0, le=LIMITS["weight"])
+    """Weight of the reward model's score; > 0 needs reward_model."""
+    min_reward: Float | None = Field(0.5, ge=0.0, le=1.0)
+    """A turn whose best candidate scores lower is dropped."""
+    batch_size: Int = Field(16, ge=1, le=LIMITS["batch_size"])
+    """Candidates per reward-model forward pass."""
+    max_repeat_similarity: Share | None = 0.8
+    """A candidate at least this similar to an earlier reply of its dialogue never wins
+    (gatt/repetition.py); null: no check."""
+    max_echo: Share | None = DEFAULT_MAX_ECHO
+    """A candidate that repeats at least this share of the question it answers never wins
+    (gatt/repetition.py, echo_share); null: no check."""
+    relevance_weight: Float = Field(0.0, ge=0.0, le=LIMITS["weight"])
+    """Weight of relevance in the reward: the cosine of the question and the reply without the
+    instruction's words (gatt/relevance.py). 0: not in the reward."""
+    min_relevance: Float | None = Field(None, ge=-1.0, le=1.0)
+    """A candidate less relevant than this never wins; null: no floor (0.28 is what 95% of the
+    corpus's real answers reach)."""
+    prefer: Literal["relevant", "shorter", "longer"] = "relevant"
+    """Among candidates with equal reward (common with 0/1 verifiers and no reward model), keep the
+    most relevant one (then the longer), the shorter or the longer one."""
+
+    @model_validator(mode="after")
+    def _weights(self) -> RewardConfig:
         if self.verifier_weight + self.reward_model_weight + self.relevance_weight <= 0:
             raise ValueError("at least one reward weight must be > 0")
         if self.reward_model_weight > 0 and not self.reward_model:
             raise ValueError("reward_model_weight > 0 needs reward_model (a local directory)")
-        if self.min_reward is not None and not 0.0 <= self.min_reward <= 1.0:
-            raise ValueError("min_reward must be in [0, 1]")
-        _int_at_least("batch_size", self.batch_size, 1, LIMITS["batch_size"])
-        if self.max_repeat_similarity is not None and not 0.0 < self.max_repeat_similarity <= 1.0:
-            raise ValueError("max_repeat_similarity must be in (0, 1] or null")
-        if self.max_echo is not None and not 0.0 < self.max_echo <= 1.0:
-            raise ValueError("max_echo must be in (0, 1] or null")
-        if self.min_relevance is not None and not -1.0 <= self.min_relevance <= 1.0:
-            raise ValueError("min_relevance must be in [-1, 1] or null")
-        if self.prefer not in ("relevant", "shorter", "longer"):
-            raise ValueError(f"prefer must be 'relevant', 'shorter' or 'longer', not {self.prefer!r}")
+        return self
 
     @property
     def needs_relevance(self) -> bool:
@@ -142,149 +157,103 @@ class RewardConfig:
         return self.relevance_weight > 0 or self.min_relevance is not None or self.prefer == "relevant"
 
 
-@dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
+    """Masked fine-tuning (workers/engine/training.py)."""
+
     method: Method = "lora"
-    lora_r: int = 16
-    lora_alpha: int = 32
-    lora_dropout: float = 0.0
-    # "all-linear" (peft: every linear layer but the output head), names joined by "|"
-    # ("q_proj|v_proj"), or a tuple of module names such as ("q_proj", "v_proj").
-    lora_targets: str | tuple[str, ...] = "all-linear"
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.0
-    betas: tuple[float, float] = (0.9, 0.999)
+    """"lora" (adapters; the checkpoint holds only them) or "full" (every weight)."""
+    lora_r: Int = Field(16, ge=1, le=LIMITS["lora_r"])
+    """LoRA rank."""
+    lora_alpha: Int = Field(32, ge=1, le=LIMITS["lora_alpha"])
+    """LoRA scaling numerator (the update is scaled by lora_alpha / lora_r)."""
+    lora_dropout: Float = Field(0.0, ge=0.0, lt=1.0)
+    """Dropout on the LoRA path."""
+    lora_targets: Name | tuple[Name, ...] = "all-linear"
+    """"all-linear" (peft: every linear layer but the output head), module names joined by "|"
+    ("q_proj|v_proj"), or a list of module names."""
+    learning_rate: Float = Field(2e-4, gt=0.0, le=1.0)
+    """Peak learning rate of AdamW, after warm-up."""
+    weight_decay: Float = Field(0.0, ge=0.0, le=1.0)
+    """AdamW weight decay."""
+    betas: tuple[Beta, Beta] = (0.9, 0.999)
+    """AdamW's (beta1, beta2)."""
     schedule: Schedule = "cosine"
-    warmup_steps: int = 0
-    # Optimiser steps; None: ceil(epochs * n_batches / grad_accum).
-    max_steps: int | None = None
-    epochs: float = 1.0
-    micro_batch_size: int = 4
-    grad_accum: int = 1
-    # None: no clipping (the gradient norm is still reported).
-    max_grad_norm: float | None = 1.0
-    max_seq_len: int = 2048
-    seed: int = 0
-    # 0: only the final checkpoint.
-    checkpoint_every: int = 0
-    # How many checkpoints stay on disk; older ones are deleted. The newest (final) always stays.
-    keep_checkpoints: int = 2
-    # LoRA only: also write merged full weights into each checkpoint's `merged/`.
-    merge_on_save: bool = False
+    """Learning-rate decay after warm-up: cosine or linear to 0, or constant."""
+    warmup_steps: Int = Field(0, ge=0, le=LIMITS["steps"])
+    """Steps of linear warm-up from 0 to learning_rate."""
+    max_steps: Int | None = Field(None, ge=1, le=LIMITS["steps"])
+    """Optimiser steps; null: ceil(epochs * batches / grad_accum)."""
+    epochs: Float = Field(1.0, gt=0.0, le=LIMITS["epochs"])
+    """Passes over the training set (fractions allowed) when max_steps is null."""
+    micro_batch_size: Int = Field(4, ge=1, le=LIMITS["micro_batch_size"])
+    """Sequences per forward pass."""
+    grad_accum: Int = Field(1, ge=1, le=LIMITS["grad_accum"])
+    """Micro-batches per optimiser step."""
+    max_grad_norm: Float | None = Field(1.0, gt=0.0, le=1e6)
+    """Gradient clipping; null: none (the gradient norm is still reported)."""
+    max_seq_len: Int = Field(2048, ge=2, le=LIMITS["max_seq_len"])
+    """Longer training sequences are cut (with a warning event)."""
+    seed: Seed = 0
+    """Mixed with the job's seed for shuffling and initialising the adapters."""
+    checkpoint_every: Int = Field(0, ge=0, le=LIMITS["steps"])
+    """Steps between checkpoints; 0: only the final checkpoint."""
+    keep_checkpoints: Int = Field(2, ge=1, le=LIMITS["keep_checkpoints"])
+    """How many checkpoints stay on disk; older ones are deleted. The newest (final) always stays."""
+    merge_on_save: Bool = False
+    """LoRA only: also write merged full weights into each checkpoint's `merged/`."""
 
-    def __post_init__(self) -> None:
-        if isinstance(self.lora_targets, list):
-            object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
-        if isinstance(self.betas, list):
-            object.__setattr__(self, "betas", tuple(self.betas))
-        if self.method not in ("lora", "full"):
-            raise ValueError(f"method must be 'lora' or 'full', not {self.method!r}")
-        if self.schedule not in ("cosine", "linear", "constant"):
-            raise ValueError(f"schedule must be 'cosine', 'linear' or 'constant', not {self.schedule!r}")
-        _int_at_least("lora_r", self.lora_r, 1, LIMITS["lora_r"])
-        _int_at_least("lora_alpha", self.lora_alpha, 1, LIMITS["lora_alpha"])
-        _number_in("lora_dropout", self.lora_dropout, low=0.0, high=1.0, high_open=True)
-        if isinstance(self.lora_targets, str):
-            # peft matches a string as a regex over every module name (Python's re): only names and
-            # alternatives, which cannot backtrack, are taken from a job.
-            if self.lora_targets != "all-linear" and not _MODULE_NAMES.fullmatch(self.lora_targets):
-                raise ValueError(
-                    "lora_targets must be 'all-linear', module names joined by '|' "
-                    f"(letters, digits, '_' and '.'), or a list of module names, not {self.lora_targets!r}"
-                )
-        elif not (
-            isinstance(self.lora_targets, tuple)
-            and self.lora_targets
-            and all(isinstance(t, str) and t for t in self.lora_targets)
-        ):
+    @field_validator("lora_targets")
+    @classmethod
+    def _module_names(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        # peft matches a string as a regex over every module name (Python's re): only names and
+        # alternatives, which cannot backtrack, are taken from a job.
+        if isinstance(value, str) and value != "all-linear" and not _MODULE_NAMES.fullmatch(value):
             raise ValueError(
-                "lora_targets must be 'all-linear', a regex, or a non-empty tuple of module names"
+                "lora_targets must be 'all-linear', module names joined by '|' "
+                f"(letters, digits, '_' and '.'), or a list of module names, not {value!r}"
             )
-        _number_in("learning_rate", self.learning_rate, low=0.0, low_open=True)
-        _number_in("weight_decay", self.weight_decay, low=0.0)
-        if not (isinstance(self.betas, tuple) and len(self.betas) == 2):
-            raise ValueError(f"betas must be a pair (beta1, beta2), not {self.betas!r}")
-        for i, beta in enumerate(self.betas):
-            _number_in(f"betas[{i}]", beta, low=0.0, high=1.0, high_open=True)
-        _int_at_least("warmup_steps", self.warmup_steps, 0, LIMITS["steps"])
-        if self.max_steps is not None:
-            _int_at_least("max_steps", self.max_steps, 1, LIMITS["steps"])
-        _number_in("epochs", self.epochs, low=0.0, low_open=True, high=LIMITS["epochs"])
-        _int_at_least("micro_batch_size", self.micro_batch_size, 1, LIMITS["micro_batch_size"])
-        _int_at_least("grad_accum", self.grad_accum, 1, LIMITS["grad_accum"])
-        if self.max_grad_norm is not None:
-            _number_in("max_grad_norm", self.max_grad_norm, low=0.0, low_open=True)
-        _int_at_least("max_seq_len", self.max_seq_len, 2, LIMITS["max_seq_len"])
-        _int_at_least("seed", self.seed, 0)
-        if self.seed >= 2**32:
-            raise ValueError(f"seed must be < 2**32, not {self.seed}")
-        _int_at_least("checkpoint_every", self.checkpoint_every, 0, LIMITS["steps"])
-        _int_at_least("keep_checkpoints", self.keep_checkpoints, 1, LIMITS["keep_checkpoints"])
-        if not isinstance(self.merge_on_save, bool):
-            raise ValueError(f"merge_on_save must be a bool, not {self.merge_on_save!r}")
-
-    def to_json(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["betas"] = list(self.betas)
-        if isinstance(self.lora_targets, tuple):
-            out["lora_targets"] = list(self.lora_targets)
-        return out
+        if isinstance(value, tuple) and not 1 <= len(value) <= LIMITS["lora_targets"]:
+            raise ValueError(f"lora_targets must list 1 to {LIMITS['lora_targets']} module names")
+        return value
 
 
-def _int_at_least(name: str, value: Any, low: int, high: int | None = None) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an integer, not {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, not {value}")
-    if high is not None and value > high:
-        raise ValueError(f"{name} must be <= {high}, not {value}")
-
-
-def _number_in(
-    name: str,
-    value: Any,
-    *,
-    low: float | None = None,
-    high: float | None = None,
-    low_open: bool = False,
-    high_open: bool = False,
-) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ValueError(f"{name} must be a finite number, not {value!r}")
-    if low is not None and (value < low or (low_open and value == low)):
-        raise ValueError(f"{name} must be {'>' if low_open else '>='} {low}, not {value}")
-    if high is not None and (value > high or (high_open and value == high)):
-        raise ValueError(f"{name} must be {'<' if high_open else '<='} {high}, not {value}")
-
-
-@dataclass(frozen=True)
-class EvaluationConfig:
+class EvaluationConfig(Section):
     """The evaluate stage: adherence by turn (and attention to the instruction) of the model before
     and after training, on dialogues held out from the corpus and instructions drawn with another
     seed (workers/engine/evaluation.py)."""
 
-    enabled: bool = False
-    # The last N dialogues of the corpus are held out: never sampled, never trained on.
-    heldout_dialogues: int = 8
-    turns: int = 8  # up to 64, as far as the held-out dialogues and the context go
-    # Of none / once / every_turn (the model's own earlier replies as context) and none_fixed /
-    # once_fixed / every_turn_fixed (the corpus's earlier replies: memory, not imitation).
-    conditions: tuple[str, ...] = ("once", "every_turn")
-    max_new_tokens: int = 64
-    pass_threshold: float = 0.5
-    batch_prompts: int = 8
-    attention: bool = True
-    # A reply at least this similar to an earlier reply of its dialogue scores 0 (gatt/repetition.py).
-    max_repeat_similarity: float | None = 0.8
-    # A reply whose echo share of the question is at least this is not useful (gatt/repetition.py).
-    max_echo: float | None = DEFAULT_MAX_ECHO
-    relevance: bool = True  # question-reply relevance by sentence embeddings (gatt/relevance.py)
+    enabled: Bool = False
+    """Run the evaluate stage after training (it needs held-out dialogues)."""
+    heldout_dialogues: Int = Field(8, ge=1, le=EVAL_LIMITS["dialogues"])
+    """The last N dialogues of the corpus are held out: never sampled, never trained on."""
+    turns: Int = Field(8, ge=1, le=EVAL_LIMITS["turns"])
+    """As far as the held-out dialogues and the context go."""
+    conditions: tuple[Condition, ...] = Field(
+        ("once", "every_turn"), min_length=1, max_length=len(CONDITIONS)
+    )
+    """none / once / every_turn (the model's own earlier replies as context) and none_fixed /
+    once_fixed / every_turn_fixed (the corpus's earlier replies: memory, not imitation)."""
+    max_new_tokens: Int = Field(64, ge=1, le=EVAL_LIMITS["max_new_tokens"])
+    """Longest reply generated per turn, in tokens."""
+    pass_threshold: Float = Field(0.5, ge=0.0, le=1.0)
+    """A turn adheres when its verifier score is at least this."""
+    batch_prompts: Int = Field(8, ge=1, le=EVAL_LIMITS["batch_prompts"])
+    """Prompts per generation batch."""
+    attention: Bool = True
+    """Also report the attention the last turn pays to the instruction (the paper's Figure 10)."""
+    max_repeat_similarity: Share | None = 0.8
+    """A reply at least this similar to an earlier reply of its dialogue scores 0 (gatt/repetition.py)."""
+    max_echo: Share | None = DEFAULT_MAX_ECHO
+    """A reply whose echo share of the question is at least this is not useful (gatt/repetition.py)."""
+    relevance: Bool = True
+    """Question-reply relevance by sentence embeddings (gatt/relevance.py)."""
 
-    def __post_init__(self) -> None:
-        if isinstance(self.conditions, list):
-            object.__setattr__(self, "conditions", tuple(self.conditions))
-        _int_at_least("heldout_dialogues", self.heldout_dialogues, 1)
-        self.adherence()  # its own checks, one place
+    @field_validator("conditions")
+    @classmethod
+    def _distinct(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError(f"conditions must not repeat, got {list(value)!r}")
+        return value
 
     def adherence(self, seed: int = 0):
         from workers.engine.evaluation import EvalConfig  # torch-free module
@@ -303,89 +272,102 @@ class EvaluationConfig:
         )
 
 
-@dataclass(frozen=True)
-class DataConfig:
-    corpus: str = "examples/dialogues.jsonl"
-    instructions: str = "default"  # "default" (the paper-style set) or a JSON instruction-set file
-    max_dialogues: int | None = None  # use the first N dialogues of the corpus
-    max_turns: int = 3  # user turns per dialogue to sample (the corpus may have more)
-    # "last" (the paper's reading): keep the corpus's own earlier assistant turns as zero-loss
-    # context and sample only the last one. "all": sample every assistant turn in order, each on
-    # the earlier samples; small models follow the instruction far more often this way.
+class DataOptions(Section):
+    """Which dialogues are sampled, how, and what each kept reply is trained after."""
+
+    max_dialogues: Int | None = Field(None, ge=1, le=LIMITS["dialogues"])
+    """Use the first N dialogues of the corpus; null: all."""
+    max_turns: Int = Field(3, ge=1, le=LIMITS["turns"])
+    """User turns per dialogue to sample (the corpus may have more)."""
     sample_turns: Literal["all", "last"] = "all"
-    # The history a sampled reply is trained on. "sampled": the dialogue as sampled (with
-    # sample_turns "all", the model's own adherent replies). "corpus": each reply alone after the
-    # corpus's own earlier replies, so that only the first turn's instruction explains it (memory,
-    # not imitation). "both": the sampled dialogue and the corpus view of turns 2 onwards.
+    """"last" (the paper's reading): keep the corpus's own earlier assistant turns as zero-loss
+    context and sample only the last one. "all": sample every assistant turn in order, each on the
+    earlier samples; small models follow the instruction far more often this way."""
     train_history: Literal["sampled", "corpus", "both"] = "sampled"
-    # Replay: this many plain corpus dialogues per GAtt training example (0.5: one for every two),
-    # with no instruction and loss on the corpus's own replies, so that the model keeps answering
-    # as it did where no instruction is given.
-    replay: float = 0.0
-
-    def __post_init__(self) -> None:
-        _number_in("replay", self.replay, low=0.0, high=LIMITS["replay"])
-        if self.max_dialogues is not None:
-            _int_at_least("max_dialogues", self.max_dialogues, 1, LIMITS["dialogues"])
-        _int_at_least("max_turns", self.max_turns, 1, LIMITS["turns"])
+    """The history a sampled reply is trained on. "sampled": the dialogue as sampled (with
+    sample_turns "all", the model's own adherent replies). "corpus": each reply alone after the
+    corpus's own earlier replies, so that only the first turn's instruction explains it (memory, not
+    imitation). "both": the sampled dialogue and the corpus view of turns 2 onwards."""
+    replay: Float = Field(0.0, ge=0.0, le=LIMITS["replay"])
+    """Plain corpus dialogues per GAtt training example (0.5: one for every two), with no
+    instruction and loss on the corpus's own replies, so that the model keeps answering as it did
+    where no instruction is given."""
 
 
-@dataclass(frozen=True)
-class ValuesConfig:
+class DataConfig(DataOptions):
+    corpus: Name = "examples/dialogues.jsonl"
+    instructions: Name = "default"
+    """"default" (the paper-style set) or a JSON instruction-set file."""
+
+
+class ValuesConfig(Section):
     """Values of some families listed by the chat model itself (the paper's hobbies and public
     figures), asked for before synthesis; see workers/engine/values.py."""
 
-    enabled: bool = False
-    families: tuple[str, ...] = ("hobby", "public_figure")
-    per_family: int = 30  # at most this many values proposed per family
-    # "replace": the family's values become the model's; "merge": appended to the family's own.
+    enabled: Bool = False
+    """Ask the model for the families' values before synthesis."""
+    families: tuple[FamilyName, ...] = Field(("hobby", "public_figure"), max_length=LIMITS["families"])
+    """The instruction-set families whose values the model lists."""
+    per_family: Int = Field(30, ge=1, le=LIMITS["per_family"])
+    """At most this many values proposed per family."""
     mode: Literal["replace", "merge"] = "merge"
-    min_values: int = 5  # fewer surviving proposals: the family keeps its own values
-    max_new_tokens: int = 160
-    temperature: float = 0.7
-    samples: int = 4  # replies sampled per family; their lists are merged
-
-    def __post_init__(self) -> None:
-        if isinstance(self.families, list):
-            object.__setattr__(self, "families", tuple(self.families))
-        if not isinstance(self.enabled, bool):
-            raise ValueError(f"enabled must be a bool, not {self.enabled!r}")
-        if not (
-            isinstance(self.families, tuple) and all(isinstance(f, str) and f.strip() for f in self.families)
-        ):
-            raise ValueError(f"families must be a list of family names, not {self.families!r}")
-        if self.mode not in ("replace", "merge"):
-            raise ValueError(f"mode must be 'replace' or 'merge', not {self.mode!r}")
-        _int_at_least("per_family", self.per_family, 1, LIMITS["per_family"])
-        _int_at_least("min_values", self.min_values, 1, LIMITS["per_family"])
-        _int_at_least("max_new_tokens", self.max_new_tokens, 1, LIMITS["max_new_tokens"])
-        _number_in("temperature", self.temperature, low=0.0, high=LIMITS["temperature"])
-        _int_at_least("samples", self.samples, 1, LIMITS["k"])
+    """"replace": the family's values become the model's; "merge": appended to the family's own."""
+    min_values: Int = Field(5, ge=1, le=LIMITS["per_family"])
+    """Fewer surviving proposals: the family keeps its own values."""
+    max_new_tokens: Int = Field(160, ge=1, le=LIMITS["max_new_tokens"])
+    """Longest list reply, in tokens."""
+    temperature: Float = Field(0.7, ge=0.0, le=LIMITS["temperature"])
+    """Sampling temperature of the list replies."""
+    samples: Int = Field(4, ge=1, le=LIMITS["k"])
+    """Replies sampled per family; their lists are merged."""
 
 
-@dataclass(frozen=True)
-class JobConfig:
-    model: str = "default"  # "default" (embedded SmolLM2-135M-Instruct), a local HF dir, or a checkpoint
-    output_dir: str = "var/jobs/job"
-    seed: int = 0
-    device: str | None = None  # None: CUDA if present, else CPU
-    dtype: str | None = None  # None: bfloat16 on CUDA, float32 on CPU
-    data: DataConfig = field(default_factory=DataConfig)
-    placement: Placement = field(default_factory=Placement)
-    sampling: SamplingConfig = field(default_factory=SamplingConfig)
-    reward: RewardConfig = field(default_factory=RewardConfig)
+class JobOptions(Section):
+    """A job's hyperparameters, by section; every field is optional and has a default. Unknown
+    fields are errors (422 `invalid_config`, every problem with its path in `details`); every size
+    is bounded, and a larger one is refused with its limit. Verifier patterns are RE2 (linear time)."""
+
+    seed: Seed = 0
+    """One seed for instruction synthesis, sampling and training."""
+    data: DataOptions = DataOptions()
+    """The dialogues sampled and what each kept reply is trained after."""
+    placement: Placement = Placement()
+    """`attach` (prefix|suffix): where the instruction goes on each user turn while sampling;
+    `keep` (first_user|system): where it stays in the training dialogue."""
+    sampling: SamplingConfig = SamplingConfig()
+    """K candidates per sampled turn, the instruction on every user turn."""
+    reward: RewardConfig = RewardConfig()
+    """Ranking the candidates and keeping the best."""
     loss_scope: Scope = "all_turns"
-    training: TrainConfig = field(default_factory=TrainConfig)
-    evaluation: EvaluationConfig = field(default_factory=EvaluationConfig)
-    values: ValuesConfig = field(default_factory=ValuesConfig)
+    """"all_turns": one sequence, loss on every sampled reply; "last_turn" (the paper): one example
+    per reply."""
+    training: TrainConfig = TrainConfig()
+    """Fine-tuning with the loss on the kept replies only."""
+    evaluation: EvaluationConfig = EvaluationConfig()
+    """Adherence by turn before and after training, on held-out dialogues."""
+    values: ValuesConfig = ValuesConfig()
+    """Family values listed by the model itself (off by default)."""
 
-    def __post_init__(self) -> None:
-        # Seeds are mixed into torch/numpy generators, which take at most 64 bits.
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < 2**32:
-            raise ValueError(f"seed must be an integer in [0, 2**32), not {self.seed!r}")
 
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+class JobConfig(JobOptions):
+    """A whole job: the options and what only the server (or the CLI) decides."""
+
+    model: Name = "default"
+    """"default" (embedded SmolLM2-135M-Instruct), a local Hugging Face directory or a checkpoint."""
+    output_dir: Name = "var/jobs/job"
+    device: Str | None = None
+    """null: CUDA if present, else CPU."""
+    dtype: Str | None = None
+    """null: bfloat16 on CUDA, float32 on CPU."""
+    data: DataConfig = DataConfig()
+
+
+def _added(full: type[BaseModel], options: type[BaseModel], prefix: str = "") -> set[str]:
+    return {prefix + name for name in full.model_fields.keys() - options.model_fields.keys()}
+
+
+# Set by the server, never by a request: where data and outputs live, and on which device.
+SERVER_FIELDS = frozenset(_added(JobConfig, JobOptions) | _added(DataConfig, DataOptions, "data."))
 
 
 def load_config(path: str | Path) -> JobConfig:
@@ -396,73 +378,106 @@ def load_config(path: str | Path) -> JobConfig:
 
 
 def parse_config(raw: Any) -> JobConfig:
-    problems: list[Problem] = []
-    config = _build(JobConfig, raw, "", problems)
-    if problems:
-        raise ValidationFailed("job config", problems)
-    return config
+    """The whole config of a job; ValidationFailed lists every problem."""
+    return _parse(JobConfig, raw)
 
 
-def _build(cls: type, raw: Any, path: str, problems: list[Problem]) -> Any:
-    if not isinstance(raw, dict):
-        problems.append(
-            Problem("invalid_type", f"expected a mapping, found {type(raw).__name__}", path or "config")
-        )
-        return None
-    start = len(problems)
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    for key in raw:
-        if key not in names:
-            problems.append(Problem("unknown_field", f"unknown field {key!r}", _join(path, str(key))))
-    values = {}
-    for name in names & raw.keys():
-        values[name] = _convert(hints[name], raw[name], _join(path, name), problems)
-    if len(problems) > start:
-        return None
+def parse_options(raw: Any) -> JobOptions:
+    """What a request may set; a server-decided field is a `server_field` problem."""
+    return _parse(JobOptions, raw)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _parse(model: type[M], raw: Any) -> M:
     try:
-        return cls(**values)
-    except (TypeError, ValueError) as exc:  # the dataclass's own range checks
-        # Their messages start with the field's name ("k must be ..."); point at that field.
-        for message in str(exc).split("; "):
-            name = message.split(" ", 1)[0].split("[", 1)[0]
-            field_path = _join(path, name) if name in names else path or "config"
-            problems.append(Problem("invalid_value", message, field_path))
-        return None
+        return model.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_problem(model, error) for error in exc.errors(include_url=False)]
+        # Where a problem lies inside a list, pydantic also reports the list itself (a union's
+        # other member: "expected a string, found list"; too few items once the bad one is gone).
+        inner = [p.field for p in problems]
+        problems = [p for p in problems if not any(f.startswith(p.field + "[") for f in inner)]
+        raise ValidationFailed("job config", problems) from None
 
 
-def _convert(hint: Any, value: Any, path: str, problems: list[Problem]) -> Any:
-    origin = typing.get_origin(hint)
-    if dataclasses.is_dataclass(hint):
-        return _build(hint, value, path, problems)
-    if origin in (typing.Union, types.UnionType):
-        options = typing.get_args(hint)
-        if value is None and type(None) in options:
-            return None
-        options = tuple(o for o in options if o is not type(None))
-        # str | tuple[str, ...]: a list in the file means the tuple.
-        sequence = next((o for o in options if typing.get_origin(o) is tuple), None)
-        if sequence is not None and isinstance(value, list | tuple):
-            return _convert(sequence, value, path, problems)
-        return _convert(options[0], value, path, problems)
-    if origin is Literal:
-        if value not in typing.get_args(hint):
-            allowed = ", ".join(repr(a) for a in typing.get_args(hint))
-            problems.append(Problem("invalid_value", f"expected one of {allowed}, found {value!r}", path))
-        return value
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            problems.append(Problem("invalid_type", f"expected a list, found {type(value).__name__}", path))
-            return value
-        return tuple(value)
-    expected = {float: (int, float), int: (int,), str: (str,), bool: (bool,)}.get(hint)
-    # bool is an int in Python; a `true` where a number belongs is a mistake, not a 1.
-    if expected and (not isinstance(value, expected) or (hint is not bool and isinstance(value, bool))):
-        problems.append(
-            Problem("invalid_type", f"expected {hint.__name__}, found {type(value).__name__}", path)
-        )
-    return float(value) if hint is float and isinstance(value, int) else value
+# --- pydantic's errors as the service's problems: stable codes, dotted paths, plain messages ---
+
+_EXPECTED = {
+    "int_type": "an integer",
+    "float_type": "a number",
+    "bool_type": "true or false",
+    "string_type": "a string",
+    "tuple_type": "a list",
+    "list_type": "a list",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "dataclass_type": "a mapping",
+    "dataclass_args_type": "a mapping",
+    "dict_type": "a mapping",
+}
+_BOUNDS = {"greater_than_equal": ">=", "greater_than": ">", "less_than_equal": "<=", "less_than": "<"}
 
 
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
+def _problem(model: type[BaseModel], error: Any) -> Problem:
+    path, at_section, known = _walk(model, error["loc"])
+    name = path.rsplit(".", 1)[-1]
+    kind, value, ctx = error["type"], error.get("input"), error.get("ctx", {})
+    if kind in ("extra_forbidden", "unexpected_keyword_argument"):
+        if path in SERVER_FIELDS:
+            return Problem("server_field", "set by the server, not by a request", path)
+        return Problem("unknown_field", f"unknown field {name!r}{did_you_mean(name, known)}", path)
+    if kind in _EXPECTED:
+        return Problem("invalid_type", f"expected {_EXPECTED[kind]}, found {_kind(value)}", path or "config")
+    if kind in _BOUNDS:
+        bound = next(iter(ctx.values()))
+        return Problem("invalid_value", f"{name} must be {_BOUNDS[kind]} {bound}, not {_short(value)}", path)
+    if kind == "literal_error":
+        return Problem("invalid_value", f"expected {ctx['expected']}, found {_short(value)}", path)
+    if kind == "string_pattern_mismatch":
+        return Problem("invalid_value", f"{name} must not be blank", path)
+    message = str(error["msg"]).removeprefix("Value error, ")
+    first = message.split(" ", 1)[0]
+    if at_section and first in known:  # a section's own check names the field it is about
+        path = f"{path}.{first}" if path else first
+    return Problem("invalid_value", message, path or "config")
+
+
+def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[str, bool, tuple[str, ...]]:
+    """The dotted path of an error's location, whether it is a whole section, and the field names
+    of the section it lies in (or is).
+
+    pydantic's locations also name the member of a union ("str", "tuple[...]") that failed: not a
+    place in the document, so they are left out."""
+    path, section, known = "", _fields(model), tuple(_fields(model))
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif section:
+            known = tuple(section)
+            path = f"{path}.{part}" if path else str(part)
+            section = _fields(section.get(part))
+    if section:
+        known = tuple(section)
+    return path, bool(section), known
+
+
+def _fields(section: Any) -> dict[str, Any]:
+    """A section's field names and types; {} for anything that is not a section."""
+    if isinstance(section, type) and issubclass(section, BaseModel):
+        return {name: f.annotation for name, f in section.model_fields.items()}
+    if isinstance(section, type) and dataclasses.is_dataclass(section):
+        return {f.name: f.type for f in dataclasses.fields(section)}
+    return {}
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return "a mapping" if isinstance(value, dict) else type(value).__name__
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."

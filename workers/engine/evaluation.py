@@ -75,6 +75,7 @@ from gatt.dialogues import leading_replies
 from gatt.instructions import Instruction, InstructionSet, synthesize
 from gatt.repetition import DEFAULT_MAX_ECHO, DEFAULT_MAX_SIMILARITY, closest_earlier, echo_share
 from gatt.verifiers import score_all_batch
+from workers.engine.config import CONDITIONS, EVAL_LIMITS, MAX_TURNS
 from workers.engine.eval_stats import round4, wilson_interval
 
 __all__ = [
@@ -90,22 +91,10 @@ __all__ = [
     "wilson_interval",
 ]
 
-# Own context (the model's earlier replies), then fixed context (the corpus's earlier replies).
-CONDITIONS: tuple[str, ...] = ("none", "once", "every_turn", "none_fixed", "once_fixed", "every_turn_fixed")
 FIXED_CONDITIONS: tuple[str, ...] = tuple(c for c in CONDITIONS if c.endswith("_fixed"))
 # Evaluation instructions are drawn with the training seed plus this, so that with the default
 # instruction set they are (mostly) other combinations than the ones trained on.
 EVAL_SEED_OFFSET = 1000
-# Upper bounds: EvaluationConfig passes tenant-chosen values through EvalConfig.
-MAX_TURNS = 64  # gatt.dialogues.CorpusLimits.max_turns
-_UPPER = {
-    "turns": MAX_TURNS,
-    "dialogues": 4096,
-    "instructions_per_dialogue": 1024,  # workers/probe.py runs every instruction of a set
-    "max_new_tokens": 2048,
-    "batch_prompts": 256,
-    "samples_per_turn": 100,
-}
 _round = round4
 
 
@@ -148,15 +137,17 @@ class EvalConfig:
         problems = []
         for name in ("turns", "instructions_per_dialogue", "max_new_tokens", "batch_prompts"):
             value = getattr(self, name)
-            if not (isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= _UPPER[name]):
-                problems.append(f"{name} must be an integer in [1, {_UPPER[name]}], got {value!r}")
+            if not (
+                isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= EVAL_LIMITS[name]
+            ):
+                problems.append(f"{name} must be an integer in [1, {EVAL_LIMITS[name]}], got {value!r}")
         if self.dialogues is not None and not (
             isinstance(self.dialogues, int)
             and not isinstance(self.dialogues, bool)
-            and 1 <= self.dialogues <= _UPPER["dialogues"]
+            and 1 <= self.dialogues <= EVAL_LIMITS["dialogues"]
         ):
             problems.append(
-                f"dialogues must be an integer in [1, {_UPPER['dialogues']}] or null, got {self.dialogues!r}"
+                f"dialogues must be an integer in [1, {EVAL_LIMITS['dialogues']}] or null, got {self.dialogues!r}"
             )
         if self.max_context is not None and not (
             isinstance(self.max_context, int)
@@ -167,10 +158,10 @@ class EvalConfig:
         if not (
             isinstance(self.samples_per_turn, int)
             and not isinstance(self.samples_per_turn, bool)
-            and 0 <= self.samples_per_turn <= _UPPER["samples_per_turn"]
+            and 0 <= self.samples_per_turn <= EVAL_LIMITS["samples_per_turn"]
         ):
             problems.append(
-                f"samples_per_turn must be an integer in [0, {_UPPER['samples_per_turn']}], "
+                f"samples_per_turn must be an integer in [0, {EVAL_LIMITS['samples_per_turn']}], "
                 f"got {self.samples_per_turn!r}"
             )
         if not self.conditions or any(c not in CONDITIONS for c in self.conditions):

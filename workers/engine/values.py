@@ -369,7 +369,8 @@ def apply_model_values(
             top_p=0.95,
             exclude=family.values if merge else (),
         )
-        kept, dropped = [], list(parsed.dropped_json())
+        kept: list[str] = []
+        dropped = list(parsed.dropped_json())
         for value in parsed.kept:
             if len(kept) >= config.per_family:
                 dropped.append({"value": value, "reason": "over_per_family"})
