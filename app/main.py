@@ -11,11 +11,14 @@ from fastapi import APIRouter, FastAPI
 from sqlalchemy import Engine
 
 from app.api import api_router
+from app.auth.service import authenticate
 from app.core.admission import AdmissionLimit
+from app.core.body_first import BodyFirst
 from app.core.body_limit import BodyLimitMiddleware
 from app.core.errors import install_error_handlers
 from app.core.headers import SECURITY_HEADERS, ResponseHeaders
 from app.core.ratelimit import RateLimiter
+from app.corpora.upload import MULTIPART_OVERHEAD_BYTES
 from app.health import endpoints as health
 from service.db import make_engine, make_sessionmaker
 from service.queue import send_job
@@ -109,10 +112,26 @@ def create_app(
     app.state.rate_limiter = limiter  # per API key, checked in app.auth.dependencies.current_team
 
     install_error_handlers(app)
+    # Outermost last: headers on every answer; the whole body in before a slot is taken
+    # (app/core/body_first.py); then a slot before any other work (app/core/admission.py).
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_json_body_bytes)
-    app.add_middleware(ResponseHeaders, headers=SECURITY_HEADERS)
-    # Added last, so outermost: requests wait for a slot before any other work (app/core/admission.py).
     app.add_middleware(AdmissionLimit, limit=settings.max_requests_in_flight)
+
+    def check_key(authorization: str | None) -> None:
+        with app.state.sessionmaker() as session:
+            authenticate(session, authorization)
+
+    app.add_middleware(
+        BodyFirst,
+        authenticate=check_key,
+        # The connections the admission limit leaves spare (service/db.py): a key check is one
+        # thread call that never holds a connection while it waits for anything else.
+        auth_slots=max(1, settings.db_pool_size + settings.db_max_overflow - settings.max_requests_in_flight),
+        max_bytes=max(settings.max_json_body_bytes, settings.max_corpus_bytes + MULTIPART_OVERHEAD_BYTES),
+        grace_s=settings.body_grace_s,
+        min_bytes_per_s=settings.body_min_bytes_per_s,
+    )
+    app.add_middleware(ResponseHeaders, headers=SECURITY_HEADERS)
     app.include_router(health.liveness)
     app.include_router(readiness if readiness is not None else health.readiness)
     app.include_router(api_router)

@@ -97,6 +97,18 @@ class Settings(BaseSettings):
         description="Requests an API process works on at once (until their response starts); more wait "
         "their turn. Must be below db_pool_size + db_max_overflow (see app/core/admission.py).",
     )
+    body_grace_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="Seconds a request body may take before body_min_bytes_per_s applies; a slower body "
+        "is answered 408 (app/core/body_first.py).",
+    )
+    body_min_bytes_per_s: float = Field(
+        default=32 * 1024,
+        gt=0,
+        description="Average rate a request body must keep up after body_grace_s.",
+    )
     rate_limit_per_s: float = Field(
         default=20.0,
         ge=0,
