@@ -14,6 +14,7 @@ import contextlib
 import socket
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -23,6 +24,7 @@ from app.main import create_app
 from service.settings import Settings
 from tests.app.factories import make_tenant
 
+ROOT = Path(__file__).resolve().parents[2]
 SLOW = 20
 GRACE_S = 8.0
 
@@ -110,3 +112,63 @@ def test_slow_bodies_hold_no_slot_and_are_cut_off(server) -> None:
     keyless, keyed = statuses[0::2], statuses[1::2]
     assert keyless == [401] * (SLOW // 2)  # refused before any of the body was read
     assert keyed == [408] * (SLOW // 2)  # request_timeout once behind the minimum rate
+
+
+def test_a_slow_upload_does_not_lock_out_other_teams_in_embedded_mode(tmp_path) -> None:
+    # SQLite has one writer, and every request's transaction begins with BEGIN IMMEDIATE: when the
+    # corpus upload streamed from the socket inside its transaction, another team's request waited
+    # for the whole upload (500 after SQLite's 30 s busy timeout).
+    from app.embedded import create_embedded_app, create_key
+
+    data_dir = tmp_path / "embedded"
+    uploader = {"Authorization": f"Bearer {create_key(data_dir, 'team-a')}"}
+    reader = {"Authorization": f"Bearer {create_key(data_dir, 'team-b')}"}
+    port = _free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(create_embedded_app(data_dir), host="127.0.0.1", port=port, log_level="warning")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert time.monotonic() < deadline, "server did not start"
+        time.sleep(0.05)
+    base = f"http://127.0.0.1:{port}"
+    corpus = (ROOT / "examples" / "train_large.jsonl").read_bytes()
+    boundary = "slowupload"
+    body = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="c.jsonl"\r\n'
+            "Content-Type: application/jsonl\r\n\r\n"
+        ).encode()
+        + corpus
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+
+    def slowly():  # about 50 KB a second: above the minimum rate, five seconds in all
+        for start in range(0, len(body), 16 * 1024):
+            time.sleep(0.3)
+            yield body[start : start + 16 * 1024]
+
+    uploaded: list[int] = []
+
+    def upload() -> None:
+        headers = {**uploader, "Content-Type": f"multipart/form-data; boundary={boundary}"}
+        uploaded.append(
+            httpx.post(f"{base}/v1/corpora", content=slowly(), headers=headers, timeout=60).status_code
+        )
+
+    try:
+        started = time.monotonic()
+        sender = threading.Thread(target=upload)
+        sender.start()
+        time.sleep(1)
+        with httpx.Client(base_url=base, headers=reader, timeout=3) as client:
+            codes = [client.get("/v1/corpora").status_code for _ in range(5)]
+        still_uploading = sender.is_alive()
+        sender.join(60)
+        assert codes == [200] * 5 and still_uploading, (codes, time.monotonic() - started)
+        assert uploaded == [201]
+    finally:
+        server.should_exit = True
+        thread.join(10)
