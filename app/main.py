@@ -17,12 +17,14 @@ from app.core.body_first import BodyFirst
 from app.core.body_limit import BodyLimitMiddleware
 from app.core.errors import install_error_handlers
 from app.core.headers import SECURITY_HEADERS, ResponseHeaders
+from app.core.openapi import publish_schemas
 from app.core.ratelimit import RateLimiter
 from app.corpora.upload import MULTIPART_OVERHEAD_BYTES
 from app.health import endpoints as health
 from service.db import make_engine, make_sessionmaker
 from service.queue import send_job
 from service.settings import Settings, get_settings
+from workers.engine.records import SampleRow, TrainingRow
 
 DESCRIPTION = """\
 Ghost Attention (GAtt) fine-tuning as a service.
@@ -135,6 +137,7 @@ def create_app(
     app.include_router(health.liveness)
     app.include_router(readiness if readiness is not None else health.readiness)
     app.include_router(api_router)
+    publish_schemas(app, [SampleRow, TrainingRow])
     return app
 
 

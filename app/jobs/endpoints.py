@@ -3,7 +3,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, TypeVar
 from uuid import UUID
 
 from fastapi import APIRouter, BackgroundTasks, Header, Path, Query, Request, Response, status
@@ -25,6 +25,8 @@ from app.jobs.schemas import (
     JobList,
     Metric,
     MetricList,
+    SampleRows,
+    TrainingRows,
 )
 from service.models import JobStatus
 from workers.engine.config import JobOptions
@@ -208,10 +210,13 @@ def list_metrics(
     )
 
 
-def _rows(session, settings, team, job_id, name: str, offset: int, limit: int) -> ArtifactRows:
+Rows = TypeVar("Rows", bound=ArtifactRows)
+
+
+def _rows(rows_type: type[Rows], session, settings, team, job_id, name: str, offset: int, limit: int) -> Rows:
     job = service.get(session, team, job_id)
     rows, has_more = service.artifact_rows(settings, job, name, offset, limit)
-    return ArtifactRows(data=rows, offset=offset, has_more=has_more)
+    return rows_type(data=rows, offset=offset, has_more=has_more)
 
 
 Offset = Annotated[int, Query(ge=0, le=MAX_INT, description="Index of the first row.")]
@@ -220,7 +225,7 @@ Limit = Annotated[int, Query(ge=1, le=500, description="At most this many rows."
 
 @router.get(
     "/{job_id}/samples",
-    response_model=ArtifactRows,
+    response_model=SampleRows,
     summary="List sampled dialogues",
     responses=ERROR_RESPONSES,
 )
@@ -231,15 +236,15 @@ def list_samples(
     job_id: JobId,
     offset: Offset = 0,
     limit: Limit = 50,
-) -> ArtifactRows:
+) -> SampleRows:
     """One row per sampled dialogue: its instruction, and per turn every candidate with its reward
     and reason, the chosen index (null when the turn was dropped) and statistics."""
-    return _rows(session, settings, team, job_id, "samples.jsonl", offset, limit)
+    return _rows(SampleRows, session, settings, team, job_id, "samples.jsonl", offset, limit)
 
 
 @router.get(
     "/{job_id}/training-set",
-    response_model=ArtifactRows,
+    response_model=TrainingRows,
     summary="List the training set",
     responses=ERROR_RESPONSES,
 )
@@ -250,10 +255,10 @@ def list_training_set(
     job_id: JobId,
     offset: Offset = 0,
     limit: Limit = 50,
-) -> ArtifactRows:
+) -> TrainingRows:
     """The training dialogues (instruction in the first turn only), which messages train, and the
     trained spans decoded from tokens: each sampled reply plus its end-of-turn token."""
-    return _rows(session, settings, team, job_id, "training_set.jsonl", offset, limit)
+    return _rows(TrainingRows, session, settings, team, job_id, "training_set.jsonl", offset, limit)
 
 
 @router.get(

@@ -6,6 +6,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
+from app.core.openapi import rows_of
 from app.core.pagination import Page
 from app.core.safe_json import JSONObject, StoredText
 from service.models import Job as JobRow
@@ -147,3 +148,16 @@ class ArtifactRows(BaseModel):
     data: list[dict[str, Any]] = Field(description="Rows of the artifact, in order.")
     offset: int = Field(description="Index of the first row returned.")
     has_more: bool = Field(description="Whether rows follow; pass offset + len(data) to continue.")
+
+
+# Rows are served as the job wrote them (workers/engine/records.py has their schema).
+class SampleRows(ArtifactRows):
+    data: Annotated[list[dict[str, Any]], WithJsonSchema(rows_of("SampleRow"))] = Field(
+        description="Sampled dialogues (`samples.jsonl`), in corpus order."
+    )
+
+
+class TrainingRows(ArtifactRows):
+    data: Annotated[list[dict[str, Any]], WithJsonSchema(rows_of("TrainingRow"))] = Field(
+        description="Training dialogues (`training_set.jsonl`), in order."
+    )

@@ -267,6 +267,25 @@ def test_openapi_publishes_the_config_with_defaults_and_bounds(client):
             assert "default" in value or {"type": "null"} in value["anyOf"], f"{name}.{field}"
 
 
+def test_openapi_publishes_the_sample_and_training_rows_and_every_ref_resolves(client):
+    spec = client.get("/openapi.json").json()
+    schemas = spec["components"]["schemas"]
+    samples = spec["paths"]["/v1/jobs/{job_id}/samples"]["get"]["responses"]["200"]["content"]
+    rows = schemas[samples["application/json"]["schema"]["$ref"].rsplit("/", 1)[-1]]
+    assert rows["properties"]["data"]["items"] == {"$ref": "#/components/schemas/SampleRow"}
+    assert {"instruction", "turns", "stopped"} <= schemas["SampleRow"]["properties"].keys()
+    assert {"history", "messages", "trained_spans"} <= schemas["TrainingRow"]["properties"].keys()
+    refs, stack = set(), [spec]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            refs.update(v for k, v in node.items() if k == "$ref")
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    assert refs and {r.rsplit("/", 1)[-1] for r in refs} <= schemas.keys()
+
+
 def test_reaper_requeues_a_vanished_worker_once_per_lease(client, tenant, corpus_id, db):
     from datetime import timedelta
 

@@ -21,6 +21,7 @@ from workers.engine.config import RewardConfig, parse_config
 from workers.engine.hooks import Hooks
 from workers.engine.models import load_model
 from workers.engine.pipeline import _selection, build_training_set, complete_reply, is_eligible, run_job
+from workers.engine.records import SampleRow, TrainingRow
 from workers.engine.rewards import Reward
 
 pytestmark = pytest.mark.slow
@@ -131,6 +132,18 @@ def test_chosen_reply_is_the_reward_argmax(finished_job):
         # A dropped turn ends the dialogue: every kept reply is an accepted sample.
         assert len(record["replies"]) == sum(t["chosen"] is not None for t in record["turns"])
         assert all(record["trained"])
+
+
+def test_every_row_written_matches_its_published_schema(finished_job):
+    config, _, _ = finished_job
+    out = Path(config.output_dir)
+    samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    training = [json.loads(line) for line in (out / "training_set.jsonl").read_text().splitlines()]
+    assert samples and training
+    for row in samples:
+        SampleRow.model_validate(row)  # extra="forbid": a field on one side only fails here
+    for row in training:
+        TrainingRow.model_validate(row)
 
 
 def test_written_training_set_trains_on_sampled_replies_only(finished_job, loaded):

@@ -15,6 +15,7 @@ from tests.gatt.chat_tokenizers import llama3
 from workers.engine.config import parse_config
 from workers.engine.hooks import Hooks
 from workers.engine.pipeline import build_training_set
+from workers.engine.records import TrainingRow
 
 USERS = ["Hi?", "And then?", "Why?"]
 CORPUS = ["Hello.", "Then this.", "Because."]
@@ -63,7 +64,10 @@ def _rows(tmp_path, history: str, replay: float = 0.0) -> list[dict]:
     build_training_set(
         config, llama3(), [record], path, Hooks(), dialogues=[Dialogue.from_messages(messages)]
     )
-    return [json.loads(line) for line in path.read_text().splitlines()]
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        TrainingRow.model_validate(row)  # replay rows too
+    return rows
 
 
 def _replies(row: dict) -> list[str]:
