@@ -381,6 +381,77 @@ def _ceiling_lines(paired: Mapping[str, Any], names: Sequence[str]) -> list[str]
     return lines
 
 
+def _counts(
+    reports: Sequence[Mapping[str, Any]], names: Sequence[str], conditions: Sequence[str], key: str
+) -> str:
+    """ "once base 3/64, once gatt 5/64, ...": how many replies of each condition and model are `key`."""
+    return ", ".join(
+        f"{c} {name} {report['conditions'][c].get(key, 0)}/{report['conditions'][c]['overall']['n']}"
+        for c in conditions
+        for name, report in zip(names, reports, strict=True)
+    )
+
+
+def _notes(
+    reports: Sequence[Mapping[str, Any]], names: Sequence[str], conditions: Sequence[str], fallback: bool
+) -> str:
+    """What the adherence table's conditions, columns and marks mean."""
+    notes = (
+        "once: instruction in the first turn only (the GAtt view); every_turn: on every user turn "
+        "(the ceiling); none: no instruction (the floor)."
+    )
+    if any(c in FIXED_CONDITIONS for c in conditions):
+        notes += (
+            " *_fixed: the same, with the corpus's own earlier replies as context (only the reply to"
+            " the turn is generated): memory of the instruction, not imitation of earlier replies."
+        )
+    if len(reports) > 1:
+        notes += (
+            " diff: after - before, * when the paired interval (runs paired by dialogue and instruction,"
+            " dialogues and instructions resampled) excludes 0."
+        )
+        if fallback:
+            notes += " Where a report has no transcripts: * when the Wilson intervals do not overlap."
+    if any("later_turns" in r["conditions"][c] for r in reports for c in conditions):
+        notes += (
+            "\n2+: turns 2 and later pooled, with an interval from resampling whole dialogues (their"
+            " turns are not independent)."
+        )
+    if reports[0]["config"].get("max_repeat_similarity") is not None:
+        notes += (
+            "\nReplies that copy an earlier reply (scored 0): "
+            + _counts(reports, names, conditions, "repeats")
+            + "."
+        )
+    return notes
+
+
+def _usefulness_lines(
+    reports: Sequence[Mapping[str, Any]], names: Sequence[str], conditions: Sequence[str]
+) -> list[str]:
+    """Echo counts and relevance under the "adherent and useful" table."""
+    out = []
+    config = reports[0]["config"]
+    if config.get("max_echo") is not None:
+        out.append(
+            f"Replies that echo the question (echo share >= {config['max_echo']}): "
+            + _counts(reports, names, conditions, "echoes")
+            + "."
+        )
+    relevance = [
+        f"{c} {name} {row['mean']:.2f} / {row['share']:.2f}"
+        for c in conditions
+        for name, report in zip(names, reports, strict=True)
+        if (row := report["conditions"][c].get("relevance")) is not None
+    ]
+    if relevance:
+        floor = reports[0].get("relevance_floor")
+        out.append(
+            f"Relevance to the question (mean cosine / share >= {floor}): " + ", ".join(relevance) + "."
+        )
+    return out
+
+
 def format_table(
     report_before: Mapping[str, Any],
     report_after: Mapping[str, Any] | None = None,
@@ -414,39 +485,7 @@ def format_table(
         "95% Wilson interval in brackets",
         *lines,
     ]
-    notes = (
-        "once: instruction in the first turn only (the GAtt view); every_turn: on every user turn "
-        "(the ceiling); none: no instruction (the floor)."
-    )
-    if any(c in FIXED_CONDITIONS for c in conditions):
-        notes += (
-            " *_fixed: the same, with the corpus's own earlier replies as context (only the reply to"
-            " the turn is generated): memory of the instruction, not imitation of earlier replies."
-        )
-    if len(reports) > 1:
-        notes += (
-            " diff: after - before, * when the paired interval (runs paired by dialogue and instruction,"
-            " dialogues and instructions resampled) excludes 0."
-        )
-        if fallback:
-            notes += " Where a report has no transcripts: * when the Wilson intervals do not overlap."
-    if any("later_turns" in r["conditions"][c] for r in reports for c in conditions):
-        notes += (
-            "\n2+: turns 2 and later pooled, with an interval from resampling whole dialogues (their"
-            " turns are not independent)."
-        )
-
-    def counts(key: str) -> list[str]:
-        return [
-            f"{c} {name} {report['conditions'][c].get(key, 0)}/{report['conditions'][c]['overall']['n']}"
-            for c in conditions
-            for name, report in zip(names, reports, strict=True)
-        ]
-
-    if config.get("max_repeat_similarity") is not None:
-        notes += "\nReplies that copy an earlier reply (scored 0): " + ", ".join(counts("repeats")) + "."
-    out.append(notes)
-
+    out.append(_notes(reports, names, conditions, fallback))
     useful = conditions and all("useful_overall" in r["conditions"][c] for r in reports for c in conditions)
     if useful:
         lines, _ = _table(reports, names, conditions, "useful", paired)
@@ -455,24 +494,8 @@ def format_table(
             "Adherent and useful: adheres, copies no earlier reply and does not echo the question,"
             " 95% Wilson interval in brackets",
             *lines,
+            *_usefulness_lines(reports, names, conditions),
         ]
-        if config.get("max_echo") is not None:
-            out.append(
-                f"Replies that echo the question (echo share >= {config['max_echo']}): "
-                + ", ".join(counts("echoes"))
-                + "."
-            )
-        relevance = [
-            f"{c} {name} {row['mean']:.2f} / {row['share']:.2f}"
-            for c in conditions
-            for name, report in zip(names, reports, strict=True)
-            if (row := report["conditions"][c].get("relevance")) is not None
-        ]
-        if relevance:
-            floor = report_before.get("relevance_floor")
-            out.append(
-                f"Relevance to the question (mean cosine / share >= {floor}): " + ", ".join(relevance) + "."
-            )
     if paired is not None:
         out += _ceiling_lines(paired, names)
     return "\n".join(out)

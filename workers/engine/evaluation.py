@@ -501,40 +501,7 @@ def evaluate_adherence(
             break
         if hooks.should_stop():
             raise Stopped("cancelled during evaluation")
-        contexts = []
-        for r in active:
-            # Every turn carries the full wording, as when a job samples; once, the training view's
-            # text (terse for a terse instruction), as GAtt trains.
-            text = r.instruction.sampling_text if _base(r.condition) == "every_turn" else r.instruction.text
-            contexts.append(
-                condition_messages(
-                    r.condition, text, r.users, r.context(), system=r.system, placement=placement
-                )
-            )
-        # Similar lengths in one batch waste less on left padding; greedy replies to the same
-        # prompt are the same, so each distinct prompt is generated once (at turn 1, "once",
-        # "every_turn" and their fixed variants are the same prompt).
-        results = rollout.turn(
-            contexts, sampling_config, generator=generator, should_stop=hooks.should_stop, by_length=True
-        )
-        cut = 0
-        for r, result in zip(active, results, strict=True):
-            if result is None:
-                r.stopped = "context_length"
-                r.cut_turns = len(r.users) - t
-                cut += r.cut_turns
-        if cut:
-            hooks.event(
-                "warning",
-                "context_length",
-                f"evaluation: {cut} turn(s) not run, the context would exceed {rollout.limit} tokens",
-                {"turn": t + 1, "turns_cut": cut},
-            )
-        turn_runs = [r for r, result in zip(active, results, strict=True) if result is not None]
-        candidates = [result for result in results if result is not None]
-        if not candidates:
-            continue
-        _record_turn(turn_runs, candidates, t, config, relevance_fn, tokenizer)
+        _run_turn(rollout, active, t, sampling_config, generator, placement, config, relevance_fn, hooks)
     hooks.progress("evaluate", max_turns, max_turns)
 
     conditions = {
@@ -555,6 +522,51 @@ def evaluate_adherence(
         "transcripts": {c: [r.to_json() for r in runs if r.condition == c] for c in config.conditions},
         "wall_s": round(time.monotonic() - started, 2),
     }
+
+
+def _run_turn(
+    rollout: Any,
+    active: list[_Run],
+    t: int,
+    sampling_config: Any,
+    generator: Any,
+    placement: Placement,
+    config: EvalConfig,
+    relevance_fn: Any,
+    hooks: Any,
+) -> None:
+    """Generate turn `t` of every active run and score it; a run whose context is full stops."""
+    contexts = []
+    for r in active:
+        # Every turn carries the full wording, as when a job samples; once, the training view's
+        # text (terse for a terse instruction), as GAtt trains.
+        text = r.instruction.sampling_text if _base(r.condition) == "every_turn" else r.instruction.text
+        contexts.append(
+            condition_messages(r.condition, text, r.users, r.context(), system=r.system, placement=placement)
+        )
+    # Similar lengths in one batch waste less on left padding; greedy replies to the same
+    # prompt are the same, so each distinct prompt is generated once (at turn 1, "once",
+    # "every_turn" and their fixed variants are the same prompt).
+    results = rollout.turn(
+        contexts, sampling_config, generator=generator, should_stop=hooks.should_stop, by_length=True
+    )
+    cut = 0
+    for r, result in zip(active, results, strict=True):
+        if result is None:
+            r.stopped = "context_length"
+            r.cut_turns = len(r.users) - t
+            cut += r.cut_turns
+    if cut:
+        hooks.event(
+            "warning",
+            "context_length",
+            f"evaluation: {cut} turn(s) not run, the context would exceed {rollout.limit} tokens",
+            {"turn": t + 1, "turns_cut": cut},
+        )
+    turn_runs = [r for r, result in zip(active, results, strict=True) if result is not None]
+    candidates = [result for result in results if result is not None]
+    if candidates:
+        _record_turn(turn_runs, candidates, t, config, relevance_fn, rollout.tokenizer)
 
 
 # --------------------------------------------------------------------------------------------------

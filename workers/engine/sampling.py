@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 import torch
 from transformers import DynamicCache, StaticCache
@@ -145,22 +145,23 @@ def sample_candidates(
     return results
 
 
-def _sample_batch(
-    model,
-    prompts: list[list[int]],
-    config: SamplingConfig,
-    stop: torch.Tensor,
-    pad_id: int,
-    generator: torch.Generator,
-    device: torch.device,
-) -> list[tuple[list[int], bool]]:
-    """Prefill once, expand K times, decode. Returns (tokens, finished) per row, prompt-major."""
-    k, n_new = config.k, config.max_new_tokens
+class _Prefilled(NamedTuple):
+    cache: Any  # k rows per prompt, as wide as the prompt plus every new token
+    logits: torch.Tensor  # each row's next-token logits
+    mask: torch.Tensor  # the attention mask of the whole width
+    positions: torch.Tensor  # each row's next position
+    prompt_len: int
+
+
+def _prefill(
+    model, prompts: list[list[int]], config: SamplingConfig, pad_id: int, device: torch.device
+) -> _Prefilled:
+    """Run the prompts once and expand the cache and the last logits to K rows per prompt."""
+    k = config.k
     input_ids, prompt_mask = _left_pad(prompts, pad_id, device)
     # Position ids as generate computes them: count real tokens only, so padding does not shift
     # the rotary positions of a short prompt. Padding gets position 0 (masked out anyway).
     positions = (prompt_mask.cumsum(-1) - 1).clamp_(min=0)
-
     prefill = DynamicCache(config=model.config)
     # logits_to_keep=1: only the last position's logits are needed; the full (B, L, vocab) tensor
     # would be the largest allocation of the whole call (8 x 1024 x 49k floats = 1.6 GB).
@@ -173,7 +174,7 @@ def _sample_batch(
         logits_to_keep=1,
     )
     prompt_len = input_ids.shape[1]
-    cache_len = prompt_len + n_new
+    cache_len = prompt_len + config.max_new_tokens
     if config.compile:
         # Compiled graphs are specialised to the cache's width: round it up so that prompt
         # batches of similar lengths share one graph instead of compiling one each.
@@ -183,7 +184,6 @@ def _sample_batch(
     cache = _expanded_cache(model, out.past_key_values, k, cache_len)
     logits = out.logits[:, -1, :].repeat_interleave(k, dim=0)
     rows = logits.shape[0]
-    next_position = positions[:, -1:].repeat_interleave(k, dim=0) + 1
     # The whole mask, allocated once: prompt part as padded, the rest all ones (rows that
     # finished feed pad tokens whose outputs are ignored, so they need no masking; positions not
     # yet written are excluded by the causal mask). A static cache takes the full width every
@@ -192,6 +192,23 @@ def _sample_batch(
         [prompt_mask.repeat_interleave(k, dim=0), prompt_mask.new_ones(rows, cache_len - prompt_len)],
         dim=1,
     )
+    next_position = positions[:, -1:].repeat_interleave(k, dim=0) + 1
+    return _Prefilled(cache, logits, mask, next_position, prompt_len)
+
+
+def _sample_batch(
+    model,
+    prompts: list[list[int]],
+    config: SamplingConfig,
+    stop: torch.Tensor,
+    pad_id: int,
+    generator: torch.Generator,
+    device: torch.device,
+) -> list[tuple[list[int], bool]]:
+    """Prefill once, expand K times, decode. Returns (tokens, finished) per row, prompt-major."""
+    n_new = config.max_new_tokens
+    cache, logits, mask, next_position, prompt_len = _prefill(model, prompts, config, pad_id, device)
+    rows = logits.shape[0]
     static = isinstance(cache, StaticCache)
     decode = _compiled_forward(model) if config.compile and static else model
 
