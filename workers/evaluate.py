@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from gatt.augment import Placement
+from gatt.dialogues import Dialogue
 from gatt.errors import ValidationFailed
 from gatt.instructions import Instruction, default_instruction_set, parse_instruction_set, synthesize
 from gatt.repetition import DEFAULT_MAX_ECHO
@@ -133,20 +134,7 @@ def _write_json(path: Path, obj: Any) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        config = EvalConfig(
-            turns=args.turns,
-            dialogues=args.dialogues or None,
-            instructions_per_dialogue=args.instructions_per_dialogue,
-            conditions=tuple(c.strip() for c in args.conditions.split(",") if c.strip()),
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            pass_threshold=args.threshold,
-            batch_prompts=args.batch_prompts,
-            seed=args.seed,
-            max_repeat_similarity=None if args.allow_repeats else args.max_repeat_similarity,
-            max_echo=args.max_echo,
-            relevance=not args.no_relevance,
-        )
+        config = _config(args)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -154,26 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     instruction_seed = (
         args.seed + EVAL_SEED_OFFSET if args.instruction_seed is None else args.instruction_seed
     )
-
     try:
-        instruction_set = _instruction_set(args.instructions)
-        heldout = _read_corpus(args.heldout)
-        if config.dialogues:
-            heldout = heldout[: config.dialogues]
-        instructions = synthesize(
-            instruction_set, len(heldout) * config.instructions_per_dialogue, instruction_seed
-        )
-        overlap = None
-        if args.train_corpus:
-            train = _read_corpus(args.train_corpus)
-            if args.train_instructions:
-                with open(args.train_instructions, encoding="utf-8") as f:
-                    train_instructions = [
-                        Instruction.from_json(json.loads(line)) for line in f if line.strip()
-                    ]
-            else:
-                train_instructions = synthesize(instruction_set, len(train), args.seed)
-            overlap = check_overlap(train, train_instructions, heldout, instructions)
+        heldout, instructions, overlap = _inputs(args, config, instruction_seed)
     except (ValidationFailed, OSError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -181,48 +151,22 @@ def main(argv: list[str] | None = None) -> int:
     import torch  # only once the arguments are valid
 
     from gatt.masks import TemplateError
-    from workers.engine.attention import attention_report, plot_attention
-    from workers.engine.evaluation import evaluate_adherence
-    from workers.engine.models import ModelError, load_model
-    from workers.run import printing_hooks
+    from workers.engine.models import ModelError
 
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    hooks = printing_hooks()
-    models = [("base", args.model)] + ([("gatt", args.checkpoint)] if args.checkpoint else [])
+    out.mkdir(parents=True, exist_ok=True)  # before the hours of generation, not after
     adherence: dict[str, Any] = {
         "heldout": args.heldout,
         "instructions": args.instructions,
         "instruction_seed": instruction_seed,
     }
-    attention: dict[str, Any] = {}
-    started = time.monotonic()
     try:
-        for label, source in models:
-            print(f"[{time.monotonic() - started:7.1f}s] {label}: loading {source}", flush=True)
-            loaded = load_model(source, device=args.device, dtype=args.dtype)
-            report = evaluate_adherence(
-                loaded, heldout, instructions, config, placement=placement, hooks=hooks
-            )
-            adherence[label] = report
-            if args.attention:
-                attention[label] = attention_report(
-                    loaded,
-                    heldout,
-                    instructions,
-                    config,
-                    placement=placement,
-                    transcripts=report["transcripts"].get("once"),
-                    hooks=hooks,
-                )
-            del loaded  # two models need not be in memory at once
-            gc.collect()
+        attention = _evaluate_models(args, config, placement, heldout, instructions, adherence)
     except (ModelError, TemplateError, ValidationFailed, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-
     if "gatt" in adherence:
         adherence["compare"] = compare(adherence["base"], adherence["gatt"])
     if overlap is not None:
@@ -230,6 +174,92 @@ def main(argv: list[str] | None = None) -> int:
     adherence["table"] = format_table(
         adherence["base"], adherence.get("gatt"), comparison=adherence.get("compare")
     )
+    _write_and_print(out, adherence, attention, overlap)
+    return 0
+
+
+def _config(args: argparse.Namespace) -> EvalConfig:
+    return EvalConfig(
+        turns=args.turns,
+        dialogues=args.dialogues or None,
+        instructions_per_dialogue=args.instructions_per_dialogue,
+        conditions=tuple(c.strip() for c in args.conditions.split(",") if c.strip()),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        pass_threshold=args.threshold,
+        batch_prompts=args.batch_prompts,
+        seed=args.seed,
+        max_repeat_similarity=None if args.allow_repeats else args.max_repeat_similarity,
+        max_echo=args.max_echo,
+        relevance=not args.no_relevance,
+    )
+
+
+def _inputs(
+    args: argparse.Namespace, config: EvalConfig, instruction_seed: int
+) -> tuple[list[Dialogue], list[Instruction], dict[str, Any] | None]:
+    """The held-out dialogues, their instructions, and their overlap with the training data."""
+    instruction_set = _instruction_set(args.instructions)
+    heldout = _read_corpus(args.heldout)
+    if config.dialogues:
+        heldout = heldout[: config.dialogues]
+    instructions = synthesize(
+        instruction_set, len(heldout) * config.instructions_per_dialogue, instruction_seed
+    )
+    if not args.train_corpus:
+        return heldout, instructions, None
+    train = _read_corpus(args.train_corpus)
+    if args.train_instructions:
+        with open(args.train_instructions, encoding="utf-8") as f:
+            train_instructions = [Instruction.from_json(json.loads(line)) for line in f if line.strip()]
+    else:
+        train_instructions = synthesize(instruction_set, len(train), args.seed)
+    return heldout, instructions, check_overlap(train, train_instructions, heldout, instructions)
+
+
+def _evaluate_models(
+    args: argparse.Namespace,
+    config: EvalConfig,
+    placement: Placement,
+    heldout: list[Dialogue],
+    instructions: list[Instruction],
+    adherence: dict[str, Any],
+) -> dict[str, Any]:
+    """Each model's adherence report into `adherence`; their attention reports, if asked for."""
+    from workers.engine.attention import attention_report
+    from workers.engine.evaluation import evaluate_adherence
+    from workers.engine.models import load_model
+    from workers.run import printing_hooks
+
+    hooks = printing_hooks()
+    models = [("base", args.model)] + ([("gatt", args.checkpoint)] if args.checkpoint else [])
+    attention: dict[str, Any] = {}
+    started = time.monotonic()
+    for label, source in models:
+        print(f"[{time.monotonic() - started:7.1f}s] {label}: loading {source}", flush=True)
+        loaded = load_model(source, device=args.device, dtype=args.dtype)
+        report = evaluate_adherence(loaded, heldout, instructions, config, placement=placement, hooks=hooks)
+        adherence[label] = report
+        if args.attention:
+            attention[label] = attention_report(
+                loaded,
+                heldout,
+                instructions,
+                config,
+                placement=placement,
+                transcripts=report["transcripts"].get("once"),
+                hooks=hooks,
+            )
+        del loaded  # two models need not be in memory at once
+        gc.collect()
+    return attention
+
+
+def _write_and_print(
+    out: Path, adherence: dict[str, Any], attention: dict[str, Any], overlap: dict[str, Any] | None
+) -> None:
+    from workers.engine.attention import plot_attention
+
     written = [out / "adherence.json"]
     _write_json(written[0], adherence)
     if attention:
@@ -246,7 +276,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{overlap['constraints']['overlapping']} of {overlap['constraints']['eval']} (family, value) constraints"
         )
     print(f"written: {', '.join(str(p) for p in written)}")
-    return 0
 
 
 if __name__ == "__main__":

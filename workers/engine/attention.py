@@ -290,24 +290,7 @@ def attention_report(
     finally:
         model.train(was_training)
 
-    def mean(values: list[float]) -> float:
-        return round(sum(values) / len(values), 5)
-
-    turns = []
-    for t in sorted(per_turn):
-        rows = per_turn[t]
-        turns.append(
-            {
-                "turn": t,
-                "n": len(rows),
-                "first": {k: mean([r["first"][k] for r in rows]) for k in ("max", "mean")},
-                "reply": {k: mean([r["reply"][k] for r in rows]) for k in ("max", "mean")},
-                "uniform": mean([r["uniform"] for r in rows]),
-                "by_layer": [mean(list(v)) for v in zip(*(r["by_layer"] for r in rows), strict=True)],
-                "position": mean([r["position"] for r in rows]),
-                "instruction_tokens": mean([r["instruction_tokens"] for r in rows]),
-            }
-        )
+    turns = [_turn_means(t, per_turn[t]) for t in sorted(per_turn)]
     return {
         "model": getattr(loaded, "source", None),
         "placement": {"attach": placement.attach, "keep": placement.keep},
@@ -320,6 +303,24 @@ def attention_report(
         "skipped": skipped,
         "turns": turns,
         "wall_s": round(time.monotonic() - started, 2),
+    }
+
+
+def _turn_means(turn: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One turn's attention measures, each averaged over the dialogues that reached it."""
+
+    def mean(values: list[float]) -> float:
+        return round(sum(values) / len(values), 5)
+
+    return {
+        "turn": turn,
+        "n": len(rows),
+        "first": {k: mean([r["first"][k] for r in rows]) for k in ("max", "mean")},
+        "reply": {k: mean([r["reply"][k] for r in rows]) for k in ("max", "mean")},
+        "uniform": mean([r["uniform"] for r in rows]),
+        "by_layer": [mean(list(v)) for v in zip(*(r["by_layer"] for r in rows), strict=True)],
+        "position": mean([r["position"] for r in rows]),
+        "instruction_tokens": mean([r["instruction_tokens"] for r in rows]),
     }
 
 
