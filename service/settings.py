@@ -77,6 +77,13 @@ class Settings(BaseSettings):
     max_attempts: int = Field(
         default=3, gt=0, description="Worker starts per job before a job whose workers keep vanishing fails."
     )
+    job_time_limit_s: float = Field(
+        default=24 * 3600.0,
+        gt=0,
+        le=30 * 24 * 3600.0,
+        description="Wall-clock seconds a job may run, from its first start, over all its attempts; past "
+        "it the job ends failed with `time_limit` (workers/tasks.py).",
+    )
     job_queue: str = Field(default="gpu", description="Celery queue that job runs are sent to.")
     readiness_timeout_s: float = Field(default=2.0, gt=0, description="Per-check timeout of /readyz.")
     db_connect_timeout_s: int = Field(

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import socket
 import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -71,11 +72,16 @@ class JobRun:
         settings: Settings,
         factory: sessionmaker[Session] | None = None,
         sync: ScratchSync | None = None,
+        *,
+        seconds_left: float = math.inf,
     ):
         self.job_id, self.owner, self.settings = job_id, owner, settings
         self.sessions = factory or sessions()
         self.sync = sync  # None: the artifact directory is the store (local); else uploads to S3
         self.lost = threading.Event()
+        # The job's wall-clock limit: the engine is stopped at its next should_stop after it.
+        self.deadline = time.monotonic() + seconds_left
+        self.timed_out = threading.Event()
         self._last_progress = 0.0
         self._cancelled = False
         self._stop_heartbeat = threading.Event()
@@ -107,6 +113,14 @@ class JobRun:
 
     def _beat(self) -> None:
         while not self._stop_heartbeat.wait(self.settings.lease_s / 4):
+            if time.monotonic() > self.deadline + self.settings.lease_s:
+                # The engine has not stopped within a lease of the limit: it is stuck somewhere that
+                # never asks should_stop. The lease lapses, and the next claim ends the job.
+                log.error(
+                    "job %s: past its time limit and not stopping; the lease is left to lapse", self.job_id
+                )
+                self.timed_out.set()
+                return
             try:
                 self.renew()
             except Exception:  # Postgres briefly away: try again next beat; the lease has slack
@@ -178,7 +192,10 @@ class JobRun:
         # Asked between sampling batches and between micro-batches: one indexed read (about a
         # millisecond) against steps of tenths of seconds or more, so a cancel takes effect before
         # the next step starts.
-        if self.lost.is_set() or self._cancelled:
+        if self.lost.is_set() or self._cancelled or self.timed_out.is_set():
+            return True
+        if time.monotonic() >= self.deadline:
+            self.timed_out.set()
             return True
         self._cancelled = self._tx(lambda s: jobs.cancel_requested(s, self.job_id))
         return self._cancelled
@@ -260,10 +277,14 @@ def run_job_by_id(job_id: str | uuid.UUID, settings: Settings, factory: sessionm
             return "failed: attempts exhausted"
     if job is None:
         return "not claimed"  # another worker holds it, or it has ended
+    seconds_left = settings.job_time_limit_s - _seconds_since(job.started_at)
+    if seconds_left <= 0:  # an earlier attempt ran out of time and never stopped (or its worker died)
+        _end_timed_out(factory, jid, owner, settings)
+        return "failed: time_limit"
     out = job_dir(settings, job)
     store = remote_store(settings)
     sync = ScratchSync(store, settings.artifact_dir, job_key(job)) if store is not None else None
-    run = JobRun(jid, owner, settings, factory, sync)
+    run = JobRun(jid, owner, settings, factory, sync, seconds_left=seconds_left)
     with run:
         try:
             if job.attempts > 1:
@@ -281,6 +302,9 @@ def run_job_by_id(job_id: str | uuid.UUID, settings: Settings, factory: sessionm
                 return "lease lost"  # another worker owns the job now; it writes the ending
             if sync is not None:
                 sync.sync_quietly()
+            if run.timed_out.is_set():
+                _end_timed_out(factory, jid, owner, settings)
+                return "failed: time_limit"
             with session_scope(factory) as s:
                 if jobs.finish(s, jid, owner, JobStatus.CANCELLED):
                     jobs.add_event(s, jid, "info", "cancelled", "stopped on request", None)
@@ -309,6 +333,24 @@ def run_job_by_id(job_id: str | uuid.UUID, settings: Settings, factory: sessionm
             return "lease lost"  # taken over meanwhile; the new holder ends the job (from our checkpoints)
         jobs.add_event(s, jid, "info", "succeeded", "job succeeded", {"selection": result.selection})
     return "succeeded"
+
+
+def _seconds_since(started_at: datetime | None) -> float:
+    if started_at is None:
+        return 0.0
+    if started_at.tzinfo is None:  # SQLite returns naive datetimes; they are UTC
+        started_at = started_at.replace(tzinfo=UTC)
+    return (jobs.now() - started_at).total_seconds()
+
+
+def _end_timed_out(factory: sessionmaker[Session], jid: uuid.UUID, owner: str, settings: Settings) -> None:
+    message = (
+        f"The job ran longer than the service's limit of {settings.job_time_limit_s:g} s "
+        "(from its first start); what it finished before is kept."
+    )
+    with session_scope(factory) as s:
+        if jobs.finish(s, jid, owner, JobStatus.FAILED, error_code="time_limit", error_message=message):
+            jobs.add_event(s, jid, "error", "time_limit", message, None)
 
 
 @celery.task(name=REAP_TASK)
