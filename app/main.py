@@ -21,6 +21,7 @@ from app.core.openapi import publish_schemas
 from app.core.ratelimit import RateLimiter
 from app.corpora.upload import MULTIPART_OVERHEAD_BYTES
 from app.health import endpoints as health
+from app.reaper import reaping
 from service.db import make_engine, make_sessionmaker
 from service.queue import send_job
 from service.settings import Settings, get_settings
@@ -145,6 +146,8 @@ def __getattr__(name: str) -> FastAPI:
     # `uvicorn app.main:app`: the service app is built when first asked for, not when this module is
     # imported, so that importing `create_app` (tests, the embedded mode) builds nothing.
     if name == "app":
-        globals()["app"] = built = create_app()
+        settings = get_settings()
+        lifespan = reaping(settings.reaper_interval_s) if settings.reaper_interval_s > 0 else None
+        globals()["app"] = built = create_app(settings, lifespan=lifespan)
         return built
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -84,6 +84,13 @@ class Settings(BaseSettings):
         description="Wall-clock seconds a job may run, from its first start, over all its attempts; past "
         "it the job ends failed with `time_limit` (workers/tasks.py).",
     )
+    reaper_interval_s: float = Field(
+        default=30.0,
+        ge=0,
+        le=3600,
+        description="How often the API process sends again the jobs whose worker vanished or whose message "
+        "was lost (service/reaper.py); 0: only Celery beat's `jobs.reap` does.",
+    )
     job_queue: str = Field(default="gpu", description="Celery queue that job runs are sent to.")
     readiness_timeout_s: float = Field(default=2.0, gt=0, description="Per-check timeout of /readyz.")
     db_connect_timeout_s: int = Field(

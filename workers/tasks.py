@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -36,6 +36,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from gatt.errors import GattError
 from service.db import make_engine, make_sessionmaker, session_scope
 from service.models import Job, JobStage, JobStatus
+from service.reaper import reap
 from service.repositories import corpora, instruction_sets, jobs
 from service.settings import Settings, get_settings
 from service.storage import StoreError, job_dir, job_key, remote_store
@@ -356,13 +357,4 @@ def _end_timed_out(factory: sessionmaker[Session], jid: uuid.UUID, owner: str, s
 @celery.task(name=REAP_TASK)
 def reap_task() -> int:
     """Send again the jobs that need a worker; returns how many."""
-    settings = get_settings()
-    with session_scope(sessions()) as s:
-        jobs.cancel_abandoned(s)
-        # A running job whose lease expired goes back to queued (its worker is gone), and a queued
-        # job nobody started within a lease (its message was lost) is sent again. Both get a fresh
-        # updated_at, so the next sweep does not send them again before another lease has passed.
-        ids = jobs.requeue_expired(s) + jobs.stale_queued(s, timedelta(seconds=settings.lease_s))
-    for jid in ids:
-        celery.send_task(JOB_TASK, args=[str(jid)])
-    return len(ids)
+    return reap(sessions(), get_settings().lease_s, lambda jid: celery.send_task(JOB_TASK, args=[str(jid)]))

@@ -473,6 +473,25 @@ def api(stack: Stack) -> Iterator[TestClient]:
         yield client
 
 
+def start_api(stack: Stack, port: int, log: Path, **env: str) -> subprocess.Popen[bytes]:
+    """The service API (`uvicorn app.main:app`, as deployed) as a process on the stack."""
+    import httpx
+
+    cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=stack.env(**env), stdout=out, stderr=subprocess.STDOUT)
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return proc.poll() is not None  # died: stop waiting, the caller's asserts say why
+
+    wait_for(up, 60, 0.1, "the API to answer")
+    assert proc.poll() is None, log.read_text()[-3000:]
+    return proc
+
+
 # --- requests and invariants -----------------------------------------------------------------
 
 

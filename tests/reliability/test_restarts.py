@@ -11,9 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import psycopg
@@ -27,6 +25,7 @@ from tests.reliability.conftest import (
     check_finished_job,
     create_job,
     free_port,
+    start_api,
     tiny_config,
     wait_for,
 )
@@ -126,27 +125,11 @@ def test_connections_cut_mid_job(stack: Stack, api) -> None:
     assert job.attempts == 1
 
 
-def _start_api(stack: Stack, port: int, log: Path) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)]
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(cmd, cwd=ROOT, env=stack.env(), stdout=out, stderr=subprocess.STDOUT)
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return proc.poll() is not None  # died: stop waiting, the caller's asserts say why
-
-    wait_for(up, 60, 0.1, "the API to answer")
-    assert proc.poll() is None, log.read_text()[-3000:]
-    return proc
-
-
 def test_api_restart_while_a_client_polls(stack: Stack) -> None:
     stack.start_worker()
     port = free_port()
     log = stack.tmp / "api.log"
-    server = _start_api(stack, port, log)
+    server = start_api(stack, port, log)
     tenant = make_tenant(stack.factory)
     client = httpx.Client(base_url=f"http://127.0.0.1:{port}", headers=tenant.headers, timeout=10)
     try:
@@ -184,7 +167,7 @@ def test_api_restart_while_a_client_polls(stack: Stack) -> None:
                 with pytest.raises(httpx.TransportError):  # what the client sees meanwhile
                     client.get(f"/v1/jobs/{job_id}")
                 failed_polls += 1
-                server = _start_api(stack, port, log)
+                server = start_api(stack, port, log)
                 restarts += 1
             time.sleep(0.3)
         assert restarts == 1 and failed_polls >= 1 and seen[-1] == "succeeded", (restarts, seen)
@@ -196,7 +179,7 @@ def test_api_restart_while_a_client_polls(stack: Stack) -> None:
         server.send_signal(signal.SIGTERM)
         assert server.wait(30) in (0, -signal.SIGTERM)  # uvicorn re-raises the signal once shut down
         assert "Application shutdown complete" in log.read_text()
-        server = _start_api(stack, port, log)
+        server = start_api(stack, port, log)
         assert client.get(f"/v1/jobs/{job_id}").json() == finished
         # A client that retries its create after the restart gets the same job back, not a second one.
         again = client.post("/v1/jobs", json=body, headers=idem)

@@ -1,0 +1,45 @@
+"""The service API process sweeps for jobs that need a worker again (service/reaper.py says why
+here and not only in a worker): every `GATT_REAPER_INTERVAL_S`, in a thread, never failing the app."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+
+from fastapi import FastAPI
+from starlette.concurrency import run_in_threadpool
+
+from service.reaper import reap
+
+log = logging.getLogger(__name__)
+
+
+def reaping(interval_s: float) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """A lifespan (for `create_app(lifespan=...)`) that sweeps every `interval_s` while the app runs."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        task = asyncio.create_task(_sweep_every(app, interval_s))
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return lifespan
+
+
+async def _sweep_every(app: FastAPI, interval_s: float) -> None:
+    state = app.state
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            sent = await run_in_threadpool(reap, state.sessionmaker, state.settings.lease_s, state.enqueue)
+            if sent:
+                log.info("reaper: sent %d job(s) to the workers again", sent)
+        except Exception:  # Postgres or Redis away: the next sweep tries again
+            log.exception("reaper sweep failed")
