@@ -9,25 +9,16 @@ so that the stall would need only a few dozen requests in flight.
 from __future__ import annotations
 
 import asyncio
-import socket
-import threading
-import time
 
 import httpx
 import pytest
-import uvicorn
 
 from app.main import create_app
 from service.settings import Settings
 from tests.app.factories import make_tenant
+from tests.servers import serving
 
 CLIENTS = 120
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -41,17 +32,8 @@ def small_pool_server(database_url: str):
         rate_limit_per_s=0,
     )
     app = create_app(settings, enqueue=lambda _: None)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield app, f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(10)
+    with serving(app) as port:
+        yield app, f"http://127.0.0.1:{port}"
 
 
 def test_many_concurrent_requests_on_a_small_pool_all_succeed(small_pool_server) -> None:

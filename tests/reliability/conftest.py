@@ -18,7 +18,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -42,6 +41,7 @@ from service.db import make_engine, make_sessionmaker
 from service.models import Checkpoint, Job, JobEvent, JobMetric
 from service.settings import Settings
 from tests.app.factories import Tenant, make_tenant
+from tests.servers import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 LEASE_S = 6.0
@@ -57,12 +57,6 @@ TINY_CONFIG: dict[str, Any] = {
 
 def tiny_config(**sections: dict[str, Any]) -> dict[str, Any]:
     return {k: {**TINY_CONFIG.get(k, {}), **sections.get(k, {})} for k in {*TINY_CONFIG, *sections}}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05, what: str = "") -> Any:

@@ -18,21 +18,15 @@ from pathlib import Path
 
 import httpx
 import pytest
-import uvicorn
 
 from app.main import create_app
 from service.settings import Settings
 from tests.app.factories import make_tenant
+from tests.servers import serving
 
 ROOT = Path(__file__).resolve().parents[2]
 SLOW = 20
 GRACE_S = 8.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @pytest.fixture
@@ -47,17 +41,8 @@ def server(database_url: str):
         body_grace_s=GRACE_S,
     )
     app = create_app(settings, enqueue=lambda _: None)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    yield app, port
-    server.should_exit = True
-    thread.join(10)
+    with serving(app) as port:
+        yield app, port
 
 
 def _open_slow_post(port: int, key: str | None) -> socket.socket:
@@ -123,17 +108,11 @@ def test_a_slow_upload_does_not_lock_out_other_teams_in_embedded_mode(tmp_path) 
     data_dir = tmp_path / "embedded"
     uploader = {"Authorization": f"Bearer {create_key(data_dir, 'team-a')}"}
     reader = {"Authorization": f"Bearer {create_key(data_dir, 'team-b')}"}
-    port = _free_port()
-    server = uvicorn.Server(
-        uvicorn.Config(create_embedded_app(data_dir), host="127.0.0.1", port=port, log_level="warning")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 20
-    while not server.started:
-        assert time.monotonic() < deadline, "server did not start"
-        time.sleep(0.05)
-    base = f"http://127.0.0.1:{port}"
+    with serving(create_embedded_app(data_dir)) as port:
+        _upload_slowly_while_another_team_reads(f"http://127.0.0.1:{port}", uploader, reader)
+
+
+def _upload_slowly_while_another_team_reads(base: str, uploader: dict, reader: dict) -> None:
     corpus = (ROOT / "examples" / "train_large.jsonl").read_bytes()
     boundary = "slowupload"
     body = (
@@ -158,17 +137,13 @@ def test_a_slow_upload_does_not_lock_out_other_teams_in_embedded_mode(tmp_path) 
             httpx.post(f"{base}/v1/corpora", content=slowly(), headers=headers, timeout=60).status_code
         )
 
-    try:
-        started = time.monotonic()
-        sender = threading.Thread(target=upload)
-        sender.start()
-        time.sleep(1)
-        with httpx.Client(base_url=base, headers=reader, timeout=3) as client:
-            codes = [client.get("/v1/corpora").status_code for _ in range(5)]
-        still_uploading = sender.is_alive()
-        sender.join(60)
-        assert codes == [200] * 5 and still_uploading, (codes, time.monotonic() - started)
-        assert uploaded == [201]
-    finally:
-        server.should_exit = True
-        thread.join(10)
+    started = time.monotonic()
+    sender = threading.Thread(target=upload)
+    sender.start()
+    time.sleep(1)
+    with httpx.Client(base_url=base, headers=reader, timeout=3) as client:
+        codes = [client.get("/v1/corpora").status_code for _ in range(5)]
+    still_uploading = sender.is_alive()
+    sender.join(60)
+    assert codes == [200] * 5 and still_uploading, (codes, time.monotonic() - started)
+    assert uploaded == [201]
