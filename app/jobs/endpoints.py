@@ -3,7 +3,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from datetime import datetime
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 from uuid import UUID
 
 from fastapi import APIRouter, BackgroundTasks, Header, Path, Query, Request, Response, status
@@ -15,7 +15,6 @@ from app.core.errors import AUTH_RESPONSES, ERROR_RESPONSES, error_response
 from app.core.pagination import PageParamsDep
 from app.jobs import service
 from app.jobs.schemas import (
-    ArtifactRows,
     CheckpointList,
     CheckpointOut,
     Event,
@@ -210,13 +209,11 @@ def list_metrics(
     )
 
 
-Rows = TypeVar("Rows", bound=ArtifactRows)
-
-
-def _rows(rows_type: type[Rows], session, settings, team, job_id, name: str, offset: int, limit: int) -> Rows:
+def _rows(session, settings, team, job_id, name: str, offset: int, limit: int) -> Response:
+    # The stored rows as they are, unparsed (app/jobs/service.py, artifact_page); the response model
+    # documents them.
     job = service.get(session, team, job_id)
-    rows, has_more = service.artifact_rows(settings, job, name, offset, limit)
-    return rows_type(data=rows, offset=offset, has_more=has_more)
+    return Response(service.artifact_page(settings, job, name, offset, limit), media_type="application/json")
 
 
 Offset = Annotated[int, Query(ge=0, le=MAX_INT, description="Index of the first row.")]
@@ -236,10 +233,10 @@ def list_samples(
     job_id: JobId,
     offset: Offset = 0,
     limit: Limit = 50,
-) -> SampleRows:
+) -> Response:
     """One row per sampled dialogue: its instruction, and per turn every candidate with its reward
     and reason, the chosen index (null when the turn was dropped) and statistics."""
-    return _rows(SampleRows, session, settings, team, job_id, "samples.jsonl", offset, limit)
+    return _rows(session, settings, team, job_id, "samples.jsonl", offset, limit)
 
 
 @router.get(
@@ -255,10 +252,10 @@ def list_training_set(
     job_id: JobId,
     offset: Offset = 0,
     limit: Limit = 50,
-) -> TrainingRows:
+) -> Response:
     """The training dialogues (instruction in the first turn only), which messages train, and the
     trained spans decoded from tokens: each sampled reply plus its end-of-turn token."""
-    return _rows(TrainingRows, session, settings, team, job_id, "training_set.jsonl", offset, limit)
+    return _rows(session, settings, team, job_id, "training_set.jsonl", offset, limit)
 
 
 @router.get(

@@ -177,11 +177,17 @@ def checkpoints(session: Session, team: Team, id: uuid.UUID) -> list[Checkpoint]
 # Keys are `<team>/<job>/...`, built from the job's row (or a checkpoint row's path), never from a request.
 
 
-def artifact_rows(
-    settings: Settings, job: Job, name: str, offset: int, limit: int
-) -> tuple[list[dict], bool]:
-    """Rows `offset`.. of one of the job's JSONL artifacts (samples, training set)."""
-    rows: list[dict] = []
+# A page of rows stops once it holds this much JSON (with at least one row): a row of a big job
+# (K candidates of max_new_tokens each, for every turn) can be megabytes.
+MAX_PAGE_BYTES = 8 * 1024 * 1024
+
+
+def artifact_page(settings: Settings, job: Job, name: str, offset: int, limit: int) -> bytes:
+    """Rows `offset`.. of one of the job's JSONL artifacts (samples, training set) as the JSON of a
+    page, `{"data": [...], "offset": ..., "has_more": ...}`, built from the stored lines without
+    parsing them: a page costs its own bytes in memory, not a Python object per value."""
+    rows: list[bytes] = []
+    size = 0
     has_more = False
     # Line by line, as bytes: a worker may be appending right now (or died mid-append), and a last
     # line without its newline, possibly cut inside a UTF-8 sequence, is not a row yet (iter_lines
@@ -191,15 +197,18 @@ def artifact_rows(
         for i, line in enumerate(lines):
             if i < offset:
                 continue
-            if len(rows) == limit:
+            if len(rows) == limit or (rows and size + len(line) > MAX_PAGE_BYTES):
                 has_more = True
                 break
-            rows.append(json.loads(line))
+            row = line.strip()
+            rows.append(row)
+            size += len(row)
     except ArtifactMissing:
         pass  # not written yet: no rows
     finally:
         lines.close()
-    return rows, has_more
+    tail = json.dumps({"offset": offset, "has_more": has_more})[1:]
+    return b'{"data": [' + b", ".join(rows) + b"], " + tail.encode()
 
 
 def checkpoint_archive(

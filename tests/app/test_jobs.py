@@ -318,3 +318,33 @@ def test_integers_beyond_the_database_are_refused_not_a_server_error(client, ten
     ):
         r = client.get(path, headers=tenant.headers)
         assert r.status_code == 422 and r.json()["error"]["code"] == "invalid_request", (path, r.text)
+
+
+def test_row_pages_stop_at_a_byte_cap_and_serve_rows_as_stored(client, tenant, corpus_id, db, settings):
+    from app.jobs import service as job_service
+    from service.storage import job_dir
+
+    job_id = create(client, tenant, {"corpus_id": corpus_id}).json()["id"]
+    with db() as s:
+        path = job_dir(settings, s.get(Job, uuid.UUID(job_id)))
+    path.mkdir(parents=True, exist_ok=True)
+    big = "x" * (job_service.MAX_PAGE_BYTES // 2 + 1)  # two such rows are more than a page
+    rows = [f'{{"index": {i}, "text": "{big if i < 3 else "é"}"}}' for i in range(5)]
+    (path / "samples.jsonl").write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+    def page(offset: int, limit: int = 50) -> dict:
+        r = client.get(f"{URL}/{job_id}/samples?offset={offset}&limit={limit}", headers=tenant.headers)
+        assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text[:200]
+        return r.json()
+
+    first = page(0)
+    assert [row["index"] for row in first["data"]] == [0] and first["has_more"] is True
+    assert first["offset"] == 0 and len(first["data"][0]["text"]) == len(big)
+    assert [row["index"] for row in page(1)["data"]] == [1]
+    assert [row["index"] for row in page(2)["data"]] == [2, 3, 4]  # small rows fill the rest of a page
+    last = page(3)
+    assert (
+        last["data"] == [{"index": 3, "text": "é"}, {"index": 4, "text": "é"}] and last["has_more"] is False
+    )
+    assert [row["index"] for row in page(3, limit=1)["data"]] == [3] and page(3, limit=1)["has_more"] is True
+    assert page(5)["data"] == [] and page(5)["has_more"] is False
