@@ -25,6 +25,7 @@ from app.reaper import reaping
 from service.db import make_engine, make_sessionmaker
 from service.queue import send_job
 from service.settings import Settings, get_settings
+from workers.engine.eval_schema import JobEvaluation
 from workers.engine.records import SampleRow, TrainingRow
 
 DESCRIPTION = """\
@@ -138,7 +139,7 @@ def create_app(
     app.include_router(health.liveness)
     app.include_router(readiness if readiness is not None else health.readiness)
     app.include_router(api_router)
-    publish_schemas(app, [SampleRow, TrainingRow])
+    publish_schemas(app, [SampleRow, TrainingRow, JobEvaluation])
     return app
 
 

@@ -32,7 +32,8 @@ def publish_schemas(app: FastAPI, models: Sequence[type[BaseModel]]) -> None:
             _, top = models_json_schema([(m, "validation") for m in models], ref_template=REF)
             schemas = spec.setdefault("components", {}).setdefault("schemas", {})
             for name, schema in top.get("$defs", {}).items():
-                schemas.setdefault(name, schema)
+                if schemas.setdefault(name, schema) != schema:  # two models of one name
+                    raise RuntimeError(f"OpenAPI already has another schema named {name!r}")
             app.openapi_schema = spec
         return app.openapi_schema
 

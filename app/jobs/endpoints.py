@@ -12,6 +12,7 @@ from fastapi.responses import StreamingResponse
 from app.auth.dependencies import CurrentTeam
 from app.core.db import SessionDep, SettingsDep
 from app.core.errors import AUTH_RESPONSES, ERROR_RESPONSES, error_response
+from app.core.openapi import REF
 from app.core.pagination import PageParamsDep
 from app.jobs import service
 from app.jobs.schemas import (
@@ -261,7 +262,15 @@ def list_training_set(
 @router.get(
     "/{job_id}/evaluation",
     summary="Get a job's evaluation",
-    responses={**ERROR_RESPONSES, **error_response(404, "`not_evaluated`: the job has no evaluation (yet).")},
+    response_model=None,
+    responses={
+        200: {
+            "description": "The evaluation (transcripts left out).",
+            "content": {"application/json": {"schema": {"$ref": REF.format(model="JobEvaluation")}}},
+        },
+        **ERROR_RESPONSES,
+        **error_response(404, "`not_evaluated`: the job has no evaluation (yet)."),
+    },
 )
 def get_evaluation(
     session: SessionDep, team: CurrentTeam, settings: SettingsDep, job_id: JobId

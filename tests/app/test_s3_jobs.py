@@ -31,6 +31,7 @@ from service.models import Job
 from service.settings import Settings
 from tests.app.factories import make_tenant
 from workers import tasks
+from workers.engine.eval_schema import JobEvaluation
 from workers.tasks import JobRun, run_job_by_id
 
 pytestmark = pytest.mark.slow
@@ -154,6 +155,7 @@ def test_job_artifacts_live_in_s3_and_survive_a_move_to_another_machine(
         assert len(training) == 1
         evaluation = client.get(f"/v1/jobs/{job_id}/evaluation", headers=headers)
         assert evaluation.status_code == 200 and evaluation.json()["attention"]["base"], evaluation.text
+        JobEvaluation.model_validate(evaluation.json())  # the published schema holds
         plot = client.get(f"/v1/jobs/{job_id}/evaluation/attention.png", headers=headers)
         assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG")
         assert plot.headers["content-type"] == "image/png"

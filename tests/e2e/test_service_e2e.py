@@ -22,6 +22,7 @@ from fastapi.testclient import TestClient
 from app.main import create_app
 from service.settings import Settings
 from tests.app.factories import make_tenant
+from workers.engine.eval_schema import JobEvaluation
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -160,6 +161,7 @@ def test_job_runs_to_success_and_its_checkpoint_loads(stack):
     )
 
     evaluation = client.get(f"/v1/jobs/{job_id}/evaluation", headers=headers).json()
+    JobEvaluation.model_validate(evaluation)  # the published schema holds
     assert [row["turn"] for row in evaluation["gatt"]["conditions"]["once"]["turns"]] == [1, 2]
     assert "once" in evaluation["table"] and evaluation["attention"]["base"]
     plot = client.get(f"/v1/jobs/{job_id}/evaluation/attention.png", headers=headers)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from tests.workers.tiny import tiny_llama3
+from workers.engine.eval_schema import AdherenceReport, Comparison
 from workers.evaluate import main
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,6 +30,9 @@ def test_evaluates_base_and_checkpoint_and_writes_the_comparison(tmp_path, capsy
         assert set(report[label]["conditions"]) == {"once", "every_turn_fixed"}
         assert report[label]["dialogues"] == 2
     assert "paired" in report["compare"] and report["overlap"]["user_messages"]["eval"] > 0
+    for label in ("base", "gatt"):
+        AdherenceReport.model_validate(report[label])  # the published schema holds
+    Comparison.model_validate(report["compare"])
     printed = capsys.readouterr().out
     assert report["table"] in printed and "held-out overlap with training" in printed
 

@@ -24,6 +24,7 @@ from tests.threads import one_torch_thread
 from tests.workers.tiny import tiny_llama3
 from workers.engine import sampling
 from workers.engine.eval_report import _later_turns, _summary, compare, format_table
+from workers.engine.eval_schema import AdherenceReport
 from workers.engine.eval_stats import cluster_weights, compare_paired, paired_difference, paired_ratio
 from workers.engine.evaluation import (
     EvalConfig,
@@ -287,6 +288,7 @@ def test_replies_are_scored_and_the_report_has_its_shape(tiny, heldout):
     )
     report = evaluate_adherence(tiny, heldout, [SHORT, TWO, TWO], config, placement=Placement())
     json.dumps(report)
+    AdherenceReport.model_validate(report)  # the published schema holds
     assert report["dialogues"] == 2 and report["runs_per_condition"] == 4
     for name in ("once", "every_turn"):
         cond = report["conditions"][name]
