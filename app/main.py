@@ -21,6 +21,7 @@ from app.core.openapi import publish_schemas
 from app.core.ratelimit import RateLimiter
 from app.corpora.upload import MULTIPART_OVERHEAD_BYTES
 from app.health import endpoints as health
+from app.instruction_sets.spec_schema import InstructionSetSpec
 from app.reaper import reaping
 from service.db import make_engine, make_sessionmaker
 from service.queue import send_job
@@ -139,7 +140,7 @@ def create_app(
     app.include_router(health.liveness)
     app.include_router(readiness if readiness is not None else health.readiness)
     app.include_router(api_router)
-    publish_schemas(app, [SampleRow, TrainingRow, JobEvaluation])
+    publish_schemas(app, [SampleRow, TrainingRow, JobEvaluation, InstructionSetSpec])
     return app
 
 

@@ -1,10 +1,16 @@
 from __future__ import annotations
 
+import json
 import uuid
+from pathlib import Path
 
+import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.instruction_sets.spec_schema import CustomSpec, FamilySpec, InstructionSetSpec
+from gatt import instructions
 from service.models import InstructionSet, JobStatus
 from tests.app.factories import Tenant, count_rows, dialogue, jsonl, make_job, set_job_status
 
@@ -129,3 +135,30 @@ def test_delete_refused_while_a_job_uses_it(
         assert response.status_code == 409 and response.json()["error"]["code"] == "in_use"
     set_job_status(db, job, JobStatus.SUCCEEDED)
     assert client.delete(f"{URL}/{created['id']}", headers=tenant.headers).status_code == 204
+
+
+def test_the_published_spec_schema_matches_the_validator(client, tenant):
+    # The same fields (the validator's own lists), and the same required ones.
+    assert tuple(InstructionSetSpec.model_fields) == instructions._SET_KEYS
+    assert tuple(FamilySpec.model_fields) == instructions._FAMILY_KEYS
+    assert all(f.is_required() for f in FamilySpec.model_fields.values())
+    assert [n for n, f in CustomSpec.model_fields.items() if f.is_required()] == list(
+        instructions._CUSTOM_KEYS
+    )
+    # Every spec the validator takes, raw or normalized, fits the schema; every example set is valid.
+    examples = Path(__file__).resolve().parents[2] / "examples"
+    raw = [
+        json.loads(p.read_text()) for p in sorted(examples.glob("**/*.json")) if "families" in p.read_text()
+    ]
+    default = client.get("/v1/instruction-sets/default", headers=tenant.headers).json()["spec"]
+    assert raw and default["families"]
+    for spec in [*raw, default]:
+        instructions.parse_instruction_set(spec)
+        InstructionSetSpec.model_validate(spec)
+    # What the validator refuses for its size or shape, the schema refuses too.
+    for change in ({"max_constraints": 65}, {"terse_probability": 2}, {"aggregate": "max"}, {"colour": 1}):
+        bad = {**default, **change}
+        with pytest.raises(instructions.ValidationFailed):
+            instructions.parse_instruction_set(bad)
+        with pytest.raises(ValidationError):
+            InstructionSetSpec.model_validate(bad)
