@@ -117,6 +117,15 @@ def create_app(
     app.state.rate_limiter = limiter  # per API key, checked in app.auth.dependencies.current_team
 
     install_error_handlers(app)
+    _add_middleware(app, settings)
+    app.include_router(health.liveness)
+    app.include_router(readiness if readiness is not None else health.readiness)
+    app.include_router(api_router)
+    publish_schemas(app, [SampleRow, TrainingRow, JobEvaluation, InstructionSetSpec])
+    return app
+
+
+def _add_middleware(app: FastAPI, settings: Settings) -> None:
     # Outermost last: headers on every answer; the whole body in before a slot is taken
     # (app/core/body_first.py); then a slot before any other work (app/core/admission.py).
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_json_body_bytes)
@@ -137,11 +146,6 @@ def create_app(
         min_bytes_per_s=settings.body_min_bytes_per_s,
     )
     app.add_middleware(ResponseHeaders, headers=SECURITY_HEADERS)
-    app.include_router(health.liveness)
-    app.include_router(readiness if readiness is not None else health.readiness)
-    app.include_router(api_router)
-    publish_schemas(app, [SampleRow, TrainingRow, JobEvaluation, InstructionSetSpec])
-    return app
 
 
 def __getattr__(name: str) -> FastAPI:
