@@ -165,7 +165,10 @@ def test_schemathesis_finds_no_5xx_and_no_schema_violation(case, fuzz: SimpleNam
     case.headers = headers
     response = case.call(app=fuzz.app)
     COUNTS[str(response.status_code)] += 1
-    case.validate_response(response, checks=CHECKS)
+    # 413 (a body over the server's cap, which negative lists past maxItems soon are) rejects the
+    # data too, though it is not among the statuses negative_data_rejection expects.
+    checks = [c for c in CHECKS if response.status_code != 413 or c is not negative_data_rejection]
+    case.validate_response(response, checks=checks)
 
 
 # --- explicit hostile cases -------------------------------------------------------------------

@@ -331,7 +331,7 @@ def test_bad_config_is_reported_with_paths(tmp_path):
     )
     assert out.returncode == 2
     assert "sampling.topk: unknown field" in out.stderr and "training.method" in out.stderr
-    assert "max_repeat_similarity must be in (0, 1]" in out.stderr
+    assert "reward.max_repeat_similarity: max_repeat_similarity must be <= 1.0, not 2" in out.stderr
 
 
 def test_examples_build_for_every_scope(finished_job, loaded):
