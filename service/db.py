@@ -30,7 +30,13 @@ def make_engine(settings: Settings) -> Engine:
         pool_size=settings.db_pool_size,
         max_overflow=settings.db_max_overflow,
         pool_timeout=settings.db_pool_timeout_s,
-        connect_args={"connect_timeout": settings.db_connect_timeout_s},
+        connect_args={
+            "connect_timeout": settings.db_connect_timeout_s,
+            # A process frozen or stuck inside a transaction (a paused VM, a worker stopped mid-write)
+            # would hold its row locks for as long as its connection lives, and the reaper's and the
+            # API's updates of that job would wait for ever: Postgres ends such a session instead.
+            "options": f"-c idle_in_transaction_session_timeout={int(settings.db_idle_in_transaction_timeout_s * 1000)}",
+        },
     )
 
 

@@ -105,6 +105,13 @@ class Settings(BaseSettings):
     db_pool_timeout_s: float = Field(
         default=30.0, gt=0, description="How long a request waits for a free database connection."
     )
+    db_idle_in_transaction_timeout_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="Postgres ends a session left idle inside a transaction this long (a frozen or stuck "
+        "process), releasing its locks.",
+    )
     max_requests_in_flight: int = Field(
         default=20,
         gt=0,

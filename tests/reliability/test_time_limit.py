@@ -41,7 +41,9 @@ def test_a_job_past_its_time_limit_ends_failed(stack: Stack, api) -> None:
 
 def test_an_attempt_frozen_past_the_limit_is_ended_by_the_next_claim(stack: Stack, api) -> None:
     job_id, _ = create_job(api, stack, tiny_config())
-    first = stack.start_worker()  # the default limit (a day)
+    # The default time limit (a day). Frozen inside a transaction, its session would hold the job's
+    # row lock: Postgres ends it after 3 s here (GATT_DB_IDLE_IN_TRANSACTION_TIMEOUT_S, 60 s by default).
+    first = stack.start_worker(GATT_DB_IDLE_IN_TRANSACTION_TIMEOUT_S="3")
     path = stack.job_dir(stack.job(job_id)) / "samples.jsonl"
     wait_for(lambda: sample_lines(path), START_TIMEOUT, 0.05, "the first sampled dialogue")
     os.kill(first.pid, signal.SIGSTOP)  # stuck: no heartbeat, no should_stop
