@@ -51,6 +51,7 @@ from app.core.headers import ResponseHeaders
 from app.main import TITLE, create_app
 from service.db import make_sessionmaker, session_scope
 from service.models import Base
+from service.reaper import reap
 from service.repositories import jobs
 from service.settings import Settings
 
@@ -161,11 +162,7 @@ class EmbeddedWorker:
             self._thread.join(timeout_s)
 
     def sweep(self, queued_older_than: timedelta) -> None:
-        with session_scope(self.factory) as s:
-            jobs.cancel_abandoned(s)
-            ids = jobs.requeue_expired(s) + jobs.stale_queued(s, queued_older_than)
-        for id in ids:
-            self.submit(id)
+        reap(self.factory, queued_older_than, self.submit)
 
     def _loop(self) -> None:
         from workers.tasks import run_job_by_id  # the engine (torch) loads on the first job, not at import

@@ -8,6 +8,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from datetime import timedelta
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
@@ -38,7 +39,8 @@ async def _sweep_every(app: FastAPI, interval_s: float) -> None:
     while True:
         await asyncio.sleep(interval_s)
         try:
-            sent = await run_in_threadpool(reap, state.sessionmaker, state.settings.lease_s, state.enqueue)
+            lease = timedelta(seconds=state.settings.lease_s)
+            sent = await run_in_threadpool(reap, state.sessionmaker, lease, state.enqueue)
             if sent:
                 log.info("reaper: sent %d job(s) to the workers again", sent)
         except Exception:  # Postgres or Redis away: the next sweep tries again

@@ -20,14 +20,17 @@ from service.db import session_scope
 from service.repositories import jobs
 
 
-def reap(factory: sessionmaker[Session], lease_s: float, send: Callable[[uuid.UUID], None]) -> int:
-    """One sweep: end abandoned cancels, requeue expired and stale jobs, send each; how many were sent."""
+def reap(
+    factory: sessionmaker[Session], queued_older_than: timedelta, send: Callable[[uuid.UUID], None]
+) -> int:
+    """One sweep: end abandoned cancels, requeue expired jobs and those queued longer than
+    `queued_older_than` (a lease; 0 where no broker keeps messages), send each; how many were sent."""
     with session_scope(factory) as s:
         jobs.cancel_abandoned(s)
         # A running job whose lease expired goes back to queued (its worker is gone), and a queued
         # job nobody started within a lease (its message was lost) is sent again. Both get a fresh
         # updated_at, so the next sweep does not send them again before another lease has passed.
-        ids = jobs.requeue_expired(s) + jobs.stale_queued(s, timedelta(seconds=lease_s))
+        ids = jobs.requeue_expired(s) + jobs.stale_queued(s, queued_older_than)
     for jid in ids:
         send(jid)
     return len(ids)

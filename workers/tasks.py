@@ -26,7 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -278,7 +278,8 @@ def run_job_by_id(job_id: str | uuid.UUID, settings: Settings, factory: sessionm
             return "failed: attempts exhausted"
     if job is None:
         return "not claimed"  # another worker holds it, or it has ended
-    seconds_left = settings.job_time_limit_s - _seconds_since(job.started_at)
+    elapsed = (jobs.now() - job.started_at).total_seconds() if job.started_at else 0.0
+    seconds_left = settings.job_time_limit_s - elapsed
     if seconds_left <= 0:  # an earlier attempt ran out of time and never stopped (or its worker died)
         _end_timed_out(factory, jid, owner, settings)
         return "failed: time_limit"
@@ -320,11 +321,7 @@ def run_job_by_id(job_id: str | uuid.UUID, settings: Settings, factory: sessionm
             log.exception("job %s failed", jid)
             if sync is not None and not run.lost.is_set():
                 sync.sync_quietly()  # what the job did before it failed stays readable
-            with session_scope(factory) as s:
-                if jobs.finish(
-                    s, jid, owner, JobStatus.FAILED, error_code=code, error_message=message[:4000]
-                ):
-                    jobs.add_event(s, jid, "error", code, message[:4000], None)
+            _fail(factory, jid, owner, code, message)
             return f"failed: {code}"
     with session_scope(factory) as s:
         # Tokens that carried loss, summed over the recorded steps as while running (a step trained
@@ -336,25 +333,24 @@ def run_job_by_id(job_id: str | uuid.UUID, settings: Settings, factory: sessionm
     return "succeeded"
 
 
-def _seconds_since(started_at: datetime | None) -> float:
-    if started_at is None:
-        return 0.0
-    if started_at.tzinfo is None:  # SQLite returns naive datetimes; they are UTC
-        started_at = started_at.replace(tzinfo=UTC)
-    return (jobs.now() - started_at).total_seconds()
-
-
 def _end_timed_out(factory: sessionmaker[Session], jid: uuid.UUID, owner: str, settings: Settings) -> None:
     message = (
         f"The job ran longer than the service's limit of {settings.job_time_limit_s:g} s "
         "(from its first start); what it finished before is kept."
     )
+    _fail(factory, jid, owner, "time_limit", message)
+
+
+def _fail(factory: sessionmaker[Session], jid: uuid.UUID, owner: str, code: str, message: str) -> None:
+    """End the job failed, if this worker still holds it, with the same error event."""
+    message = message[:4000]
     with session_scope(factory) as s:
-        if jobs.finish(s, jid, owner, JobStatus.FAILED, error_code="time_limit", error_message=message):
-            jobs.add_event(s, jid, "error", "time_limit", message, None)
+        if jobs.finish(s, jid, owner, JobStatus.FAILED, error_code=code, error_message=message):
+            jobs.add_event(s, jid, "error", code, message, None)
 
 
 @celery.task(name=REAP_TASK)
 def reap_task() -> int:
     """Send again the jobs that need a worker; returns how many."""
-    return reap(sessions(), get_settings().lease_s, lambda jid: celery.send_task(JOB_TASK, args=[str(jid)]))
+    lease = timedelta(seconds=get_settings().lease_s)
+    return reap(sessions(), lease, lambda jid: celery.send_task(JOB_TASK, args=[str(jid)]))

@@ -11,9 +11,10 @@ Here the key is checked first (`authenticate`: one thread hop, one short session
 on admitted requests), then the body is read, outside the limit, into memory up to 1 MiB and into a
 temporary file beyond that, and only then does the request wait for a slot and run, reading the
 stored body. Without a key nothing is read; a slow sender with one costs an idle coroutine and a
-socket, not a slot. The endpoint authenticates again as usual (the key may be revoked meanwhile). The sender must also keep up a
-minimum average rate: after `grace_s`, every second must have brought `min_bytes_per_s` more bytes,
-or the request is answered 408 `request_timeout` and the connection closed. A body larger than the
+socket, not a slot. The endpoint authenticates again as usual (the key may be revoked meanwhile).
+The sender must also keep up a minimum average rate: after `grace_s`, every second must have
+brought `min_bytes_per_s` more bytes, or the request is answered 408 `request_timeout` and the
+connection closed. A body larger than the
 largest any route takes is refused (413) from its `Content-Length`, before a byte is read; each
 route's own cap still applies after (app/core/body_limit.py).
 """
@@ -148,8 +149,8 @@ def _replay(body: IO[bytes], size: int, receive: Receive) -> Receive:
 
 
 def _has_body(scope: Scope) -> bool:
-    headers = dict(scope["headers"])
-    return _content_length(scope) not in (None, 0) or b"chunked" in headers.get(b"transfer-encoding", b"")
+    chunked = any(k == b"transfer-encoding" and b"chunked" in v for k, v in scope["headers"])
+    return chunked or (_content_length(scope) or 0) > 0
 
 
 def _content_length(scope: Scope) -> int | None:

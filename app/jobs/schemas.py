@@ -6,7 +6,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
-from app.core.openapi import rows_of
+from app.core.openapi import REF, rows_of
 from app.core.pagination import Page
 from app.core.safe_json import JSONObject, StoredText
 from service.models import Job as JobRow
@@ -14,7 +14,7 @@ from service.models import JobStage, JobStatus
 
 # A request's `config` is checked by the engine's own model (workers/engine/config.py), so that its
 # 422 keeps the `invalid_config` code, `server_field` and "did you mean"; OpenAPI shows that model.
-CONFIG_SCHEMA = {"allOf": [{"$ref": "#/components/schemas/JobOptions"}]}
+CONFIG_SCHEMA = {"allOf": [{"$ref": REF.format(model="JobOptions")}]}
 
 
 class JobCreate(BaseModel):
