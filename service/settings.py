@@ -130,6 +130,17 @@ class Settings(BaseSettings):
         gt=0,
         description="Average rate a request body must keep up after body_grace_s.",
     )
+    team_max_active_jobs: int = Field(
+        default=20,
+        gt=0,
+        description="Queued and running jobs one team may have at once; one more is answered 429 "
+        "`quota_exceeded` (app/core/quotas.py).",
+    )
+    team_max_corpora: int = Field(default=100, gt=0, description="Corpora one team may store.")
+    team_max_corpus_bytes: int = Field(
+        default=500 * MiB, gt=0, description="Bytes of stored (normalized) corpora one team may hold."
+    )
+    team_max_instruction_sets: int = Field(default=100, gt=0, description="Instruction sets one team may store.")
     rate_limit_per_s: float = Field(
         default=20.0,
         ge=0,

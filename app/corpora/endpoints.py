@@ -38,7 +38,8 @@ JSONL = "application/jsonl"
             422,
             "`invalid_corpus`: every problem in `details`, each with its `line`, `field` (e.g. "
             "`messages[2].role`), `code` and `message`; nothing stored. `invalid_request`: no `file`, or "
-            "a bad `name`.",
+            "a bad `name`. `quota_exceeded`: the team's corpora would pass their count or byte limit "
+            "(`details`: `quota` `corpora` or `corpus_bytes`, `limit`, `used`).",
         ),
     },
 )
@@ -52,7 +53,7 @@ def create_corpus(
     """Upload a JSONL corpus of dialogues as multipart/form-data (`file`, optional `name`). The whole
     file is validated before anything is stored; a rejected upload lists every problem with its line
     number. The stored corpus is normalized JSONL (one compact line per dialogue)."""
-    row = service.create(session, team, upload.name, upload.file, settings.corpus_limits())
+    row = service.create(session, team, upload.name, upload.file, settings)
     return Corpus.from_row(row)
 
 

@@ -7,21 +7,24 @@ from datetime import UTC, datetime
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from app.core import quotas
 from app.core.errors import Conflict, NotFound, Unprocessable
-from gatt.dialogues import CorpusLimits, corpus_stats, dump_corpus, parse_corpus
+from gatt.dialogues import corpus_stats, dump_corpus, parse_corpus
 from gatt.errors import ValidationFailed
 from service.models import Corpus, Team
 from service.pagination import PageParams, PageResult
 from service.repositories import corpora as repository
+from service.settings import Settings
 
 CONTENT_CHUNK_BYTES = 1024 * 1024
 
 
-def create(session: Session, team: Team, name: str, lines: Iterable[bytes], limits: CorpusLimits) -> Corpus:
+def create(session: Session, team: Team, name: str, lines: Iterable[bytes], settings: Settings) -> Corpus:
     """Validate a whole corpus and store it normalized, or raise a 422 `invalid_corpus` listing every
-    problem (`line`, `field`, `code`, `message`). Nothing is written unless all of it is valid."""
+    problem (`line`, `field`, `code`, `message`). Nothing is written unless all of it is valid and
+    fits the team's quotas."""
     try:
-        dialogues = parse_corpus(lines, limits)
+        dialogues = parse_corpus(lines, settings.corpus_limits())
     except ValidationFailed as e:
         n = len(e.problems)
         raise Unprocessable.from_problems(
@@ -30,6 +33,7 @@ def create(session: Session, team: Team, name: str, lines: Iterable[bytes], limi
             message=f"The corpus has {n} problem{'s' if n != 1 else ''}; see details.",
         ) from e
     content = dump_corpus(dialogues)
+    quotas.check_corpus(session, team, settings, len(content))
     stats = corpus_stats(dialogues)
     return repository.add(session, team.id, name, content, stats, hashlib.sha256(content).hexdigest())
 

@@ -6,7 +6,7 @@ from uuid import UUID
 from fastapi import APIRouter, Depends, Path, status
 
 from app.auth.dependencies import CurrentTeam, current_team
-from app.core.db import SessionDep
+from app.core.db import SessionDep, SettingsDep
 from app.core.errors import AUTH_RESPONSES, ERROR_RESPONSES, error_response
 from app.core.pagination import PageParamsDep
 from app.instruction_sets import service
@@ -32,17 +32,18 @@ InstructionSetId = Annotated[UUID, Path(description="The instruction set's id.")
         **error_response(
             422,
             "`invalid_instruction_set`: every problem of the spec in `details`, each with its `field` path "
-            "(e.g. `spec.families[0].verbose[1]`); `invalid_request`: a malformed body.",
+            "(e.g. `spec.families[0].verbose[1]`); `invalid_request`: a malformed body; `quota_exceeded`: "
+            "the team stores as many sets as it may (`details`: `quota`, `limit`, `used`); nothing stored.",
         ),
         **error_response(413, "The body is larger than the JSON body limit (`payload_too_large`)."),
     },
 )
 def create_instruction_set(
-    body: InstructionSetCreate, session: SessionDep, team: CurrentTeam
+    body: InstructionSetCreate, session: SessionDep, team: CurrentTeam, settings: SettingsDep
 ) -> InstructionSet:
     """Validate an instruction set and store it for the team. Validation reports every problem at
     once; the stored spec is normalized (defaults filled in)."""
-    row = service.create(session, team, body.name, body.spec)
+    row = service.create(session, team, body.name, body.spec, settings)
     return InstructionSet.model_validate(row)
 
 

@@ -8,12 +8,14 @@ from typing import Any
 
 from sqlalchemy.orm import Session
 
+from app.core import quotas
 from app.core.errors import Conflict, NotFound, Unprocessable
 from gatt.errors import ValidationFailed
 from gatt.instructions import default_instruction_set, instruction_set_to_json, parse_instruction_set
 from service.models import InstructionSet, Team
 from service.pagination import PageParams, PageResult
 from service.repositories import instruction_sets as repository
+from service.settings import Settings
 
 
 def validate_spec(spec: Any, *, field_prefix: str = "spec") -> dict[str, Any]:
@@ -32,8 +34,10 @@ def validate_spec(spec: Any, *, field_prefix: str = "spec") -> dict[str, Any]:
     return instruction_set_to_json(parsed)
 
 
-def create(session: Session, team: Team, name: str, spec: Any) -> InstructionSet:
-    return repository.add(session, team.id, name, validate_spec(spec))
+def create(session: Session, team: Team, name: str, spec: Any, settings: Settings) -> InstructionSet:
+    normalized = validate_spec(spec)
+    quotas.check_instruction_set(session, team, settings)
+    return repository.add(session, team.id, name, normalized)
 
 
 def get(session: Session, team: Team, id: uuid.UUID) -> InstructionSet:

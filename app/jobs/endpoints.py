@@ -63,6 +63,12 @@ def enqueue(request: Request, job_id: UUID) -> None:
             "`invalid_config` (every problem in `details`, with paths like `config.sampling.top_p`), "
             "`model_not_allowed`, `invalid_request`.",
         ),
+        429: {
+            **AUTH_RESPONSES[429],
+            "description": "`quota_exceeded`: the team has as many queued and running jobs as it may "
+            "(`details`: `quota` `active_jobs`, `limit`, `used`); retry when one has ended. `rate_limited`: "
+            "too many requests with this key; retry after `Retry-After`.",
+        },
     },
 )
 def create_job(

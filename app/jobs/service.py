@@ -16,6 +16,7 @@ from typing import Any
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from app.core import quotas
 from app.core.errors import Conflict, NotFound, Unprocessable
 from app.jobs.schemas import JobCreate
 from gatt.errors import Problem, ValidationFailed
@@ -84,6 +85,7 @@ def create(
         earlier = repository.get_by_idempotency_key(session, team.id, idempotency_key)
         if earlier is not None:
             return _same_request(earlier, digest), False
+    quotas.check_job(session, team, settings)
     problems = check_model_path(body.model, settings, "model")
     if problems:
         raise Unprocessable.from_problems(problems, code="model_not_allowed", message=problems[0].message)

@@ -17,6 +17,11 @@ def get_team(session: Session, team_id: uuid.UUID) -> Team | None:
     return session.get(Team, team_id)
 
 
+def lock_team(session: Session, team_id: uuid.UUID) -> None:
+    """Lock the team's row until the transaction ends: serialises a team's quota checks."""
+    session.execute(select(Team.id).where(Team.id == team_id).with_for_update())
+
+
 def add_team(session: Session, name: str) -> Team:
     team = Team(name=name)
     session.add(team)

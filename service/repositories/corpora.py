@@ -50,6 +50,16 @@ def page(session: Session, team_id: uuid.UUID, params: PageParams) -> PageResult
     return keyset_page(session, stmt, params, Corpus.created_at, Corpus.id)
 
 
+def usage(session: Session, team_id: uuid.UUID) -> tuple[int, int]:
+    """The team's live corpora: how many, and their stored bytes."""
+    count, size = session.execute(
+        select(func.count(), func.coalesce(func.sum(Corpus.size_bytes), 0)).where(
+            Corpus.team_id == team_id, Corpus.deleted_at.is_(None)
+        )
+    ).one()
+    return int(count), int(size)
+
+
 def read_content(session: Session, id: uuid.UUID) -> bytes | None:
     """The whole stored JSONL (for workers); None when the corpus is deleted or unknown."""
     return session.scalar(select(Corpus.content).where(Corpus.id == id))

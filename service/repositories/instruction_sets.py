@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exists, select
+from sqlalchemy import exists, func, select
 from sqlalchemy.orm import Session
 
 from service.models import ACTIVE_JOB_STATUSES, InstructionSet, Job
@@ -16,6 +16,12 @@ def add(session: Session, team_id: uuid.UUID, name: str, spec: dict[str, Any]) -
     session.add(row)
     session.flush()  # fills in id and created_at
     return row
+
+
+def count(session: Session, team_id: uuid.UUID) -> int:
+    """The team's live instruction sets."""
+    stmt = select(func.count()).where(InstructionSet.team_id == team_id, InstructionSet.deleted_at.is_(None))
+    return int(session.scalar(stmt) or 0)
 
 
 def get(

@@ -14,7 +14,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from service.models import Checkpoint, Job, JobEvent, JobMetric, JobStatus
+from service.models import ACTIVE_JOB_STATUSES, Checkpoint, Job, JobEvent, JobMetric, JobStatus
 from service.pagination import PageParams, PageResult, keyset_page
 
 TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
@@ -54,6 +54,12 @@ def get_by_idempotency_key(session: Session, team_id: uuid.UUID, key: str) -> Jo
     return session.scalars(
         select(Job).where(Job.team_id == team_id, Job.idempotency_key == key)
     ).one_or_none()
+
+
+def count_active(session: Session, team_id: uuid.UUID) -> int:
+    """The team's queued and running jobs."""
+    stmt = select(func.count()).where(Job.team_id == team_id, Job.status.in_(ACTIVE_JOB_STATUSES))
+    return int(session.scalar(stmt) or 0)
 
 
 def page(
