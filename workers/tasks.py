@@ -37,6 +37,7 @@ from gatt.errors import GattError
 from service.db import make_engine, make_sessionmaker, session_scope
 from service.models import Job, JobStage, JobStatus
 from service.reaper import reap
+from service import scheduling
 from service.repositories import corpora, instruction_sets, jobs
 from service.settings import Settings, get_settings
 from service.storage import StoreError, job_dir, job_key, remote_store
@@ -267,17 +268,20 @@ def run_job_by_id(job_id: str | uuid.UUID, settings: Settings, factory: sessionm
     from workers.engine.pipeline import run_job  # torch loads here, not when Celery imports the tasks
 
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-    jid = uuid.UUID(str(job_id))
     with session_scope(factory) as s:
-        job = jobs.claim(s, jid, owner, settings.lease_s)
-        if job is not None and job.attempts > settings.max_attempts:
+        # The message's job, or the fairest queued one of this worker's queue (service/scheduling.py).
+        job = scheduling.claim(s, uuid.UUID(str(job_id)), owner, settings.lease_s, settings.job_queue)
+        if job is None:
+            return "not claimed"  # another worker holds it, or it has ended, and no other job waits
+        jid = job.id
+        if str(jid) != str(job_id):
+            log.info("the message for job %s started job %s, whose team's turn it was", job_id, jid)
+        if job.attempts > settings.max_attempts:
             message = f"The job's worker vanished {settings.max_attempts} times; giving up."
             # Like every other ending, this one is in the job's event log too.
             if jobs.finish(s, jid, owner, JobStatus.FAILED, error_code="worker_lost", error_message=message):
                 jobs.add_event(s, jid, "error", "worker_lost", message, None)
             return "failed: attempts exhausted"
-    if job is None:
-        return "not claimed"  # another worker holds it, or it has ended
     elapsed = (jobs.now() - job.started_at).total_seconds() if job.started_at else 0.0
     seconds_left = settings.job_time_limit_s - elapsed
     if seconds_left <= 0:  # an earlier attempt ran out of time and never stopped (or its worker died)

@@ -95,7 +95,7 @@ def create_job(
         background.add_task(enqueue, request, job.id)
     else:
         response.status_code = status.HTTP_200_OK
-    return Job.from_row(job)
+    return Job.from_row(job, service.queue_positions(session, [job]).get(job.id))
 
 
 @router.get("", response_model=JobList, summary="List jobs", responses=AUTH_RESPONSES)
@@ -108,7 +108,9 @@ def list_jobs(
     ] = None,
 ) -> JobList:
     """The team's jobs, newest first, a page at a time (`after`, `limit`)."""
-    return JobList.of(service.list_page(session, team, page, status_filter), Job.from_row)
+    result = service.list_page(session, team, page, status_filter)
+    positions = service.queue_positions(session, result.items)
+    return JobList.of(result, lambda row: Job.from_row(row, positions.get(row.id)))
 
 
 # Declared before "/{job_id}" so that "config-defaults" is never taken for an id.
@@ -119,10 +121,14 @@ def get_config_defaults(team: CurrentTeam) -> JobOptions:
     return JobOptions()
 
 
-def _etag(job_id: UUID, updated_at: datetime) -> str:
+def _etag(job_id: UUID, updated_at: datetime, queue_position: int | None) -> str:
     # Every write to a job sets updated_at (explicitly or by the column's onupdate), so (id, updated_at)
-    # names one state of the row, and the response is a function of the row alone.
-    digest = hashlib.blake2b(f"{job_id}|{updated_at.isoformat()}".encode(), digest_size=12).hexdigest()
+    # names one state of the row; the response is a function of the row and, while the job is queued,
+    # of its queue position.
+    version = f"{job_id}|{updated_at.isoformat()}"
+    if queue_position is not None:
+        version += f"|{queue_position}"
+    digest = hashlib.blake2b(version.encode(), digest_size=12).hexdigest()
     return f'"{digest}"'
 
 
@@ -150,21 +156,23 @@ def get_job(
         str | None,
         Header(
             description="The `ETag` of an earlier answer: an unchanged job is answered 304 without a body, "
-            "from one indexed read."
+            "from one indexed read (and, while the job is queued, a look at its queue)."
         ),
     ] = None,
 ) -> Job | Response:
-    """Status, stage, progress, ETA, timestamps, error, trained tokens and latest metrics. The answer
-    carries an `ETag`; poll with `If-None-Match` to get 304 while the job has not changed."""
+    """Status, stage, progress, ETA, queue position, timestamps, error, trained tokens and latest
+    metrics. The answer carries an `ETag`; poll with `If-None-Match` to get 304 while the job has not
+    changed."""
     if if_none_match is not None:
-        # The cheap path: only updated_at, by primary key (and team, so another team's job is a 404).
-        updated_at = service.updated_at(session, team, job_id)
-        etag = _etag(job_id, updated_at)
+        # The cheap path: no row loaded, by primary key (and team, so another team's job is a 404);
+        # a queued job's position costs one look at its queue.
+        etag = _etag(job_id, *service.version(session, team, job_id))
         if _etag_matches(if_none_match, etag):
             return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
     job = service.get(session, team, job_id)
-    response.headers["ETag"] = _etag(job.id, job.updated_at)
-    return Job.from_row(job)
+    position = service.queue_positions(session, [job]).get(job.id)
+    response.headers["ETag"] = _etag(job.id, job.updated_at, position)
+    return Job.from_row(job, position)
 
 
 @router.post(

@@ -67,13 +67,19 @@ class Job(BaseModel):
     latest_metrics: dict[str, Any] | None = Field(description="The metrics of the latest training step.")
     cancel_requested: bool = Field(description="A cancel was asked for; the worker stops within one step.")
     attempts: int = Field(description="How many times a worker started the job (more after a worker crash).")
+    queue_position: int | None = Field(
+        default=None,
+        description="While queued: how many queued jobs are expected to start before it, under fair "
+        "shares across teams (round robin; the team with the fewest running jobs first). 0: it starts "
+        "when a worker is free. Null once it has started.",
+    )
     created_at: datetime = Field(description="When the job was created.")
     started_at: datetime | None = Field(description="When a worker first started it.")
     finished_at: datetime | None = Field(description="When it reached a final status.")
     updated_at: datetime = Field(description="Last change of any field.")
 
     @classmethod
-    def from_row(cls, row: JobRow) -> Job:
+    def from_row(cls, row: JobRow, queue_position: int | None = None) -> Job:
         error = JobError(code=row.error_code, message=row.error_message or "") if row.error_code else None
         return cls(
             id=row.id,
@@ -92,6 +98,7 @@ class Job(BaseModel):
             latest_metrics=row.latest_metrics,
             cancel_requested=row.cancel_requested,
             attempts=row.attempts,
+            queue_position=queue_position,
             created_at=row.created_at,
             started_at=row.started_at,
             finished_at=row.finished_at,

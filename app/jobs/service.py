@@ -21,6 +21,7 @@ from app.core.errors import Conflict, NotFound, Unprocessable
 from app.jobs.schemas import JobCreate
 from gatt.errors import Problem, ValidationFailed
 from service.models import Checkpoint, Job, JobStatus, Team
+from service import scheduling
 from service.pagination import PageParams, PageResult
 from service.repositories import corpora, instruction_sets
 from service.repositories import jobs as repository
@@ -103,6 +104,7 @@ def create(
         corpus_id=body.corpus_id,
         instruction_set_id=body.instruction_set_id,
         config=config,
+        queue=settings.job_queue,
         idempotency_key=idempotency_key,
         request_hash=digest,
     )
@@ -136,12 +138,24 @@ def get(session: Session, team: Team, id: uuid.UUID) -> Job:
     return job
 
 
-def updated_at(session: Session, team: Team, id: uuid.UUID) -> datetime:
-    """The job's last change (its ETag) without loading the row."""
-    when = repository.updated_at(session, team.id, id)
-    if when is None:
+def version(session: Session, team: Team, id: uuid.UUID) -> tuple[datetime, int | None]:
+    """What the job's ETag names, without loading the row: its last change, and its queue position
+    while queued (which moves as other jobs start, with no change to its own row)."""
+    row = repository.version(session, team.id, id)
+    if row is None:
         raise NotFound("No such job.", param="job_id")
-    return when
+    position = None
+    if row.status == JobStatus.QUEUED and row.queue is not None:
+        position = scheduling.positions(session, row.queue).get(id)
+    return row.updated_at, position
+
+
+def queue_positions(session: Session, rows: list[Job]) -> dict[uuid.UUID, int]:
+    """The queue position of each queued job among `rows` (one fair order per queue)."""
+    positions: dict[uuid.UUID, int] = {}
+    for queue in {row.queue for row in rows if row.status == JobStatus.QUEUED and row.queue is not None}:
+        positions.update(scheduling.positions(session, queue))
+    return positions
 
 
 def list_page(session: Session, team: Team, params: PageParams, status: JobStatus | None) -> PageResult[Job]:

@@ -62,6 +62,8 @@ class Job(UUIDPrimaryKey, Timestamps, Base):
         Index(None, "team_id", "status"),
         # For workers and the lease reaper: running jobs whose lease ran out.
         Index(None, "status", "lease_expires_at"),
+        # For workers picking the fairest queued job of their queue (service/scheduling.py).
+        Index(None, "queue", "status"),
         # NULLs are distinct in Postgres, so only jobs that were given a key are constrained.
         UniqueConstraint("team_id", "idempotency_key"),
     )
@@ -83,6 +85,8 @@ class Job(UUIDPrimaryKey, Timestamps, Base):
     instruction_set_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("instruction_sets.id", ondelete="RESTRICT"), index=True
     )
+    # The Celery queue its messages go to; NULL for jobs created before the column existed.
+    queue: Mapped[str | None] = mapped_column(String(255))
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     error_code: Mapped[str | None] = mapped_column(String(64))

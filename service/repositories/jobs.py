@@ -45,9 +45,10 @@ def get_any(session: Session, id: uuid.UUID) -> Job | None:
     return session.get(Job, id, populate_existing=True)
 
 
-def updated_at(session: Session, team_id: uuid.UUID, id: uuid.UUID) -> datetime | None:
-    """Only the job's `updated_at` (its ETag), by primary key and team: one indexed read."""
-    return session.scalar(select(Job.updated_at).where(Job.id == id, Job.team_id == team_id))
+def version(session: Session, team_id: uuid.UUID, id: uuid.UUID) -> Any:
+    """The job's `updated_at`, `status` and `queue` (what its ETag depends on), or None."""
+    stmt = select(Job.updated_at, Job.status, Job.queue).where(Job.id == id, Job.team_id == team_id)
+    return session.execute(stmt).one_or_none()
 
 
 def get_by_idempotency_key(session: Session, team_id: uuid.UUID, key: str) -> Job | None:

@@ -77,6 +77,9 @@ def test_job_artifacts_live_in_s3_and_survive_a_move_to_another_machine(
         s3_endpoint_url=s3_server,
         s3_region="us-east-1",
         rate_limit_per_s=0,
+        # A queue of its own: a worker starts the fairest job of its queue, and the shared test
+        # database holds other tests' queued jobs on the default one.
+        job_queue=f"s3-{uuid.uuid4().hex[:8]}",
     )
     calls = {"sample": 0, "evaluate": 0}
     sample_chunk, evaluate = pipeline._sample_chunk, evaluation_module.evaluate_adherence
