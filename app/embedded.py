@@ -43,11 +43,12 @@ from typing import Any, Literal
 import anyio
 from fastapi import APIRouter, FastAPI
 from pydantic import BaseModel, Field
-from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy import Engine, create_engine, event, inspect, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.errors import AppError, ServiceUnavailable, error_response
 from app.core.headers import ResponseHeaders
+from app.core.ratelimit import LocalRateLimiter
 from app.main import TITLE, create_app
 from service.db import make_sessionmaker, session_scope
 from service.models import Base
@@ -68,14 +69,9 @@ def data_dir_from_env() -> Path:
 
 
 def embedded_settings(data_dir: Path) -> Settings:
-    """The settings of the environment, with the database and artifacts moved under `data_dir` and
-    per-key rate limiting off (its buckets live in Redis)."""
+    """The settings of the environment, with the database and artifacts moved under `data_dir`."""
     data_dir = Path(data_dir).resolve()
-    return Settings(
-        database_url=f"sqlite:///{data_dir / DATABASE_FILE}",
-        artifact_dir=data_dir / "artifacts",
-        rate_limit_per_s=0,
-    )
+    return Settings(database_url=f"sqlite:///{data_dir / DATABASE_FILE}", artifact_dir=data_dir / "artifacts")
 
 
 def make_sqlite_engine(url: str) -> Engine:
@@ -108,10 +104,31 @@ def open_database(data_dir: Path) -> tuple[Settings, Engine, sessionmaker[Sessio
     settings.artifact_dir.mkdir(parents=True, exist_ok=True)
     engine = make_sqlite_engine(settings.database_url)
     # Tables straight from the models, no Alembic: the migrations are for Postgres, the service's
-    # database. The embedded mode is single-process and its data directory disposable; a schema
-    # change means deleting the directory.
+    # database. The embedded mode is single-process and its data directory disposable; a column
+    # added since the directory was made is added here, any other schema change means deleting it.
     Base.metadata.create_all(engine)
+    _add_new_columns(engine)
     return settings, engine, make_sessionmaker(engine)
+
+
+def _add_new_columns(engine: Engine) -> None:
+    """Add the model's nullable columns (and indexes) that an older embedded database lacks."""
+    with engine.begin() as connection:
+        existing = inspect(connection)  # on this connection: another would wait for its write lock
+        for table in Base.metadata.sorted_tables:
+            have = {c["name"] for c in existing.get_columns(table.name)}
+            for column in table.columns:
+                if column.name in have:
+                    continue
+                if not column.nullable:
+                    raise RuntimeError(
+                        f"the embedded database lacks {table.name}.{column.name}, which cannot be added "
+                        "in place: delete its data directory (GATT_EMBEDDED_DIR, default var/embedded)"
+                    )
+                kind = column.type.compile(dialect=engine.dialect)
+                connection.exec_driver_sql(f'ALTER TABLE "{table.name}" ADD COLUMN "{column.name}" {kind}')
+            for index in table.indexes:
+                index.create(connection, checkfirst=True)
 
 
 class EmbeddedWorker:
@@ -227,6 +244,12 @@ def create_embedded_app(data_dir: Path) -> FastAPI:
         engine=engine,
         readiness=_readiness(settings, engine, worker),
         lifespan=run_worker,
+        # Per-key limits as the service has them, in memory: there is no Redis, and one process.
+        rate_limiter=(
+            LocalRateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
+            if settings.rate_limit_per_s > 0
+            else None
+        ),
         title=f"{TITLE} (embedded mode)",
     )
     app.state.worker, app.state.mode = worker, "embedded"

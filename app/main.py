@@ -18,7 +18,7 @@ from app.core.body_limit import BodyLimitMiddleware
 from app.core.errors import install_error_handlers
 from app.core.headers import SECURITY_HEADERS, ResponseHeaders
 from app.core.openapi import publish_schemas
-from app.core.ratelimit import RateLimiter
+from app.core.ratelimit import Limiter, RateLimiter
 from app.corpora.upload import MULTIPART_OVERHEAD_BYTES
 from app.health import endpoints as health
 from app.instruction_sets.spec_schema import InstructionSetSpec
@@ -58,6 +58,7 @@ def create_app(
     engine: Engine | None = None,
     readiness: APIRouter | None = None,
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
+    rate_limiter: Limiter | None = None,
     title: str = TITLE,
 ) -> FastAPI:
     """The app, composed of what it runs on.
@@ -66,15 +67,14 @@ def create_app(
     stops. `enqueue` hands a committed job to the workers (default: a Celery message by name,
     `service.queue.send_job`). `readiness` serves `/readyz` (default: Postgres, Redis and, with
     S3, the bucket). `lifespan` runs inside the app's own, to start and stop what the caller adds
-    (the embedded mode's worker thread).
+    (the embedded mode's worker thread). `rate_limiter` checks each key's rate (default: buckets in
+    Redis when `GATT_RATE_LIMIT_PER_S` > 0).
     """
     settings = settings or get_settings()
     engine = engine if engine is not None else make_engine(settings)
-    limiter = (
-        RateLimiter.from_url(settings.redis_url, settings.rate_limit_per_s, settings.rate_limit_burst)
-        if settings.rate_limit_per_s > 0
-        else None
-    )
+    limiter = rate_limiter
+    if limiter is None and settings.rate_limit_per_s > 0:
+        limiter = RateLimiter.from_url(settings.redis_url, settings.rate_limit_per_s, settings.rate_limit_burst)
 
     @asynccontextmanager
     async def app_lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -19,6 +19,8 @@ job queue, whose outage merely delays job starts (the reaper sends queued jobs a
 would turn a broker blip into a full API outage, job status reads included. After a failure the
 limiter does not ask Redis again for `retry_after_error_s`, so an outage adds no connect timeout to
 every request; short socket timeouts bound the cost of the request that finds Redis gone.
+
+The embedded mode has no Redis and one process: `LocalRateLimiter` keeps the same buckets in memory.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import redis
@@ -136,3 +139,40 @@ class RateLimiter:
 
     def close(self) -> None:
         self.client.close()
+
+
+class LocalRateLimiter:
+    """The same token bucket per key, in this process's memory: for the embedded mode (one process,
+    no Redis). Keys reach it only after authentication, so it holds at most one bucket per real key,
+    and buckets that have refilled are dropped (a full bucket is the same as none)."""
+
+    def __init__(self, per_s: float, burst: int, clock: Callable[[], float] = time.monotonic) -> None:
+        if per_s <= 0 or burst < 1:
+            raise ValueError("per_s must be > 0 and burst >= 1")
+        self.per_s, self.burst, self._clock = per_s, burst, clock
+        self._buckets: dict[str, tuple[float, float]] = {}  # key -> (tokens, when they were counted)
+        self._lock = threading.Lock()
+        self._refill_s = burst / per_s  # an untouched bucket is full again after this long
+        self._swept = clock()
+
+    def check(self, key: str, cost: int = 1) -> Decision:
+        now = self._clock()
+        with self._lock:
+            if now - self._swept > self._refill_s:
+                self._swept = now
+                self._buckets = {k: v for k, v in self._buckets.items() if now - v[1] < self._refill_s}
+            tokens, when = self._buckets.get(key, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - when) * self.per_s)
+            allowed = tokens >= cost
+            if allowed:
+                tokens -= cost
+            self._buckets[key] = (tokens, now)
+        if allowed:
+            return Decision(True, 0, tokens)
+        return Decision(False, max(1, math.ceil((cost - tokens) / self.per_s)), tokens)
+
+    def close(self) -> None:
+        pass
+
+
+Limiter = RateLimiter | LocalRateLimiter

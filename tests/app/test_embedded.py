@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from app.core.ratelimit import LocalRateLimiter
 from app.embedded import create_embedded_app, create_key
 
 pytestmark = pytest.mark.slow
@@ -49,7 +50,8 @@ def test_embedded_mode_runs_a_job_to_success_on_sqlite(tmp_path: Path, one_threa
         }
         assert ready.headers["X-Gatt-Mode"] == "embedded"
         assert client.get("/v1/corpora").status_code == 401  # still authenticated
-        assert getattr(client.app.state, "rate_limiter", None) is None  # its buckets would need Redis
+        # Per-key rate limits without Redis: the buckets live in the one process.
+        assert isinstance(client.app.state.rate_limiter, LocalRateLimiter)
 
         lines = (ROOT / "examples" / "dialogues.jsonl").read_bytes().splitlines(keepends=True)
         corpus_ids = []
@@ -109,3 +111,18 @@ def test_embedded_mode_runs_a_job_to_success_on_sqlite(tmp_path: Path, one_threa
         job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
         assert job["status"] == "succeeded"
         assert client.get(f"/v1/jobs/{job_id}/checkpoints", headers=headers).json()["data"]
+
+
+def test_an_older_embedded_database_gets_the_new_columns(tmp_path: Path) -> None:
+    import sqlite3
+
+    create_key(tmp_path, "team")  # makes the database
+    with sqlite3.connect(tmp_path / "gatt.sqlite3") as db:  # as it was before jobs had a queue
+        db.execute("DROP INDEX ix_jobs_queue_status")
+        db.execute("ALTER TABLE jobs DROP COLUMN queue")
+    key = create_key(tmp_path, "team")
+    with sqlite3.connect(tmp_path / "gatt.sqlite3") as db:
+        assert "queue" in {row[1] for row in db.execute("PRAGMA table_info(jobs)")}
+        assert ("ix_jobs_queue_status",) in db.execute("SELECT name FROM sqlite_master WHERE type = 'index'")
+    with TestClient(create_embedded_app(tmp_path)) as client:
+        assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {key}"}).status_code == 200

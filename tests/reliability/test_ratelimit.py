@@ -11,7 +11,8 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from app.core.ratelimit import KEY_PREFIX, RateLimiter
+from app.core.ratelimit import KEY_PREFIX, LocalRateLimiter, RateLimiter
+from app.embedded import create_embedded_app, create_key
 from app.main import create_app
 from service.settings import Settings
 from tests.app.factories import Tenant, make_tenant
@@ -142,3 +143,36 @@ def test_limits_resume_when_redis_comes_back(redis_server: RedisServer) -> None:
 def test_zero_turns_rate_limiting_off(database_url: str) -> None:
     app = create_app(Settings(database_url=database_url, rate_limit_per_s=0), enqueue=lambda _: None)
     assert app.state.rate_limiter is None
+
+
+def test_the_in_memory_bucket_refills_expires_and_keeps_keys_apart() -> None:
+    now = [0.0]
+    limiter = LocalRateLimiter(per_s=1, burst=3, clock=lambda: now[0])
+    assert [limiter.check("a").allowed for _ in range(3)] == [True, True, True]
+    refused = limiter.check("a")
+    assert not refused.allowed and refused.retry_after_s == 1
+    assert limiter.check("b").allowed, "another key has its own bucket"
+    now[0] += 1.0
+    assert limiter.check("a").allowed and not limiter.check("a").allowed
+    now[0] += 10.0
+    assert limiter.check("c").allowed
+    assert set(limiter._buckets) == {"c"}, "buckets that refilled are dropped as the limiter goes"
+    assert LocalRateLimiter(per_s=0.25, burst=1).check("x").allowed
+    slow = LocalRateLimiter(per_s=0.25, burst=1, clock=lambda: 0.0)
+    slow.check("x")
+    assert slow.check("x").retry_after_s == 4
+
+
+def test_the_embedded_server_limits_each_key_without_redis(tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("GATT_RATE_LIMIT_PER_S", "1")
+    monkeypatch.setenv("GATT_RATE_LIMIT_BURST", "3")
+    monkeypatch.setenv("GATT_REDIS_URL", "redis://127.0.0.1:1/0")  # nothing there: not used
+    key = create_key(tmp_path, "team-a")
+    other = create_key(tmp_path, "team-b")
+    with TestClient(create_embedded_app(tmp_path)) as client:
+        headers = {"Authorization": f"Bearer {key}"}
+        assert [client.get("/v1/jobs", headers=headers).status_code for _ in range(3)] == [200] * 3
+        refused = client.get("/v1/jobs", headers=headers)
+        assert refused.status_code == 429 and refused.headers["Retry-After"] == "1"
+        assert refused.json()["error"]["code"] == "rate_limited"
+        assert client.get("/v1/jobs", headers={"Authorization": f"Bearer {other}"}).status_code == 200
