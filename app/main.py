@@ -24,7 +24,7 @@ from app.health import endpoints as health
 from app.instruction_sets.spec_schema import InstructionSetSpec
 from app.reaper import reaping
 from service.db import make_engine, make_sessionmaker
-from service.queue import send_job
+from service.queue import send_job, waiting_jobs
 from service.settings import Settings, get_settings
 from workers.engine.eval_schema import JobEvaluation
 from workers.engine.records import SampleRow, TrainingRow
@@ -37,12 +37,15 @@ resource belongs to the key's team; another team's ids answer 404.
 
 Errors always have the body `{"error": {"code", "message", "param", "details"?}}`: `code` is stable
 (`missing_api_key`, `invalid_api_key`, `not_found`, `invalid_request`, `invalid_corpus`,
-`invalid_instruction_set`, `invalid_cursor`, `in_use`, `payload_too_large`, `rate_limited`,
+`invalid_instruction_set`, `invalid_cursor`, `in_use`, `payload_too_large`, `rate_limited`, `quota_exceeded`,
 `internal_error`, ...), `param` names the request field at fault, `details` lists every problem of a
 validation error.
 
 Each API key may make `GATT_RATE_LIMIT_PER_S` requests a second on average, with bursts up to
 `GATT_RATE_LIMIT_BURST`; past that the answer is 429 `rate_limited` with a `Retry-After` header.
+Each team may have `GATT_TEAM_MAX_ACTIVE_JOBS` queued and running jobs (429 `quota_exceeded` past
+that) and store up to its corpus and instruction-set quotas (422 `quota_exceeded`). Queued jobs start
+in a fair order across teams; each shows its `queue_position`.
 
 Lists are newest first and paginated with `limit` and `after` (the `next_after` of the previous page).
 """
@@ -74,7 +77,9 @@ def create_app(
     engine = engine if engine is not None else make_engine(settings)
     limiter = rate_limiter
     if limiter is None and settings.rate_limit_per_s > 0:
-        limiter = RateLimiter.from_url(settings.redis_url, settings.rate_limit_per_s, settings.rate_limit_burst)
+        limiter = RateLimiter.from_url(
+            settings.redis_url, settings.rate_limit_per_s, settings.rate_limit_burst
+        )
 
     @asynccontextmanager
     async def app_lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -114,6 +119,8 @@ def create_app(
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.enqueue = enqueue or send_job
+    # What the reaper compares queued jobs with (service/reaper.py); None with another enqueue.
+    app.state.waiting_jobs = waiting_jobs if enqueue is None else None
     app.state.rate_limiter = limiter  # per API key, checked in app.auth.dependencies.current_team
 
     install_error_handlers(app)

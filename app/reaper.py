@@ -9,6 +9,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from datetime import timedelta
+from functools import partial
 
 from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
@@ -40,7 +41,12 @@ async def _sweep_every(app: FastAPI, interval_s: float) -> None:
         await asyncio.sleep(interval_s)
         try:
             lease = timedelta(seconds=state.settings.lease_s)
-            sent = await run_in_threadpool(reap, state.sessionmaker, lease, state.enqueue)
+            sent = await run_in_threadpool(
+                partial(reap, queue=state.settings.job_queue, waiting=state.waiting_jobs),
+                state.sessionmaker,
+                lease,
+                state.enqueue,
+            )
             if sent:
                 log.info("reaper: sent %d job(s) to the workers again", sent)
         except Exception:  # Postgres or Redis away: the next sweep tries again

@@ -20,6 +20,7 @@ from functools import lru_cache
 from uuid import UUID
 
 from celery import Celery
+from kombu.exceptions import ChannelError
 
 from service.settings import get_settings
 
@@ -51,6 +52,21 @@ def client() -> Celery:
     return make_celery()
 
 
+def waiting_jobs() -> int:
+    """Messages waiting in the API's job queue (see `waiting_messages`)."""
+    return waiting_messages(client(), get_settings().job_queue)
+
+
 def send_job(job_id: UUID) -> None:
     """Hand a committed job to the workers: a `jobs.run` message holding its id."""
     client().send_task(JOB_TASK, args=[str(job_id)])
+
+
+def waiting_messages(app: Celery, queue: str) -> int:
+    """Messages waiting in `queue` on the broker (taken but unacknowledged ones not counted): what
+    the reaper compares with the queued jobs to find the ones whose message was lost."""
+    with app.connection_for_read() as connection:
+        try:
+            return int(connection.default_channel.queue_declare(queue=queue, passive=True).message_count)
+        except ChannelError:  # Redis has no key for an empty queue: no messages
+            return 0

@@ -140,7 +140,9 @@ class Settings(BaseSettings):
     team_max_corpus_bytes: int = Field(
         default=500 * MiB, gt=0, description="Bytes of stored (normalized) corpora one team may hold."
     )
-    team_max_instruction_sets: int = Field(default=100, gt=0, description="Instruction sets one team may store.")
+    team_max_instruction_sets: int = Field(
+        default=100, gt=0, description="Instruction sets one team may store."
+    )
     rate_limit_per_s: float = Field(
         default=20.0,
         ge=0,

@@ -34,10 +34,11 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gatt.errors import GattError
+from service import scheduling
 from service.db import make_engine, make_sessionmaker, session_scope
 from service.models import Job, JobStage, JobStatus
+from service.queue import waiting_messages
 from service.reaper import reap
-from service import scheduling
 from service.repositories import corpora, instruction_sets, jobs
 from service.settings import Settings, get_settings
 from service.storage import StoreError, job_dir, job_key, remote_store
@@ -265,6 +266,8 @@ def run_job_task(self, job_id: str) -> str:
 def run_job_by_id(job_id: str | uuid.UUID, settings: Settings, factory: sessionmaker[Session]) -> str:
     """One run of a job: lease, engine, persist, terminal transition. The body of `jobs.run`, callable
     without Celery (the embedded mode's in-process worker, `app.embedded`). Returns what happened."""
+    import torch
+
     from workers.engine.pipeline import run_job  # torch loads here, not when Celery imports the tasks
 
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -274,6 +277,7 @@ def run_job_by_id(job_id: str | uuid.UUID, settings: Settings, factory: sessionm
         if job is None:
             return "not claimed"  # another worker holds it, or it has ended, and no other job waits
         jid = job.id
+        log.info("job %s: torch uses %d threads", jid, torch.get_num_threads())  # workers/threads.py
         if str(jid) != str(job_id):
             log.info("the message for job %s started job %s, whose team's turn it was", job_id, jid)
         if job.attempts > settings.max_attempts:
@@ -356,5 +360,11 @@ def _fail(factory: sessionmaker[Session], jid: uuid.UUID, owner: str, code: str,
 @celery.task(name=REAP_TASK)
 def reap_task() -> int:
     """Send again the jobs that need a worker; returns how many."""
-    lease = timedelta(seconds=get_settings().lease_s)
-    return reap(sessions(), lease, lambda jid: celery.send_task(JOB_TASK, args=[str(jid)]))
+    settings = get_settings()
+    return reap(
+        sessions(),
+        timedelta(seconds=settings.lease_s),
+        lambda jid: celery.send_task(JOB_TASK, args=[str(jid)]),
+        queue=settings.job_queue,
+        waiting=lambda: waiting_messages(celery, settings.job_queue),
+    )

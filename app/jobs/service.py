@@ -20,8 +20,8 @@ from app.core import quotas
 from app.core.errors import Conflict, NotFound, Unprocessable
 from app.jobs.schemas import JobCreate
 from gatt.errors import Problem, ValidationFailed
-from service.models import Checkpoint, Job, JobStatus, Team
 from service import scheduling
+from service.models import Checkpoint, Job, JobStatus, Team
 from service.pagination import PageParams, PageResult
 from service.repositories import corpora, instruction_sets
 from service.repositories import jobs as repository

@@ -283,16 +283,29 @@ def requeue_owned(session: Session, owner_prefix: str, message: str) -> list[uui
     return ids
 
 
-def stale_queued(session: Session, older_than: timedelta) -> list[uuid.UUID]:
-    """Queued jobs no worker took within `older_than` (a lost message); marked as sent again."""
-    t = now()
-    stmt = (
-        update(Job)
-        .where(Job.status == JobStatus.QUEUED, Job.updated_at < t - older_than)
-        .values(updated_at=t)
-        .returning(Job.id)
-    )
-    return list(session.scalars(stmt))
+def stale_queued(session: Session, older_than: timedelta, queue: str | None = None) -> list[uuid.UUID]:
+    """Queued jobs no worker took within `older_than` (their message may be lost), oldest first;
+    with `queue`, those of that queue and those of no queue (created before jobs had one)."""
+    stmt = select(Job.id).where(Job.status == JobStatus.QUEUED, Job.updated_at < now() - older_than)
+    if queue is not None:
+        stmt = stmt.where((Job.queue == queue) | Job.queue.is_(None))
+    return list(session.scalars(stmt.order_by(Job.created_at, Job.id)))
+
+
+def count_queued(session: Session, queue: str | None) -> int:
+    """Queued jobs (of `queue` and of no queue, as `stale_queued` selects them)."""
+    stmt = select(func.count()).where(Job.status == JobStatus.QUEUED)
+    if queue is not None:
+        stmt = stmt.where((Job.queue == queue) | Job.queue.is_(None))
+    return int(session.scalar(stmt) or 0)
+
+
+def mark_sent(session: Session, ids: list[uuid.UUID]) -> None:
+    """A fresh updated_at for queued jobs sent again: not stale for another `older_than`."""
+    if ids:
+        session.execute(
+            update(Job).where(Job.id.in_(ids), Job.status == JobStatus.QUEUED).values(updated_at=now())
+        )
 
 
 def cancel_abandoned(session: Session) -> int:

@@ -87,6 +87,4 @@ def test_not_modified_reads_no_row(client, tenant, job_id, app: FastAPI):
         event.remove(app.state.engine, "before_cursor_execute", record)
     on_jobs = [s for s in statements if "FROM jobs" in s]
     assert len(on_jobs) == 1, statements
-    assert on_jobs[0].split("FROM")[0].split() == [
-        "SELECT", "jobs.updated_at,", "jobs.status,", "jobs.queue"
-    ]
+    assert on_jobs[0].split("FROM")[0].split() == ["SELECT", "jobs.updated_at,", "jobs.status,", "jobs.queue"]

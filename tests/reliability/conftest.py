@@ -426,6 +426,9 @@ class _QueueSender:
     def send_task(self, name: str, args: list[Any] | None = None, **_: Any) -> None:
         self.stack.broker.send_task(name, args=args, queue=self.stack.queue)
 
+    def connection_for_read(self) -> Any:
+        return self.stack.broker.connection_for_read()
+
 
 @pytest.fixture(scope="module")
 def stack_base(pg_server: PostgresServer, redis_server: RedisServer, tmp_path_factory) -> Iterator[dict]:

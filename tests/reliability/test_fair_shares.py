@@ -24,7 +24,9 @@ from tests.reliability.conftest import Stack, tiny_config, upload_corpus
 @pytest.fixture
 def client(database_url: str) -> Iterator[TestClient]:
     # A queue of its own: the shared test database holds other tests' jobs on other queues.
-    settings = Settings(database_url=database_url, rate_limit_per_s=0, job_queue=f"fair-{uuid.uuid4().hex[:8]}")
+    settings = Settings(
+        database_url=database_url, rate_limit_per_s=0, job_queue=f"fair-{uuid.uuid4().hex[:8]}"
+    )
     with TestClient(create_app(settings, enqueue=lambda _: None)) as c:
         yield c
 
@@ -33,7 +35,9 @@ def _jobs(client: TestClient, tenant: Tenant, n: int) -> list[str]:
     corpus = client.post("/v1/corpora", headers=tenant.headers, files={"file": ("c", jsonl(dialogue(0)))})
     ids = []
     for _ in range(n):
-        r = client.post("/v1/jobs", headers=tenant.headers, json={"corpus_id": corpus.json()["id"], "config": {}})
+        r = client.post(
+            "/v1/jobs", headers=tenant.headers, json={"corpus_id": corpus.json()["id"], "config": {}}
+        )
         assert r.status_code == 201, r.text
         ids.append(r.json()["id"])
     return ids
