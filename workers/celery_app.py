@@ -3,8 +3,30 @@ are in `service/queue.py`; the tasks it runs are in `workers/tasks.py`."""
 
 from __future__ import annotations
 
+import logging
+from typing import Any
+
+from celery import signals
+
 from service.queue import JOB_TASK, REAP_TASK, make_celery
+from workers.threads import size_torch_threads
 
 __all__ = ["JOB_TASK", "REAP_TASK", "celery"]
 
 celery = make_celery()
+
+
+_threads_note: list[str] = []
+
+
+@signals.worker_init.connect
+def _size_torch_threads(sender: Any, **_: Any) -> None:
+    # Before the pool starts (and before torch loads): each job slot gets its share of the cores.
+    pool = getattr(sender.pool_cls, "__module__", str(sender.pool_cls))
+    _threads_note.append(size_torch_threads(sender.concurrency, pool))
+
+
+@signals.worker_ready.connect
+def _say_torch_threads(**_: Any) -> None:
+    for note in _threads_note:  # logging is set up by now; it was not at worker_init
+        logging.getLogger(__name__).info(note)
