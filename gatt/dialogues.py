@@ -305,6 +305,15 @@ def _check_dialogue(obj: Any, limits: CorpusLimits | None, line: int | None) -> 
     if not isinstance(items, list):
         problem("invalid_type", f"expected a list of messages, found {_kind(items)}", "messages")
         return problems
+    most = 2 * limits.max_turns + 1 if limits is not None else None  # a system message, then turns
+    if most is not None and len(items) > most:
+        # Checked before the messages: a line of 300,000 `{}` would otherwise cost a problem each.
+        problem(
+            "too_many_messages",
+            f"expected at most {most} messages ({limits.max_turns} user turns), found {len(items)}",
+            "messages",
+        )
+        return problems
 
     # One entry per message: its role, or None when it is unusable, in which case the order check
     # assumes the expected role so that one typo is not followed by a cascade of order errors.

@@ -288,9 +288,12 @@ def _evaluation_file(settings: Settings, job: Job, name: str) -> bytes:
 
 def evaluation(session: Session, settings: Settings, team: Team, id: uuid.UUID) -> dict[str, Any]:
     job = get(session, team, id)
-    report = json.loads(_evaluation_file(settings, job, "adherence.json"))
+    # The report without its transcripts (every reply of every run: megabytes), written for this;
+    # jobs evaluated before it existed have only the whole report.
+    data = artifact_store(settings).read_bytes(f"{job_key(job)}/evaluation/adherence_summary.json")
+    report = json.loads(data if data is not None else _evaluation_file(settings, job, "adherence.json"))
     for model_report in (report.get("base", {}), report.get("gatt", {})):
-        model_report.pop("transcripts", None)  # whole dialogues are large; the quoted samples stay
+        model_report.pop("transcripts", None)
     attention = artifact_store(settings).read_bytes(f"{job_key(job)}/evaluation/attention.json")
     report["attention"] = json.loads(attention) if attention is not None else None
     return report

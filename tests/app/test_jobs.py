@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 
 import pytest
@@ -348,3 +349,30 @@ def test_row_pages_stop_at_a_byte_cap_and_serve_rows_as_stored(client, tenant, c
     )
     assert [row["index"] for row in page(3, limit=1)["data"]] == [3] and page(3, limit=1)["has_more"] is True
     assert page(5)["data"] == [] and page(5)["has_more"] is False
+
+
+def test_the_evaluation_is_served_from_its_summary_without_transcripts(
+    client, tenant, corpus_id, db, settings
+):
+    from service.storage import job_dir
+
+    job_id = create(client, tenant, {"corpus_id": corpus_id}).json()["id"]
+    with db() as s:
+        evaluation = job_dir(settings, s.get(Job, uuid.UUID(job_id))) / "evaluation"
+    evaluation.mkdir(parents=True, exist_ok=True)
+    runs = [{"reply": "x" * 1000}] * 100
+    whole = {m: {"conditions": {}, "transcripts": {"once": runs}} for m in ("base", "gatt")}
+
+    def served() -> dict:
+        r = client.get(f"{URL}/{job_id}/evaluation", headers=tenant.headers)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    # A job evaluated before the summary existed: the whole report, transcripts left out.
+    (evaluation / "adherence.json").write_text(json.dumps({**whole, "table": "whole"}))
+    got = served()
+    assert got["table"] == "whole" and "transcripts" not in got["base"] and got["attention"] is None
+    # Now: the summary written beside it is what is read.
+    summary = {m: {"conditions": {}} for m in ("base", "gatt")}
+    (evaluation / "adherence_summary.json").write_text(json.dumps({**summary, "table": "summary"}))
+    assert served()["table"] == "summary"

@@ -148,6 +148,8 @@ def test_job_artifacts_live_in_s3_and_survive_a_move_to_another_machine(
         keys = _keys(s3_bucket, s3_server)
         assert not [k for k in keys if "step-000001" in k]
         assert f"{job_key}/summary.json" in keys and f"{job_key}/evaluation/attention.png" in keys
+        # What GET /evaluation reads: the report without its transcripts.
+        assert f"{job_key}/evaluation/adherence_summary.json" in keys
 
         # The API reads from S3 alone.
         shutil.rmtree(scratch)

@@ -276,6 +276,19 @@ def test_too_many_turns_counts_user_turns():
     assert "expected at most 2 user turns, found 3" in problems[0].message
 
 
+def test_a_line_of_too_many_messages_is_one_problem_not_one_per_message():
+    # About 1 MB of `{}`: 300,000 empty messages, each with two problems if checked one by one
+    # (the server grew by 200 MiB building them before the corpus-wide cap of 1,000 applied).
+    raw = b'{"messages": [' + b",".join([b"{}"] * 300_000) + b"]}"
+    assert len(raw) <= DEFAULT_LIMITS.max_line_bytes
+    _, problems = validate_line(raw, 1)
+    assert [(p.field, p.code) for p in problems] == [("messages", "too_many_messages")]
+    assert "expected at most 129 messages (64 user turns), found 300000" in problems[0].message
+    limits = CorpusLimits(max_turns=2)
+    assert found(line({"messages": [S, U, A, U, A]}), 1, limits) == []
+    assert found(line({"messages": [S, U, A, U, A, U]}), 1, limits) == [(1, "messages", "too_many_messages")]
+
+
 @pytest.mark.parametrize(
     ("messages", "codes"),
     [

@@ -559,3 +559,49 @@ def test_regex_verifier_pattern_gets_the_value_escaped():
     spec["families"][0]["verifier"] = {"type": "starts_with", "text": "{value}"}
     (ins,) = synthesize(parse_instruction_set(spec), 1, seed=0)
     assert ins.verifiers == ({"type": "starts_with", "text": "Why not?"},)
+
+
+def _regex_family(values: list[str], pattern: str) -> dict:
+    return {
+        "families": [
+            {
+                "name": "x",
+                "verbose": ["Say {value}."],
+                "terse": ["{value}"],
+                "values": values,
+                "verifier": {"type": "regex", "pattern": pattern},
+            }
+        ]
+    }
+
+
+def test_a_regex_family_compiles_once_however_many_values(monkeypatch) -> None:
+    import gatt.verifiers as verifiers
+
+    compiled = Counter()
+    compile_ = verifiers.tenant_regex
+
+    def counting(pattern: str, *, ignore_case: bool):
+        compiled[pattern] += 1
+        return compile_(pattern, ignore_case=ignore_case)
+
+    monkeypatch.setattr(verifiers, "tenant_regex", counting)
+    parse_instruction_set(_regex_family([f"value {i}" for i in range(10_000)], r"^{value}\W"))
+    # Each value goes, escaped, into the same place: one compile stands for all (it was 10,000,
+    # 3 s of GIL for 50,000 values, during which the API process answered nobody else).
+    assert sum(compiled.values()) == 1
+
+
+def test_values_that_make_a_regex_too_long_or_invalid_are_each_reported() -> None:
+    long = "b" * 495
+    with pytest.raises(ValidationFailed) as e:
+        parse_instruction_set(_regex_family(["a", long, "c", long + "x"], "0123456789^{value}"))
+    assert [(p.field, p.code) for p in e.value.problems] == [
+        ("families[0].values[1]", "invalid_param"),
+        ("families[0].values[3]", "invalid_param"),
+    ]
+    # Inside a repetition the value is not a plain literal: each one is compiled ("1001" is past
+    # RE2's repetition limit).
+    with pytest.raises(ValidationFailed) as e:
+        parse_instruction_set(_regex_family(["3", "1001", "5"], r"^\w{{value}}$"))
+    assert [p.field for p in e.value.problems] == ["families[0].values[1]"]

@@ -290,10 +290,10 @@ def test_invalid_utf8_in_a_corpus_is_422_with_line_and_code(c, headers) -> None:
     assert 400 <= r.status_code < 500, r.text
 
 
-def test_thousands_of_turns_are_422_too_many_turns(c, headers) -> None:
+def test_thousands_of_turns_are_422_too_many_messages(c, headers) -> None:
     r = c.post("/v1/corpora", files={"file": ("c.jsonl", jsonl(dialogue(0, turns=2000)))}, headers=headers)
     error = _error(r, 422, "invalid_corpus")
-    assert [d["code"] for d in error["details"]] == ["too_many_turns"]
+    assert [d["code"] for d in error["details"]] == ["too_many_messages"]
     assert error["details"][0]["line"] == 1
 
 

@@ -476,7 +476,8 @@ class Evaluation:
 
     Each report is written as soon as it exists, so a resumed job does not evaluate twice.
     Files in `directory`: base.json, gatt.json, adherence.json ({base, gatt, compare, overlap,
-    table}), attention.json and attention.png.
+    table}), adherence_summary.json (adherence.json without the transcripts), attention.json and
+    attention.png.
     """
 
     def __init__(
@@ -532,6 +533,10 @@ class Evaluation:
             "table": format_table(base["adherence"], gatt["adherence"]),
         }
         _write_json(self.directory / "adherence.json", report)
+        # The same without the transcripts (every reply of every run), which make it large: what the
+        # API serves as the job's evaluation, read whole, while tools use the full report.
+        summary = {**report, **{m: _without_transcripts(report[m]) for m in ("base", "gatt")}}
+        _write_json(self.directory / SUMMARY, summary)
         if base["attention"] and gatt["attention"]:
             _write_json(
                 self.directory / "attention.json", {"base": base["attention"], "gatt": gatt["attention"]}
@@ -540,6 +545,13 @@ class Evaluation:
                 {"base": base["attention"], "gatt": gatt["attention"]}, self.directory / "attention.png"
             )
         return report
+
+
+SUMMARY = "adherence_summary.json"
+
+
+def _without_transcripts(model_report: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in model_report.items() if k != "transcripts"}
 
 
 # --- training set ----------------------------------------------------------------------------
