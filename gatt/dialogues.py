@@ -305,9 +305,9 @@ def _check_dialogue(obj: Any, limits: CorpusLimits | None, line: int | None) -> 
     if not isinstance(items, list):
         problem("invalid_type", f"expected a list of messages, found {_kind(items)}", "messages")
         return problems
-    most = 2 * limits.max_turns + 1 if limits is not None else None  # a system message, then turns
-    if most is not None and len(items) > most:
+    if limits is not None and len(items) > 2 * limits.max_turns + 1:  # a system message, then turns
         # Checked before the messages: a line of 300,000 `{}` would otherwise cost a problem each.
+        most = 2 * limits.max_turns + 1
         problem(
             "too_many_messages",
             f"expected at most {most} messages ({limits.max_turns} user turns), found {len(items)}",

@@ -137,31 +137,56 @@ class JobRun:
         self._stop_heartbeat.set()
 
     # -- engine hooks --------------------------------------------------------------------------
+    # Every write is fenced by the lease: a run that was taken over (its worker frozen, or cut off
+    # from Postgres past a lease) writes no row and no file once it knows, and stops.
+    def _stop_if_lost(self) -> None:
+        if self.lost.is_set():
+            raise Stopped("lease lost: another worker runs the job now")
+
+    def fence(self) -> None:
+        if not self.lost.is_set() and not self._tx(lambda s: jobs.holds(s, self.job_id, self.owner)):
+            self.lost.set()
+        self._stop_if_lost()
+
     def progress(self, stage: str, done: int, total: int) -> None:
         now = time.monotonic()
         if done != total and now - self._last_progress < 1.0:  # at most one write a second
             return
         self._last_progress = now
         self.renew(progress=done / total if total else 0.0, progress_done=done, progress_total=total)
+        self._stop_if_lost()
 
     def event(self, level: str, kind: str, message: str, data: dict[str, Any]) -> None:
-        self._tx(lambda s: jobs.add_event(s, self.job_id, level, kind, message, data or None))
+        if not self._tx(
+            lambda s: jobs.add_event(s, self.job_id, level, kind, message, data or None, owner=self.owner)
+        ):
+            self.lost.set()
+        self._stop_if_lost()
 
     def stage(self, stage: Stage) -> None:
         if stage.value in _STAGES:  # `done` is no stage of the row: it keeps the last one reached
             self.renew(
                 stage=JobStage(stage.value), progress=0.0, progress_done=0, progress_total=0, eta_s=None
             )
+        else:
+            self.fence()
+        self._stop_if_lost()
         if self.sync is not None:
             self.sync.sync()  # what the previous stage wrote (samples, training set, ...) becomes readable
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
-        def write(s: Session) -> int:
+        def write(s: Session) -> int | None:
+            if not jobs.holds(s, self.job_id, self.owner):
+                return None
             jobs.upsert_metric(s, self.job_id, step, values)
             return jobs.trained_tokens(s, self.job_id)
 
         trained = self._tx(write)
+        if trained is None:
+            self.lost.set()
+        self._stop_if_lost()
         self.renew(latest_metrics={"step": step, **values}, trained_tokens=trained, eta_s=values.get("eta_s"))
+        self._stop_if_lost()
 
     def checkpoint(self, step: int, path: str, manifest: dict[str, Any]) -> None:
         relative = Path(path).resolve().relative_to(self.settings.artifact_dir.resolve()).as_posix()
@@ -211,6 +236,7 @@ class JobRun:
             checkpoint=self.checkpoint,
             stage=self.stage,
             should_stop=self.should_stop,
+            fence=self.fence,
         )
 
 
@@ -286,7 +312,8 @@ def run_job_by_id(job_id: str | uuid.UUID, settings: Settings, factory: sessionm
             if jobs.finish(s, jid, owner, JobStatus.FAILED, error_code="worker_lost", error_message=message):
                 jobs.add_event(s, jid, "error", "worker_lost", message, None)
             return "failed: attempts exhausted"
-    elapsed = (jobs.now() - job.started_at).total_seconds() if job.started_at else 0.0
+        # On the database's clock, which wrote started_at (another host may have started the job).
+        elapsed = (jobs.current_time(s) - job.started_at).total_seconds() if job.started_at else 0.0
     seconds_left = settings.job_time_limit_s - elapsed
     if seconds_left <= 0:  # an earlier attempt ran out of time and never stopped (or its worker died)
         _end_timed_out(factory, jid, owner, settings)

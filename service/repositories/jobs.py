@@ -24,6 +24,21 @@ def now() -> datetime:
     return datetime.now(UTC)
 
 
+def clock(session: Session) -> Any:
+    """The time leases and timestamps are written and compared in. On Postgres it is the
+    database's (`now()`): workers and API processes on several hosts share one clock, so a host
+    whose clock runs behind cannot write a lease that is already expired for the reaper. SQLite
+    (the embedded mode: one process) uses this host's."""
+    return func.now() if session.get_bind().dialect.name == "postgresql" else now()
+
+
+def current_time(session: Session) -> datetime:
+    """`clock` as a value."""
+    if session.get_bind().dialect.name == "postgresql":
+        return session.scalar(select(func.now()))  # type: ignore[return-value]
+    return now()
+
+
 def _insert(session: Session, table: Any) -> Any:
     """The dialect's INSERT with ON CONFLICT: Postgres, or SQLite in the embedded mode."""
     dialect = session.get_bind().dialect.name
@@ -74,7 +89,7 @@ def page(
 
 def cancel_queued(session: Session, id: uuid.UUID) -> bool:
     """Cancel a job no worker has started. False if it is no longer queued."""
-    t = now()
+    t = clock(session)
     result = session.execute(
         update(Job)
         .where(Job.id == id, Job.status == JobStatus.QUEUED)
@@ -88,7 +103,7 @@ def request_cancel(session: Session, id: uuid.UUID) -> bool:
     result = session.execute(
         update(Job)
         .where(Job.id == id, Job.status == JobStatus.RUNNING)
-        .values(cancel_requested=True, updated_at=now())
+        .values(cancel_requested=True, updated_at=clock(session))
     )
     return result.rowcount == 1  # type: ignore[attr-defined]
 
@@ -101,7 +116,7 @@ def claim(session: Session, id: uuid.UUID, owner: str, lease_s: float) -> Job | 
 
     Returns the job when this worker now holds the lease, None when another does or it has ended.
     """
-    t = now()
+    t = clock(session)
     stmt = (
         update(Job)
         .where(
@@ -128,7 +143,7 @@ def claim(session: Session, id: uuid.UUID, owner: str, lease_s: float) -> Job | 
 
 def heartbeat(session: Session, id: uuid.UUID, owner: str, lease_s: float, **fields: Any) -> bool:
     """Renew the lease and write progress. False when the lease is no longer ours."""
-    t = now()
+    t = clock(session)
     result = session.execute(
         update(Job)
         .where(Job.id == id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING)
@@ -139,7 +154,7 @@ def heartbeat(session: Session, id: uuid.UUID, owner: str, lease_s: float, **fie
 
 def finish(session: Session, id: uuid.UUID, owner: str, status: JobStatus, **fields: Any) -> bool:
     """The one terminal transition of a run; only the lease holder can make it."""
-    t = now()
+    t = clock(session)
     result = session.execute(
         update(Job)
         .where(Job.id == id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING)
@@ -153,15 +168,34 @@ def cancel_requested(session: Session, id: uuid.UUID) -> bool:
 
 
 def add_event(
-    session: Session, job_id: uuid.UUID, level: str, kind: str, message: str, data: dict | None
-) -> None:
+    session: Session,
+    job_id: uuid.UUID,
+    level: str,
+    kind: str,
+    message: str,
+    data: dict | None,
+    *,
+    owner: str | None = None,
+) -> bool:
+    """Append an event; with `owner`, only while that run holds the job's lease (False if not)."""
     # seq is per job and gap-free; the row lock on the job serialises writers of one job.
-    session.execute(select(Job.id).where(Job.id == job_id).with_for_update())
+    locked = select(Job.id).where(Job.id == job_id)
+    if owner is not None:
+        locked = locked.where(Job.lease_owner == owner, Job.status == JobStatus.RUNNING)
+    if session.execute(locked.with_for_update()).scalar_one_or_none() is None:
+        return False
     seq = session.scalar(
         select(func.coalesce(func.max(JobEvent.seq), 0) + 1).where(JobEvent.job_id == job_id)
     )
     session.add(JobEvent(job_id=job_id, seq=seq, level=level, kind=kind, message=message, data=data))
     session.flush()
+    return True
+
+
+def holds(session: Session, job_id: uuid.UUID, owner: str) -> bool:
+    """Whether the run `owner` still holds the job's lease (one indexed read)."""
+    stmt = select(Job.id).where(Job.id == job_id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING)
+    return session.execute(stmt).scalar_one_or_none() is not None
 
 
 def upsert_metric(session: Session, job_id: uuid.UUID, step: int, values: dict[str, Any]) -> None:
@@ -241,7 +275,7 @@ def trained_tokens(session: Session, job_id: uuid.UUID) -> int:
 def requeue_expired(session: Session) -> list[uuid.UUID]:
     """Running jobs whose worker stopped renewing its lease go back to queued. A worker that was
     only slow learns at its next heartbeat that the job is no longer its own and stops."""
-    t = now()
+    t = clock(session)
     stmt = (
         update(Job)
         .where(Job.status == JobStatus.RUNNING, Job.lease_expires_at < t, Job.cancel_requested.is_(False))
@@ -260,7 +294,7 @@ def requeue_owned(session: Session, owner_prefix: str, message: str) -> list[uui
     """Running jobs whose lease owner starts with `owner_prefix` go back to queued, each with a
     `requeued` event: a process hands back the jobs it holds when it stops. A job whose cancel
     was asked for ends `cancelled` instead, since `claim` would never take it again."""
-    t = now()
+    t = clock(session)
     owned = (Job.status == JobStatus.RUNNING, Job.lease_owner.startswith(owner_prefix))
     cancelled = update(Job).where(*owned, Job.cancel_requested.is_(True))
     for id in list(
@@ -286,7 +320,7 @@ def requeue_owned(session: Session, owner_prefix: str, message: str) -> list[uui
 def stale_queued(session: Session, older_than: timedelta, queue: str | None = None) -> list[uuid.UUID]:
     """Queued jobs no worker took within `older_than` (their message may be lost), oldest first;
     with `queue`, those of that queue and those of no queue (created before jobs had one)."""
-    stmt = select(Job.id).where(Job.status == JobStatus.QUEUED, Job.updated_at < now() - older_than)
+    stmt = select(Job.id).where(Job.status == JobStatus.QUEUED, Job.updated_at < clock(session) - older_than)
     if queue is not None:
         stmt = stmt.where((Job.queue == queue) | Job.queue.is_(None))
     return list(session.scalars(stmt.order_by(Job.created_at, Job.id)))
@@ -304,13 +338,13 @@ def mark_sent(session: Session, ids: list[uuid.UUID]) -> None:
     """A fresh updated_at for queued jobs sent again: not stale for another `older_than`."""
     if ids:
         session.execute(
-            update(Job).where(Job.id.in_(ids), Job.status == JobStatus.QUEUED).values(updated_at=now())
+            update(Job).where(Job.id.in_(ids), Job.status == JobStatus.QUEUED).values(updated_at=clock(session))
         )
 
 
 def cancel_abandoned(session: Session) -> int:
     """Running jobs whose worker vanished after a cancel was asked for: nothing left to stop."""
-    t = now()
+    t = clock(session)
     stmt = (
         update(Job)
         .where(Job.status == JobStatus.RUNNING, Job.cancel_requested.is_(True), Job.lease_expires_at < t)

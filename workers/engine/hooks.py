@@ -2,7 +2,7 @@
 
 Every hook is optional and cheap to call; the engine never depends on what a hook does, except
 `should_stop`, which it checks between batches and optimiser steps so that a cancel takes effect
-within one step.
+within one step, and `fence`, which it calls before it writes.
 """
 
 from __future__ import annotations
@@ -36,6 +36,9 @@ class Hooks:
     # (stage): a stage starts; also reported as an event of kind "stage".
     stage: Callable[[Stage], None] = lambda stage: None
     should_stop: Callable[[], bool] = lambda: False
+    # Called right before each write to the job's files; raises `Stopped` when this run no longer
+    # owns the job (another worker took it over), so that two runs never write the same files.
+    fence: Callable[[], None] = lambda: None
 
 
 class Stopped(Exception):

@@ -96,6 +96,7 @@ def run_job(
     started = time.monotonic()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    hooks.fence()
     _write_json(out / "config.json", config.to_json())
 
     _stage(hooks, Stage.SYNTHESIZE)
@@ -105,6 +106,7 @@ def run_job(
         loaded = _job_model(config, loaded, allowed_roots)
     instruction_set = load_instruction_set(config, loaded=loaded, hooks=hooks)
     instructions = synthesize(instruction_set, len(dialogues), seed=config.seed)
+    hooks.fence()
     _write_jsonl(out / "instructions.jsonl", [i.to_json() for i in instructions])
 
     loaded = _job_model(config, loaded, allowed_roots)
@@ -145,7 +147,7 @@ def run_job(
     if evaluation is not None:
         _stage(hooks, Stage.EVALUATE)
         evaluation.run("gatt", dataclasses.replace(loaded, model=result.model), hooks)
-        evaluation.finish()
+        evaluation.finish(hooks)
     final_metrics = result.metrics[-1] if result.metrics else {}
     job = JobResult(
         output_dir=out,
@@ -158,6 +160,7 @@ def run_job(
         final_metrics=dict(final_metrics),
         wall_s=time.monotonic() - started,
     )
+    hooks.fence()
     _write_json(out / "summary.json", _jsonable(job.__dict__))
     _stage(hooks, Stage.DONE)
     return job
@@ -248,6 +251,7 @@ def sample_dialogues(
             ((config.seed * 1_000_003 + config.sampling.seed) * 1_000_003 + start) % 2**63
         )
         chunk = _sample_chunk(config, rollout, scorer, dialogues, instructions, todo, generator, hooks)
+        hooks.fence()  # a run taken over while it sampled must not append what the new one samples too
         with open(path, "a", encoding="utf-8") as f:
             for record in chunk:
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -517,14 +521,16 @@ class Evaluation:
                 transcripts=adherence["transcripts"].get("once"),
                 hooks=hooks,
             )
+        hooks.fence()
         _write_json(path, {"adherence": adherence, "attention": attention})
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self, hooks: Hooks) -> dict[str, Any]:
         from workers.engine.attention import plot_attention
         from workers.engine.eval_report import compare, format_table
 
         base = json.loads((self.directory / "base.json").read_text())
         gatt = json.loads((self.directory / "gatt.json").read_text())
+        hooks.fence()
         report = {
             "base": base["adherence"],
             "gatt": gatt["adherence"],
@@ -598,6 +604,7 @@ def build_training_set(
         )
         if row is not None:
             rows.append({"history": "replay", **row})
+    hooks.fence()
     _write_jsonl(path, rows)
     return examples
 

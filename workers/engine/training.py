@@ -145,6 +145,7 @@ def train(
         for step in range(run.start_step, run.total_steps):
             row = _step(step, model, objective, data, optimizer, trainable, config, run, hooks)
             run.history.append(row)
+            hooks.fence()  # before the metrics files, a checkpoint and the rotation of older ones
             jsonl.write(json.dumps(row) + "\n")
             jsonl.flush()
             csv_writer.writerow(row)
