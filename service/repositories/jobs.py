@@ -338,7 +338,9 @@ def mark_sent(session: Session, ids: list[uuid.UUID]) -> None:
     """A fresh updated_at for queued jobs sent again: not stale for another `older_than`."""
     if ids:
         session.execute(
-            update(Job).where(Job.id.in_(ids), Job.status == JobStatus.QUEUED).values(updated_at=clock(session))
+            update(Job)
+            .where(Job.id.in_(ids), Job.status == JobStatus.QUEUED)
+            .values(updated_at=clock(session))
         )
 
 
