@@ -554,6 +554,26 @@ def test_periodic_checkpoints_rotate(tmp_path):
     assert result.checkpoint.name == "step-000007"
 
 
+def test_a_run_fenced_off_writes_no_more_steps_or_checkpoints(tmp_path):
+    """Once `fence` says the run no longer owns the job, training writes nothing more: not the
+    step's metrics, not its checkpoint, and it does not rotate (delete) older checkpoints."""
+    examples = [handmade(16, [(4, 12)], seed=30 + i) for i in range(2)]
+    fenced = {"after": 2, "calls": 0}
+
+    def fence() -> None:
+        fenced["calls"] += 1
+        if fenced["calls"] > fenced["after"]:
+            raise Stopped("lease lost")
+
+    config = TrainConfig(
+        method="full", micro_batch_size=2, max_steps=4, checkpoint_every=1, keep_checkpoints=1
+    )
+    with pytest.raises(Stopped):
+        train(tiny_llama(), None, examples, config, tmp_path, hooks=Hooks(fence=fence))
+    assert jsonl_steps(tmp_path) == [1, 2]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-000002"]
+
+
 # ---------------------------------------------------------------------------------------------
 # Length limit.
 # ---------------------------------------------------------------------------------------------
