@@ -84,6 +84,14 @@ class Settings(BaseSettings):
         description="Wall-clock seconds a job may run, from its first start, over all its attempts; past "
         "it the job ends failed with `time_limit` (workers/tasks.py).",
     )
+    stall_timeout_s: float = Field(
+        default=1800.0,
+        gt=0,
+        le=24 * 3600.0,
+        description="Seconds a job's engine may go without calling any of its hooks (it calls them "
+        "between sampling batches, training steps and writes); past it the job ends failed with "
+        "`stalled` and a Celery worker process exits to free its slot (workers/tasks.py).",
+    )
     reaper_interval_s: float = Field(
         default=30.0,
         ge=0,

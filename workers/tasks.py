@@ -77,8 +77,12 @@ class JobRun:
         sync: ScratchSync | None = None,
         *,
         seconds_left: float = math.inf,
+        on_abandon: Callable[[], None] | None = None,
     ):
         self.job_id, self.owner, self.settings = job_id, owner, settings
+        # Called after the heartbeat has ended a job whose engine stopped calling its hooks: the
+        # stuck thread cannot be stopped, so a worker process exits (and is restarted) to free its slot.
+        self.on_abandon = on_abandon
         self.sessions = factory or sessions()
         self.sync = sync  # None: the artifact directory is the store (local); else uploads to S3
         self.lost = threading.Event()
@@ -86,6 +90,7 @@ class JobRun:
         self.deadline = time.monotonic() + seconds_left
         self.timed_out = threading.Event()
         self._last_progress = 0.0
+        self._last_call = time.monotonic()  # the engine's last hook call: liveness is progress
         self._cancelled = False
         self._stop_heartbeat = threading.Event()
 
@@ -124,10 +129,37 @@ class JobRun:
                 )
                 self.timed_out.set()
                 return
+            idle = time.monotonic() - self._last_call
             try:
+                if idle > self.settings.stall_timeout_s:
+                    return self._abandon(
+                        JobStatus.FAILED,
+                        "stalled",
+                        f"The engine made no progress for {idle:.0f} s (the service's limit is "
+                        f"{self.settings.stall_timeout_s:g} s); the job was stopped.",
+                    )
                 self.renew()
+                # A cancel the engine does not see (it asks between batches and steps): give up.
+                if idle > self.settings.lease_s and self._tx(lambda s: jobs.cancel_requested(s, self.job_id)):
+                    return self._abandon(
+                        JobStatus.CANCELLED, "cancelled", "cancelled; the engine was not stopping, so it was left"
+                    )
             except Exception:  # Postgres briefly away: try again next beat; the lease has slack
                 log.exception("heartbeat failed for job %s", self.job_id)
+
+    def _abandon(self, status: JobStatus, code: str, message: str) -> None:
+        """End the job from the heartbeat thread, the engine being stuck where it calls no hook."""
+        log.error("job %s: %s", self.job_id, message)
+        self.lost.set()  # whatever the stuck thread does next, it writes nothing
+
+        def end(s: Session) -> None:
+            failed = {"error_code": code, "error_message": message} if status == JobStatus.FAILED else {}
+            if jobs.finish(s, self.job_id, self.owner, status, **failed):
+                jobs.add_event(s, self.job_id, "error" if failed else "info", code, message, None)
+
+        self._tx(end)
+        if self.on_abandon is not None:
+            self.on_abandon()
 
     def __enter__(self) -> JobRun:
         threading.Thread(target=self._beat, name=f"heartbeat-{self.job_id}", daemon=True).start()
@@ -144,12 +176,13 @@ class JobRun:
             raise Stopped("lease lost: another worker runs the job now")
 
     def fence(self) -> None:
+        self._last_call = time.monotonic()
         if not self.lost.is_set() and not self._tx(lambda s: jobs.holds(s, self.job_id, self.owner)):
             self.lost.set()
         self._stop_if_lost()
 
     def progress(self, stage: str, done: int, total: int) -> None:
-        now = time.monotonic()
+        now = self._last_call = time.monotonic()
         if done != total and now - self._last_progress < 1.0:  # at most one write a second
             return
         self._last_progress = now
@@ -157,6 +190,7 @@ class JobRun:
         self._stop_if_lost()
 
     def event(self, level: str, kind: str, message: str, data: dict[str, Any]) -> None:
+        self._last_call = time.monotonic()
         if not self._tx(
             lambda s: jobs.add_event(s, self.job_id, level, kind, message, data or None, owner=self.owner)
         ):
@@ -164,6 +198,7 @@ class JobRun:
         self._stop_if_lost()
 
     def stage(self, stage: Stage) -> None:
+        self._last_call = time.monotonic()
         if stage.value in _STAGES:  # `done` is no stage of the row: it keeps the last one reached
             self.renew(
                 stage=JobStage(stage.value), progress=0.0, progress_done=0, progress_total=0, eta_s=None
@@ -175,6 +210,8 @@ class JobRun:
             self.sync.sync()  # what the previous stage wrote (samples, training set, ...) becomes readable
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
+        self._last_call = time.monotonic()
+
         def write(s: Session) -> int | None:
             if not jobs.holds(s, self.job_id, self.owner):
                 return None
@@ -189,6 +226,7 @@ class JobRun:
         self._stop_if_lost()
 
     def checkpoint(self, step: int, path: str, manifest: dict[str, Any]) -> None:
+        self._last_call = time.monotonic()
         relative = Path(path).resolve().relative_to(self.settings.artifact_dir.resolve()).as_posix()
         root = self.settings.artifact_dir.resolve()
         if self.lost.is_set():
@@ -217,6 +255,7 @@ class JobRun:
             self.sync.sync()  # the metrics files, up to this step
 
     def should_stop(self) -> bool:
+        self._last_call = time.monotonic()
         # Asked between sampling batches and between micro-batches: one indexed read (about a
         # millisecond) against steps of tenths of seconds or more, so a cancel takes effect before
         # the next step starts.
@@ -286,12 +325,27 @@ def error_of(exc: BaseException) -> tuple[str, str]:
 
 @celery.task(name=JOB_TASK, bind=True)
 def run_job_task(self, job_id: str) -> str:
-    return run_job_by_id(job_id, get_settings(), sessions())
+    return run_job_by_id(job_id, get_settings(), sessions(), on_abandon=_exit_worker_process)
 
 
-def run_job_by_id(job_id: str | uuid.UUID, settings: Settings, factory: sessionmaker[Session]) -> str:
+def _exit_worker_process() -> None:
+    """The job's engine is stuck in a thread nothing can stop, and the job has been ended: exit, so
+    that the pool (prefork) or the supervisor (solo; compose restarts it) starts a fresh process."""
+    log.error("exiting this worker process: a stuck job's thread cannot be stopped otherwise")
+    logging.shutdown()
+    os._exit(70)
+
+
+def run_job_by_id(
+    job_id: str | uuid.UUID,
+    settings: Settings,
+    factory: sessionmaker[Session],
+    *,
+    on_abandon: Callable[[], None] | None = None,
+) -> str:
     """One run of a job: lease, engine, persist, terminal transition. The body of `jobs.run`, callable
-    without Celery (the embedded mode's in-process worker, `app.embedded`). Returns what happened."""
+    without Celery (the embedded mode's in-process worker, `app.embedded`). Returns what happened.
+    `on_abandon` runs after a stuck engine's job was ended by its heartbeat (see `JobRun`)."""
     import torch
 
     from workers.engine.pipeline import run_job  # torch loads here, not when Celery imports the tasks
@@ -321,7 +375,7 @@ def run_job_by_id(job_id: str | uuid.UUID, settings: Settings, factory: sessionm
     out = job_dir(settings, job)
     store = remote_store(settings)
     sync = ScratchSync(store, settings.artifact_dir, job_key(job)) if store is not None else None
-    run = JobRun(jid, owner, settings, factory, sync, seconds_left=seconds_left)
+    run = JobRun(jid, owner, settings, factory, sync, seconds_left=seconds_left, on_abandon=on_abandon)
     with run:
         try:
             if job.attempts > 1:
