@@ -44,23 +44,7 @@ def _queued_job(factory: sessionmaker[Session]) -> uuid.UUID:
 def test_leases_are_written_on_the_databases_clock(database_url: str, monkeypatch) -> None:
     """A host whose clock runs ten minutes behind still writes a lease that lasts a lease."""
     factory = make_sessionmaker(make_engine(Settings(database_url=database_url)))
-    tenant = make_tenant(factory)
-    with session_scope(factory) as s:
-        content = jsonl(dialogue(0))
-        corpus = Corpus(
-            team_id=tenant.team.id,
-            name="c",
-            content=content,
-            size_bytes=len(content),
-            stats={},
-            sha256="0" * 64,
-        )
-        s.add(corpus)
-        s.flush()
-        job = Job(team_id=tenant.team.id, corpus_id=corpus.id, config={}, model="default")
-        s.add(job)
-        s.flush()
-        job_id = job.id
+    job_id = _queued_job(factory)
     behind = jobs.now() - timedelta(minutes=10)
     monkeypatch.setattr(jobs, "now", lambda: behind)
     with session_scope(factory) as s:
