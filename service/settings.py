@@ -138,6 +138,13 @@ class Settings(BaseSettings):
         gt=0,
         description="Average rate a request body must keep up after body_grace_s.",
     )
+    max_job_generated_tokens: int = Field(
+        default=100_000_000,
+        gt=0,
+        description="Largest bound on the tokens one job may generate (sampling, evaluation, value "
+        "lists; every reply counted at its longest, workers/engine/cost.py); a larger job is refused "
+        "with 422 `job_too_large` before it is queued.",
+    )
     team_max_active_jobs: int = Field(
         default=20,
         gt=0,

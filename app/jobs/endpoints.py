@@ -61,7 +61,8 @@ def enqueue(request: Request, job_id: UUID) -> None:
         **error_response(
             422,
             "`invalid_config` (every problem in `details`, with paths like `config.sampling.top_p`), "
-            "`model_not_allowed`, `invalid_request`.",
+            "`model_not_allowed`, `invalid_request`; `job_too_large`: the job could generate more tokens "
+            "than the server allows (`details`: `estimate`, `limit`).",
         ),
         429: {
             **AUTH_RESPONSES[429],

@@ -45,6 +45,19 @@ class JobError(BaseModel):
     message: str = Field(description="What went wrong and what to do about it.")
 
 
+class JobEstimate(BaseModel):
+    """Bounds computed before the job was queued, counting every reply at its longest."""
+
+    sampled_turns: int = Field(description="Turns sampled at most (each with `sampling.k` candidates).")
+    sampling_tokens: int = Field(description="Tokens sampling can generate.")
+    evaluation_tokens: int = Field(description="Tokens the evaluation can generate (both models).")
+    values_tokens: int = Field(description="Tokens the model's own value lists can take (`values`).")
+    generated_tokens: int = Field(
+        description="All of these: at most the server's `GATT_MAX_JOB_GENERATED_TOKENS`, or the job "
+        "is refused with 422 `job_too_large`."
+    )
+
+
 class Job(BaseModel):
     id: UUID = Field(description="The job's id.")
     status: JobStatus = Field(description="queued → running → succeeded | failed | cancelled.")
@@ -67,6 +80,9 @@ class Job(BaseModel):
     latest_metrics: dict[str, Any] | None = Field(description="The metrics of the latest training step.")
     cancel_requested: bool = Field(description="A cancel was asked for; the worker stops within one step.")
     attempts: int = Field(description="How many times a worker started the job (more after a worker crash).")
+    estimate: JobEstimate | None = Field(
+        default=None, description="What the job can cost, bounded before it was queued; null for older jobs."
+    )
     queue_position: int | None = Field(
         default=None,
         description="While queued: how many queued jobs are expected to start before it, under fair "
@@ -99,6 +115,7 @@ class Job(BaseModel):
             cancel_requested=row.cancel_requested,
             attempts=row.attempts,
             queue_position=queue_position,
+            estimate=row.estimate,
             created_at=row.created_at,
             started_at=row.started_at,
             finished_at=row.finished_at,

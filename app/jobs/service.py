@@ -21,7 +21,7 @@ from app.core.errors import Conflict, NotFound, Unprocessable
 from app.jobs.schemas import JobCreate
 from gatt.errors import Problem, ValidationFailed
 from service import scheduling
-from service.models import Checkpoint, Job, JobStatus, Team
+from service.models import Checkpoint, Corpus, Job, JobStatus, Team
 from service.pagination import PageParams, PageResult
 from service.repositories import corpora, instruction_sets
 from service.repositories import jobs as repository
@@ -35,6 +35,7 @@ from service.storage import (
     job_key,
 )
 from workers.engine.config import parse_options
+from workers.engine.cost import Cost, estimate
 
 
 def job_config(body_config: dict[str, Any], settings: Settings) -> dict[str, Any]:
@@ -54,6 +55,23 @@ def job_config(body_config: dict[str, Any], settings: Settings) -> dict[str, Any
             field_prefix="config",
         )
     return config
+
+
+def job_cost(config: dict[str, Any], corpus: Corpus, settings: Settings) -> Cost:
+    """The job's bound on generated tokens, or a 422 `job_too_large` when it passes the server's."""
+    stats = corpus.stats or {}
+    cost = estimate(parse_options(config), stats.get("dialogues", 0), stats.get("user_turns", 0))
+    limit = settings.max_job_generated_tokens
+    if cost.generated_tokens > limit:
+        raise Unprocessable(
+            f"The job could generate up to {cost.generated_tokens:,} tokens, more than this service's "
+            f"limit of {limit:,}: lower sampling.k or max_new_tokens, data.max_dialogues or max_turns, "
+            "or the evaluation's sizes.",
+            code="job_too_large",
+            param="config",
+            details=[{"estimate": cost.to_json(), "limit": limit}],
+        )
+    return cost
 
 
 def check_model_path(model: str, settings: Settings, field: str) -> list[Problem]:
@@ -91,8 +109,10 @@ def create(
     if problems:
         raise Unprocessable.from_problems(problems, code="model_not_allowed", message=problems[0].message)
     config = job_config(body.config, settings)
-    if corpora.get_for_share(session, team.id, body.corpus_id) is None:
+    corpus = corpora.get_for_share(session, team.id, body.corpus_id)
+    if corpus is None:
         raise NotFound("No such corpus.", param="corpus_id")
+    cost = job_cost(config, corpus, settings)
     if body.instruction_set_id is not None and (
         instruction_sets.get_for_share(session, team.id, body.instruction_set_id) is None
     ):
@@ -105,6 +125,7 @@ def create(
         instruction_set_id=body.instruction_set_id,
         config=config,
         queue=settings.job_queue,
+        estimate=cost.to_json(),
         idempotency_key=idempotency_key,
         request_hash=digest,
     )

@@ -87,6 +87,8 @@ class Job(UUIDPrimaryKey, Timestamps, Base):
     )
     # The Celery queue its messages go to; NULL for jobs created before the column existed.
     queue: Mapped[str | None] = mapped_column(String(255))
+    # The bound on what it can generate (workers/engine/cost.py), computed before it was queued.
+    estimate: Mapped[dict[str, Any] | None]
     idempotency_key: Mapped[str | None] = mapped_column(String(255))
     request_hash: Mapped[str | None] = mapped_column(String(64))
     error_code: Mapped[str | None] = mapped_column(String(64))

@@ -106,3 +106,31 @@ def test_instruction_sets_are_capped(client: TestClient, tenant: Tenant):
     assert refused.status_code == 422
     assert _quota(refused) == {"quota": "instruction_sets", "limit": 2, "used": 2}
     assert count_rows(db, InstructionSet, tenant.team.id) == 2
+
+
+def test_a_job_that_could_generate_too_much_is_refused_before_it_is_queued(database_url: str) -> None:
+    settings = Settings(database_url=database_url, rate_limit_per_s=0, max_job_generated_tokens=10_000)
+    with TestClient(create_app(settings, enqueue=lambda _: None)) as c:
+        tenant = make_tenant(c.app.state.sessionmaker)  # type: ignore[attr-defined]
+        corpus = _corpus(c, tenant).json()["id"]  # 2 dialogues of 1 turn
+        small = {"sampling": {"k": 2, "max_new_tokens": 100}}  # 2 turns x 2 x 100 = 400 tokens
+        made = c.post("/v1/jobs", headers=tenant.headers, json={"corpus_id": corpus, "config": small})
+        assert made.status_code == 201 and made.json()["estimate"]["generated_tokens"] == 400
+        large = {"sampling": {"k": 64, "max_new_tokens": 100}}  # 12,800
+        refused = c.post("/v1/jobs", headers=tenant.headers, json={"corpus_id": corpus, "config": large})
+        assert refused.status_code == 422
+        error = refused.json()["error"]
+        assert error["code"] == "job_too_large" and error["param"] == "config"
+        assert error["details"] == [
+            {
+                "estimate": {
+                    "sampled_turns": 2,
+                    "sampling_tokens": 12_800,
+                    "evaluation_tokens": 0,
+                    "values_tokens": 0,
+                    "generated_tokens": 12_800,
+                },
+                "limit": 10_000,
+            }
+        ]
+        assert len(c.get("/v1/jobs", headers=tenant.headers).json()["data"]) == 1, "nothing stored"
