@@ -120,7 +120,7 @@ class JobRun:
                     return self._abandon(
                         JobStatus.CANCELLED,
                         "cancelled",
-                        "cancelled; the engine was not stopping, so it was left",
+                        "cancelled; the engine did not stop by itself within a lease, so its run was ended",
                     )
             except Exception:  # Postgres briefly away: try again next beat; the lease has slack
                 log.exception("heartbeat failed for job %s", self.job_id)
