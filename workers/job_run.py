@@ -29,6 +29,7 @@ from service.repositories import jobs
 from service.settings import Settings
 from workers.artifact_sync import ScratchSync
 from workers.engine.hooks import Hooks, Stage, Stopped
+from workers.redact import server_paths
 
 log = logging.getLogger(__name__)
 
@@ -169,6 +170,7 @@ class JobRun:
 
     def event(self, level: str, kind: str, message: str, data: dict[str, Any]) -> None:
         self._last_call = time.monotonic()
+        message = server_paths(message, self.settings.model_roots)  # the team reads it
         if not self._tx(
             lambda s: jobs.add_event(s, self.job_id, level, kind, message, data or None, owner=self.owner)
         ):

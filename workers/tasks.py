@@ -41,6 +41,7 @@ from workers.artifact_sync import ScratchSync
 from workers.celery_app import JOB_TASK, REAP_TASK, celery
 from workers.engine.hooks import Stopped
 from workers.job_run import JobRun, transient_db_error
+from workers.redact import server_paths
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,7 @@ def run_job_by_id(
                 log.exception("job %s: database unavailable; left for the reaper", jid)
                 return "database unavailable"
             code, message = error_of(exc)
+            message = server_paths(message, settings.model_roots)  # the team reads it
             log.exception("job %s failed", jid)
             if sync is not None and not run.lost.is_set():
                 sync.sync_quietly()  # what the job did before it failed stays readable

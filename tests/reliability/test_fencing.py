@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import func, select, update
@@ -87,3 +88,17 @@ def test_a_run_that_lost_its_lease_writes_no_row_and_stops(database_url: str) ->
         events = [e.message for e in jobs.events(s, job_id, 0, 100)]
         steps = [m.step for m in jobs.metrics(s, job_id, 0, 100)]
     assert events == ["written while the lease is ours"] and steps == [1]
+
+
+def test_events_a_team_reads_name_no_server_directory(database_url: str) -> None:
+    settings = Settings(database_url=database_url, model_roots=[Path("/models")])
+    factory = make_sessionmaker(make_engine(settings))
+    job_id = _queued_job(factory)
+    with session_scope(factory) as s:
+        assert jobs.claim(s, job_id, "run", 60.0) is not None
+    JobRun(job_id, "run", settings, factory).event(
+        "warning", "probe", "read /srv/gatt/artifacts/t/j/corpus.jsonl and /models/mine/config.json", {}
+    )
+    with session_scope(factory) as s:
+        (event,) = jobs.events(s, job_id, 0, 10)
+        assert event.message == "read …/corpus.jsonl and /models/mine/config.json"
