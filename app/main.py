@@ -15,6 +15,7 @@ from app.auth.service import authenticate
 from app.core.admission import AdmissionLimit
 from app.core.body_first import BodyFirst
 from app.core.body_limit import BodyLimitMiddleware
+from app.core.docs import install_docs
 from app.core.errors import install_error_handlers
 from app.core.headers import SECURITY_HEADERS, ResponseHeaders
 from app.core.openapi import publish_schemas
@@ -98,6 +99,8 @@ def create_app(
         title=title,
         version="0.1.0",
         description=DESCRIPTION,
+        docs_url=None,  # served from local copies below, not from a CDN (app/core/docs.py)
+        redoc_url=None,
         lifespan=app_lifespan,
         # operationId = the endpoint function's name (`create_job`, `list_jobs`, ...): what client
         # generators name their methods after.
@@ -128,6 +131,7 @@ def create_app(
     app.include_router(health.liveness)
     app.include_router(readiness if readiness is not None else health.readiness)
     app.include_router(api_router)
+    install_docs(app)
     publish_schemas(app, [SampleRow, TrainingRow, JobEvaluation, InstructionSetSpec])
     return app
 

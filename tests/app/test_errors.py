@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from fastapi.testclient import TestClient
 
 from app.main import create_app
@@ -141,3 +143,14 @@ def test_every_response_carries_the_security_headers(client: TestClient, tenant)
     ):
         assert response.headers["x-content-type-options"] == "nosniff", response.url
         assert response.headers["cache-control"] == "no-store", response.url
+
+
+def test_the_docs_pages_load_no_script_from_another_site(client) -> None:
+    for page in ("/docs", "/redoc"):
+        html = client.get(page)
+        assert html.status_code == 200 and "text/html" in html.headers["content-type"]
+        sources = re.findall(r'(?:src|href)="([^"]+)"', html.text)
+        assert sources and all(s.startswith("/") for s in sources), sources
+        for source in sources:
+            asset = client.get(source)
+            assert asset.status_code == 200 and len(asset.content) > 1000, source
