@@ -42,6 +42,25 @@ def transient_db_error(exc: BaseException) -> bool:
     return isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated)
 
 
+def transaction(
+    factory: sessionmaker[Session], lease_s: float, body: Callable[[Session], T], *, what: str = "job"
+) -> T:
+    """One short transaction. Through a brief Postgres outage (a restart, a cut connection) it is
+    tried again for up to one lease; past that the lease has lapsed anyway, and it raises."""
+    deadline = time.monotonic() + lease_s
+    delay = 0.2
+    while True:
+        try:
+            with session_scope(factory) as s:
+                return body(s)
+        except DBAPIError as exc:
+            if not transient_db_error(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning("%s: database unavailable, retrying in %.1f s: %s", what, delay, exc.orig)
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
+
+
 class JobRun:
     """The hooks of one run, writing to Postgres in short transactions of their own."""
 
@@ -72,22 +91,7 @@ class JobRun:
         self._stop_heartbeat = threading.Event()
 
     def _tx(self, body: Callable[[Session], T]) -> T:
-        """One short transaction. Through a brief Postgres outage (a restart, a cut connection) it is
-        tried again for up to one lease; past that the lease has lapsed anyway, and it raises."""
-        deadline = time.monotonic() + self.settings.lease_s
-        delay = 0.2
-        while True:
-            try:
-                with session_scope(self.sessions) as s:
-                    return body(s)
-            except DBAPIError as exc:
-                if not transient_db_error(exc) or time.monotonic() + delay > deadline:
-                    raise
-                log.warning(
-                    "job %s: database unavailable, retrying in %.1f s: %s", self.job_id, delay, exc.orig
-                )
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+        return transaction(self.sessions, self.settings.lease_s, body, what=f"job {self.job_id}")
 
     # -- lease ---------------------------------------------------------------------------------
     def renew(self, **fields: Any) -> None:

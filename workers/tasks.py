@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -40,7 +41,7 @@ from service.storage import StoreError, job_dir, job_key, remote_store
 from workers.artifact_sync import ScratchSync
 from workers.celery_app import JOB_TASK, REAP_TASK, celery
 from workers.engine.hooks import Stopped
-from workers.job_run import JobRun, transient_db_error
+from workers.job_run import JobRun, transaction, transient_db_error
 from workers.redact import server_paths
 
 log = logging.getLogger(__name__)
@@ -172,9 +173,9 @@ def run_job_by_id(
             if run.timed_out.is_set():
                 _end_timed_out(factory, jid, owner, settings)
                 return "failed: time_limit"
-            with session_scope(factory) as s:
-                if jobs.finish(s, jid, owner, JobStatus.CANCELLED):
-                    jobs.add_event(s, jid, "info", "cancelled", "stopped on request", None)
+            _end(
+                factory, settings, jid, owner, JobStatus.CANCELLED, "info", "cancelled", "stopped on request"
+            )
             return "cancelled"
         except Exception as exc:
             if transient_db_error(exc):
@@ -187,15 +188,20 @@ def run_job_by_id(
             log.exception("job %s failed", jid)
             if sync is not None and not run.lost.is_set():
                 sync.sync_quietly()  # what the job did before it failed stays readable
-            _fail(factory, jid, owner, code, message)
+            _fail(factory, settings, jid, owner, code, message)
             return f"failed: {code}"
-    with session_scope(factory) as s:
+
+    def succeed(s: Session) -> bool:
         # Tokens that carried loss, summed over the recorded steps as while running (a step trained
         # again after a takeover counts once); result.trained_tokens counts the training set only once.
         trained = jobs.trained_tokens(s, jid)
         if not jobs.finish(s, jid, owner, JobStatus.SUCCEEDED, progress=1.0, trained_tokens=trained):
-            return "lease lost"  # taken over meanwhile; the new holder ends the job (from our checkpoints)
+            return False
         jobs.add_event(s, jid, "info", "succeeded", "job succeeded", {"selection": result.selection})
+        return True
+
+    if not transaction(factory, settings.lease_s, succeed, what=f"job {jid}"):
+        return "lease lost"  # taken over meanwhile; the new holder ends the job (from our checkpoints)
     return "succeeded"
 
 
@@ -204,15 +210,38 @@ def _end_timed_out(factory: sessionmaker[Session], jid: uuid.UUID, owner: str, s
         f"The job ran longer than the service's limit of {settings.job_time_limit_s:g} s "
         "(from its first start); what it finished before is kept."
     )
-    _fail(factory, jid, owner, "time_limit", message)
+    _fail(factory, settings, jid, owner, "time_limit", message)
 
 
-def _fail(factory: sessionmaker[Session], jid: uuid.UUID, owner: str, code: str, message: str) -> None:
+def _fail(
+    factory: sessionmaker[Session], settings: Settings, jid: uuid.UUID, owner: str, code: str, message: str
+) -> None:
     """End the job failed, if this worker still holds it, with the same error event."""
     message = message[:4000]
-    with session_scope(factory) as s:
-        if jobs.finish(s, jid, owner, JobStatus.FAILED, error_code=code, error_message=message):
-            jobs.add_event(s, jid, "error", code, message, None)
+    failed = {"error_code": code, "error_message": message}
+    _end(factory, settings, jid, owner, JobStatus.FAILED, "error", code, message, **failed)
+
+
+def _end(
+    factory: sessionmaker[Session],
+    settings: Settings,
+    jid: uuid.UUID,
+    owner: str,
+    status: JobStatus,
+    level: str,
+    kind: str,
+    message: str,
+    **fields: Any,
+) -> None:
+    """A run's terminal transition and its event, if the run still holds the job; tried again
+    through a brief database outage, like every hook write (a lost ending would leave the job to
+    the reaper and a needless new attempt)."""
+
+    def end(s: Session) -> None:
+        if jobs.finish(s, jid, owner, status, **fields):
+            jobs.add_event(s, jid, level, kind, message, None)
+
+    transaction(factory, settings.lease_s, end, what=f"job {jid}")
 
 
 @celery.task(name=REAP_TASK)

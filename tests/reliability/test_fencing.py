@@ -102,3 +102,30 @@ def test_events_a_team_reads_name_no_server_directory(database_url: str) -> None
     with session_scope(factory) as s:
         (event,) = jobs.events(s, job_id, 0, 10)
         assert event.message == "read …/corpus.jsonl and /models/mine/config.json"
+
+
+def test_a_write_is_tried_again_through_a_brief_database_outage(database_url: str) -> None:
+    """What every hook write and the job's ending go through (workers/job_run.py `transaction`): a
+    cut connection is tried again, anything else is raised at once."""
+    from sqlalchemy.exc import OperationalError
+
+    from workers.job_run import transaction
+
+    factory = make_sessionmaker(make_engine(Settings(database_url=database_url)))
+    calls = []
+
+    def flaky(s: Session) -> int:
+        calls.append(1)
+        if len(calls) == 1:
+            raise OperationalError("SELECT 1", {}, Exception("server closed the connection unexpectedly"))
+        return int(s.scalar(select(func.count()).select_from(Job)) or 0) + 1
+
+    assert transaction(factory, 5.0, flaky) >= 1 and len(calls) == 2
+
+    def broken(s: Session) -> None:
+        calls.append(1)
+        raise ValueError("not a database outage")
+
+    with pytest.raises(ValueError):
+        transaction(factory, 5.0, broken)
+    assert len(calls) == 3
