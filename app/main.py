@@ -23,6 +23,7 @@ from app.core.ratelimit import Limiter, RateLimiter
 from app.corpora.upload import MULTIPART_OVERHEAD_BYTES
 from app.health import endpoints as health
 from app.instruction_sets.spec_schema import InstructionSetSpec
+from app.jobs.stream import EventFeed
 from app.reaper import reaping
 from service.db import make_engine, make_sessionmaker
 from service.queue import send_job, waiting_jobs
@@ -91,6 +92,7 @@ def create_app(
                 async with lifespan(app):
                     yield
         finally:
+            await app.state.event_feed.close()
             engine.dispose()
             if limiter is not None:
                 limiter.close()
@@ -124,6 +126,8 @@ def create_app(
     app.state.enqueue = enqueue or send_job
     # What the reaper compares queued jobs with (service/reaper.py); None with another enqueue.
     app.state.waiting_jobs = waiting_jobs if enqueue is None else None
+    # Wakes the job event streams of this process (app/jobs/stream.py); started by the first one.
+    app.state.event_feed = EventFeed(app.state.sessionmaker, settings.database_url)
     app.state.rate_limiter = limiter  # per API key, checked in app.auth.dependencies.current_team
 
     install_error_handlers(app)

@@ -8,6 +8,7 @@ from uuid import UUID
 
 from fastapi import APIRouter, BackgroundTasks, Header, Path, Query, Request, Response, status
 from fastapi.responses import StreamingResponse
+from sse_starlette import EventSourceResponse
 
 from app.auth.dependencies import CurrentTeam
 from app.core.db import SessionDep, SettingsDep
@@ -28,6 +29,7 @@ from app.jobs.schemas import (
     SampleRows,
     TrainingRows,
 )
+from app.jobs.stream import PING_S, job_events
 from service.models import JobStatus
 from workers.engine.config import JobOptions
 
@@ -205,6 +207,46 @@ def list_events(
     return EventList(
         data=[Event.model_validate(r) for r in rows], next_after_seq=rows[-1].seq if rows else after_seq
     )
+
+
+@router.get(
+    "/{job_id}/stream",
+    summary="Stream a job's events",
+    response_class=EventSourceResponse,
+    responses={
+        **ERROR_RESPONSES,
+        200: {
+            "description": "`text/event-stream`: each event as `id: <seq>`, `event: job_event`, `data: "
+            '<Event JSON>`; after the job\'s last event, `event: end` with `{"status": ...}`; a '
+            "comment every 15 s while quiet.",
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+    },
+)
+def stream_events(
+    session: SessionDep,
+    team: CurrentTeam,
+    job_id: JobId,
+    request: Request,
+    last_event_id: Annotated[
+        int | None,
+        Header(
+            alias="Last-Event-ID",
+            ge=0,
+            le=MAX_INT,
+            description="Resume after this event (what an EventSource sends when it reconnects).",
+        ),
+    ] = None,
+    after_seq: Annotated[
+        int, Query(ge=0, le=MAX_INT, description="Start after this event, when no Last-Event-ID is sent.")
+    ] = 0,
+) -> EventSourceResponse:
+    """The job's events as they are written, as server-sent events: those after `Last-Event-ID` (or
+    `after_seq`) first, then each new one, until the job has ended. Reconnecting with the last `id`
+    received continues without a gap or a repeat."""
+    job = service.get(session, team, job_id)
+    after = last_event_id if last_event_id is not None else after_seq
+    return EventSourceResponse(job_events(request.app.state.event_feed, job.id, after), ping=PING_S)
 
 
 @router.get(

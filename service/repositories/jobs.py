@@ -18,6 +18,9 @@ from service.models import ACTIVE_JOB_STATUSES, Checkpoint, Job, JobEvent, JobMe
 from service.pagination import PageParams, PageResult, keyset_page
 
 TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+# Postgres NOTIFY channel: the id of a job that has a new event, sent when the event commits
+# (app/jobs/stream.py follows it).
+EVENTS_CHANNEL = "gatt_job_events"
 
 
 def now() -> datetime:
@@ -189,6 +192,8 @@ def add_event(
     )
     session.add(JobEvent(job_id=job_id, seq=seq, level=level, kind=kind, message=message, data=data))
     session.flush()
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_notify(EVENTS_CHANNEL, str(job_id))))
     return True
 
 
