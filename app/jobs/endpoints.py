@@ -12,7 +12,7 @@ from sse_starlette import EventSourceResponse
 
 from app.auth.dependencies import CurrentTeam
 from app.core.db import SessionDep, SettingsDep
-from app.core.errors import AUTH_RESPONSES, ERROR_RESPONSES, error_response
+from app.core.errors import AUTH_RESPONSES, ERROR_RESPONSES, Unprocessable, error_response
 from app.core.openapi import REF
 from app.core.pagination import PageParamsDep
 from app.jobs import service
@@ -29,7 +29,7 @@ from app.jobs.schemas import (
     SampleRows,
     TrainingRows,
 )
-from app.jobs.stream import PING_S, job_events
+from app.jobs.stream import PING_S, job_events, parse_cursor
 from service.models import JobStatus
 from workers.engine.config import JobOptions
 
@@ -216,9 +216,9 @@ def list_events(
     responses={
         **ERROR_RESPONSES,
         200: {
-            "description": "`text/event-stream`: each event as `id: <seq>`, `event: job_event`, `data: "
-            '<Event JSON>`; after the job\'s last event, `event: end` with `{"status": ...}`; a '
-            "comment every 15 s while quiet.",
+            "description": "`text/event-stream`: `event: job_event` (data: an `Event`) and `event: "
+            "metric` (data: a `Metric`), each with `id: <event seq>.<metric step>`; after the job's last "
+            'event, `event: end` with `{"status": ...}`; a comment every 15 s while quiet.',
             "content": {"text/event-stream": {"schema": {"type": "string"}}},
         },
     },
@@ -229,23 +229,36 @@ def stream_events(
     job_id: JobId,
     request: Request,
     last_event_id: Annotated[
-        int | None,
+        str | None,
         Header(
             alias="Last-Event-ID",
-            ge=0,
-            le=MAX_INT,
-            description="Resume after this event (what an EventSource sends when it reconnects).",
+            max_length=32,
+            description="Resume after this message id, `<event seq>.<metric step>` (what an EventSource "
+            "sends when it reconnects).",
         ),
     ] = None,
     after_seq: Annotated[
         int, Query(ge=0, le=MAX_INT, description="Start after this event, when no Last-Event-ID is sent.")
     ] = 0,
+    after_step: Annotated[
+        int,
+        Query(ge=0, le=MAX_INT, description="Start after this metric step, when no Last-Event-ID is sent."),
+    ] = 0,
 ) -> EventSourceResponse:
-    """The job's events as they are written, as server-sent events: those after `Last-Event-ID` (or
-    `after_seq`) first, then each new one, until the job has ended. Reconnecting with the last `id`
-    received continues without a gap or a repeat."""
+    """The job's events and training metrics as they are written, as server-sent events: what came
+    after `Last-Event-ID` (or `after_seq` and `after_step`) first, then each new one, until the job
+    has ended. Reconnecting with the last `id` received continues without a gap or a repeat."""
     job = service.get(session, team, job_id)
-    after = last_event_id if last_event_id is not None else after_seq
+    after = (after_seq, after_step)
+    if last_event_id is not None:
+        parsed = parse_cursor(last_event_id)
+        if parsed is None:
+            raise Unprocessable(
+                "Last-Event-ID must be an id this stream sent: <event seq>.<metric step>.",
+                code="invalid_request",
+                param="Last-Event-ID",
+            )
+        after = parsed
     return EventSourceResponse(job_events(request.app.state.event_feed, job.id, after), ping=PING_S)
 
 

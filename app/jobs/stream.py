@@ -6,10 +6,11 @@ keeps one LISTEN connection (`EventFeed`) that wakes the streams following that 
 reads its new events once. No event, no query. Without LISTEN (the embedded mode's SQLite, or while
 the listener reconnects) the feed wakes every stream each `poll_s` instead.
 
-Each message has `id` = the event's `seq`, `event: job_event` and the event's JSON (the `Event`
-schema). A client that reconnects with `Last-Event-ID: n` gets the events after n: no gap, no
-repeat. After the job's terminal event the stream sends `event: end` with the final status and
-closes. A comment every `PING_S` keeps proxies from closing a quiet stream.
+Messages are `event: job_event` (the `Event` schema's JSON) and `event: metric` (a training step,
+the `Metric` schema), each with `id: <event seq>.<metric step>`, what has been sent so far. A
+client that reconnects with that `Last-Event-ID` gets what came after it: no gap, no repeat (a step
+recomputed after a worker takeover is not sent again). After the job's terminal event the stream
+sends `event: end` with the final status and closes. A comment every `PING_S` keeps proxies from closing a quiet stream.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 
-from app.jobs.schemas import Event
+from app.jobs.schemas import Event, Metric
 from service.db import session_scope
 from service.models import JobStatus
 from service.repositories import jobs
@@ -110,30 +111,53 @@ class EventFeed:
                     self._wake(uuid.UUID(notify.payload))
 
 
-def _read(factory: sessionmaker[Session], job_id: uuid.UUID, after: int) -> tuple[list[Event], JobStatus]:
+Cursor = tuple[int, int]  # (event seq, metric step) sent so far
+
+
+def parse_cursor(value: str) -> Cursor | None:
+    """A message id, `<seq>.<step>` (or `<seq>`), as sent by this stream; None if it is not one."""
+    seq, _, step = value.strip().partition(".")
+    if not seq.isdigit() or (step and not step.isdigit()):
+        return None
+    cursor = (int(seq), int(step or 0))
+    return cursor if max(cursor) < 2**31 else None
+
+
+def _read(
+    factory: sessionmaker[Session], job_id: uuid.UUID, after: Cursor
+) -> tuple[list[Event], list[Metric], JobStatus]:
     with session_scope(factory) as s:
-        rows = jobs.events(s, job_id, after, PAGE)
+        events = jobs.events(s, job_id, after[0], PAGE)
+        metrics = jobs.metrics(s, job_id, after[1], PAGE)
         status = jobs.get_any(s, job_id).status  # type: ignore[union-attr]
-        return [Event.model_validate(r) for r in rows], status
+        return (
+            [Event.model_validate(r) for r in events],
+            [Metric.model_validate(r, from_attributes=True) for r in metrics],
+            status,
+        )
 
 
-async def job_events(feed: EventFeed, job_id: uuid.UUID, after: int) -> AsyncIterator[ServerSentEvent]:
-    """The job's events after `after`, then each new one as it is written, until the job ends."""
+async def job_events(feed: EventFeed, job_id: uuid.UUID, after: Cursor) -> AsyncIterator[ServerSentEvent]:
+    """The job's events and metrics after `after`, then each new one as it is written, until the job
+    has ended."""
+    seq, step = after
     with feed.follow(job_id) as wake:
+        ended = False
         while True:
             wake.clear()
-            events, status = await run_in_threadpool(_read, feed.factory, job_id, after)
+            events, metrics, status = await run_in_threadpool(_read, feed.factory, job_id, (seq, step))
             for event in events:
-                after = event.seq
-                yield ServerSentEvent(event.model_dump_json(), event="job_event", id=str(event.seq))
-            if len(events) == PAGE:
+                seq = event.seq
+                yield ServerSentEvent(event.model_dump_json(), event="job_event", id=f"{seq}.{step}")
+            for metric in metrics:
+                step = metric.step
+                yield ServerSentEvent(metric.model_dump_json(), event="metric", id=f"{seq}.{step}")
+            if len(events) == PAGE or len(metrics) == PAGE:
                 continue
-            if status in _ENDED:
-                # The ending and its event are one transaction: read once more, then it is all.
-                events, _ = await run_in_threadpool(_read, feed.factory, job_id, after)
-                for event in events:
-                    after = event.seq
-                    yield ServerSentEvent(event.model_dump_json(), event="job_event", id=str(event.seq))
-                yield ServerSentEvent(json.dumps({"status": status.value}), event="end", id=str(after))
+            if ended:  # read once more after seeing the end: the ending's event is in its transaction
+                yield ServerSentEvent(json.dumps({"status": status.value}), event="end", id=f"{seq}.{step}")
                 return
+            if status in _ENDED:
+                ended = True
+                continue
             await wake.wait()

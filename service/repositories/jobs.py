@@ -18,7 +18,7 @@ from service.models import ACTIVE_JOB_STATUSES, Checkpoint, Job, JobEvent, JobMe
 from service.pagination import PageParams, PageResult, keyset_page
 
 TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
-# Postgres NOTIFY channel: the id of a job that has a new event, sent when the event commits
+# Postgres NOTIFY channel: the id of a job that has a new event or metric, sent when it commits
 # (app/jobs/stream.py follows it).
 EVENTS_CHANNEL = "gatt_job_events"
 
@@ -192,9 +192,14 @@ def add_event(
     )
     session.add(JobEvent(job_id=job_id, seq=seq, level=level, kind=kind, message=message, data=data))
     session.flush()
+    _notify(session, job_id)
+    return True
+
+
+def _notify(session: Session, job_id: uuid.UUID) -> None:
+    """Tell the API processes following the job that it has news (delivered when this commits)."""
     if session.get_bind().dialect.name == "postgresql":
         session.execute(select(func.pg_notify(EVENTS_CHANNEL, str(job_id))))
-    return True
 
 
 def holds(session: Session, job_id: uuid.UUID, owner: str) -> bool:
@@ -211,6 +216,7 @@ def upsert_metric(session: Session, job_id: uuid.UUID, step: int, values: dict[s
             index_elements=["job_id", "step"], set_={"values": stmt.excluded["values"]}
         )
     )
+    _notify(session, job_id)
 
 
 def upsert_checkpoint(

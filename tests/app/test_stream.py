@@ -30,7 +30,10 @@ def _ended_job(client, tenant, db) -> uuid.UUID:
     r = client.post("/v1/corpora", files={"file": ("c.jsonl", jsonl(dialogue(0)))}, headers=tenant.headers)
     job_id = make_job(db, tenant.team.id, uuid.UUID(r.json()["id"]))
     with session_scope(db) as s:
-        for kind in ("stage", "checkpoint", "succeeded"):
+        jobs.add_event(s, job_id, "info", "stage", "stage happened", {"n": 1})
+        for step in (1, 2):
+            jobs.upsert_metric(s, job_id, step, {"loss": 1.0 / step})
+        for kind in ("checkpoint", "succeeded"):
             jobs.add_event(s, job_id, "info", kind, f"{kind} happened", {"n": 1})
     set_job_status(db, job_id, JobStatus.SUCCEEDED)
     return job_id
@@ -42,23 +45,29 @@ def test_an_ended_jobs_stream_sends_its_events_then_end(client, tenant, db) -> N
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
     messages = parse_sse(r.text)
     assert [(m["event"], m["id"]) for m in messages] == [
-        ("job_event", "1"),
-        ("job_event", "2"),
-        ("job_event", "3"),
-        ("end", "3"),
+        ("job_event", "1.0"),
+        ("job_event", "2.0"),
+        ("job_event", "3.0"),
+        ("metric", "3.1"),
+        ("metric", "3.2"),
+        ("end", "3.2"),
     ]
     assert json.loads(messages[2]["data"])["kind"] == "succeeded"
-    assert json.loads(messages[3]["data"]) == {"status": "succeeded"}
+    assert json.loads(messages[4]["data"])["values"] == {"loss": 0.5}
+    assert json.loads(messages[5]["data"]) == {"status": "succeeded"}
 
 
 def test_last_event_id_resumes_after_it(client, tenant, db) -> None:
     job_id = _ended_job(client, tenant, db)
-    r = client.get(f"/v1/jobs/{job_id}/stream", headers={**tenant.headers, "Last-Event-ID": "2"})
-    assert [m["id"] for m in parse_sse(r.text)] == ["3", "3"]
-    r = client.get(f"/v1/jobs/{job_id}/stream?after_seq=1", headers=tenant.headers)
-    assert [m["id"] for m in parse_sse(r.text)] == ["2", "3", "3"]
-    bad = client.get(f"/v1/jobs/{job_id}/stream", headers={**tenant.headers, "Last-Event-ID": "x"})
-    assert bad.status_code == 422
+    r = client.get(f"/v1/jobs/{job_id}/stream", headers={**tenant.headers, "Last-Event-ID": "2.1"})
+    assert [m["id"] for m in parse_sse(r.text)] == ["3.1", "3.2", "3.2"]
+    r = client.get(f"/v1/jobs/{job_id}/stream", headers={**tenant.headers, "Last-Event-ID": "3"})
+    assert [m["id"] for m in parse_sse(r.text)] == ["3.1", "3.2", "3.2"]
+    r = client.get(f"/v1/jobs/{job_id}/stream?after_seq=2&after_step=2", headers=tenant.headers)
+    assert [m["id"] for m in parse_sse(r.text)] == ["3.2", "3.2"]
+    for bad in ("x", "1.x", "-1", "99999999999"):
+        r = client.get(f"/v1/jobs/{job_id}/stream", headers={**tenant.headers, "Last-Event-ID": bad})
+        assert r.status_code == 422 and r.json()["error"]["param"] == "Last-Event-ID", bad
 
 
 def test_another_teams_stream_is_404(client, tenant, other_tenant, db) -> None:

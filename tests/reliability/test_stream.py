@@ -42,11 +42,23 @@ def test_a_client_reconnecting_mid_job_sees_every_event_once(stack: Stack) -> No
         corpus = client.post("/v1/corpora", files={"file": ("c.jsonl", b"".join(lines))}).json()["id"]
         job_id = client.post("/v1/jobs", json={"corpus_id": corpus, "config": tiny_config()}).json()["id"]
         stack.start_worker()
-        seen: list[int] = []
+        seen: list[int] = []  # event seqs
+        steps: list[int] = []  # metric steps
+        last_id = ""
+
+        def take(message: dict[str, str]) -> None:
+            nonlocal last_id
+            last_id = message["id"]
+            seq, step = (int(n) for n in last_id.split("."))
+            if message["event"] == "job_event":
+                seen.append(seq)
+            else:
+                steps.append(step)
+
         with client.stream("GET", f"/v1/jobs/{job_id}/stream") as first:
             assert first.status_code == 200
             for message in messages(first):
-                seen.append(int(message["id"]))
+                take(message)
                 if len(seen) == 3:  # "created", then what the worker writes: drop the connection
                     break
         assert stack.job(job_id).status.value == "running", "the job ended before the reconnect"
@@ -56,16 +68,17 @@ def test_a_client_reconnecting_mid_job_sees_every_event_once(stack: Stack) -> No
             ).scalar()
         assert listeners == 1
         ended = None
-        headers = {"Last-Event-ID": str(seen[-1])}
+        headers = {"Last-Event-ID": last_id}
         with client.stream("GET", f"/v1/jobs/{job_id}/stream", headers=headers) as second:
             for message in messages(second):
                 if message["event"] == "end":
                     ended = json.loads(message["data"])["status"]
                     break
-                seen.append(int(message["id"]))
+                take(message)
         assert ended == "succeeded"
         written = [e.seq for e in stack.events(job_id)]
         assert seen == written == list(range(1, len(written) + 1)), (seen, written)
+        assert steps == stack.metric_steps(job_id) == [1, 2], steps
     finally:
         client.close()
         server.terminate()
