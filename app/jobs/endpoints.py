@@ -124,6 +124,12 @@ def get_config_defaults(team: CurrentTeam) -> JobOptions:
     return JobOptions()
 
 
+ETAG_HEADER = {
+    "description": "The job's version: send it as `If-None-Match` to be answered 304 while it holds.",
+    "schema": {"type": "string"},
+}
+
+
 def _etag(job_id: UUID, updated_at: datetime, queue_position: int | None) -> str:
     # Every write to a job sets updated_at (explicitly or by the column's onupdate), so (id, updated_at)
     # names one state of the row; the response is a function of the row and, while the job is queued,
@@ -147,7 +153,11 @@ def _etag_matches(if_none_match: str, etag: str) -> bool:
     summary="Get a job",
     responses={
         **ERROR_RESPONSES,
-        304: {"description": "Not modified: `If-None-Match` holds the job's current `ETag`. No body."},
+        200: {"description": "The job.", "headers": {"ETag": ETAG_HEADER}},
+        304: {
+            "description": "Not modified: `If-None-Match` holds the job's current `ETag`. No body.",
+            "headers": {"ETag": ETAG_HEADER},
+        },
     },
 )
 def get_job(

@@ -1,10 +1,10 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
 
 from app.core.openapi import REF, rows_of
 from app.core.pagination import Page
@@ -27,9 +27,17 @@ class JobCreate(BaseModel):
         "of the server's configured model roots (safetensors only).",
     )
     corpus_id: UUID = Field(description="The dialogue corpus to train on (`POST /v1/corpora`).")
-    instruction_set_id: UUID | None = Field(
-        default=None, description="The instruction set to synthesize from; null for the default set."
+    instruction_set_id: UUID | Literal["default"] | None = Field(
+        default=None,
+        description='The instruction set to synthesize from; null or "default" (the id `GET '
+        "/v1/instruction-sets/default` answers with) for the default set.",
     )
+
+    @field_validator("instruction_set_id")
+    @classmethod
+    def _default_is_none(cls, value: UUID | str | None) -> UUID | str | None:
+        return None if value == "default" else value
+
     config: Annotated[JSONObject, WithJsonSchema(CONFIG_SCHEMA)] = Field(
         default_factory=dict,
         description="The job's hyperparameters by section (`JobOptions`); every field is optional "

@@ -113,16 +113,15 @@ def create(
     if corpus is None:
         raise NotFound("No such corpus.", param="corpus_id")
     cost = job_cost(config, corpus, settings)
-    if body.instruction_set_id is not None and (
-        instruction_sets.get_for_share(session, team.id, body.instruction_set_id) is None
-    ):
+    set_id = body.instruction_set_id if isinstance(body.instruction_set_id, uuid.UUID) else None  # "default"
+    if set_id is not None and instruction_sets.get_for_share(session, team.id, set_id) is None:
         raise NotFound("No such instruction set.", param="instruction_set_id")
     job = Job(
         team_id=team.id,
         status=JobStatus.QUEUED,
         model=body.model,
         corpus_id=body.corpus_id,
-        instruction_set_id=body.instruction_set_id,
+        instruction_set_id=set_id,
         config=config,
         queue=settings.job_queue,
         estimate=cost.to_json(),

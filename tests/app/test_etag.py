@@ -88,3 +88,8 @@ def test_not_modified_reads_no_row(client, tenant, job_id, app: FastAPI):
     on_jobs = [s for s in statements if "FROM jobs" in s]
     assert len(on_jobs) == 1, statements
     assert on_jobs[0].split("FROM")[0].split() == ["SELECT", "jobs.updated_at,", "jobs.status,", "jobs.queue"]
+
+
+def test_the_etag_header_is_declared_in_openapi(client):
+    responses = client.get("/openapi.json").json()["paths"]["/v1/jobs/{job_id}"]["get"]["responses"]
+    assert "ETag" in responses["200"]["headers"] and "ETag" in responses["304"]["headers"]

@@ -376,3 +376,12 @@ def test_the_evaluation_is_served_from_its_summary_without_transcripts(
     summary = {m: {"conditions": {}} for m in ("base", "gatt")}
     (evaluation / "adherence_summary.json").write_text(json.dumps({**summary, "table": "summary"}))
     assert served()["table"] == "summary"
+
+
+def test_the_default_instruction_set_can_be_named_by_its_id(client, tenant, corpus_id):
+    default_id = client.get("/v1/instruction-sets/default", headers=tenant.headers).json()["id"]
+    r = create(client, tenant, {"corpus_id": corpus_id, "instruction_set_id": default_id})
+    assert r.status_code == 201, r.text
+    assert r.json()["instruction_set_id"] is None  # the default set, as with null
+    bad = create(client, tenant, {"corpus_id": corpus_id, "instruction_set_id": "defaults"})
+    assert bad.status_code == 422
