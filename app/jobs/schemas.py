@@ -4,7 +4,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from uuid import UUID
 
-from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, WithJsonSchema, field_validator
 
 from app.core.openapi import REF, rows_of
 from app.core.pagination import Page
@@ -17,6 +17,10 @@ from service.models import JobStage, JobStatus
 CONFIG_SCHEMA = {"allOf": [{"$ref": REF.format(model="JobOptions")}]}
 
 
+MetadataKey = Annotated[StoredText, StringConstraints(min_length=1, max_length=64)]
+MetadataValue = Annotated[StoredText, StringConstraints(max_length=512)]
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -27,6 +31,15 @@ class JobCreate(BaseModel):
         "of the server's configured model roots (safetensors only).",
     )
     corpus_id: UUID = Field(description="The dialogue corpus to train on (`POST /v1/corpora`).")
+    name: StoredText | None = Field(
+        default=None, min_length=1, max_length=200, description="Your own label for the job."
+    )
+    metadata: dict[MetadataKey, MetadataValue] | None = Field(
+        default=None,
+        max_length=16,
+        description="Your own tags, string to string (at most 16; keys up to 64 characters, values up "
+        "to 512), returned with the job.",
+    )
     instruction_set_id: UUID | Literal["default"] | None = Field(
         default=None,
         description='The instruction set to synthesize from; null or "default" (the id `GET '
@@ -87,6 +100,8 @@ class Job(BaseModel):
     trained_tokens: int = Field(description="Tokens that carried loss so far.")
     latest_metrics: dict[str, Any] | None = Field(description="The metrics of the latest training step.")
     cancel_requested: bool = Field(description="A cancel was asked for; the worker stops within one step.")
+    name: str | None = Field(default=None, description="Your label for the job.")
+    metadata: dict[str, str] | None = Field(default=None, description="Your tags for the job.")
     attempts: int = Field(description="How many times a worker started the job (more after a worker crash).")
     estimate: JobEstimate | None = Field(
         default=None, description="What the job can cost, bounded before it was queued; null for older jobs."
@@ -122,6 +137,8 @@ class Job(BaseModel):
             latest_metrics=row.latest_metrics,
             cancel_requested=row.cancel_requested,
             attempts=row.attempts,
+            name=row.name,
+            metadata=row.meta,
             queue_position=queue_position,
             estimate=row.estimate,
             created_at=row.created_at,

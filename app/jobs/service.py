@@ -122,6 +122,8 @@ def create(
         model=body.model,
         corpus_id=body.corpus_id,
         instruction_set_id=set_id,
+        name=body.name,
+        meta=body.metadata,
         config=config,
         queue=settings.job_queue,
         estimate=cost.to_json(),

@@ -87,6 +87,9 @@ class Job(UUIDPrimaryKey, Timestamps, Base):
     )
     # The Celery queue its messages go to; NULL for jobs created before the column existed.
     queue: Mapped[str | None] = mapped_column(String(255))
+    # The client's own label and tags (`metadata` is the column; the name is taken on a model).
+    name: Mapped[str | None] = mapped_column(String(200))
+    meta: Mapped[dict[str, Any] | None] = mapped_column("metadata")
     # The bound on what it can generate (workers/engine/cost.py), computed before it was queued.
     estimate: Mapped[dict[str, Any] | None]
     idempotency_key: Mapped[str | None] = mapped_column(String(255))

@@ -385,3 +385,21 @@ def test_the_default_instruction_set_can_be_named_by_its_id(client, tenant, corp
     assert r.json()["instruction_set_id"] is None  # the default set, as with null
     bad = create(client, tenant, {"corpus_id": corpus_id, "instruction_set_id": "defaults"})
     assert bad.status_code == 422
+
+
+def test_a_job_keeps_its_name_and_metadata(client, tenant, corpus_id):
+    body = {"corpus_id": corpus_id, "name": "emoji run 3", "metadata": {"team": "search", "ticket": "GA-12"}}
+    job = create(client, tenant, body).json()
+    assert (job["name"], job["metadata"]) == ("emoji run 3", {"team": "search", "ticket": "GA-12"})
+    got = client.get(f"{URL}/{job['id']}", headers=tenant.headers).json()
+    assert (got["name"], got["metadata"]) == (job["name"], job["metadata"])
+    for bad in (
+        {"name": ""},
+        {"name": "x" * 201},
+        {"metadata": {f"k{i}": "v" for i in range(17)}},
+        {"metadata": {"k": "v" * 513}},
+        {"metadata": {"k": 1}},
+        {"metadata": {"k\u0000": "v"}},
+    ):
+        r = create(client, tenant, {"corpus_id": corpus_id, **bad})
+        assert r.status_code == 422, (bad, r.text)
