@@ -54,6 +54,7 @@ class EventFeed:
             else None
         )
         self.listening = False
+        self._warned = False
         self._followers: dict[uuid.UUID, set[asyncio.Event]] = defaultdict(set)
         self._task: asyncio.Task[None] | None = None
 
@@ -93,7 +94,9 @@ class EventFeed:
                 except asyncio.CancelledError:
                     raise
                 except Exception as exc:  # Postgres away: poll meanwhile, listen again soon
-                    log.warning("event feed: LISTEN failed (%s); polling until it is back", exc)
+                    if self.listening or not self._warned:  # once per outage, not every retry
+                        log.warning("event feed: LISTEN failed (%s); polling until it is back", exc)
+                    self._warned = True
                 self.listening = False
             for _ in range(5 if self.dsn else 1):
                 self._wake_all()
@@ -104,7 +107,7 @@ class EventFeed:
 
         async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as connection:
             await connection.execute(f"LISTEN {EVENTS_CHANNEL}")
-            self.listening = True
+            self.listening, self._warned = True, False
             self._wake_all()  # anything written while nobody listened
             async for notify in connection.notifies():
                 with contextlib.suppress(ValueError):
