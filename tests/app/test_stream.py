@@ -4,10 +4,16 @@ with a real worker and the API as a process, is tests/reliability/test_stream.py
 from __future__ import annotations
 
 import json
+import threading
+import time
 import uuid
 
+from fastapi.testclient import TestClient
+from sqlalchemy import select
+
+from app.embedded import create_embedded_app, create_key, open_database
 from service.db import session_scope
-from service.models import JobStatus
+from service.models import Job, JobStatus, Team
 from service.repositories import jobs
 from tests.app.factories import dialogue, jsonl, make_job, set_job_status
 
@@ -73,3 +79,32 @@ def test_last_event_id_resumes_after_it(client, tenant, db) -> None:
 def test_another_teams_stream_is_404(client, tenant, other_tenant, db) -> None:
     job_id = _ended_job(client, tenant, db)
     assert client.get(f"/v1/jobs/{job_id}/stream", headers=other_tenant.headers).status_code == 404
+
+
+def test_the_embedded_mode_streams_by_polling(tmp_path) -> None:
+    """SQLite has no LISTEN: the feed wakes the stream each second, and a new event still arrives."""
+
+    key = create_key(tmp_path, "team")
+    headers = {"Authorization": f"Bearer {key}"}
+    with TestClient(create_embedded_app(tmp_path)) as client:
+        corpus = client.post("/v1/corpora", files={"file": ("c.jsonl", jsonl(dialogue(0)))}, headers=headers)
+        _, engine, factory = open_database(tmp_path)
+        with session_scope(factory) as s:
+            team_id = s.scalar(select(Team.id))
+            job = Job(team_id=team_id, corpus_id=uuid.UUID(corpus.json()["id"]), config={}, model="default")
+            job.status = JobStatus.RUNNING  # as if a worker ran it: no event yet
+            s.add(job)
+            s.flush()
+            job_id = job.id
+
+        def finish_later() -> None:
+            time.sleep(1.5)
+            with session_scope(factory) as s:
+                jobs.add_event(s, job_id, "info", "succeeded", "done", None)
+            set_job_status(factory, job_id, JobStatus.SUCCEEDED)
+
+        threading.Thread(target=finish_later).start()
+        with client.stream("GET", f"/v1/jobs/{job_id}/stream", headers=headers) as r:
+            body = "".join(r.iter_text())
+        engine.dispose()
+    assert [(m["event"], m["id"]) for m in parse_sse(body)] == [("job_event", "1.0"), ("end", "1.0")]
