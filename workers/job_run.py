@@ -61,6 +61,27 @@ def transaction(
             delay = min(delay * 2, 2.0)
 
 
+def end_run(
+    factory: sessionmaker[Session],
+    lease_s: float,
+    job_id: uuid.UUID,
+    owner: str,
+    status: JobStatus,
+    kind: str,
+    message: str,
+) -> None:
+    """A run's terminal transition and its event (`kind`; for `failed`, also the job's error), if
+    the run still holds the job; tried again through a brief database outage like every hook write
+    (a lost ending would leave the job to the reaper and a needless new attempt)."""
+    failed = {"error_code": kind, "error_message": message} if status == JobStatus.FAILED else {}
+
+    def end(s: Session) -> None:
+        if jobs.finish(s, job_id, owner, status, **failed):
+            jobs.add_event(s, job_id, "error" if failed else "info", kind, message, None)
+
+    transaction(factory, lease_s, end, what=f"job {job_id}")
+
+
 class JobRun:
     """The hooks of one run, writing to Postgres in short transactions of their own."""
 
@@ -134,13 +155,7 @@ class JobRun:
         """End the job from the heartbeat thread, the engine being stuck where it calls no hook."""
         log.error("job %s: %s", self.job_id, message)
         self.lost.set()  # whatever the stuck thread does next, it writes nothing
-
-        def end(s: Session) -> None:
-            failed = {"error_code": code, "error_message": message} if status == JobStatus.FAILED else {}
-            if jobs.finish(s, self.job_id, self.owner, status, **failed):
-                jobs.add_event(s, self.job_id, "error" if failed else "info", code, message, None)
-
-        self._tx(end)
+        end_run(self.sessions, self.settings.lease_s, self.job_id, self.owner, status, code, message)
         if self.on_abandon is not None:
             self.on_abandon()
 

@@ -25,7 +25,6 @@ import uuid
 from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -41,7 +40,7 @@ from service.storage import StoreError, job_dir, job_key, remote_store
 from workers.artifact_sync import ScratchSync
 from workers.celery_app import JOB_TASK, REAP_TASK, celery
 from workers.engine.hooks import Stopped
-from workers.job_run import JobRun, transaction, transient_db_error
+from workers.job_run import JobRun, end_run, transaction, transient_db_error
 from workers.redact import server_paths
 
 log = logging.getLogger(__name__)
@@ -173,8 +172,8 @@ def run_job_by_id(
             if run.timed_out.is_set():
                 _end_timed_out(factory, jid, owner, settings)
                 return "failed: time_limit"
-            _end(
-                factory, settings, jid, owner, JobStatus.CANCELLED, "info", "cancelled", "stopped on request"
+            end_run(
+                factory, settings.lease_s, jid, owner, JobStatus.CANCELLED, "cancelled", "stopped on request"
             )
             return "cancelled"
         except Exception as exc:
@@ -217,31 +216,7 @@ def _fail(
     factory: sessionmaker[Session], settings: Settings, jid: uuid.UUID, owner: str, code: str, message: str
 ) -> None:
     """End the job failed, if this worker still holds it, with the same error event."""
-    message = message[:4000]
-    failed = {"error_code": code, "error_message": message}
-    _end(factory, settings, jid, owner, JobStatus.FAILED, "error", code, message, **failed)
-
-
-def _end(
-    factory: sessionmaker[Session],
-    settings: Settings,
-    jid: uuid.UUID,
-    owner: str,
-    status: JobStatus,
-    level: str,
-    kind: str,
-    message: str,
-    **fields: Any,
-) -> None:
-    """A run's terminal transition and its event, if the run still holds the job; tried again
-    through a brief database outage, like every hook write (a lost ending would leave the job to
-    the reaper and a needless new attempt)."""
-
-    def end(s: Session) -> None:
-        if jobs.finish(s, jid, owner, status, **fields):
-            jobs.add_event(s, jid, level, kind, message, None)
-
-    transaction(factory, settings.lease_s, end, what=f"job {jid}")
+    end_run(factory, settings.lease_s, jid, owner, JobStatus.FAILED, code, message[:4000])
 
 
 @celery.task(name=REAP_TASK)

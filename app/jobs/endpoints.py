@@ -176,14 +176,17 @@ def get_job(
     """Status, stage, progress, ETA, queue position, timestamps, error, trained tokens and latest
     metrics. The answer carries an `ETag`; poll with `If-None-Match` to get 304 while the job has not
     changed."""
+    position: int | None = None
     if if_none_match is not None:
         # The cheap path: no row loaded, by primary key (and team, so another team's job is a 404);
-        # a queued job's position costs one look at its queue.
-        etag = _etag(job_id, *service.version(session, team, job_id))
+        # a queued job's position costs one look at its queue, which is not taken twice below.
+        updated_at, position = service.version(session, team, job_id)
+        etag = _etag(job_id, updated_at, position)
         if _etag_matches(if_none_match, etag):
             return Response(status_code=status.HTTP_304_NOT_MODIFIED, headers={"ETag": etag})
     job = service.get(session, team, job_id)
-    position = service.queue_positions(session, [job]).get(job.id)
+    if if_none_match is None or job.status != JobStatus.QUEUED:
+        position = service.queue_positions(session, [job]).get(job.id)
     response.headers["ETag"] = _etag(job.id, job.updated_at, position)
     return Job.from_row(job, position)
 

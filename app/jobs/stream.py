@@ -38,7 +38,6 @@ log = logging.getLogger(__name__)
 
 PING_S = 15
 PAGE = 500
-_ENDED = {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}
 
 
 class EventFeed:
@@ -128,11 +127,11 @@ def parse_cursor(value: str) -> Cursor | None:
 
 def _read(
     factory: sessionmaker[Session], job_id: uuid.UUID, after: Cursor
-) -> tuple[list[Event], list[Metric], JobStatus]:
+) -> tuple[list[Event], list[Metric], JobStatus | None]:
     with session_scope(factory) as s:
         events = jobs.events(s, job_id, after[0], PAGE)
         metrics = jobs.metrics(s, job_id, after[1], PAGE)
-        status = jobs.get_any(s, job_id).status  # type: ignore[union-attr]
+        status = jobs.status(s, job_id)
         return (
             [Event.model_validate(r) for r in events],
             [Metric.model_validate(r, from_attributes=True) for r in metrics],
@@ -157,10 +156,10 @@ async def job_events(feed: EventFeed, job_id: uuid.UUID, after: Cursor) -> Async
                 yield ServerSentEvent(metric.model_dump_json(), event="metric", id=f"{seq}.{step}")
             if len(events) == PAGE or len(metrics) == PAGE:
                 continue
-            if ended:  # read once more after seeing the end: the ending's event is in its transaction
-                yield ServerSentEvent(json.dumps({"status": status.value}), event="end", id=f"{seq}.{step}")
-                return
-            if status in _ENDED:
+            if status in jobs.TERMINAL:
+                if ended:  # this was the read after seeing the end: the ending's event is in by now
+                    yield ServerSentEvent(json.dumps({"status": status}), event="end", id=f"{seq}.{step}")
+                    return
                 ended = True
                 continue
             await wake.wait()

@@ -166,6 +166,11 @@ def finish(session: Session, id: uuid.UUID, owner: str, status: JobStatus, **fie
     return result.rowcount == 1  # type: ignore[attr-defined]
 
 
+def status(session: Session, id: uuid.UUID) -> JobStatus | None:
+    """Only the job's status (one indexed read)."""
+    return session.scalar(select(Job.status).where(Job.id == id))
+
+
 def cancel_requested(session: Session, id: uuid.UUID) -> bool:
     return bool(session.scalar(select(Job.cancel_requested).where(Job.id == id)))
 
@@ -333,7 +338,7 @@ def stale_queued(session: Session, older_than: timedelta, queue: str | None = No
     with `queue`, those of that queue and those of no queue (created before jobs had one)."""
     stmt = select(Job.id).where(Job.status == JobStatus.QUEUED, Job.updated_at < clock(session) - older_than)
     if queue is not None:
-        stmt = stmt.where((Job.queue == queue) | Job.queue.is_(None))
+        stmt = stmt.where(_sent_to(queue))
     return list(session.scalars(stmt.order_by(Job.created_at, Job.id)))
 
 
@@ -341,8 +346,13 @@ def count_queued(session: Session, queue: str | None) -> int:
     """Queued jobs (of `queue` and of no queue, as `stale_queued` selects them)."""
     stmt = select(func.count()).where(Job.status == JobStatus.QUEUED)
     if queue is not None:
-        stmt = stmt.where((Job.queue == queue) | Job.queue.is_(None))
+        stmt = stmt.where(_sent_to(queue))
     return int(session.scalar(stmt) or 0)
+
+
+def _sent_to(queue: str) -> Any:
+    """Jobs of `queue`, and those of no queue (created before jobs recorded theirs)."""
+    return (Job.queue == queue) | Job.queue.is_(None)
 
 
 def mark_sent(session: Session, ids: list[uuid.UUID]) -> None:
