@@ -16,13 +16,18 @@ step() {  # step NAME SECONDS COMMAND...
   timeout "$limit" "$@" > "$out/$name.txt" 2>&1
   echo "$name: exit $? after $((SECONDS - start)) s" >> "$out/steps.txt"
 }
-steps=${STEPS:-training training-compiled training-flex training-flex-compiled sampling sampling-32}
+steps=${STEPS:-training training-compiled training-flex training-flex-compiled engine-padded engine-packed liger sampling sampling-32}
 for name in $steps; do
   case $name in
     training) step training 120 python bench/gpu_training.py ;;
     training-compiled) step training-compiled 120 python bench/gpu_training.py --compile --modes packed ;;
     training-flex) step training-flex 120 python bench/gpu_training.py --attn flex_attention --modes packed ;;
     training-flex-compiled) step training-flex-compiled 150 python bench/gpu_training.py --attn flex_attention --compile --modes packed ;;
+    # The job's own training stage, train(): as the CPU lays out micro-batches, and as a GPU job does.
+    engine-padded) step engine-padded 150 python bench/gpu_training.py --engine --modes padded ;;
+    engine-packed) step engine-packed 240 env TORCH_LOGS=recompiles python bench/gpu_training.py --engine --modes packed --compile ;;
+    # Liger's fused linear cross-entropy against ours (needs liger-kernel: see docs/benchmarks.md).
+    liger) step liger 200 python bench/gpu_training.py --attn flex_attention --compile --modes packed --losses summed,liger ;;
     sampling) step sampling 270 python bench/sampling.py --size 1b --lengths 512,1024 ;;
     sampling-32) step sampling-32 180 python bench/sampling.py --size 1b --lengths 1024 --prompts 32 ;;
   esac

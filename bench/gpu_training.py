@@ -1,7 +1,7 @@
 """GPU fine-tuning throughput and MFU on GAtt-shaped batches (issue: performance, item 3).
 
     python bench/gpu_training.py [--size 1b] [--steps 12] [--tokens-per-step 16384] [--compile]
-        [--attn sdpa|flex_attention|eager]
+        [--attn sdpa|flex_attention|eager] [--losses summed,liger] [--engine]
 
 On an H200: 46% MFU packed with `--attn flex_attention --compile`, 12% padded (docs/benchmarks.md).
 
@@ -24,6 +24,17 @@ H100/H200 SXM), N = all parameters (embeddings included). The formula counts the
 every position; `summed_loss` computes it only at trained ones, so MFU by this formula credits that
 saving as speed, as the issue's definition does. Steps 1..`--warmup` are not timed.
 
+`--losses summed,liger` runs each mode once per loss: ours, and Liger's fused linear
+cross-entropy (`liger-kernel`, the output head and the loss in chunks without the logits tensor)
+on the same hidden states.
+
+`--engine` runs the same examples through the job's training stage instead of this loop:
+`workers.engine.training.train` (full fine-tuning, `micro_batch_size` examples of about
+`--tokens-per-step` real tokens, constant learning rate), `--modes` naming its `packing`, and
+`--compile` its `compile` ("on", else "off"); what a GPU job gets by default is `packed` with
+`--compile`. Throughput comes from the metrics rows it writes; its final checkpoint is written
+to a temporary folder and deleted.
+
 `--size tiny` runs a 2-layer model on the CPU in seconds: a smoke test of the script, not a figure.
 Needs torch and transformers only (the device image has both; the web stack is not imported).
 """
@@ -44,6 +55,29 @@ sys.path.insert(0, str(ROOT))
 
 from gatt.masks import IGNORE_INDEX, TokenizedExample  # noqa: E402
 from workers.engine.objectives import Batch, collate, summed_loss  # noqa: E402
+
+_LIGER = None
+
+
+def liger_loss(model, batch: Batch, position_ids: torch.Tensor | None) -> torch.Tensor:
+    """`summed_loss`'s value through Liger's fused linear cross-entropy (sum over trained tokens)."""
+    global _LIGER
+    if _LIGER is None:
+        from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
+
+        _LIGER = LigerFusedLinearCrossEntropyFunction
+    inputs = {"input_ids": batch.input_ids, "use_cache": False}
+    if position_ids is None:
+        inputs["attention_mask"] = batch.attention_mask
+    else:
+        inputs["position_ids"] = position_ids
+    targets = batch.labels[:, 1:]
+    keep = targets != IGNORE_INDEX
+    hidden = model.model(**inputs).last_hidden_state[:, :-1][keep]
+    return _LIGER.apply(
+        hidden, model.lm_head.weight, targets[keep], None, None, IGNORE_INDEX, 0.0, 0.0, "sum"
+    )[0]
+
 
 SIZES = {
     # TinyLlama-1.1B's shape.
@@ -126,14 +160,74 @@ def packed_batches(examples, tokens_per_step: int, row_len: int):
         yield Batch(input_ids, torch.ones_like(input_ids), labels), positions, real
 
 
-def run(args: argparse.Namespace, mode: str) -> dict:
+def build_model(args: argparse.Namespace):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     device = torch.device(args.device)
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
     config = LlamaConfig(**SIZES[args.size], max_position_embeddings=4096, attn_implementation=args.attn)
-    model = LlamaForCausalLM(config).to(device=device, dtype=dtype).train()
+    with device:  # initialised where it runs: a 1B model's init on the host takes seconds
+        model = LlamaForCausalLM(config)
+    return model.to(dtype=torch.bfloat16 if device.type == "cuda" else torch.float32).train()
+
+
+def run_engine(args: argparse.Namespace, mode: str) -> dict:
+    """The examples through `train()`, the job's training stage, with `packing=mode`."""
+    import shutil
+    import tempfile
+
+    from workers.engine.config import TrainConfig
+    from workers.engine.training import train
+
+    model = build_model(args)
+    n_params = sum(p.numel() for p in model.parameters())
+    examples = gatt_examples(args.examples, model.config.vocab_size, args.min_len, args.max_len, seed=0)
+    mean_len = sum(len(e.input_ids) for e in examples) / len(examples)
+    config = TrainConfig(
+        method="full",
+        packing=mode,
+        compile="on" if args.compile else "off",
+        micro_batch_size=max(1, round(args.tokens_per_step / mean_len)),
+        max_steps=args.warmup + args.steps,
+        learning_rate=1e-5,
+        schedule="constant",
+        max_seq_len=args.max_len,
+    )
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    scratch = Path(tempfile.mkdtemp(dir="/dev/shm" if Path("/dev/shm").is_dir() else None))
+    try:
+        started = time.perf_counter()
+        result = train(model, None, examples, config, scratch / "run")
+        wall = time.perf_counter() - started
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    timed = result.metrics[args.warmup :]
+    seconds = sum(row["tokens"] / row["tokens_per_s"] for row in timed)
+    tokens_per_s = sum(row["tokens"] for row in timed) / seconds
+    return {
+        "mode": f"train(packing={mode}, compile={config.compile})",
+        "params": n_params,
+        "micro_batch_size": config.micro_batch_size,
+        "real_tokens_per_s": round(tokens_per_s),
+        "trained_tokens_per_s": round(sum(row["trained_tokens"] for row in timed) / seconds),
+        "mfu": round(6 * n_params * tokens_per_s / (args.peak_tflops * 1e12), 4),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)
+        if args.device.startswith("cuda")
+        else None,
+        "step_s": round(seconds / len(timed), 4),
+        "first_steps_s": [
+            round(row["tokens"] / row["tokens_per_s"], 2) for row in result.metrics[: args.warmup]
+        ],
+        "wall_s_with_checkpoint": round(wall, 1),
+        "loss_first_last": [round(result.metrics[0]["loss"], 4), round(result.metrics[-1]["loss"], 4)],
+    }
+
+
+def run(args: argparse.Namespace, mode: str, loss: str = "summed") -> dict:
+    device = torch.device(args.device)
+    model = build_model(args)
+    config = model.config
     n_params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device.type == "cuda")
     if args.compile:
@@ -160,10 +254,13 @@ def run(args: argparse.Namespace, mode: str) -> dict:
             real = trained = positions_total = 0
         batch, positions, n_real = batches[step % len(batches)]
         batch = batch.to(device)
-        if positions is None:
+        positions = None if positions is None else positions.to(device)
+        if loss == "liger":
+            ce = liger_loss(model, batch, positions)
+        elif positions is None:
             ce = summed_loss(model, batch)
         else:
-            ce = summed_loss(model, batch, position_ids=positions.to(device))
+            ce = summed_loss(model, batch, position_ids=positions)
         real += n_real
         n = batch.n_trained
         trained += n
@@ -179,6 +276,7 @@ def run(args: argparse.Namespace, mode: str) -> dict:
     peak_flops = args.peak_tflops * 1e12
     return {
         "mode": mode,
+        "loss": loss,
         "params": n_params,
         "batches": len(batches),
         "real_tokens_per_s": round(tokens_per_s),
@@ -207,6 +305,8 @@ def main() -> None:
     p.add_argument("--modes", default="padded,packed")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
     p.add_argument("--attn", choices=("sdpa", "flex_attention", "eager"), default="sdpa")
+    p.add_argument("--losses", default="summed", help="summed (ours) and/or liger, comma-separated")
+    p.add_argument("--engine", action="store_true", help="through train(); --modes names its packing")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     args = p.parse_args()
     if args.size == "tiny":
@@ -216,7 +316,11 @@ def main() -> None:
         f"device {name}, torch {torch.__version__}, size {args.size}, compile {args.compile}, attn {args.attn}"
     )
     for mode in args.modes.split(","):
-        print(json.dumps(run(args, mode)), flush=True)
+        if args.engine:
+            print(json.dumps(run_engine(args, mode)), flush=True)
+            continue
+        for loss in args.losses.split(","):
+            print(json.dumps(run(args, mode, loss)), flush=True)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ Seed = Annotated[int, Strict(), Field(ge=0, lt=2**32)]  # mixed into torch/numpy
 Share = Annotated[float, Strict(), Field(gt=0.0, le=1.0)]
 Method = Literal["lora", "full"]
 Schedule = Literal["cosine", "linear", "constant"]
+Packing = Literal["auto", "packed", "padded"]
+Switch = Literal["auto", "on", "off"]
 Condition = Literal["none", "once", "every_turn", "none_fixed", "once_fixed", "every_turn_fixed"]
 
 # Upper bounds of every size a job's config sets: a job is a tenant's request, and nothing it asks
@@ -201,6 +203,14 @@ class TrainConfig(Section):
     """How many checkpoints stay on disk; older ones are deleted. The newest (final) always stays."""
     merge_on_save: Bool = False
     """LoRA only: also write merged full weights into each checkpoint's `merged/`."""
+    packing: Packing = "auto"
+    """How a micro-batch's examples are laid out: "packed" end to end in rows as long as the longest
+    example (attention stays within each example; on a GPU through flex attention), or "padded"
+    one per row. The loss and the data order are the same either way. "auto": packed on a GPU,
+    padded on a CPU."""
+    compile: Switch = "auto"
+    """torch.compile each decoder layer for training (the first steps pay for the compilation).
+    "auto": on a GPU when packed."""
 
     @field_validator("lora_targets")
     @classmethod

@@ -36,11 +36,15 @@ class Objective(Protocol):
 
 @dataclass(frozen=True)
 class MaskedSFT:
-    """Cross-entropy on trained tokens only: GAtt's loss mask."""
+    """Cross-entropy on trained tokens only: GAtt's loss mask. With `row_len`, each micro-batch's
+    examples are packed end to end into rows of that many tokens instead of padded (`pack`)."""
 
     pad_id: int
+    row_len: int | None = None
 
     def collate(self, examples: Sequence[TokenizedExample]) -> Batch:
+        if self.row_len is not None:
+            return pack(examples, self.pad_id, self.row_len)
         return collate(examples, self.pad_id)
 
     def units(self, batch: Batch) -> int:
@@ -63,6 +67,9 @@ class Batch:
     input_ids: torch.Tensor  # (B, T), right-padded
     attention_mask: torch.Tensor  # (B, T), 0 on padding
     labels: torch.Tensor  # (B, T), IGNORE_INDEX outside trained spans and on padding
+    # A packed batch: the lengths of the examples laid end to end in each row, from its start (the
+    # row's padded tail is not listed). None: one example per row.
+    lengths: tuple[tuple[int, ...], ...] | None = None
 
     @property
     def n_trained(self) -> int:
@@ -74,7 +81,26 @@ class Batch:
         return int(self.attention_mask.sum())
 
     def to(self, device: torch.device) -> Batch:
-        return Batch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+        return Batch(
+            self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device), self.lengths
+        )
+
+    def documents(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Of a packed batch: each position's example number within its row (the padded tail is one
+        more) and its position within that example, both (B, T) on the batch's device."""
+        if self.lengths is None:
+            raise ValueError("not a packed batch")
+        rows, width = self.input_ids.shape
+        document = torch.empty((rows, width), dtype=torch.long)
+        position = torch.empty((rows, width), dtype=torch.long)
+        for row, lengths in enumerate(self.lengths):
+            offset = 0
+            for number, n in enumerate((*lengths, width - sum(lengths))):
+                document[row, offset : offset + n] = number
+                position[row, offset : offset + n] = torch.arange(n)
+                offset += n
+        device = self.input_ids.device
+        return document.to(device), position.to(device)
 
 
 def collate(examples: Sequence[TokenizedExample], pad_id: int) -> Batch:
@@ -90,12 +116,73 @@ def collate(examples: Sequence[TokenizedExample], pad_id: int) -> Batch:
     return Batch(input_ids, attention_mask, labels)
 
 
+def pack(examples: Sequence[TokenizedExample], pad_id: int, row_len: int) -> Batch:
+    """The examples end to end in rows of `row_len` tokens, padded only at each row's end.
+
+    First fit, longest first (ties by position), so the rows are a function of the examples alone:
+    a resumed run packs its micro-batches as before. The first token of each example trains
+    nothing, as in a padded row, so a packed micro-batch carries exactly the loss of the padded
+    one; attention must stay within each example (`summed_loss` sees to it).
+    """
+    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        n = len(examples[i].input_ids)
+        if n > row_len:
+            raise ValueError(f"an example of {n} tokens does not fit a row of {row_len}")
+        fits = next((r for r, free in enumerate(room) if free >= n), None)
+        if fits is None:
+            rows.append([])
+            room.append(row_len)
+            fits = len(rows) - 1
+        rows[fits].append(i)
+        room[fits] -= n
+    input_ids = torch.full((len(rows), row_len), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), row_len), dtype=torch.long)
+    labels = torch.full((len(rows), row_len), IGNORE_INDEX, dtype=torch.long)
+    for r, row in enumerate(rows):
+        offset = 0
+        for i in row:
+            example = examples[i]
+            n = len(example.input_ids)
+            example_labels = trained_labels(example)
+            example_labels[0] = IGNORE_INDEX  # would be predicted from the example before it
+            input_ids[r, offset : offset + n] = torch.tensor(example.input_ids, dtype=torch.long)
+            attention_mask[r, offset : offset + n] = 1
+            labels[r, offset : offset + n] = torch.tensor(example_labels, dtype=torch.long)
+            offset += n
+    lengths = tuple(tuple(len(examples[i].input_ids) for i in row) for row in rows)
+    return Batch(input_ids, attention_mask, labels, lengths)
+
+
+def _document_mask(document: torch.Tensor) -> Any:
+    """Flex attention's block mask for packed rows: causal, within each example."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def same_example(b: Any, h: Any, q: Any, kv: Any) -> Any:
+        return (document[b, q] == document[b, kv]) & (q >= kv)
+
+    rows, width = document.shape
+    # Compiled on a GPU, as transformers does: evaluated eagerly, the mask function runs over every
+    # (query, key) pair of every row, each step.
+    return create_block_mask(
+        same_example,
+        B=rows,
+        H=None,
+        Q_LEN=width,
+        KV_LEN=width,
+        device=document.device,
+        _compile=document.device.type == "cuda",
+    )
+
+
 # Architectures whose logits are exactly `lm_head(decoder(...).last_hidden_state)`: no softcapping
 # (Gemma 2), logit scaling (Cohere, Granite) or other post-processing in their CausalLM forward.
 _PLAIN_HEAD_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "phi3"})
 
 
-def _decoder_and_head(model: Any) -> tuple[Any, Any] | None:
+def decoder_and_head(model: Any) -> tuple[Any, Any] | None:
     """The decoder stack and output head of a plain causal LM (through a peft wrapper), else None."""
     base = unwrap(model)
     config = getattr(base, "config", None)
@@ -117,17 +204,23 @@ def summed_loss(model: Any, batch: Batch, position_ids: torch.Tensor | None = No
     hidden states; for others the model is asked for logits at the columns that train in some row
     (`logits_to_keep` with indices: the model's own head, softcapping or scaling included).
 
-    `position_ids` (restarting at 0 for each example) marks a packed batch: several examples end to
-    end in a row, no attention mask; transformers then keeps attention within each example.
+    A packed batch (`pack`, or `position_ids` restarting at 0 for each example) has several
+    examples end to end in a row and attends within each: under flex attention through a block
+    mask built here from the examples' lengths, outside any compiled layer; otherwise transformers
+    derives the same mask from `position_ids`.
     """
     targets = batch.labels[:, 1:]
     keep = targets != IGNORE_INDEX
     inputs: dict[str, Any] = {"input_ids": batch.input_ids, "use_cache": False}
-    if position_ids is None:
+    if batch.lengths is not None:
+        document, inputs["position_ids"] = batch.documents()
+        if getattr(unwrap(model).config, "_attn_implementation", None) == "flex_attention":
+            inputs["attention_mask"] = _document_mask(document)
+    elif position_ids is None:
         inputs["attention_mask"] = batch.attention_mask
     else:
         inputs["position_ids"] = position_ids
-    parts = _decoder_and_head(model)
+    parts = decoder_and_head(model)
     if parts is not None:
         decoder, head = parts
         hidden = decoder(**inputs).last_hidden_state
