@@ -1,5 +1,6 @@
-"""The README's main job, as an API client would run it: upload the bundled corpus, create a GAtt
-job with the default instruction set, follow it to the end, print its metrics and checkpoint.
+"""The README's main job, as an API client would run it, on the Python client (`gatt_client`):
+upload the bundled corpus, create a GAtt job with the default instruction set, follow it to the
+end, print its metrics and checkpoint.
 
     python scripts/main_job.py --url http://127.0.0.1:8000 --key gatt_... [--config examples/job-request.json]
 """
@@ -12,10 +13,11 @@ import sys
 import time
 from pathlib import Path
 
-import httpx
+from gatt_client import ApiError, Client
+from gatt_client import models as m
+from gatt_client.errors import NotFound
 
 ROOT = Path(__file__).resolve().parents[1]
-TERMINAL = {"succeeded", "failed", "cancelled"}
 # Below this many runs per turn, a 95% interval is wider than any effect the demo could show.
 MIN_RUNS_PER_TURN = 32
 # The headline of docs/experiment.md, printed where the demo is too small to show anything itself.
@@ -37,60 +39,48 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=3600)
     args = parser.parse_args()
 
-    client = httpx.Client(base_url=args.url, headers={"Authorization": f"Bearer {args.key}"}, timeout=60)
-    with open(args.corpus, "rb") as f:
-        corpus = client.post("/v1/corpora", files={"file": (Path(args.corpus).name, f)})
-    corpus.raise_for_status()
-    stats = corpus.json()["stats"]
-    print(f"corpus {corpus.json()['id']}: {stats['dialogues']} dialogues, {stats['user_turns']} user turns")
+    client = Client(args.url, args.key)
+    corpus = client.corpora.upload(args.corpus)
+    print(f"corpus {corpus.id}: {corpus.stats.dialogues} dialogues, {corpus.stats.user_turns} user turns")
 
     body = json.loads(Path(args.config).read_text())
-    body["corpus_id"] = corpus.json()["id"]
-    created = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": f"main-{corpus.json()['id']}"})
-    if created.status_code >= 400:
-        print(created.text, file=sys.stderr)
-        return 1
-    job = created.json()
-    print(f"job {job['id']} {job['status']} (default instruction set, model {job['model']})")
-
-    seen, started, last_line = 0, time.monotonic(), ""
-    while job["status"] not in TERMINAL and time.monotonic() - started < args.timeout:
-        time.sleep(2)
-        job = client.get(f"/v1/jobs/{job['id']}").json()
-        events = client.get(f"/v1/jobs/{job['id']}/events", params={"after_seq": seen}).json()
-        for e in events["data"]:
-            print(f"  [{e['level']}] {e['kind']}: {e['message']}")
-        seen = events["next_after_seq"]
-        line = f"  {job['stage']}: {job['progress_done']}/{job['progress_total']}"
-        if job["status"] == "running" and job["progress_total"] and line != last_line:
-            eta = f", eta {job['eta_s']:.0f}s" if job["eta_s"] else ""
-            print(f"{line}{eta}", flush=True)
-            last_line = line
-
-    elapsed = time.monotonic() - started
-    print(f"\njob {job['id']} {job['status']} after {elapsed:.0f}s")
-    if job["status"] != "succeeded":
-        print(json.dumps(job.get("error"), indent=2))
-        return 1
-    metrics = client.get(f"/v1/jobs/{job['id']}/metrics").json()["data"]
-    print("\nstep  loss     lr        grad_norm  trained_tokens")
-    for m in metrics:
-        v = m["values"]
-        print(
-            f"{m['step']:>4}  {v['loss']:.4f}  {v['learning_rate']:.2e}  {v['grad_norm']:9.3f}  {int(v['trained_tokens']):>14}"
+    try:
+        job = client.jobs.create(
+            corpus.id,
+            instruction_set_id=body.get("instruction_set_id"),
+            config=body.get("config"),
+            model=body.get("model"),
+            idempotency_key=f"main-{corpus.id}",
         )
-    samples = client.get(f"/v1/jobs/{job['id']}/samples", params={"limit": 500}).json()["data"]
-    turns = [t for s in samples for t in s["turns"]]
+    except ApiError as e:
+        print(e, file=sys.stderr)
+        return 1
+    print(f"job {job.id} {job.status.value} (default instruction set, model {job.model})")
+
+    started = time.monotonic()
+    progress = _Progress(client, str(job.id))
+    job = client.jobs.wait(job.id, timeout=args.timeout, on_change=progress.show)
+    print(f"\njob {job.id} {job.status.value} after {time.monotonic() - started:.0f}s")
+    if job.status.value != "succeeded":
+        print(json.dumps(job.error.model_dump(mode="json") if job.error else None, indent=2))
+        return 1
+    print("\nstep  loss     lr        grad_norm  trained_tokens")
+    for metric in client.jobs.metrics(job.id):
+        v = metric.values
+        print(
+            f"{metric.step:>4}  {v['loss']:.4f}  {v['learning_rate']:.2e}  {v['grad_norm']:9.3f}  {int(v['trained_tokens']):>14}"
+        )
+    turns = [t for s in client.jobs.samples(job.id) for t in s["turns"]]
     accepted = sum(t["chosen"] is not None for t in turns)
     print(f"\nsampled turns: {len(turns)}, accepted (best of K reached min_reward): {accepted}")
-    evaluation = client.get(f"/v1/jobs/{job['id']}/evaluation")
-    if evaluation.status_code == 200:
-        report = evaluation.json()
-        runs = min(
-            (row["n"] for cond in report["base"]["conditions"].values() for row in cond["turns"]), default=0
-        )
+    try:
+        report = client.jobs.evaluation(job.id)
+    except NotFound:
+        report = None
+    if report is not None:
+        runs = min((row.n for cond in report.base.conditions.values() for row in cond.turns), default=0)
         print("\nadherence on held-out dialogues, by turn (rate [95% CI]); base model vs after GAtt:")
-        print(report["table"])
+        print(report.table)
         if runs < MIN_RUNS_PER_TURN:
             print(
                 f"\nThis demo evaluates {runs} runs per turn: too few to measure GAtt's effect (at least "
@@ -98,12 +88,30 @@ def main() -> int:
                 "the table as a check that the stage runs, not as a result. docs/experiment.md is the "
                 "experiment sized to measure it. What it found (run J):\n" + EXPERIMENT_RESULT
             )
-        print(f"attention plot: {args.url}/v1/jobs/{job['id']}/evaluation/attention.png")
-    checkpoints = client.get(f"/v1/jobs/{job['id']}/checkpoints").json()["data"]
+        print(f"attention plot: {args.url}/v1/jobs/{job.id}/evaluation/attention.png")
+    checkpoints = client.jobs.checkpoints(job.id)
     if checkpoints:
         last = checkpoints[-1]
-        print(f"final checkpoint: step {last['step']}, download {args.url}{last['download_url']}")
+        print(f"final checkpoint: step {last.step}, download {args.url}{last.download_url}")
+        print(f"  or: gatt checkpoints download {job.id}  (checks every file's sha256)")
     return 0
+
+
+class _Progress:
+    """Prints the job's new events and its stage progress each time the job changes."""
+
+    def __init__(self, client: Client, job_id: str) -> None:
+        self.client, self.job_id, self.seq, self.last = client, job_id, 0, ""
+
+    def show(self, job: m.Job) -> None:
+        for e in self.client.jobs.events(self.job_id, after_seq=self.seq):
+            print(f"  [{e.level.value}] {e.kind}: {e.message}")
+            self.seq = e.seq
+        line = f"  {job.stage.value if job.stage else ''}: {job.progress_done}/{job.progress_total}"
+        if job.status.value == "running" and job.progress_total and line != self.last:
+            eta = f", eta {job.eta_s:.0f}s" if job.eta_s else ""
+            print(f"{line}{eta}", flush=True)
+            self.last = line
 
 
 if __name__ == "__main__":

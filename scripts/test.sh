@@ -4,5 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
 scripts/services.sh
-.venv/bin/ruff check gatt workers service app migrations tests bench
+.venv/bin/ruff check gatt workers service app migrations tests bench clients scripts
 .venv/bin/python -m pytest "$@"

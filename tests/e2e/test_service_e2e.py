@@ -1,27 +1,28 @@
-"""End to end, with every real part: Postgres, Redis, a `celery worker` process and the embedded
-SmolLM2 model. A job is created over HTTP, polled to `succeeded`, and its events, metrics and
-checkpoint are read back; the checkpoint loads with stock transformers/peft. A second job is
-cancelled while it trains and must stop within one step."""
+"""End to end, with every real part: Postgres, Redis, uvicorn, a `celery worker` process and the
+embedded SmolLM2 model. A job is driven through the Python client (`gatt_client`): created,
+waited on to `succeeded`, its events, stream, metrics and artifacts read back, its checkpoint
+downloaded (every file checked against the manifest) and loaded with stock transformers/peft.
+Another runs through the `gatt` command line. A third is cancelled while it trains and must stop
+within one step."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import subprocess
 import sys
-import tarfile
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 from celery import Celery
-from fastapi.testclient import TestClient
+from gatt_client import Client
 
 from app.main import create_app
 from service.settings import Settings
 from tests.app.factories import make_tenant
+from tests.servers import serving
 from workers.engine.eval_schema import JobEvaluation
 
 pytestmark = pytest.mark.slow
@@ -32,7 +33,7 @@ TERMINAL = {"succeeded", "failed", "cancelled"}
 
 @pytest.fixture(scope="module")
 def stack(database_url, tmp_path_factory):
-    """The API (in-process, over HTTP via TestClient) and one real worker process on a private queue."""
+    """The API on a real uvicorn server and one real worker process on a private queue."""
     tmp = tmp_path_factory.mktemp("e2e")
     queue = f"gpu-test-{uuid.uuid4().hex[:8]}"  # no other session's worker can take our jobs
     env = {
@@ -74,8 +75,8 @@ def stack(database_url, tmp_path_factory):
             stderr=subprocess.STDOUT,
         )
         try:
-            with TestClient(app) as client:
-                yield client, app, tmp
+            with serving(app) as port:
+                yield f"http://127.0.0.1:{port}", app, tmp
         finally:
             worker.terminate()
             try:
@@ -85,97 +86,77 @@ def stack(database_url, tmp_path_factory):
     print((tmp / "worker.log").read_text()[-5000:])
 
 
-def _corpus(client, headers, n: int) -> str:
+def _corpus(client: Client, n: int) -> str:
     lines = (ROOT / "examples" / "dialogues.jsonl").read_bytes().splitlines(keepends=True)[:n]
-    r = client.post("/v1/corpora", files={"file": ("chats.jsonl", b"".join(lines))}, headers=headers)
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
+    return str(client.corpora.upload(b"".join(lines), name="chats.jsonl").id)
 
 
-def _ahoy_set(client, headers) -> str:
-    spec = {
-        "custom": [
-            {
-                "name": "ahoy",
-                "text": "Always start your reply with 'Ahoy!'",
-                "verifiers": [{"type": "starts_with", "text": "Ahoy!"}],
-            }
-        ]
-    }
-    r = client.post("/v1/instruction-sets", json={"name": "ahoy", "spec": spec}, headers=headers)
-    assert r.status_code == 201, r.text
-    return r.json()["id"]
+AHOY = {
+    "custom": [
+        {
+            "name": "ahoy",
+            "text": "Always start your reply with 'Ahoy!'",
+            "verifiers": [{"type": "starts_with", "text": "Ahoy!"}],
+        }
+    ]
+}
 
 
-def _wait(client, headers, job_id, until, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
-        if until(job):
-            return job
-        time.sleep(1)
-    pytest.fail(f"job {job_id} did not get there in {timeout}s: {job}")
-
-
-def test_job_runs_to_success_and_its_checkpoint_loads(stack):
-    client, app, tmp = stack
+def test_job_runs_to_success_through_the_client_and_its_checkpoint_loads(stack):
+    url, app, tmp = stack
     tenant = make_tenant(app.state.sessionmaker)
-    headers = tenant.headers
-    body = {
-        "corpus_id": _corpus(client, headers, 3),
-        "instruction_set_id": _ahoy_set(client, headers),
-        "config": {
-            "data": {"max_turns": 2},
-            "evaluation": {"enabled": True, "heldout_dialogues": 1, "turns": 2, "max_new_tokens": 16},
-            "sampling": {"k": 2, "max_new_tokens": 32, "batch_prompts": 2},
-            # The e2e test is about the plumbing: accept any finished reply.
-            "reward": {"min_reward": 0.0},
-            "training": {"max_steps": 2, "micro_batch_size": 2, "checkpoint_every": 1},
-        },
+    client = Client(url, tenant.key)
+    corpus_id = _corpus(client, 3)
+    config = {
+        "data": {"max_turns": 2},
+        "evaluation": {"enabled": True, "heldout_dialogues": 1, "turns": 2, "max_new_tokens": 16},
+        "sampling": {"k": 2, "max_new_tokens": 32, "batch_prompts": 2},
+        # The e2e test is about the plumbing: accept any finished reply.
+        "reward": {"min_reward": 0.0},
+        "training": {"max_steps": 2, "micro_batch_size": 2, "checkpoint_every": 1},
     }
-    created = client.post("/v1/jobs", json=body, headers=headers)
-    assert created.status_code == 201, created.text
-    job_id = created.json()["id"]
+    created = client.jobs.create(
+        corpus_id,
+        instruction_set_id=client.instruction_sets.create("ahoy", AHOY).id,
+        config=config,
+        idempotency_key="e2e-success",
+    )
+    job = client.jobs.wait(created.id, timeout=900, interval=1)
+    assert job.status.value == "succeeded", job
+    assert job.progress == 1.0 and job.trained_tokens > 0 and job.finished_at
+    assert job.latest_metrics["step"] == 2
 
-    job = _wait(client, headers, job_id, lambda j: j["status"] in TERMINAL, timeout=900)
-    assert job["status"] == "succeeded", job
-    assert job["progress"] == 1.0 and job["trained_tokens"] > 0 and job["finished_at"]
-    assert job["latest_metrics"]["step"] == 2
-
-    events = client.get(f"/v1/jobs/{job_id}/events", headers=headers).json()["data"]
-    kinds = [e["kind"] for e in events]
-    stages = [e["message"] for e in events if e["kind"] == "stage"]
+    events = list(client.jobs.events(job.id))
+    kinds = [e.kind for e in events]
+    stages = [e.message for e in events if e.kind == "stage"]
     assert stages[:4] == ["synthesize", "sample", "evaluate", "train"]
     assert kinds.count("checkpoint") == 2 and kinds[-1] == "succeeded"
-    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    # The stream replays the same events, then the metrics, and ends with the status.
+    streamed = list(client.jobs.follow(job.id))
+    assert [i.event.seq for i in streamed if i.kind == "event"] == [e.seq for e in events]
+    assert streamed[-1].status == "succeeded"
 
-    metrics = client.get(f"/v1/jobs/{job_id}/metrics", headers=headers).json()["data"]
-    assert [m["step"] for m in metrics] == [1, 2]
-    assert all(m["values"]["loss"] > 0 for m in metrics)
+    metrics = list(client.jobs.metrics(job.id))
+    assert [m.step for m in metrics] == [1, 2]
+    assert all(m.values["loss"] > 0 for m in metrics)
 
-    samples = client.get(f"/v1/jobs/{job_id}/samples", headers=headers).json()["data"]
+    samples = list(client.jobs.samples(job.id))
     assert len(samples) == 2 and all(len(t["candidates"]) == 2 for s in samples for t in s["turns"])
-    training = client.get(f"/v1/jobs/{job_id}/training-set", headers=headers).json()["data"]
+    training = list(client.jobs.training_set(job.id))
     assert training and all(
         span.endswith("<|im_end|>") for row in training for ex in row["trained_spans"] for span in ex
     )
 
-    evaluation = client.get(f"/v1/jobs/{job_id}/evaluation", headers=headers).json()
-    JobEvaluation.model_validate(evaluation)  # the published schema holds
-    assert [row["turn"] for row in evaluation["gatt"]["conditions"]["once"]["turns"]] == [1, 2]
-    assert "once" in evaluation["table"] and evaluation["attention"]["base"]
-    plot = client.get(f"/v1/jobs/{job_id}/evaluation/attention.png", headers=headers)
-    assert plot.status_code == 200 and plot.content.startswith(b"\x89PNG")
+    evaluation = client.jobs.evaluation(job.id)
+    JobEvaluation.model_validate(evaluation.model_dump(mode="json"))  # the server's schema holds too
+    assert [row.turn for row in evaluation.gatt.conditions["once"].turns] == [1, 2]
+    assert "once" in evaluation.table and evaluation.attention.base
+    assert client.jobs.attention_plot(job.id).startswith(b"\x89PNG")
     assert stages.count("evaluate") == 2  # before training (base) and after
 
-    checkpoints = client.get(f"/v1/jobs/{job_id}/checkpoints", headers=headers).json()["data"]
-    assert [c["step"] for c in checkpoints] == [1, 2]
-    archive = client.get(checkpoints[-1]["download_url"], headers=headers)
-    assert archive.status_code == 200 and archive.headers["content-type"] == "application/gzip"
-    out = tmp / "download"
-    with tarfile.open(fileobj=io.BytesIO(archive.content), mode="r:gz") as tar:
-        tar.extractall(out, filter="data")
-    (ckpt,) = list(out.iterdir())
+    assert [c.step for c in client.jobs.checkpoints(job.id)] == [1, 2]
+    ckpt = client.jobs.download_checkpoint(job.id, dest=tmp / "download")  # sha256 of each file checked
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["step"] == 2 and "adapter_model.safetensors" in manifest["files"]
 
@@ -197,36 +178,85 @@ def test_job_runs_to_success_and_its_checkpoint_loads(stack):
     assert generated.shape[1] > prompt["input_ids"].shape[1]
 
 
-def test_cancel_stops_a_training_job_within_one_step(stack):
-    client, app, _ = stack
+def test_the_cli_runs_a_job_and_downloads_its_checkpoint(stack):
+    url, app, tmp = stack
     tenant = make_tenant(app.state.sessionmaker)
-    headers = tenant.headers
-    body = {
-        "corpus_id": _corpus(client, headers, 2),
-        "config": {
-            "data": {"max_turns": 1},
-            "sampling": {"k": 2, "max_new_tokens": 24, "batch_prompts": 2},
-            "reward": {"min_reward": 0.0},
-            "training": {"max_steps": 500, "micro_batch_size": 1},
-        },
-    }
-    job_id = client.post("/v1/jobs", json=body, headers=headers).json()["id"]
-    _wait(
-        client,
-        headers,
-        job_id,
-        lambda j: (j["latest_metrics"] or {}).get("step", 0) >= 1 or j["status"] in TERMINAL,
+    corpus = tmp / "cli-corpus.jsonl"
+    corpus.write_bytes(b"".join((ROOT / "examples" / "dialogues.jsonl").read_bytes().splitlines(True)[:2]))
+    config = tmp / "cli-job.yaml"
+    config.write_text(
+        "data: {max_turns: 1}\n"
+        "sampling: {k: 2, max_new_tokens: 16, batch_prompts: 2}\n"
+        "reward: {min_reward: 0.0}\n"
+        "training: {max_steps: 1, micro_batch_size: 2}\n"
+        "evaluation: {enabled: false}\n"
+    )
+    env = {**os.environ, "GATT_URL": url, "GATT_API_KEY": tenant.key, "GATT_CONFIG": str(tmp / "none.toml")}
+    gatt = [sys.executable, "-m", "gatt_client.cli"]
+    followed = subprocess.run(
+        [
+            *gatt,
+            "--json",
+            "jobs",
+            "create",
+            "--corpus-file",
+            str(corpus),
+            "--config",
+            str(config),
+            "--follow",
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
         timeout=900,
     )
-    r = client.post(f"/v1/jobs/{job_id}/cancel", headers=headers)
-    assert r.status_code == 200 and r.json()["cancel_requested"], r.text
-    # Steps recorded once the cancel is stored: the step in flight may still finish, no other may start.
-    steps_at_cancel = max(
-        m["step"] for m in client.get(f"/v1/jobs/{job_id}/metrics", headers=headers).json()["data"]
+    assert followed.returncode == 0, followed.stdout + followed.stderr
+    lines = [json.loads(line) for line in followed.stdout.splitlines()]
+    job = lines[-1]["job"]
+    assert job["status"] == "succeeded"
+    assert [line["event"]["kind"] for line in lines[:-1]][-1] == "succeeded"
+
+    listed = subprocess.run([*gatt, "jobs", "list"], env=env, capture_output=True, text=True, timeout=60)
+    assert job["id"] in listed.stdout and "succeeded" in listed.stdout
+    downloaded = subprocess.run(
+        [*gatt, "checkpoints", "download", job["id"], "--dest", str(tmp / "cli-download")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
-    job = _wait(client, headers, job_id, lambda j: j["status"] in TERMINAL, timeout=120)
-    assert job["status"] == "cancelled", job
-    steps = [m["step"] for m in client.get(f"/v1/jobs/{job_id}/metrics", headers=headers).json()["data"]]
+    assert downloaded.returncode == 0, downloaded.stderr
+    folder = Path(downloaded.stdout.strip())
+    assert (folder / "adapter_model.safetensors").is_file() and folder.parent == tmp / "cli-download"
+    missing = subprocess.run(
+        [*gatt, "jobs", "get", "00000000-0000-0000-0000-000000000000"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert missing.returncode == 1 and "404 not_found" in missing.stderr
+
+
+def test_cancel_stops_a_training_job_within_one_step(stack):
+    url, app, _ = stack
+    client = Client(url, make_tenant(app.state.sessionmaker).key)
+    config = {
+        "data": {"max_turns": 1},
+        "sampling": {"k": 2, "max_new_tokens": 24, "batch_prompts": 2},
+        "reward": {"min_reward": 0.0},
+        "training": {"max_steps": 500, "micro_batch_size": 1},
+    }
+    job = client.jobs.create(_corpus(client, 2), config=config)
+    deadline = time.monotonic() + 900
+    while (client.jobs.get(job.id).latest_metrics or {}).get("step", 0) < 1:
+        assert time.monotonic() < deadline, "no training step in 900 s"
+        time.sleep(1)
+    assert client.jobs.cancel(job.id).cancel_requested
+    # Steps recorded once the cancel is stored: the step in flight may still finish, no other may start.
+    steps_at_cancel = max(m.step for m in client.jobs.metrics(job.id))
+    assert client.jobs.wait(job.id, timeout=120, interval=1).status.value == "cancelled"
+    steps = [m.step for m in client.jobs.metrics(job.id)]
     assert max(steps) <= steps_at_cancel + 1  # the step in flight may finish; no further one starts
-    kinds = [e["kind"] for e in client.get(f"/v1/jobs/{job_id}/events", headers=headers).json()["data"]]
+    kinds = [e.kind for e in client.jobs.events(job.id)]
     assert "cancel_requested" in kinds and kinds[-1] == "cancelled"

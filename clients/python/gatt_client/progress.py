@@ -1,0 +1,136 @@
+"""What `gatt jobs create --follow` and `gatt jobs follow` show while a job runs: a progress bar
+per stage, each event as it is written, then the job's results (last metrics, the evaluation's
+adherence table, the final checkpoint). With `--json`, one JSON object per line instead: each
+event, then the final job.
+
+It polls the job with `If-None-Match` (a 304 while nothing changed) and reads new events only
+when the job has changed, so following costs the server little.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+import time
+from typing import Any
+
+from gatt_client import _calls as ops
+from gatt_client import models as m
+from gatt_client.client import TERMINAL, Client
+from gatt_client.errors import NotFound
+
+POLL_S = 1.0
+
+
+def follow(client: Client, job_id: str, *, as_json: bool = False) -> m.Job:
+    view = _JsonView() if as_json else _Bars() if sys.stdout.isatty() else _Lines()
+    seq = 0
+    etag: str | None = None
+    job: m.Job | None = None
+    with view:
+        while True:
+            changed, etag = client.request(ops.get_job(job_id, etag))
+            if changed is not None:
+                job = changed
+                for event in client.jobs.events(job_id, after_seq=seq):
+                    seq = event.seq
+                    view.event(event)
+                view.job(job)
+            assert job is not None
+            if job.status.value in TERMINAL:
+                break
+            time.sleep(POLL_S)
+    view.results(client, job)
+    return job
+
+
+class _Lines:
+    """Plain lines, for a log or a pipe: a line per event and per change of stage progress."""
+
+    def __init__(self) -> None:
+        self.last = ""
+
+    def __enter__(self) -> _Lines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def echo(self, text: str) -> None:
+        print(text, flush=True)
+
+    def event(self, event: m.Event) -> None:
+        self.echo(f"  [{event.level.value}] {event.kind}: {event.message}")
+
+    def job(self, job: m.Job) -> None:
+        if job.status.value != "running" or not job.stage or not job.progress_total:
+            return
+        eta = f", eta {job.eta_s:.0f} s" if job.eta_s else ""
+        line = f"  {job.stage.value}: {job.progress_done}/{job.progress_total}{eta}"
+        if line != self.last:
+            self.echo(line)
+            self.last = line
+
+    def results(self, client: Client, job: m.Job) -> None:
+        self.echo(f"\njob {job.id} {job.status.value}")
+        if job.status.value != "succeeded":
+            if job.error is not None:
+                self.echo(json.dumps(job.error.model_dump(mode="json"), indent=2))
+            return
+        metrics = list(client.jobs.metrics(job.id))
+        if metrics:
+            last = metrics[-1]
+            values = "  ".join(f"{k} {v:.4g}" for k, v in last.values.items() if isinstance(v, int | float))
+            self.echo(f"last step {last.step}: {values}")
+        with contextlib.suppress(NotFound):  # a job that did not evaluate has no report
+            self.echo("\n" + client.jobs.evaluation(job.id).table)
+        checkpoints = client.jobs.checkpoints(job.id)
+        if checkpoints:
+            self.echo(f"final checkpoint: step {checkpoints[-1].step} (gatt checkpoints download {job.id})")
+
+
+class _Bars(_Lines):
+    """A rich progress bar per stage, events printed above them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.progress = Progress(
+            TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+        )
+        self.tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> _Bars:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def echo(self, text: str) -> None:
+        self.progress.console.print(text, markup=False, highlight=False)
+
+    def job(self, job: m.Job) -> None:
+        if not job.stage or not job.progress_total:
+            return
+        stage = job.stage.value
+        if stage not in self.tasks:
+            for other in self.tasks.values():  # an earlier stage has ended
+                self.progress.update(other, completed=self.progress.tasks[other].total)
+            self.tasks[stage] = self.progress.add_task(stage, total=job.progress_total)
+        self.progress.update(self.tasks[stage], completed=job.progress_done, total=job.progress_total)
+
+
+class _JsonView(_Lines):
+    """One JSON object per line: each event (`{"event": ...}`), then the final job (`{"job": ...}`)."""
+
+    def event(self, event: m.Event) -> None:
+        self.echo(json.dumps({"event": event.model_dump(mode="json")}, ensure_ascii=False))
+
+    def job(self, job: m.Job) -> None:
+        return None
+
+    def results(self, client: Client, job: m.Job) -> None:
+        self.echo(json.dumps({"job": job.model_dump(mode="json")}, ensure_ascii=False))
