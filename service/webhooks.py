@@ -174,13 +174,16 @@ def post(target: Target, headers: dict[str, str], body: bytes, timeout_s: float)
                 },
                 extensions={"sni_hostname": target.host} if target.scheme == "https" else {},
             )
-            with client.send(request, stream=True) as response:
+            response = client.send(request, stream=True)
+            try:
                 read = 0
                 for chunk in response.iter_raw():  # drained up to a bound, then the connection is dropped
                     read += len(chunk)
                     if read >= MAX_RESPONSE_BYTES or time.monotonic() > deadline:
                         break
                 code = response.status_code
+            finally:
+                response.close()
     except httpx.HTTPError as e:
         return Outcome(False, None, f"{type(e).__name__}: {e}"[:MAX_ERROR_CHARS])
     if 200 <= code < 300:
