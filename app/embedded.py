@@ -37,6 +37,7 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import timedelta
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,6 +56,7 @@ from service.models import Base
 from service.reaper import reap
 from service.repositories import jobs
 from service.settings import Settings
+from service.webhooks import deliver, resend_overdue
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +182,8 @@ class EmbeddedWorker:
 
     def sweep(self, queued_older_than: timedelta) -> None:
         reap(self.factory, queued_older_than, self.submit)
+        # Webhooks: there is no broker, so the sweep makes the due delivery attempts itself.
+        resend_overdue(self.factory, timedelta(0), partial(deliver, self.factory, self.settings))
 
     def _loop(self) -> None:
         from workers.tasks import run_job_by_id  # the engine (torch) loads on the first job, not at import

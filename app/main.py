@@ -26,8 +26,9 @@ from app.instruction_sets.spec_schema import InstructionSetSpec
 from app.jobs.stream import EventFeed
 from app.reaper import reaping
 from service.db import make_engine, make_sessionmaker
-from service.queue import send_job, waiting_jobs
+from service.queue import send_job, send_webhook, waiting_jobs
 from service.settings import Settings, get_settings
+from service.webhooks import send_after_commit
 from workers.engine.eval_schema import JobEvaluation
 from workers.engine.records import SampleRow, TrainingRow
 
@@ -64,6 +65,7 @@ def create_app(
     readiness: APIRouter | None = None,
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
     rate_limiter: Limiter | None = None,
+    send_webhook_delivery: Callable[[UUID], None] | None = None,
     title: str = TITLE,
 ) -> FastAPI:
     """The app, composed of what it runs on.
@@ -73,7 +75,9 @@ def create_app(
     `service.queue.send_job`). `readiness` serves `/readyz` (default: Postgres, Redis and, with
     S3, the bucket). `lifespan` runs inside the app's own, to start and stop what the caller adds
     (the embedded mode's worker thread). `rate_limiter` checks each key's rate (default: buckets in
-    Redis when `GATT_RATE_LIMIT_PER_S` > 0).
+    Redis when `GATT_RATE_LIMIT_PER_S` > 0). `send_webhook_delivery` hands a committed webhook
+    delivery to the workers (default: a `webhooks.deliver` message when `enqueue` is the default too;
+    else none, and the reaper's sweeps or the embedded worker deliver).
     """
     settings = settings or get_settings()
     engine = engine if engine is not None else make_engine(settings)
@@ -117,6 +121,10 @@ def create_app(
                 "name": "jobs",
                 "description": "GAtt fine-tuning jobs, their events, metrics, samples and checkpoints.",
             },
+            {
+                "name": "webhooks",
+                "description": "Signed notifications (Standard Webhooks) of job endings and checkpoints.",
+            },
             {"name": "health", "description": "Liveness and readiness probes."},
         ],
     )
@@ -124,6 +132,12 @@ def create_app(
     app.state.engine = engine
     app.state.sessionmaker = make_sessionmaker(engine)
     app.state.enqueue = enqueue or send_job
+    # Webhook events this app's transactions record (a cancel ends a job) go out after the commit.
+    if send_webhook_delivery is None and enqueue is None:
+        send_webhook_delivery = send_webhook
+    app.state.send_webhook = send_webhook_delivery
+    if send_webhook_delivery is not None:
+        send_after_commit(app.state.sessionmaker, send_webhook_delivery)
     # What the reaper compares queued jobs with (service/reaper.py); None with another enqueue.
     app.state.waiting_jobs = waiting_jobs if enqueue is None else None
     # Wakes the job event streams of this process (app/jobs/stream.py); started by the first one.

@@ -1,5 +1,6 @@
 """The service API process sweeps for jobs that need a worker again (service/reaper.py says why
-here and not only in a worker): every `GATT_REAPER_INTERVAL_S`, in a thread, never failing the app."""
+here and not only in a worker), and for webhook deliveries whose message was lost (service/webhooks.py):
+every `GATT_REAPER_INTERVAL_S`, in a thread, never failing the app."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from fastapi import FastAPI
 from starlette.concurrency import run_in_threadpool
 
 from service.reaper import reap
+from service.webhooks import resend_overdue
 
 log = logging.getLogger(__name__)
 
@@ -49,5 +51,11 @@ async def _sweep_every(app: FastAPI, interval_s: float) -> None:
             )
             if sent:
                 log.info("reaper: sent %d job(s) to the workers again", sent)
+            if state.send_webhook is not None:
+                resent = await run_in_threadpool(
+                    resend_overdue, state.sessionmaker, lease, state.send_webhook
+                )
+                if resent:
+                    log.info("reaper: sent %d webhook deliveries again", resent)
         except Exception:  # Postgres or Redis away: the next sweep tries again
             log.exception("reaper sweep failed")

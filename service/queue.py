@@ -26,6 +26,8 @@ from service.settings import get_settings
 
 JOB_TASK = "jobs.run"
 REAP_TASK = "jobs.reap"
+# Its own queue (`GATT_WEBHOOK_QUEUE`): a delivery must not wait behind a job on a busy GPU worker.
+WEBHOOK_TASK = "webhooks.deliver"
 
 
 def make_celery(broker_url: str | None = None) -> Celery:
@@ -36,7 +38,11 @@ def make_celery(broker_url: str | None = None) -> Celery:
         task_reject_on_worker_lost=True,
         worker_prefetch_multiplier=1,
         task_default_queue="default",
-        task_routes={JOB_TASK: {"queue": settings.job_queue}, REAP_TASK: {"queue": "default"}},
+        task_routes={
+            JOB_TASK: {"queue": settings.job_queue},
+            REAP_TASK: {"queue": "default"},
+            WEBHOOK_TASK: {"queue": settings.webhook_queue},
+        },
         broker_transport_options={"visibility_timeout": 6 * 3600},
         broker_connection_retry_on_startup=True,
         task_ignore_result=True,
@@ -60,6 +66,11 @@ def waiting_jobs() -> int:
 def send_job(job_id: UUID) -> None:
     """Hand a committed job to the workers: a `jobs.run` message holding its id."""
     client().send_task(JOB_TASK, args=[str(job_id)])
+
+
+def send_webhook(delivery_id: UUID) -> None:
+    """Hand a committed webhook delivery to the workers: a `webhooks.deliver` message holding its id."""
+    client().send_task(WEBHOOK_TASK, args=[str(delivery_id)])
 
 
 def waiting_messages(app: Celery, queue: str) -> int:

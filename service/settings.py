@@ -158,6 +158,38 @@ class Settings(BaseSettings):
     team_max_instruction_sets: int = Field(
         default=100, gt=0, description="Instruction sets one team may store."
     )
+    team_max_webhooks: int = Field(
+        default=10, gt=0, description="Webhook endpoints one team may have (app/core/quotas.py)."
+    )
+    webhook_allow_hosts: list[str] = Field(
+        default_factory=list,
+        description="Webhook targets allowed although they are not public addresses: host names (exact) "
+        "or CIDRs (`10.0.0.0/8`, `127.0.0.1/32`). Empty: only hosts whose every address is public. "
+        'From the environment as JSON: GATT_WEBHOOK_ALLOW_HOSTS=\'["hooks.internal", "10.1.0.0/16"]\'.',
+    )
+    webhook_queue: str = Field(
+        default="webhooks",
+        description="Celery queue of `webhooks.deliver`: its own, so that deliveries do not wait behind "
+        "a job on a busy GPU worker.",
+    )
+    webhook_timeout_s: float = Field(
+        default=10.0, gt=0, le=60, description="Connect, write and read timeout of one delivery attempt."
+    )
+    webhook_max_attempts: int = Field(
+        default=8, gt=0, le=20, description="Attempts per delivery before it is marked failed."
+    )
+    webhook_backoff_s: float = Field(
+        default=10.0,
+        gt=0,
+        le=3600,
+        description="Wait before the first retry of a delivery; it doubles after each failed attempt, up "
+        "to 6 hours.",
+    )
+    public_url: str = Field(
+        default="",
+        description="The API's public base URL (`https://gatt.example.com`), put in front of the links in "
+        "webhook payloads (a checkpoint's `download_url`); empty: the links are paths.",
+    )
     rate_limit_per_s: float = Field(
         default=20.0,
         ge=0,

@@ -8,10 +8,10 @@ from typing import Any
 
 from celery import signals
 
-from service.queue import JOB_TASK, REAP_TASK, make_celery
+from service.queue import JOB_TASK, REAP_TASK, WEBHOOK_TASK, make_celery
 from workers.threads import size_torch_threads
 
-__all__ = ["JOB_TASK", "REAP_TASK", "celery"]
+__all__ = ["JOB_TASK", "REAP_TASK", "WEBHOOK_TASK", "celery"]
 
 celery = make_celery()
 

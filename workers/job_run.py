@@ -25,7 +25,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from service.db import session_scope
 from service.models import JobStage, JobStatus
-from service.repositories import jobs
+from service.repositories import jobs, webhooks
 from service.settings import Settings
 from workers.artifact_sync import ScratchSync
 from workers.engine.hooks import Hooks, Stage, Stopped
@@ -80,6 +80,11 @@ def end_run(
             jobs.add_event(s, job_id, "error" if failed else "info", kind, message, None)
 
     transaction(factory, lease_s, end, what=f"job {job_id}")
+
+
+def checkpoint_url(settings: Settings, job_id: uuid.UUID, step: int) -> str:
+    """Where a team downloads a checkpoint (`GET /v1/jobs/{id}/checkpoints/{step}/archive`)."""
+    return f"{settings.public_url.rstrip('/')}/v1/jobs/{job_id}/checkpoints/{step}/archive"
 
 
 class JobRun:
@@ -244,6 +249,8 @@ class JobRun:
                 if not (root / row.path).is_dir():
                     jobs.unlist_checkpoint(s, row)
             jobs.add_event(s, self.job_id, "info", "checkpoint", f"checkpoint at step {step}", {"step": step})
+            # The outbox: announced in the transaction that lists it (and once per step).
+            webhooks.record_checkpoint(s, self.job_id, step, checkpoint_url(self.settings, self.job_id, step))
             return True
 
         if not self._tx(write):

@@ -29,7 +29,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from gatt.errors import GattError
-from service import scheduling
+from service import scheduling, webhooks
 from service.db import make_engine, make_sessionmaker, session_scope
 from service.models import Job, JobStatus
 from service.queue import waiting_messages
@@ -38,7 +38,7 @@ from service.repositories import corpora, instruction_sets, jobs
 from service.settings import Settings, get_settings
 from service.storage import StoreError, job_dir, job_key, remote_store
 from workers.artifact_sync import ScratchSync
-from workers.celery_app import JOB_TASK, REAP_TASK, celery
+from workers.celery_app import JOB_TASK, REAP_TASK, WEBHOOK_TASK, celery
 from workers.engine.hooks import Stopped
 from workers.job_run import JobRun, end_run, transaction, transient_db_error
 from workers.redact import server_paths
@@ -52,7 +52,14 @@ def sessions():
     global _factory
     if _factory is None:
         _factory = make_sessionmaker(make_engine(get_settings()))
+        # Webhook events recorded by this worker's transactions (a job's ending, a checkpoint) are
+        # sent once they commit; the reaper sends any whose message is lost.
+        webhooks.send_after_commit(_factory, send_webhook)
     return _factory
+
+
+def send_webhook(delivery_id: uuid.UUID, countdown: float | None = None) -> None:
+    celery.send_task(WEBHOOK_TASK, args=[str(delivery_id)], countdown=countdown)
 
 
 def prepare_config(job: Job, settings: Settings, out: Path, factory: sessionmaker[Session] | None = None):
@@ -219,10 +226,24 @@ def _fail(
     end_run(factory, settings.lease_s, jid, owner, JobStatus.FAILED, code, message[:4000])
 
 
+@celery.task(name=WEBHOOK_TASK)
+def deliver_webhook_task(delivery_id: str) -> str:
+    """One attempt of a webhook delivery (service/webhooks.py); a failed one that has attempts left
+    is sent again with the backoff as its countdown (and the reaper sends it should that be lost)."""
+    did = uuid.UUID(delivery_id)
+    retry_in = webhooks.deliver(sessions(), get_settings(), did)
+    if retry_in is None:
+        return "done"
+    send_webhook(did, countdown=retry_in)
+    return f"retry in {retry_in:g} s"
+
+
 @celery.task(name=REAP_TASK)
 def reap_task() -> int:
-    """Send again the jobs that need a worker; returns how many."""
+    """Send again the jobs that need a worker, and the webhook deliveries whose message was lost;
+    returns how many jobs."""
     settings = get_settings()
+    webhooks.resend_overdue(sessions(), timedelta(seconds=settings.lease_s), send_webhook)
     return reap(
         sessions(),
         timedelta(seconds=settings.lease_s),

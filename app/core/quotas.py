@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 
 from app.core.errors import AppError
 from service.models import Team
-from service.repositories import auth, corpora, instruction_sets, jobs
+from service.repositories import auth, corpora, instruction_sets, jobs, webhooks
 from service.settings import Settings
 
 
@@ -75,4 +75,13 @@ def check_instruction_set(session: Session, team: Team, settings: Settings) -> N
             limit,
             used,
             f"The team stores {used} instruction sets, its limit; delete one first.",
+        )
+
+
+def check_webhook(session: Session, team: Team, settings: Settings) -> None:
+    auth.lock_team(session, team.id)
+    used, limit = webhooks.count(session, team.id), settings.team_max_webhooks
+    if used >= limit:
+        raise QuotaExceeded(
+            "webhooks", limit, used, f"The team has {used} webhook endpoints, its limit; delete one first."
         )

@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session
 
 from service.models import ACTIVE_JOB_STATUSES, Checkpoint, Job, JobEvent, JobMetric, JobStatus
 from service.pagination import PageParams, PageResult, keyset_page
+from service.repositories import webhooks
 
 TERMINAL = (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
 # Postgres NOTIFY channel: the id of a job that has a new event or metric, sent when it commits
@@ -98,7 +99,10 @@ def cancel_queued(session: Session, id: uuid.UUID) -> bool:
         .where(Job.id == id, Job.status == JobStatus.QUEUED)
         .values(status=JobStatus.CANCELLED, cancel_requested=True, finished_at=t, updated_at=t)
     )
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    _ended(session, id)
+    return True
 
 
 def request_cancel(session: Session, id: uuid.UUID) -> bool:
@@ -163,7 +167,17 @@ def finish(session: Session, id: uuid.UUID, owner: str, status: JobStatus, **fie
         .where(Job.id == id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING)
         .values(status=status, finished_at=t, updated_at=t, lease_expires_at=None, eta_s=None, **fields)
     )
-    return result.rowcount == 1  # type: ignore[attr-defined]
+    if result.rowcount != 1:  # type: ignore[attr-defined]
+        return False
+    _ended(session, id)
+    return True
+
+
+def _ended(session: Session, id: uuid.UUID) -> None:
+    """Every ending of a job goes through here: its webhook event is recorded in the same
+    transaction as the transition (an outbox), so an ending is never announced without happening,
+    nor happens without being announced."""
+    webhooks.record_job_ended(session, id)
 
 
 def status(session: Session, id: uuid.UUID) -> JobStatus | None:
@@ -321,6 +335,7 @@ def requeue_owned(session: Session, owner_prefix: str, message: str) -> list[uui
         )
     ):
         add_event(session, id, "info", "cancelled", "cancelled; its worker stopped", None)
+        _ended(session, id)
     stmt = (
         update(Job)
         .where(*owned)
@@ -377,4 +392,5 @@ def cancel_abandoned(session: Session) -> int:
     ids = list(session.scalars(stmt))
     for id in ids:
         add_event(session, id, "info", "cancelled", "cancelled; its worker had stopped", None)
+        _ended(session, id)
     return len(ids)

@@ -1,0 +1,1 @@
+"""Webhook endpoints: signed notifications of job endings and checkpoints (docs/webhooks.md)."""

@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+
+from sqlalchemy.orm import Session
+
+from app.core import quotas
+from app.core.errors import NotFound, Unprocessable
+from service import webhooks as delivery
+from service.models import Team, WebhookDelivery, WebhookEndpoint
+from service.pagination import PageParams, PageResult
+from service.repositories import webhooks as repository
+from service.settings import Settings
+
+# After a rotation the old secret signs too for this long, so receivers can switch without a gap.
+OLD_SECRET_GRACE = timedelta(hours=24)
+
+
+def create(
+    session: Session, team: Team, url: str, event_types: list[str], settings: Settings
+) -> WebhookEndpoint:
+    """Check the URL (SSRF rules, service/webhooks.py) and the team's quota, then store the endpoint
+    with a new secret. Nothing is stored when either fails."""
+    try:
+        delivery.check_url(url, settings.webhook_allow_hosts)
+    except delivery.UrlRefused as e:
+        raise Unprocessable(
+            f"The webhook URL is refused: {e}.", code="invalid_webhook_url", param="url"
+        ) from e
+    quotas.check_webhook(session, team, settings)
+    unique = list(dict.fromkeys(event_types))
+    return repository.add(session, team.id, url, unique, delivery.new_secret())
+
+
+def get(session: Session, team: Team, id: uuid.UUID, *, for_update: bool = False) -> WebhookEndpoint:
+    row = repository.get(session, team.id, id, for_update=for_update)
+    if row is None:
+        raise NotFound("No such webhook.", param="webhook_id")
+    return row
+
+
+def list_page(session: Session, team: Team, params: PageParams) -> PageResult[WebhookEndpoint]:
+    return repository.page(session, team.id, params)
+
+
+def delete(session: Session, team: Team, id: uuid.UUID) -> None:
+    repository.remove(session, get(session, team, id, for_update=True))
+
+
+def rotate_secret(session: Session, team: Team, id: uuid.UUID) -> WebhookEndpoint:
+    row = get(session, team, id, for_update=True)
+    repository.rotate(session, row, delivery.new_secret(), datetime.now(UTC) + OLD_SECRET_GRACE)
+    return row
+
+
+def deliveries(
+    session: Session, team: Team, id: uuid.UUID, params: PageParams
+) -> PageResult[WebhookDelivery]:
+    return repository.deliveries(session, get(session, team, id).id, params)
