@@ -182,3 +182,22 @@ def test_a_checkpoint_unpacks_only_when_every_file_matches_its_manifest(tmp_path
         with pytest.raises(ChecksumMismatch):
             unpack_verified(archive_path, tmp_path / "bad", manifest)
     assert not any((tmp_path / "bad").iterdir())  # nothing of a refused checkpoint stays
+
+
+def test_webhooks_through_the_client(database_url, tmp_path):
+    settings = Settings(database_url=database_url, artifact_dir=tmp_path, webhook_allow_hosts=["127.0.0.2/32"])
+    app = create_app(settings, enqueue=lambda job_id: None, send_webhook_delivery=lambda delivery_id: None)
+    tenant = make_tenant(app.state.sessionmaker)
+    with serving(app) as port, Client(f"http://127.0.0.1:{port}", tenant.key) as client:
+        with pytest.raises(Unprocessable) as refused:  # loopback, and not on the operator's list
+            client.webhooks.create("http://127.0.0.1:9/hook", ["job.succeeded"])
+        assert refused.value.code == "invalid_webhook_url" and refused.value.param == "url"
+        created = client.webhooks.create("http://127.0.0.2:9/hook", ["job.succeeded", "checkpoint.created"])
+        assert created.secret.startswith("whsec_")
+        assert [w.id for w in client.webhooks.list()] == [created.id]
+        rotated = client.webhooks.rotate_secret(created.id)
+        assert rotated.secret != created.secret and client.webhooks.get(created.id).url == created.url
+        assert list(client.webhooks.deliveries(created.id)) == []
+        client.webhooks.delete(created.id)
+        with pytest.raises(NotFound):
+            client.webhooks.get(created.id)

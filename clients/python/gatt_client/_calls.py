@@ -238,3 +238,40 @@ def list_checkpoints(job_id: Id) -> Call[m.CheckpointList]:
 def download_checkpoint(job_id: Id, step: int) -> Call[None]:
     """Sent with a streaming client (`Client.jobs.download_checkpoint`); `parse` is never called."""
     return Call("GET", f"/v1/jobs/{job_id}/checkpoints/{step}/archive", _none)
+
+
+# --- webhooks -------------------------------------------------------------------------------
+
+
+@operation
+def create_webhook(url: str, event_types: Iterable[str]) -> Call[m.WebhookWithSecret]:
+    body = m.WebhookCreate.model_validate({"url": url, "event_types": list(event_types)})
+    return Call("POST", "/v1/webhooks", _model(m.WebhookWithSecret), json=_dump(body))
+
+
+@operation
+def list_webhooks(after: str | None = None, limit: int | None = None) -> Call[m.WebhookList]:
+    return Call("GET", "/v1/webhooks", _model(m.WebhookList), _params(after=after, limit=limit))
+
+
+@operation
+def get_webhook(webhook_id: Id) -> Call[m.Webhook]:
+    return Call("GET", f"/v1/webhooks/{webhook_id}", _model(m.Webhook))
+
+
+@operation
+def delete_webhook(webhook_id: Id) -> Call[None]:
+    return Call("DELETE", f"/v1/webhooks/{webhook_id}", _none)
+
+
+@operation
+def rotate_webhook_secret(webhook_id: Id) -> Call[m.WebhookWithSecret]:
+    return Call("POST", f"/v1/webhooks/{webhook_id}/rotate-secret", _model(m.WebhookWithSecret))
+
+
+@operation
+def list_webhook_deliveries(
+    webhook_id: Id, after: str | None = None, limit: int | None = None
+) -> Call[m.DeliveryList]:
+    params = _params(after=after, limit=limit)
+    return Call("GET", f"/v1/webhooks/{webhook_id}/deliveries", _model(m.DeliveryList), params)

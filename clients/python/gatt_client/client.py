@@ -3,7 +3,7 @@ script would otherwise write around each call: the key, retries on 429/503 after
 typed errors, pages followed to the end, waiting on a job with `If-None-Match`, its event stream
 resumed with `Last-Event-ID`, and checkpoint downloads verified against their manifest.
 
-Both clients have the same resources (`corpora`, `instruction_sets`, `jobs`) and methods; the async
+Both clients have the same resources (`corpora`, `instruction_sets`, `jobs`, `webhooks`) and methods; the async
 ones are coroutines and async iterators.
 """
 
@@ -115,6 +115,7 @@ class Client:
         self.corpora = Corpora(self)
         self.instruction_sets = InstructionSets(self)
         self.jobs = Jobs(self)
+        self.webhooks = Webhooks(self)
 
     def __enter__(self) -> Client:
         return self
@@ -359,6 +360,32 @@ class Jobs:
             return unpack_verified(Path(archive.name), dest, listed.manifest)
 
 
+class Webhooks:
+    """Endpoints that receive `job.succeeded`, `job.failed`, `job.cancelled` and
+    `checkpoint.created`, signed per Standard Webhooks with the secret `create` returns once."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def create(self, url: str, event_types: Iterable[str]) -> m.WebhookWithSecret:
+        return self._c.request(ops.create_webhook(url, event_types))
+
+    def list(self, limit: int | None = None) -> Iterator[m.Webhook]:
+        return self._c._pages(lambda after: ops.list_webhooks(after, limit))
+
+    def get(self, webhook_id: ops.Id) -> m.Webhook:
+        return self._c.request(ops.get_webhook(webhook_id))
+
+    def delete(self, webhook_id: ops.Id) -> None:
+        self._c.request(ops.delete_webhook(webhook_id))
+
+    def rotate_secret(self, webhook_id: ops.Id) -> m.WebhookWithSecret:
+        return self._c.request(ops.rotate_webhook_secret(webhook_id))
+
+    def deliveries(self, webhook_id: ops.Id, limit: int | None = None) -> Iterator[m.Delivery]:
+        return self._c._pages(lambda after: ops.list_webhook_deliveries(webhook_id, after, limit))
+
+
 def _pick(checkpoints: list[m.CheckpointOut], step: int | None, job_id: ops.Id) -> m.CheckpointOut:
     if not checkpoints:
         raise GattError(f"job {job_id} has no checkpoint yet")
@@ -392,6 +419,7 @@ class AsyncClient:
         self.corpora = AsyncCorpora(self)
         self.instruction_sets = AsyncInstructionSets(self)
         self.jobs = AsyncJobs(self)
+        self.webhooks = AsyncWebhooks(self)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -610,3 +638,26 @@ class AsyncJobs:
                     archive.write(chunk)
             archive.flush()
             return unpack_verified(Path(archive.name), dest, listed.manifest)
+
+
+class AsyncWebhooks:
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def create(self, url: str, event_types: Iterable[str]) -> m.WebhookWithSecret:
+        return await self._c.request(ops.create_webhook(url, event_types))
+
+    def list(self, limit: int | None = None) -> AsyncIterator[m.Webhook]:
+        return self._c._pages(lambda after: ops.list_webhooks(after, limit))
+
+    async def get(self, webhook_id: ops.Id) -> m.Webhook:
+        return await self._c.request(ops.get_webhook(webhook_id))
+
+    async def delete(self, webhook_id: ops.Id) -> None:
+        await self._c.request(ops.delete_webhook(webhook_id))
+
+    async def rotate_secret(self, webhook_id: ops.Id) -> m.WebhookWithSecret:
+        return await self._c.request(ops.rotate_webhook_secret(webhook_id))
+
+    def deliveries(self, webhook_id: ops.Id, limit: int | None = None) -> AsyncIterator[m.Delivery]:
+        return self._c._pages(lambda after: ops.list_webhook_deliveries(webhook_id, after, limit))

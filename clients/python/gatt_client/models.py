@@ -357,6 +357,12 @@ class DataOptions(BaseModel):
     ] = 'sampled'
 
 
+class DeliveryStatus(StrEnum):
+    pending = 'pending'
+    delivered = 'delivered'
+    failed = 'failed'
+
+
 class EchoRow(BaseModel):
     model_config = ConfigDict(
         extra='forbid',
@@ -1982,6 +1988,34 @@ class ValuesConfig(BaseModel):
     ] = 0.7
 
 
+class WebhookEvent(StrEnum):
+    job_succeeded = 'job.succeeded'
+    job_failed = 'job.failed'
+    job_cancelled = 'job.cancelled'
+    checkpoint_created = 'checkpoint.created'
+
+
+class WebhookWithSecret(BaseModel):
+    created_at: Annotated[AwareDatetime, Field(title='Created At')]
+    event_types: Annotated[
+        list[WebhookEvent],
+        Field(description='The events sent to it.', title='Event Types'),
+    ]
+    id: Annotated[UUID, Field(description='The webhook endpoint id.', title='Id')]
+    secret: Annotated[
+        str,
+        Field(
+            description="The signing secret (`whsec_...`), shown only in this answer: verify each message's `webhook-signature` with it (Standard Webhooks).",
+            title='Secret',
+        ),
+    ]
+    updated_at: Annotated[
+        AwareDatetime,
+        Field(description='Last change (a secret rotation).', title='Updated At'),
+    ]
+    url: Annotated[str, Field(description='Where events are POSTed.', title='Url')]
+
+
 class CandidateRow(BaseModel):
     model_config = ConfigDict(
         extra='forbid',
@@ -2196,6 +2230,84 @@ class DefaultInstructionSet(BaseModel):
         Field(
             description='The paper-style default set: hobby, language and public-figure families. A job without an instruction_set_id uses it.',
             title='Spec',
+        ),
+    ]
+
+
+class Delivery(BaseModel):
+    attempts: Annotated[
+        int, Field(description='Attempts made so far.', title='Attempts')
+    ]
+    created_at: Annotated[
+        AwareDatetime,
+        Field(description='When the event was recorded.', title='Created At'),
+    ]
+    delivered_at: Annotated[AwareDatetime | None, Field(title='Delivered At')]
+    event_id: Annotated[
+        str,
+        Field(
+            description='The `webhook-id` header: the same on every attempt; de-duplicate on it.',
+            title='Event Id',
+        ),
+    ]
+    event_type: WebhookEvent
+    id: Annotated[
+        UUID,
+        Field(description='The delivery id (one event to one endpoint).', title='Id'),
+    ]
+    last_error: Annotated[
+        str | None,
+        Field(
+            description='Why the last attempt failed, if it did.', title='Last Error'
+        ),
+    ]
+    last_status_code: Annotated[
+        int | None,
+        Field(
+            description='HTTP status of the last attempt; null if none answered.',
+            title='Last Status Code',
+        ),
+    ]
+    next_attempt_at: Annotated[
+        AwareDatetime | None,
+        Field(
+            description='When it is sent (again); null once delivered or failed.',
+            title='Next Attempt At',
+        ),
+    ]
+    payload: Annotated[
+        dict[str, Any],
+        Field(
+            description='The JSON body sent: `{type, timestamp, data}`.',
+            title='Payload',
+        ),
+    ]
+    status: Annotated[
+        DeliveryStatus,
+        Field(
+            description='`pending` (to be sent), `delivered` (a 2xx), `failed` (attempts used up).'
+        ),
+    ]
+
+
+class DeliveryList(BaseModel):
+    """
+    One page of an endpoint's deliveries, newest first.
+    """
+
+    data: Annotated[
+        list[Delivery],
+        Field(description='The items of this page, newest first.', title='Data'),
+    ]
+    has_more: Annotated[
+        bool,
+        Field(description='Whether more items follow this page.', title='Has More'),
+    ]
+    next_after: Annotated[
+        str | None,
+        Field(
+            description='Pass as `after` to get the next page; null when `has_more` is false.',
+            title='Next After',
         ),
     ]
 
@@ -2442,6 +2554,66 @@ class TurnRow(BaseModel):
     ]
     turn: Annotated[
         int, Field(description='The assistant turn sampled, from 0.', title='Turn')
+    ]
+
+
+class Webhook(BaseModel):
+    created_at: Annotated[AwareDatetime, Field(title='Created At')]
+    event_types: Annotated[
+        list[WebhookEvent],
+        Field(description='The events sent to it.', title='Event Types'),
+    ]
+    id: Annotated[UUID, Field(description='The webhook endpoint id.', title='Id')]
+    updated_at: Annotated[
+        AwareDatetime,
+        Field(description='Last change (a secret rotation).', title='Updated At'),
+    ]
+    url: Annotated[str, Field(description='Where events are POSTed.', title='Url')]
+
+
+class WebhookCreate(BaseModel):
+    model_config = ConfigDict(
+        extra='forbid',
+    )
+    event_types: Annotated[
+        list[WebhookEvent],
+        Field(
+            description='The events to send: `job.succeeded`, `job.failed`, `job.cancelled`, `checkpoint.created`.',
+            max_length=4,
+            min_length=1,
+            title='Event Types',
+        ),
+    ]
+    url: Annotated[
+        str,
+        Field(
+            description='Where events are POSTed: an http(s) URL whose host resolves only to public addresses (the operator may allow others). Redirects are not followed.',
+            max_length=2048,
+            min_length=1,
+            title='Url',
+        ),
+    ]
+
+
+class WebhookList(BaseModel):
+    """
+    One page of the team's webhook endpoints, newest first.
+    """
+
+    data: Annotated[
+        list[Webhook],
+        Field(description='The items of this page, newest first.', title='Data'),
+    ]
+    has_more: Annotated[
+        bool,
+        Field(description='Whether more items follow this page.', title='Has More'),
+    ]
+    next_after: Annotated[
+        str | None,
+        Field(
+            description='Pass as `after` to get the next page; null when `has_more` is false.',
+            title='Next After',
+        ),
     ]
 
 
