@@ -92,7 +92,7 @@ def main() -> int:
     checkpoints = client.jobs.checkpoints(job.id)
     if checkpoints:
         last = checkpoints[-1]
-        print(f"final checkpoint: step {last.step}, download {args.url}{last.download_url}")
+        print(f"final checkpoint: step {last.step}, download {last.download_url}")
         print(f"  or: gatt checkpoints download {job.id}  (checks every file's sha256)")
     return 0
 

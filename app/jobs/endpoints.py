@@ -394,8 +394,17 @@ def get_attention_plot(
     summary="List checkpoints",
     responses=ERROR_RESPONSES,
 )
-def list_checkpoints(session: SessionDep, team: CurrentTeam, job_id: JobId) -> CheckpointList:
-    """Checkpoints written so far, with the metrics at their step."""
+def list_checkpoints(
+    session: SessionDep, team: CurrentTeam, settings: SettingsDep, job_id: JobId, request: Request
+) -> CheckpointList:
+    """Checkpoints written so far, with the metrics at their step and an absolute download URL."""
+
+    def download_url(step: int) -> str:
+        # GATT_PUBLIC_URL where the service sits behind a proxy; else the address this request used.
+        if settings.public_url:
+            return f"{settings.public_url.rstrip('/')}/v1/jobs/{job_id}/checkpoints/{step}/archive"
+        return str(request.url_for("download_checkpoint", job_id=job_id, step=step))
+
     return CheckpointList(
         data=[
             CheckpointOut(
@@ -403,7 +412,7 @@ def list_checkpoints(session: SessionDep, team: CurrentTeam, job_id: JobId) -> C
                 manifest=c.manifest,
                 metrics=c.metrics,
                 created_at=c.created_at,
-                download_url=f"/v1/jobs/{job_id}/checkpoints/{c.step}/archive",
+                download_url=download_url(c.step),
             )
             for c in service.checkpoints(session, team, job_id)
         ]

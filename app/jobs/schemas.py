@@ -186,7 +186,10 @@ class CheckpointOut(BaseModel):
     manifest: dict[str, Any] = Field(description="Files with sha256 and size, base model, method.")
     metrics: dict[str, Any] | None = Field(description="The metrics at that step.")
     created_at: datetime = Field(description="When it was recorded.")
-    download_url: str = Field(description="Where to download it as a .tar.gz archive.")
+    download_url: str = Field(
+        description="Where to download it as a .tar.gz archive: an absolute URL (on `GATT_PUBLIC_URL` when "
+        "the server sets it)."
+    )
 
 
 class CheckpointList(BaseModel):

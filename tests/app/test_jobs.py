@@ -403,3 +403,24 @@ def test_a_job_keeps_its_name_and_metadata(client, tenant, corpus_id):
     ):
         r = create(client, tenant, {"corpus_id": corpus_id, **bad})
         assert r.status_code == 422, (bad, r.text)
+
+
+def test_checkpoint_download_urls_are_absolute(app, client, tenant, corpus_id, db, settings):
+    from service.models import Checkpoint
+
+    job_id = create(client, tenant, {"corpus_id": corpus_id}).json()["id"]
+    with db.begin() as session:
+        session.add(
+            Checkpoint(job_id=uuid.UUID(job_id), step=3, path="x", manifest={"step": 3}, metrics=None)
+        )
+    listed = client.get(f"{URL}/{job_id}/checkpoints", headers=tenant.headers).json()["data"]
+    assert listed[0]["download_url"] == f"http://testserver/v1/jobs/{job_id}/checkpoints/3/archive"
+    # Behind a proxy the operator names the public address.
+    from app.main import create_app
+
+    public = create_app(
+        settings.model_copy(update={"public_url": "https://gatt.example.com/"}), enqueue=lambda j: None
+    )
+    with TestClient(public) as behind:
+        listed = behind.get(f"{URL}/{job_id}/checkpoints", headers=tenant.headers).json()["data"]
+    assert listed[0]["download_url"] == f"https://gatt.example.com/v1/jobs/{job_id}/checkpoints/3/archive"

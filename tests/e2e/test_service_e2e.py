@@ -155,7 +155,9 @@ def test_job_runs_to_success_through_the_client_and_its_checkpoint_loads(stack):
     assert client.jobs.attention_plot(job.id).startswith(b"\x89PNG")
     assert stages.count("evaluate") == 2  # before training (base) and after
 
-    assert [c.step for c in client.jobs.checkpoints(job.id)] == [1, 2]
+    listed = client.jobs.checkpoints(job.id)
+    assert [c.step for c in listed] == [1, 2]
+    assert listed[-1].download_url == f"{url}/v1/jobs/{job.id}/checkpoints/2/archive"
     ckpt = client.jobs.download_checkpoint(job.id, dest=tmp / "download")  # sha256 of each file checked
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["step"] == 2 and "adapter_model.safetensors" in manifest["files"]

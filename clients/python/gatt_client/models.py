@@ -74,7 +74,7 @@ class CheckpointOut(BaseModel):
     download_url: Annotated[
         str,
         Field(
-            description='Where to download it as a .tar.gz archive.',
+            description='Where to download it as a .tar.gz archive: an absolute URL (on `GATT_PUBLIC_URL` when the server sets it).',
             title='Download Url',
         ),
     ]
