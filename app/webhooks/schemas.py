@@ -29,7 +29,7 @@ class Webhook(BaseModel):
     id: UUID = Field(description="The webhook endpoint id.")
     url: str = Field(description="Where events are POSTed.")
     event_types: list[WebhookEvent] = Field(description="The events sent to it.")
-    created_at: datetime
+    created_at: datetime = Field(description="When the endpoint was created.")
     updated_at: datetime = Field(description="Last change (a secret rotation).")
 
     @classmethod
@@ -63,7 +63,9 @@ class Delivery(BaseModel):
     event_id: str = Field(
         description="The `webhook-id` header: the same on every attempt; de-duplicate on it."
     )
-    event_type: WebhookEvent
+    event_type: WebhookEvent = Field(
+        description="`job.succeeded`, `job.failed`, `job.cancelled` or `checkpoint.created`."
+    )
     status: DeliveryStatus = Field(
         description="`pending` (to be sent), `delivered` (a 2xx), `failed` (attempts used up)."
     )
@@ -75,7 +77,7 @@ class Delivery(BaseModel):
     next_attempt_at: datetime | None = Field(
         description="When it is sent (again); null once delivered or failed."
     )
-    delivered_at: datetime | None
+    delivered_at: datetime | None = Field(description="When the endpoint acknowledged it (a 2xx), if it did.")
     created_at: datetime = Field(description="When the event was recorded.")
     payload: dict = Field(description="The JSON body sent: `{type, timestamp, data}`.")
 

@@ -1996,7 +1996,10 @@ class WebhookEvent(StrEnum):
 
 
 class WebhookWithSecret(BaseModel):
-    created_at: Annotated[AwareDatetime, Field(title='Created At')]
+    created_at: Annotated[
+        AwareDatetime,
+        Field(description='When the endpoint was created.', title='Created At'),
+    ]
     event_types: Annotated[
         list[WebhookEvent],
         Field(description='The events sent to it.', title='Event Types'),
@@ -2242,7 +2245,13 @@ class Delivery(BaseModel):
         AwareDatetime,
         Field(description='When the event was recorded.', title='Created At'),
     ]
-    delivered_at: Annotated[AwareDatetime | None, Field(title='Delivered At')]
+    delivered_at: Annotated[
+        AwareDatetime | None,
+        Field(
+            description='When the endpoint acknowledged it (a 2xx), if it did.',
+            title='Delivered At',
+        ),
+    ]
     event_id: Annotated[
         str,
         Field(
@@ -2250,7 +2259,12 @@ class Delivery(BaseModel):
             title='Event Id',
         ),
     ]
-    event_type: WebhookEvent
+    event_type: Annotated[
+        WebhookEvent,
+        Field(
+            description='`job.succeeded`, `job.failed`, `job.cancelled` or `checkpoint.created`.'
+        ),
+    ]
     id: Annotated[
         UUID,
         Field(description='The delivery id (one event to one endpoint).', title='Id'),
@@ -2558,7 +2572,10 @@ class TurnRow(BaseModel):
 
 
 class Webhook(BaseModel):
-    created_at: Annotated[AwareDatetime, Field(title='Created At')]
+    created_at: Annotated[
+        AwareDatetime,
+        Field(description='When the endpoint was created.', title='Created At'),
+    ]
     event_types: Annotated[
         list[WebhookEvent],
         Field(description='The events sent to it.', title='Event Types'),
