@@ -125,6 +125,7 @@ def create_app(
                 "name": "webhooks",
                 "description": "Signed notifications (Standard Webhooks) of job endings and checkpoints.",
             },
+            {"name": "keys", "description": "The team's API keys: create, list and revoke them."},
             {"name": "health", "description": "Liveness and readiness probes."},
         ],
     )

@@ -158,6 +158,9 @@ class Settings(BaseSettings):
     team_max_instruction_sets: int = Field(
         default=100, gt=0, description="Instruction sets one team may store."
     )
+    team_max_api_keys: int = Field(
+        default=50, gt=0, description="Unrevoked API keys one team may have (app/core/quotas.py)."
+    )
     team_max_webhooks: int = Field(
         default=10, gt=0, description="Webhook endpoints one team may have (app/core/quotas.py)."
     )

@@ -85,3 +85,12 @@ def check_webhook(session: Session, team: Team, settings: Settings) -> None:
         raise QuotaExceeded(
             "webhooks", limit, used, f"The team has {used} webhook endpoints, its limit; delete one first."
         )
+
+
+def check_api_key(session: Session, team: Team, settings: Settings) -> None:
+    auth.lock_team(session, team.id)
+    used, limit = auth.count_active_keys(session, team.id), settings.team_max_api_keys
+    if used >= limit:
+        raise QuotaExceeded(
+            "api_keys", limit, used, f"The team has {used} API keys, its limit; revoke one first."
+        )

@@ -3,7 +3,7 @@ from __future__ import annotations
 import uuid
 from datetime import datetime
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from service.models import ApiKey, Team
@@ -48,3 +48,8 @@ def list_keys(session: Session, team_id: uuid.UUID) -> list[ApiKey]:
 def mark_revoked(session: Session, api_key: ApiKey, when: datetime) -> None:
     api_key.revoked_at = when
     session.flush()
+
+
+def count_active_keys(session: Session, team_id: uuid.UUID) -> int:
+    stmt = select(func.count()).select_from(ApiKey).where(ApiKey.team_id == team_id, ApiKey.revoked_at.is_(None))
+    return int(session.scalar(stmt) or 0)

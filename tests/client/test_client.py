@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from gatt_client import AsyncClient, ChecksumMismatch, Client, models
+from gatt_client import ApiError, AsyncClient, ChecksumMismatch, Client, models
 from gatt_client._archive import unpack_verified
 from gatt_client.errors import Conflict, NotFound, RateLimited, Unprocessable
 from pydantic import ValidationError
@@ -185,7 +185,9 @@ def test_a_checkpoint_unpacks_only_when_every_file_matches_its_manifest(tmp_path
 
 
 def test_webhooks_through_the_client(database_url, tmp_path):
-    settings = Settings(database_url=database_url, artifact_dir=tmp_path, webhook_allow_hosts=["127.0.0.2/32"])
+    settings = Settings(
+        database_url=database_url, artifact_dir=tmp_path, webhook_allow_hosts=["127.0.0.2/32"]
+    )
     app = create_app(settings, enqueue=lambda job_id: None, send_webhook_delivery=lambda delivery_id: None)
     tenant = make_tenant(app.state.sessionmaker)
     with serving(app) as port, Client(f"http://127.0.0.1:{port}", tenant.key) as client:
@@ -201,3 +203,37 @@ def test_webhooks_through_the_client(database_url, tmp_path):
         client.webhooks.delete(created.id)
         with pytest.raises(NotFound):
             client.webhooks.get(created.id)
+
+
+def test_keys_through_the_client_and_the_command_line(server, tenant, tmp_path):
+    import subprocess
+    import sys
+
+    url = server[0]
+    with Client(url, tenant.key) as client:
+        made = client.keys.create("ci")
+        assert made.key.startswith(f"gatt_{made.prefix}_")
+    # The command line, configured by a profile file only.
+    profile = tmp_path / "config.toml"
+    profile.write_text(f'[profiles.work]\nurl = "{url}"\napi_key = "{made.key}"\n')
+    env = {k: v for k, v in os.environ.items() if k not in ("GATT_URL", "GATT_API_KEY")}
+    env.update(GATT_CONFIG=str(profile), GATT_PROFILE="work")
+
+    def gatt(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "gatt_client", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+
+    listed = gatt("--json", "keys", "list")
+    assert listed.returncode == 0, listed.stderr
+    assert {json.loads(line)["prefix"] for line in listed.stdout.splitlines()} == {tenant.prefix, made.prefix}
+    assert gatt("keys", "revoke", tenant.prefix).stdout.strip() == f"{tenant.prefix} revoked"
+    with Client(url, tenant.key) as old, pytest.raises(ApiError) as refused:
+        old.keys.list()
+    assert refused.value.status_code == 401 and refused.value.code == "invalid_api_key"
+    missing = gatt("keys", "revoke", "zzzzzzzz")
+    assert missing.returncode == 1 and "404 not_found" in missing.stderr

@@ -194,7 +194,7 @@ def test_the_cli_runs_a_job_and_downloads_its_checkpoint(stack):
         "evaluation: {enabled: false}\n"
     )
     env = {**os.environ, "GATT_URL": url, "GATT_API_KEY": tenant.key, "GATT_CONFIG": str(tmp / "none.toml")}
-    gatt = [sys.executable, "-m", "gatt_client.cli"]
+    gatt = [sys.executable, "-m", "gatt_client"]
     followed = subprocess.run(
         [
             *gatt,

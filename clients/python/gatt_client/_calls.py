@@ -275,3 +275,22 @@ def list_webhook_deliveries(
 ) -> Call[m.DeliveryList]:
     params = _params(after=after, limit=limit)
     return Call("GET", f"/v1/webhooks/{webhook_id}/deliveries", _model(m.DeliveryList), params)
+
+
+# --- keys -----------------------------------------------------------------------------------
+
+
+@operation
+def create_key(name: str | None = None) -> Call[m.NewKey]:
+    body = m.KeyCreate.model_validate({"name": name} if name is not None else {})
+    return Call("POST", "/v1/keys", _model(m.NewKey), json=_dump(body))
+
+
+@operation
+def list_keys() -> Call[m.KeyList]:
+    return Call("GET", "/v1/keys", _model(m.KeyList))
+
+
+@operation
+def revoke_key(prefix: str) -> Call[m.Key]:
+    return Call("DELETE", f"/v1/keys/{prefix}", _model(m.Key))

@@ -36,10 +36,12 @@ corpora = typer.Typer(help="Upload and list dialogue corpora.", no_args_is_help=
 instruction_sets = typer.Typer(help="Create and list instruction sets.", no_args_is_help=True)
 jobs = typer.Typer(help="Create, follow and inspect jobs.", no_args_is_help=True)
 checkpoints = typer.Typer(help="List and download checkpoints.", no_args_is_help=True)
+keys = typer.Typer(help="The team's API keys.", no_args_is_help=True)
 app.add_typer(corpora, name="corpora")
 app.add_typer(instruction_sets, name="instruction-sets")
 app.add_typer(jobs, name="jobs")
 app.add_typer(checkpoints, name="checkpoints")
+app.add_typer(keys, name="keys")
 
 
 class State:
@@ -273,9 +275,37 @@ def checkpoints_download(
     _out({"path": str(path)}, str(path))
 
 
+# --- keys -----------------------------------------------------------------------------------
+
+
+@keys.command("create")
+def keys_create(name: Annotated[str | None, typer.Option(help="A label for the key.")] = None) -> None:
+    """Make a key for your team and print it: it is not shown again."""
+    new = state.client.keys.create(name)
+    _out(new, new.key)
+
+
+@keys.command("list")
+def keys_list() -> None:
+    for key in state.client.keys.list():
+        revoked = f"  revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else ""
+        _out(key, f"{key.prefix}  {key.created_at:%Y-%m-%d}  {key.name or ''}{revoked}")
+
+
+@keys.command("revoke")
+def keys_revoke(prefix: str) -> None:
+    """Revoke a key by its prefix (the 8 characters after `gatt_`)."""
+    key = state.client.keys.revoke(prefix)
+    _out(key, f"{key.prefix} revoked")
+
+
 def main() -> None:
     try:
         app()
     except GattError as e:
         typer.echo(f"error: {e}", err=True)
         sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -3,7 +3,7 @@ script would otherwise write around each call: the key, retries on 429/503 after
 typed errors, pages followed to the end, waiting on a job with `If-None-Match`, its event stream
 resumed with `Last-Event-ID`, and checkpoint downloads verified against their manifest.
 
-Both clients have the same resources (`corpora`, `instruction_sets`, `jobs`, `webhooks`) and methods; the async
+Both clients have the same resources (`corpora`, `instruction_sets`, `jobs`, `webhooks`, `keys`) and methods; the async
 ones are coroutines and async iterators.
 """
 
@@ -116,6 +116,7 @@ class Client:
         self.instruction_sets = InstructionSets(self)
         self.jobs = Jobs(self)
         self.webhooks = Webhooks(self)
+        self.keys = Keys(self)
 
     def __enter__(self) -> Client:
         return self
@@ -386,6 +387,22 @@ class Webhooks:
         return self._c._pages(lambda after: ops.list_webhook_deliveries(webhook_id, after, limit))
 
 
+class Keys:
+    """The team's API keys: `create` returns the key once; `revoke` takes its prefix."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def create(self, name: str | None = None) -> m.NewKey:
+        return self._c.request(ops.create_key(name))
+
+    def list(self) -> list[m.Key]:
+        return list(self._c.request(ops.list_keys()).data)
+
+    def revoke(self, prefix: str) -> m.Key:
+        return self._c.request(ops.revoke_key(prefix))
+
+
 def _pick(checkpoints: list[m.CheckpointOut], step: int | None, job_id: ops.Id) -> m.CheckpointOut:
     if not checkpoints:
         raise GattError(f"job {job_id} has no checkpoint yet")
@@ -420,6 +437,7 @@ class AsyncClient:
         self.instruction_sets = AsyncInstructionSets(self)
         self.jobs = AsyncJobs(self)
         self.webhooks = AsyncWebhooks(self)
+        self.keys = AsyncKeys(self)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -661,3 +679,17 @@ class AsyncWebhooks:
 
     def deliveries(self, webhook_id: ops.Id, limit: int | None = None) -> AsyncIterator[m.Delivery]:
         return self._c._pages(lambda after: ops.list_webhook_deliveries(webhook_id, after, limit))
+
+
+class AsyncKeys:
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def create(self, name: str | None = None) -> m.NewKey:
+        return await self._c.request(ops.create_key(name))
+
+    async def list(self) -> list[m.Key]:
+        return list((await self._c.request(ops.list_keys())).data)
+
+    async def revoke(self, prefix: str) -> m.Key:
+        return await self._c.request(ops.revoke_key(prefix))

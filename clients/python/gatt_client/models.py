@@ -967,6 +967,60 @@ class JobStatus(StrEnum):
     cancelled = 'cancelled'
 
 
+class Key(BaseModel):
+    created_at: Annotated[
+        AwareDatetime, Field(description='When it was made.', title='Created At')
+    ]
+    name: Annotated[
+        str | None, Field(description='The label given at creation.', title='Name')
+    ]
+    prefix: Annotated[
+        str,
+        Field(
+            description='The 8 characters after `gatt_`: safe to show and log.',
+            title='Prefix',
+        ),
+    ]
+    revoked_at: Annotated[
+        AwareDatetime | None,
+        Field(
+            description='When it was revoked; it no longer authenticates.',
+            title='Revoked At',
+        ),
+    ]
+
+
+Name2 = TypeAliasType(
+    "Name2",
+    Annotated[
+        str,
+        Field(
+            description="A label, e.g. 'ci' or 'nightly'.", max_length=100, title='Name'
+        ),
+    ],
+)
+
+
+class KeyCreate(BaseModel):
+    model_config = ConfigDict(
+        extra='forbid',
+    )
+    name: Annotated[
+        Name2 | None,
+        Field(description="A label, e.g. 'ci' or 'nightly'.", title='Name'),
+    ] = None
+
+
+class KeyList(BaseModel):
+    data: Annotated[
+        list[Key],
+        Field(
+            description="The team's keys, oldest first, revoked ones included.",
+            title='Data',
+        ),
+    ]
+
+
 class Role(StrEnum):
     """
     Who speaks.
@@ -1009,6 +1063,36 @@ class MetricList(BaseModel):
         Field(
             description='Pass as `after_step` to poll for newer steps.',
             title='Next After Step',
+        ),
+    ]
+
+
+class NewKey(BaseModel):
+    created_at: Annotated[
+        AwareDatetime, Field(description='When it was made.', title='Created At')
+    ]
+    key: Annotated[
+        str,
+        Field(
+            description='The key itself (`gatt_<prefix>_<secret>`), shown only in this answer.',
+            title='Key',
+        ),
+    ]
+    name: Annotated[
+        str | None, Field(description='The label given at creation.', title='Name')
+    ]
+    prefix: Annotated[
+        str,
+        Field(
+            description='The 8 characters after `gatt_`: safe to show and log.',
+            title='Prefix',
+        ),
+    ]
+    revoked_at: Annotated[
+        AwareDatetime | None,
+        Field(
+            description='When it was revoked; it no longer authenticates.',
+            title='Revoked At',
         ),
     ]
 
