@@ -7,17 +7,21 @@ within one step."""
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from celery import Celery
 from gatt_client import Client
+from standardwebhooks import Webhook
 
 from app.main import create_app
 from service.settings import Settings
@@ -28,7 +32,34 @@ from workers.engine.eval_schema import JobEvaluation
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 REDIS_URL = os.environ.get("GATT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
-TERMINAL = {"succeeded", "failed", "cancelled"}
+ALLOW = ["127.0.0.1/32"]
+
+
+class Receiver(http.server.BaseHTTPRequestHandler):
+    """A team's webhook endpoint: keeps what it is sent, answers 200."""
+
+    received: list[tuple[dict, bytes]] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        Receiver.received.append((dict(self.headers), body))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.fixture
+def receiver() -> Iterator[str]:
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Receiver)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook"
+    finally:
+        server.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -42,14 +73,24 @@ def stack(database_url, tmp_path_factory):
         "GATT_REDIS_URL": REDIS_URL,
         "GATT_ARTIFACT_DIR": str(tmp / "artifacts"),
         "GATT_JOB_QUEUE": queue,
+        # The same worker delivers webhooks (to the test's receiver on 127.0.0.1, allowed here).
+        "GATT_WEBHOOK_QUEUE": queue,
+        "GATT_WEBHOOK_ALLOW_HOSTS": json.dumps(ALLOW),
         "GATT_LEASE_S": "30",
     }
     broker = Celery(broker=REDIS_URL)
     settings = Settings(
-        database_url=database_url, redis_url=REDIS_URL, artifact_dir=tmp / "artifacts", job_queue=queue
+        database_url=database_url,
+        redis_url=REDIS_URL,
+        artifact_dir=tmp / "artifacts",
+        job_queue=queue,
+        webhook_queue=queue,
+        webhook_allow_hosts=ALLOW,
     )
     app = create_app(
-        settings, enqueue=lambda job_id: broker.send_task("jobs.run", args=[str(job_id)], queue=queue)
+        settings,
+        enqueue=lambda job_id: broker.send_task("jobs.run", args=[str(job_id)], queue=queue),
+        send_webhook_delivery=lambda id: broker.send_task("webhooks.deliver", args=[str(id)], queue=queue),
     )
     with open(tmp / "worker.log", "w") as log:
         worker = subprocess.Popen(
@@ -102,10 +143,11 @@ AHOY = {
 }
 
 
-def test_job_runs_to_success_through_the_client_and_its_checkpoint_loads(stack):
+def test_job_runs_to_success_through_the_client_and_its_checkpoint_loads(stack, receiver):
     url, app, tmp = stack
     tenant = make_tenant(app.state.sessionmaker)
     client = Client(url, tenant.key)
+    hook = client.webhooks.create(receiver, ["job.succeeded", "checkpoint.created"])
     corpus_id = _corpus(client, 3)
     config = {
         "data": {"max_turns": 2},
@@ -161,6 +203,19 @@ def test_job_runs_to_success_through_the_client_and_its_checkpoint_loads(stack):
     ckpt = client.jobs.download_checkpoint(job.id, dest=tmp / "download")  # sha256 of each file checked
     manifest = json.loads((ckpt / "manifest.json").read_text())
     assert manifest["step"] == 2 and "adapter_model.safetensors" in manifest["files"]
+
+    # Signed webhooks for both checkpoints and the ending, each delivered once it committed.
+    deadline = time.monotonic() + 60
+    while len(Receiver.received) < 3 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    messages = [Webhook(hook.secret).verify(body, headers) for headers, body in Receiver.received]
+    assert sorted((m["type"], m["data"].get("step")) for m in messages) == [
+        ("checkpoint.created", 1),
+        ("checkpoint.created", 2),
+        ("job.succeeded", None),
+    ]
+    assert all(m["data"]["job_id"] == str(job.id) for m in messages)
+    assert {d.status.value for d in client.webhooks.deliveries(hook.id)} == {"delivered"}
 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
