@@ -117,10 +117,12 @@ class _Bars(_Lines):
             return
         stage = job.stage.value
         if stage not in self.tasks:
-            for other in self.tasks.values():  # an earlier stage has ended
-                self.progress.update(other, completed=self.progress.tasks[other].total)
-            self.tasks[stage] = self.progress.add_task(stage, total=job.progress_total)
-        self.progress.update(self.tasks[stage], completed=job.progress_done, total=job.progress_total)
+            for task, total in self.tasks.values():  # an earlier stage has ended
+                self.progress.update(task, completed=total)
+            self.tasks[stage] = (self.progress.add_task(stage, total=job.progress_total), job.progress_total)
+        task, _ = self.tasks[stage]
+        self.tasks[stage] = (task, job.progress_total)
+        self.progress.update(task, completed=job.progress_done, total=job.progress_total)
 
 
 class _JsonView(_Lines):
