@@ -70,8 +70,8 @@ def main() -> int:
         print(
             f"{metric.step:>4}  {v['loss']:.4f}  {v['learning_rate']:.2e}  {v['grad_norm']:9.3f}  {int(v['trained_tokens']):>14}"
         )
-    turns = [t for s in client.jobs.samples(job.id) for t in s["turns"]]
-    accepted = sum(t["chosen"] is not None for t in turns)
+    turns = [t for s in client.jobs.samples(job.id) for t in s.turns]
+    accepted = sum(t.chosen is not None for t in turns)
     print(f"\nsampled turns: {len(turns)}, accepted (best of K reached min_reward): {accepted}")
     try:
         report = client.jobs.evaluation(job.id)

@@ -184,16 +184,16 @@ def test_job_runs_to_success_through_the_client_and_its_checkpoint_loads(stack, 
     assert all(m.values["loss"] > 0 for m in metrics)
 
     samples = list(client.jobs.samples(job.id))
-    assert len(samples) == 2 and all(len(t["candidates"]) == 2 for s in samples for t in s["turns"])
+    assert len(samples) == 2 and all(len(t.candidates) == 2 for s in samples for t in s.turns)
     training = list(client.jobs.training_set(job.id))
     assert training and all(
-        span.endswith("<|im_end|>") for row in training for ex in row["trained_spans"] for span in ex
+        span.endswith("<|im_end|>") for row in training for ex in row.trained_spans for span in ex
     )
 
     evaluation = client.jobs.evaluation(job.id)
     JobEvaluation.model_validate(evaluation.model_dump(mode="json"))  # the server's schema holds too
     assert [row.turn for row in evaluation.gatt.conditions["once"].turns] == [1, 2]
-    assert "once" in evaluation.table and evaluation.attention.base
+    assert "once" in evaluation.table and evaluation.attention["base"]
     assert client.jobs.attention_plot(job.id).startswith(b"\x89PNG")
     assert stages.count("evaluate") == 2  # before training (base) and after
 

@@ -319,13 +319,13 @@ class Jobs:
                 return
             after_step = page.next_after_step
 
-    def samples(self, job_id: ops.Id) -> Iterator[dict[str, Any]]:
+    def samples(self, job_id: ops.Id) -> Iterator[m.SampleRow]:
         return self._rows(ops.list_samples, job_id)
 
-    def training_set(self, job_id: ops.Id) -> Iterator[dict[str, Any]]:
+    def training_set(self, job_id: ops.Id) -> Iterator[m.TrainingRow]:
         return self._rows(ops.list_training_set, job_id)
 
-    def _rows(self, builder: Callable[..., ops.Call[Any]], job_id: ops.Id) -> Iterator[dict[str, Any]]:
+    def _rows(self, builder: Callable[..., ops.Call[Any]], job_id: ops.Id) -> Iterator[Any]:
         offset = 0
         while True:
             page = self._c.request(builder(job_id, offset))
