@@ -2,8 +2,9 @@
 
 Clients that follow a job do not poll. `jobs.add_event` NOTIFYs the channel `gatt_job_events` with
 the job's id in the event's own transaction (Postgres delivers it on commit), and each API process
-keeps one LISTEN connection (`EventFeed`) that wakes the streams following that job; each then
-reads its new events once. No event, no query. Without LISTEN (the embedded mode's SQLite, or while
+keeps one LISTEN connection (`EventFeed`) that wakes the streams following that job; they then
+share one read of the new events (`EventFeed.read`): one query per job and notification, however
+many clients follow it. No event, no query. Without LISTEN (the embedded mode's SQLite, or while
 the listener reconnects) the feed wakes every stream each `poll_s` instead.
 
 Messages are `event: job_event` (the `Event` schema's JSON) and `event: metric` (a training step,
@@ -22,6 +23,7 @@ import logging
 import uuid
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
 
 from sqlalchemy.engine import make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -55,6 +57,9 @@ class EventFeed:
         self.listening = False
         self._warned = False
         self._followers: dict[uuid.UUID, set[asyncio.Event]] = defaultdict(set)
+        # Per job: how many times it was woken, and the read in flight (shared by its followers).
+        self._generation: dict[uuid.UUID, int] = defaultdict(int)
+        self._reads: dict[uuid.UUID, _SharedRead] = {}
         self._task: asyncio.Task[None] | None = None
 
     @contextlib.contextmanager
@@ -70,6 +75,36 @@ class EventFeed:
             self._followers[job_id].discard(wake)
             if not self._followers[job_id]:
                 del self._followers[job_id]
+                self._generation.pop(job_id, None)
+
+    def generation(self, job_id: uuid.UUID) -> int:
+        """How many times the job was woken: a follower notes it when it clears its wake."""
+        return self._generation[job_id]
+
+    async def read(self, job_id: uuid.UUID, after: Cursor, generation: int | None) -> Batch:
+        """The job's events and metrics after `after`, and its status.
+
+        Followers woken together share one database read: a read in flight serves a follower when it
+        reads from no later a cursor and began after the wake-up the follower saw (`generation`), so
+        it holds everything that wake-up announced. Otherwise the follower starts the read. A
+        `generation` of None asks for a read that starts now (after having seen the job end)."""
+        shared = self._reads.get(job_id)
+        if (
+            shared is None
+            or generation is None
+            or shared.generation < generation
+            or shared.after[0] > after[0]
+            or shared.after[1] > after[1]
+        ):
+            task = asyncio.ensure_future(run_in_threadpool(_read, self.factory, job_id, after))
+            shared = _SharedRead(after, self._generation[job_id], task)
+            self._reads[job_id] = shared
+            task.add_done_callback(lambda _: self._forget(job_id, shared))
+        return (await asyncio.shield(shared.task)).after(after)
+
+    def _forget(self, job_id: uuid.UUID, shared: _SharedRead) -> None:
+        if self._reads.get(job_id) is shared:
+            del self._reads[job_id]
 
     async def close(self) -> None:
         if self._task is not None:
@@ -78,7 +113,11 @@ class EventFeed:
                 await self._task
 
     def _wake(self, job_id: uuid.UUID) -> None:
-        for wake in self._followers.get(job_id, ()):
+        followers = self._followers.get(job_id)
+        if not followers:
+            return
+        self._generation[job_id] += 1
+        for wake in followers:
             wake.set()
 
     def _wake_all(self) -> None:
@@ -125,17 +164,37 @@ def parse_cursor(value: str) -> Cursor | None:
     return cursor if max(cursor) < 2**31 else None
 
 
-def _read(
-    factory: sessionmaker[Session], job_id: uuid.UUID, after: Cursor
-) -> tuple[list[Event], list[Metric], JobStatus | None]:
+@dataclass(frozen=True)
+class Batch:
+    events: list[Event]
+    metrics: list[Metric]
+    status: JobStatus | None
+    full: bool  # a page was full: more may follow at once
+
+    def after(self, cursor: Cursor) -> Batch:
+        """What of it follows `cursor` (a follower that had read further than the shared read)."""
+        events = [e for e in self.events if e.seq > cursor[0]]
+        metrics = [m for m in self.metrics if m.step > cursor[1]]
+        return Batch(events, metrics, self.status, self.full)
+
+
+@dataclass(frozen=True)
+class _SharedRead:
+    after: Cursor
+    generation: int
+    task: asyncio.Future[Batch]
+
+
+def _read(factory: sessionmaker[Session], job_id: uuid.UUID, after: Cursor) -> Batch:
     with session_scope(factory) as s:
         events = jobs.events(s, job_id, after[0], PAGE)
         metrics = jobs.metrics(s, job_id, after[1], PAGE)
         status = jobs.status(s, job_id)
-        return (
+        return Batch(
             [Event.model_validate(r) for r in events],
             [Metric.model_validate(r, from_attributes=True) for r in metrics],
             status,
+            len(events) == PAGE or len(metrics) == PAGE,
         )
 
 
@@ -147,15 +206,19 @@ async def job_events(feed: EventFeed, job_id: uuid.UUID, after: Cursor) -> Async
         ended = False
         while True:
             wake.clear()
-            events, metrics, status = await run_in_threadpool(_read, feed.factory, job_id, (seq, step))
-            for event in events:
+            # Once the job is seen ended, one more read that starts after that one: the ending's
+            # event may have committed after the events were read.
+            generation = None if ended else feed.generation(job_id)
+            batch = await feed.read(job_id, (seq, step), generation)
+            for event in batch.events:
                 seq = event.seq
                 yield ServerSentEvent(event.model_dump_json(), event="job_event", id=f"{seq}.{step}")
-            for metric in metrics:
+            for metric in batch.metrics:
                 step = metric.step
                 yield ServerSentEvent(metric.model_dump_json(), event="metric", id=f"{seq}.{step}")
-            if len(events) == PAGE or len(metrics) == PAGE:
+            if batch.full:
                 continue
+            status = batch.status
             if status in jobs.TERMINAL:
                 if ended:  # this was the read after seeing the end: the ending's event is in by now
                     yield ServerSentEvent(json.dumps({"status": status}), event="end", id=f"{seq}.{step}")

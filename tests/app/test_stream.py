@@ -108,3 +108,45 @@ def test_the_embedded_mode_streams_by_polling(tmp_path) -> None:
             body = "".join(r.iter_text())
         engine.dispose()
     assert [(m["event"], m["id"]) for m in parse_sse(body)] == [("job_event", "1.0"), ("end", "1.0")]
+
+
+def test_followers_of_one_job_share_one_read_per_event(client, tenant, db, database_url, monkeypatch) -> None:
+    # Ten streams of one running job on the real Postgres LISTEN feed: each new event costs one
+    # read, not ten, and every stream still gets every event.
+    import asyncio
+
+    from app.jobs import stream
+
+    reads = []
+    real_read = stream._read
+    monkeypatch.setattr(stream, "_read", lambda *a: reads.append(a[2]) or real_read(*a))
+    r = client.post("/v1/corpora", files={"file": ("c.jsonl", jsonl(dialogue(0)))}, headers=tenant.headers)
+    job_id = make_job(db, tenant.team.id, uuid.UUID(r.json()["id"]))
+    set_job_status(db, job_id, JobStatus.RUNNING)
+
+    async def scenario() -> list[list[int]]:
+        feed = stream.EventFeed(db, database_url)
+        seen: list[list[int]] = [[] for _ in range(10)]
+
+        async def follow(i: int) -> None:
+            async for message in stream.job_events(feed, job_id, (0, 0)):
+                if message.event == "job_event":
+                    seen[i].append(json.loads(message.data)["seq"])
+                if len(seen[i]) == 3:
+                    return
+
+        followers = [asyncio.create_task(follow(i)) for i in range(10)]
+        while not feed.listening:
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # every follower has read (nothing) and waits
+        before = len(reads)
+        for n in range(3):
+            with session_scope(db) as s:
+                jobs.add_event(s, job_id, "info", "step", f"step {n}", None)
+            await asyncio.sleep(0.5)
+        await asyncio.wait_for(asyncio.gather(*followers), 10)
+        await feed.close()
+        assert len(reads) - before <= 3 + 1, reads  # one per event (a late follower may read once more)
+        return seen
+
+    assert asyncio.run(scenario()) == [[1, 2, 3]] * 10
