@@ -131,6 +131,7 @@ async def run_mode(
         "server_cpu_s_per_client_per_min": round(cpu / args.clients / (args.duration / 60), 4),
         "requests": sum(o["requests"] for o in outs),
         "events_received_per_client_median": statistics.median(received),
+        "events_received_per_client_min_max": [min(received), max(received)],
         "errors": len(errors),
         "first_error": repr(errors[0])[:300] if errors else None,
         "load_average": load_average(),
@@ -168,6 +169,7 @@ def main() -> None:
         thread.join(5)
         server.terminate()
         server.wait(10)
+        print(log.read_text()[-3000:], file=sys.stderr)
 
 
 if __name__ == "__main__":
