@@ -51,7 +51,8 @@ API=$!
 .venv/bin/celery -A workers.celery_app worker -B -s var/celerybeat-schedule -Q "$GATT_JOB_QUEUE,default" --pool solo \
   --loglevel INFO >var/log/worker.log 2>&1 &
 WORKER=$!
-trap 'kill $API $WORKER 2>/dev/null || true' EXIT
+# SIGQUIT: Celery's cold shutdown, so that a failed run does not leave the worker finishing its job.
+trap 'kill $API 2>/dev/null; kill -QUIT $WORKER 2>/dev/null || true' EXIT
 for _ in $(seq 1 60); do curl -fsS "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break; sleep 1; done
 
 echo "API on http://127.0.0.1:$PORT (docs at /docs), worker logs in var/log/worker.log"

@@ -105,7 +105,7 @@ class _Progress:
 
     def show(self, job: m.Job) -> None:
         for e in self.client.jobs.events(self.job_id, after_seq=self.seq):
-            print(f"  [{e.level.value}] {e.kind}: {e.message}")
+            print(f"  [{e.level}] {e.kind}: {e.message}")
             self.seq = e.seq
         line = f"  {job.stage.value if job.stage else ''}: {job.progress_done}/{job.progress_total}"
         if job.status.value == "running" and job.progress_total and line != self.last:

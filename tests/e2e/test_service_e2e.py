@@ -273,6 +273,19 @@ def test_the_cli_runs_a_job_and_downloads_its_checkpoint(stack):
     assert job["status"] == "succeeded"
     assert [line["event"]["kind"] for line in lines[:-1]][-1] == "succeeded"
 
+    # The same job as a person sees it: its events as lines, then its results.
+    shown = subprocess.run(
+        [*gatt, "jobs", "follow", job["id"]], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert shown.returncode == 0, shown.stderr
+    assert "[info] succeeded" in shown.stdout and f"job {job['id']} succeeded" in shown.stdout
+    assert "final checkpoint: step 1" in shown.stdout
+    events = subprocess.run(
+        [*gatt, "jobs", "events", job["id"]], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert events.returncode == 0 and "[info] stage: synthesize" in events.stdout, (
+        events.stdout + events.stderr
+    )
     listed = subprocess.run([*gatt, "jobs", "list"], env=env, capture_output=True, text=True, timeout=60)
     assert job["id"] in listed.stdout and "succeeded" in listed.stdout
     downloaded = subprocess.run(

@@ -238,7 +238,7 @@ def jobs_events(
     job_id: str, after_seq: Annotated[int, typer.Option(help="Start after this event.")] = 0
 ) -> None:
     for event in state.client.jobs.events(job_id, after_seq=after_seq):
-        _out(event, f"{event.seq:>4}  [{event.level.value}] {event.kind}: {event.message}")
+        _out(event, f"{event.seq:>4}  [{event.level}] {event.kind}: {event.message}")
 
 
 @jobs.command("metrics")

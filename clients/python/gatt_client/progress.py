@@ -61,7 +61,7 @@ class _Lines:
         print(text, flush=True)
 
     def event(self, event: m.Event) -> None:
-        self.echo(f"  [{event.level.value}] {event.kind}: {event.message}")
+        self.echo(f"  [{event.level}] {event.kind}: {event.message}")
 
     def job(self, job: m.Job) -> None:
         if job.status.value != "running" or not job.stage or not job.progress_total:
