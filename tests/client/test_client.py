@@ -204,6 +204,32 @@ def test_webhooks_through_the_client(database_url, tmp_path):
         with pytest.raises(NotFound):
             client.webhooks.get(created.id)
 
+        # The same through the command line.
+        import subprocess
+        import sys
+
+        env = {**os.environ, "GATT_URL": f"http://127.0.0.1:{port}", "GATT_API_KEY": tenant.key}
+
+        def gatt(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [sys.executable, "-m", "gatt_client", *args],
+                env=env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+
+        made = gatt("--json", "webhooks", "create", "http://127.0.0.2:9/cli", "--event", "job.failed")
+        assert made.returncode == 0, made.stderr
+        hook = json.loads(made.stdout)
+        assert hook["secret"].startswith("whsec_") and hook["event_types"] == ["job.failed"]
+        assert f"{hook['id']}  http://127.0.0.2:9/cli  job.failed" in gatt("webhooks", "list").stdout
+        assert gatt("webhooks", "rotate-secret", hook["id"]).stdout.startswith("secret whsec_")
+        assert gatt("webhooks", "deliveries", hook["id"]).stdout == ""
+        assert gatt("webhooks", "delete", hook["id"]).stdout.strip() == f"{hook['id']} deleted"
+        refused = gatt("webhooks", "create", "http://127.0.0.1:9/x")
+        assert refused.returncode == 1 and "invalid_webhook_url" in refused.stderr
+
 
 def test_keys_through_the_client_and_the_command_line(server, tenant, tmp_path):
     import subprocess

@@ -37,11 +37,13 @@ instruction_sets = typer.Typer(help="Create and list instruction sets.", no_args
 jobs = typer.Typer(help="Create, follow and inspect jobs.", no_args_is_help=True)
 checkpoints = typer.Typer(help="List and download checkpoints.", no_args_is_help=True)
 keys = typer.Typer(help="The team's API keys.", no_args_is_help=True)
+webhooks = typer.Typer(help="Signed notifications of job endings and checkpoints.", no_args_is_help=True)
 app.add_typer(corpora, name="corpora")
 app.add_typer(instruction_sets, name="instruction-sets")
 app.add_typer(jobs, name="jobs")
 app.add_typer(checkpoints, name="checkpoints")
 app.add_typer(keys, name="keys")
+app.add_typer(webhooks, name="webhooks")
 
 
 class State:
@@ -297,6 +299,52 @@ def keys_revoke(prefix: str) -> None:
     """Revoke a key by its prefix (the 8 characters after `gatt_`)."""
     key = state.client.keys.revoke(prefix)
     _out(key, f"{key.prefix} revoked")
+
+
+# --- webhooks -------------------------------------------------------------------------------
+
+EVENT_TYPES = ("job.succeeded", "job.failed", "job.cancelled", "checkpoint.created")
+
+
+@webhooks.command("create")
+def webhooks_create(
+    url: str,
+    event: Annotated[
+        list[str] | None,
+        typer.Option(help=f"An event type to send (repeat it); default all: {', '.join(EVENT_TYPES)}."),
+    ] = None,
+) -> None:
+    """Send the team's events to URL; prints the signing secret, which is not shown again."""
+    created = state.client.webhooks.create(url, event or EVENT_TYPES)
+    _out(created, f"{created.id}  {created.url}\nsecret {created.secret}")
+
+
+@webhooks.command("list")
+def webhooks_list() -> None:
+    for hook in state.client.webhooks.list():
+        types = ",".join(str(t) for t in hook.event_types)
+        _out(hook, f"{hook.id}  {hook.url}  {types}")
+
+
+@webhooks.command("delete")
+def webhooks_delete(webhook_id: str) -> None:
+    state.client.webhooks.delete(webhook_id)
+    _out({"deleted": webhook_id}, f"{webhook_id} deleted")
+
+
+@webhooks.command("rotate-secret")
+def webhooks_rotate(webhook_id: str) -> None:
+    """A new signing secret; the old one keeps signing too for a day."""
+    rotated = state.client.webhooks.rotate_secret(webhook_id)
+    _out(rotated, f"secret {rotated.secret}")
+
+
+@webhooks.command("deliveries")
+def webhooks_deliveries(webhook_id: str) -> None:
+    """The delivery log: each event's status, attempts and last answer."""
+    for d in state.client.webhooks.deliveries(webhook_id):
+        answer = d.last_status_code or d.last_error or ""
+        _out(d, f"{d.event_id}  {d.event_type}  {d.status}  attempts {d.attempts}  {answer}")
 
 
 def main() -> None:
