@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 from sqlalchemy.exc import DBAPIError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
+from service import links
 from service.db import session_scope
 from service.models import JobStage, JobStatus
 from service.repositories import jobs, webhooks
@@ -80,11 +81,6 @@ def end_run(
             jobs.add_event(s, job_id, "error" if failed else "info", kind, message, None)
 
     transaction(factory, lease_s, end, what=f"job {job_id}")
-
-
-def checkpoint_url(settings: Settings, job_id: uuid.UUID, step: int) -> str:
-    """Where a team downloads a checkpoint (`GET /v1/jobs/{id}/checkpoints/{step}/archive`)."""
-    return f"{settings.public_url.rstrip('/')}/v1/jobs/{job_id}/checkpoints/{step}/archive"
 
 
 class JobRun:
@@ -250,7 +246,9 @@ class JobRun:
                     jobs.unlist_checkpoint(s, row)
             jobs.add_event(s, self.job_id, "info", "checkpoint", f"checkpoint at step {step}", {"step": step})
             # The outbox: announced in the transaction that lists it (and once per step).
-            webhooks.record_checkpoint(s, self.job_id, step, checkpoint_url(self.settings, self.job_id, step))
+            path = links.checkpoint_path(self.job_id, step)
+            url = links.public_url(self.settings, path) or path  # a path when no public URL is set
+            webhooks.record_checkpoint(s, self.job_id, step, url)
             return True
 
         if not self._tx(write):

@@ -30,6 +30,7 @@ from app.jobs.schemas import (
     TrainingRows,
 )
 from app.jobs.stream import PING_S, job_events, parse_cursor
+from service import links
 from service.models import JobStatus
 from workers.engine.config import JobOptions
 
@@ -401,9 +402,9 @@ def list_checkpoints(
 
     def download_url(step: int) -> str:
         # GATT_PUBLIC_URL where the service sits behind a proxy; else the address this request used.
-        if settings.public_url:
-            return f"{settings.public_url.rstrip('/')}/v1/jobs/{job_id}/checkpoints/{step}/archive"
-        return str(request.url_for("download_checkpoint", job_id=job_id, step=step))
+        return links.public_url(settings, links.checkpoint_path(job_id, step)) or str(
+            request.url_for("download_checkpoint", job_id=job_id, step=step)
+        )
 
     return CheckpointList(
         data=[

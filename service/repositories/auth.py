@@ -51,5 +51,7 @@ def mark_revoked(session: Session, api_key: ApiKey, when: datetime) -> None:
 
 
 def count_active_keys(session: Session, team_id: uuid.UUID) -> int:
-    stmt = select(func.count()).select_from(ApiKey).where(ApiKey.team_id == team_id, ApiKey.revoked_at.is_(None))
+    stmt = (
+        select(func.count()).select_from(ApiKey).where(ApiKey.team_id == team_id, ApiKey.revoked_at.is_(None))
+    )
     return int(session.scalar(stmt) or 0)
