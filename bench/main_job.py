@@ -12,7 +12,7 @@ scripts/main_job.py print:
   "setup ok" splits off setup.sh itself;
 - job: from there to the end (corpus upload, job creation, the job's stages, reading its metrics,
   samples and checkpoints); the stages are split at the "[info] stage: ..." events, which
-  main_job.py polls every 2 s, so each stage boundary is known to within about 2 s.
+  main_job.py polls every second, so each stage boundary is known to within about a second.
 """
 
 from __future__ import annotations

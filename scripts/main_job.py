@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from gatt_client import ApiError, Client
-from gatt_client import models as m
 from gatt_client.errors import NotFound
+from gatt_client.progress import follow
 
 ROOT = Path(__file__).resolve().parents[1]
 # Below this many runs per turn, a 95% interval is wider than any effect the demo could show.
@@ -58,8 +58,7 @@ def main() -> int:
     print(f"job {job.id} {job.status.value} (default instruction set, model {job.model})")
 
     started = time.monotonic()
-    progress = _Progress(client, str(job.id))
-    job = client.jobs.wait(job.id, timeout=args.timeout, on_change=progress.show)
+    job = follow(client, str(job.id), results=False, timeout=args.timeout)  # events and stage progress
     print(f"\njob {job.id} {job.status.value} after {time.monotonic() - started:.0f}s")
     if job.status.value != "succeeded":
         print(json.dumps(job.error.model_dump(mode="json") if job.error else None, indent=2))
@@ -95,23 +94,6 @@ def main() -> int:
         print(f"final checkpoint: step {last.step}, download {last.download_url}")
         print(f"  or: gatt checkpoints download {job.id}  (checks every file's sha256)")
     return 0
-
-
-class _Progress:
-    """Prints the job's new events and its stage progress each time the job changes."""
-
-    def __init__(self, client: Client, job_id: str) -> None:
-        self.client, self.job_id, self.seq, self.last = client, job_id, 0, ""
-
-    def show(self, job: m.Job) -> None:
-        for e in self.client.jobs.events(self.job_id, after_seq=self.seq):
-            print(f"  [{e.level}] {e.kind}: {e.message}")
-            self.seq = e.seq
-        line = f"  {job.stage.value if job.stage else ''}: {job.progress_done}/{job.progress_total}"
-        if job.status.value == "running" and job.progress_total and line != self.last:
-            eta = f", eta {job.eta_s:.0f}s" if job.eta_s else ""
-            print(f"{line}{eta}", flush=True)
-            self.last = line
 
 
 if __name__ == "__main__":

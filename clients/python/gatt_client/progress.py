@@ -3,8 +3,8 @@ per stage, each event as it is written, then the job's results (last metrics, th
 adherence table, the final checkpoint). With `--json`, one JSON object per line instead: each
 event, then the final job.
 
-It polls the job with `If-None-Match` (a 304 while nothing changed) and reads new events only
-when the job has changed, so following costs the server little.
+It waits on the job with `Client.jobs.wait` (`If-None-Match`: a 304 while nothing changed) and
+reads new events only when the job has changed, so following costs the server little.
 """
 
 from __future__ import annotations
@@ -12,36 +12,33 @@ from __future__ import annotations
 import contextlib
 import json
 import sys
-import time
 from typing import Any
 
-from gatt_client import _calls as ops
 from gatt_client import models as m
-from gatt_client.client import TERMINAL, Client
+from gatt_client.client import Client
 from gatt_client.errors import NotFound
 
 POLL_S = 1.0
 
 
-def follow(client: Client, job_id: str, *, as_json: bool = False) -> m.Job:
+def follow(
+    client: Client, job_id: str, *, as_json: bool = False, results: bool = True, timeout: float | None = None
+) -> m.Job:
+    """Show the job until it ends (and then its results, unless `results` is false); return it."""
     view = _JsonView() if as_json else _Bars() if sys.stdout.isatty() else _Lines()
     seq = 0
-    etag: str | None = None
-    job: m.Job | None = None
+
+    def changed(job: m.Job) -> None:
+        nonlocal seq
+        for event in client.jobs.events(job_id, after_seq=seq):
+            seq = event.seq
+            view.event(event)
+        view.job(job)
+
     with view:
-        while True:
-            changed, etag = client.request(ops.get_job(job_id, etag))
-            if changed is not None:
-                job = changed
-                for event in client.jobs.events(job_id, after_seq=seq):
-                    seq = event.seq
-                    view.event(event)
-                view.job(job)
-            assert job is not None
-            if job.status.value in TERMINAL:
-                break
-            time.sleep(POLL_S)
-    view.results(client, job)
+        job = client.jobs.wait(job_id, timeout=timeout, interval=POLL_S, on_change=changed)
+    if results:
+        view.results(client, job)
     return job
 
 
