@@ -2,6 +2,7 @@
 
 from fastapi import APIRouter
 
+from app.catalog.endpoints import router as models_router
 from app.corpora.endpoints import router as corpora_router
 from app.instruction_sets.endpoints import router as instruction_sets_router
 from app.jobs.endpoints import router as jobs_router
@@ -14,3 +15,4 @@ api_router.include_router(corpora_router)
 api_router.include_router(jobs_router)
 api_router.include_router(webhooks_router)
 api_router.include_router(keys_router)
+api_router.include_router(models_router)

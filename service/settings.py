@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gatt.dialogues import CorpusLimits
+from service.model_catalog import check_roots, parse_roots
 
 _CORPUS_DEFAULTS = CorpusLimits()
 MiB = 1024 * 1024
@@ -61,11 +62,13 @@ class Settings(BaseSettings):
     corpus_max_content_chars: int = Field(default=_CORPUS_DEFAULTS.max_content_chars, gt=0)
     corpus_max_dialogues: int = Field(default=_CORPUS_DEFAULTS.max_dialogues, gt=0)
     corpus_max_problems: int = Field(default=_CORPUS_DEFAULTS.max_problems, gt=0)
-    model_roots: list[Path] = Field(
+    model_roots: Annotated[list[Path], NoDecode] = Field(
         default_factory=list,
         description=(
-            "Directories under which a job request may name a local model path. Empty: requests may "
-            'only ask for the "default" model. From the environment as JSON: GATT_MODEL_ROOTS=\'["/models"]\'.'
+            "Directories whose model folders jobs may fine-tune (`GET /v1/models` lists them by name). "
+            "Empty: only the embedded `default` model. From the environment as paths joined by `:` "
+            "(GATT_MODEL_ROOTS=/models:/data/models) or a JSON list; each must be an existing directory, "
+            "or the process does not start."
         ),
     )
     lease_s: float = Field(
@@ -205,6 +208,16 @@ class Settings(BaseSettings):
         description="Requests an API key may make at once before the per-second rate applies.",
     )
 
+    @field_validator("model_roots", mode="before")
+    @classmethod
+    def _roots_as_written(cls, value: Any) -> list[Path]:
+        return parse_roots(value)
+
+    @field_validator("model_roots")
+    @classmethod
+    def _roots_exist(cls, value: list[Path]) -> list[Path]:
+        return check_roots(value)
+
     def corpus_limits(self) -> CorpusLimits:
         return CorpusLimits(
             max_line_bytes=self.corpus_max_line_bytes,
@@ -217,5 +230,18 @@ class Settings(BaseSettings):
 
 @lru_cache
 def get_settings() -> Settings:
-    """The process-wide settings. Tests build their own `Settings(...)` and pass it to `create_app`."""
-    return Settings()
+    """The process-wide settings. Tests build their own `Settings(...)` and pass it to `create_app`.
+
+    A bad setting stops the process with one line naming it, not a traceback."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SystemExit(f"gatt: invalid settings: {one_line(exc)}") from None
+
+
+def one_line(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        name = "GATT_" + "_".join(str(part) for part in error["loc"][:1]).upper()
+        problems.append(f"{name}: {error['msg'].removeprefix('Value error, ')}")
+    return "; ".join(problems)

@@ -28,7 +28,7 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
-from service.storage import ArtifactStore, StoredFile
+from service.storage import ArtifactMissing, ArtifactStore, StoredFile
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ CHECKPOINTS = "train/checkpoints"  # the pipeline trains into out/"train"; check
 MANIFEST = "manifest.json"  # checkpoints.MANIFEST
 STEP_DIR = re.compile(r"^step-(\d{6,})$")  # checkpoints.STEP_DIR: finished checkpoints only, not *.tmp
 RESTORE = ".restore"  # staging for downloaded checkpoints, inside the job directory
+PARENT = ".parent"  # the checkpoint a job continues from, downloaded; never uploaded again
 
 
 def _files(directory: Path) -> list[Path]:
@@ -55,6 +56,22 @@ def upload_checkpoint(store: ArtifactStore, directory: Path, key: str) -> None:
     # A step written again (after a resume) may have fewer files than its earlier copy: the archive
     # is built from the store's listing, so leftovers of the earlier copy must go.
     store.delete(f.key for f in store.list(key) if f.key not in sent and f.key != f"{key}/{MANIFEST}")
+
+
+def fetch_checkpoint(store: ArtifactStore, key: str, job_directory: Path) -> Path:
+    """A local copy of the stored checkpoint `key` (another job's, which this one continues) under
+    `<job_directory>/.parent/`: kept from an earlier attempt when complete, else downloaded, the
+    manifest last. Raises `ArtifactMissing` when the store holds no complete copy."""
+    target = job_directory / PARENT / key.rsplit("/", 1)[-1]
+    files = store.list(key)
+    if not any(f.key == f"{key}/{MANIFEST}" for f in files):
+        raise ArtifactMissing(key)
+    if (target / MANIFEST).is_file():
+        return target
+    shutil.rmtree(target, ignore_errors=True)
+    for f in sorted(files, key=lambda f: f.key.endswith(f"/{MANIFEST}")):
+        store.download(f.key, target / f.key[len(key) + 1 :])
+    return target
 
 
 def delete_checkpoint(store: ArtifactStore, key: str) -> None:
@@ -79,7 +96,7 @@ class ScratchSync:
         sent = 0
         for path in _files(self.directory):
             rel = path.relative_to(self.directory).as_posix()
-            if rel.startswith((f"{CHECKPOINTS}/", f"{RESTORE}/")) or any(
+            if rel.startswith((f"{CHECKPOINTS}/", f"{RESTORE}/", f"{PARENT}/")) or any(
                 part.endswith(".tmp") for part in rel.split("/")
             ):
                 continue  # whole checkpoints go through upload_checkpoint; *.tmp are being written

@@ -1,6 +1,7 @@
 """Server paths out of what a tenant reads: job errors and events are shown to the team, and an
 absolute path there tells it how the server is laid out (its artifact directory, model cache,
-home). Paths under the model roots stay: the team named them itself."""
+home). A path under a model root becomes the model's id and the rest (`/models/llama/config.json`
+-> `llama/config.json`): teams name models by id, and the root itself is the server's."""
 
 from __future__ import annotations
 
@@ -13,14 +14,17 @@ _PATH = re.compile(r"(?<![\w/.:])/[^\s'\"`,;()<>\[\]{}]+?(?=[.:]?(?:[\s'\"`,;()<
 
 
 def server_paths(text: str, keep: Iterable[Path] = ()) -> str:
-    """`text` with every absolute path outside `keep` (and their resolved forms) cut to
-    `…/<last part>`, which still says which file."""
-    roots = {str(p) for root in keep for p in (Path(root), Path(root).resolve())}
+    """`text` with every absolute path under a root of `keep` (or its resolved form) made relative
+    to it, and every other cut to `…/<last part>`, which still says which file."""
+    roots = sorted(
+        {str(p).rstrip("/") + "/" for root in keep for p in (Path(root), Path(root).resolve())}, key=len
+    )
 
     def cut(match: re.Match[str]) -> str:
         path = match.group()
-        if any(path == r or path.startswith(r.rstrip("/") + "/") for r in roots):
-            return path
+        for root in reversed(roots):  # the longest root first
+            if path.startswith(root) and len(path) > len(root):
+                return path[len(root) :]
         name = path.rstrip("/").rsplit("/", 1)[-1]
         return f"…/{name}" if name else "…"
 

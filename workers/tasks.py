@@ -29,15 +29,15 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from gatt.errors import GattError
-from service import scheduling, webhooks
+from service import model_catalog, scheduling, webhooks
 from service.db import make_engine, make_sessionmaker, session_scope
 from service.models import Job, JobStatus
 from service.queue import waiting_messages
 from service.reaper import reap
 from service.repositories import corpora, instruction_sets, jobs
 from service.settings import Settings, get_settings
-from service.storage import StoreError, job_dir, job_key, remote_store
-from workers.artifact_sync import ScratchSync
+from service.storage import ArtifactMissing, LocalStore, StoreError, job_dir, job_key, remote_store
+from workers.artifact_sync import ScratchSync, fetch_checkpoint
 from workers.celery_app import JOB_TASK, REAP_TASK, WEBHOOK_TASK, celery
 from workers.engine.hooks import Stopped
 from workers.job_run import JobRun, end_run, transaction, transient_db_error
@@ -81,7 +81,54 @@ def prepare_config(job: Job, settings: Settings, out: Path, factory: sessionmake
         instructions = str(out / "instruction_set.json")
     raw = dict(job.config)
     raw["data"] = {**raw.get("data", {}), "corpus": str(out / "corpus.jsonl"), "instructions": instructions}
-    return parse_config({**raw, "model": job.model, "output_dir": str(out)})
+    base = _model_dir(job.model, settings)
+    lineage: dict[str, object] = {"base_model": job.model}
+    model = base
+    if job.parent_job_id is not None:
+        lineage.update(parent_job_id=str(job.parent_job_id), parent_step=job.parent_step)
+        model = str(_parent_checkpoint(job, settings, out, factory or sessions()))
+    return parse_config(
+        {**raw, "model": model, "base_model": base, "lineage": lineage, "output_dir": str(out)}
+    )
+
+
+def _model_dir(model_id: str, settings: Settings) -> str:
+    """Where this worker finds the model `model_id` ("default" stays a name: the engine's own cache)."""
+    roots = list(settings.model_roots)
+    if model_id.startswith("/"):  # a job queued before models had ids
+        model_id = model_catalog.id_of_path(model_id, roots) or model_id
+    try:
+        directory = model_catalog.resolve(model_id, roots)
+    except model_catalog.ModelNotFound as exc:
+        raise JobFailure("model_not_found" if exc.info is None else "model_not_trainable", str(exc)) from None
+    return str(directory) if directory is not None else model_catalog.DEFAULT_ID
+
+
+def _parent_checkpoint(job: Job, settings: Settings, out: Path, factory: sessionmaker[Session]) -> Path:
+    """The directory of the checkpoint `job` continues: in place in a local store, downloaded from S3."""
+    with session_scope(factory) as s:
+        row = jobs.checkpoint(s, job.parent_job_id, job.parent_step) if job.parent_step else None
+        key = row.path if row is not None else None
+    missing = JobFailure(
+        "parent_checkpoint_missing",
+        f"The checkpoint this job continues (job {job.parent_job_id}, step {job.parent_step}) is gone.",
+    )
+    if key is None:
+        raise missing
+    store = remote_store(settings)
+    try:
+        directory = (
+            fetch_checkpoint(store, key, out) if store else LocalStore(settings.artifact_dir).path(key)
+        )
+    except ArtifactMissing:
+        raise missing from None
+    from workers.engine.checkpoints import verify_checkpoint  # torch loads here, in the worker
+
+    if (problem := verify_checkpoint(directory)) is not None:
+        raise JobFailure(
+            "parent_checkpoint_invalid", f"The checkpoint this job continues is damaged: {problem}."
+        )
+    return directory
 
 
 class JobFailure(GattError):
@@ -167,8 +214,9 @@ def run_job_by_id(
                     sync.restore()
             config = prepare_config(job, settings, out, factory)
             # Confined again here, not only at creation: a symlink inside a root, or the base model
-            # an adapter names, is only seen when the files are read.
-            result = run_job(config, run.hooks(), allowed_roots=list(settings.model_roots))
+            # an adapter names, is only seen when the files are read. A parent checkpoint is ours.
+            roots = [*settings.model_roots, *([Path(config.model)] if job.parent_job_id else [])]
+            result = run_job(config, run.hooks(), allowed_roots=roots)
             if sync is not None:
                 sync.sync()  # before `succeeded`: a succeeded job's artifacts are all readable
         except Stopped:

@@ -21,14 +21,27 @@ MetadataKey = Annotated[StoredText, StringConstraints(min_length=1, max_length=6
 MetadataValue = Annotated[StoredText, StringConstraints(max_length=512)]
 
 
+class CheckpointRef(BaseModel):
+    """A checkpoint of one of the team's own jobs, as the base of a new one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    job_id: UUID = Field(description="A job of this team that has succeeded.")
+    step: int | None = Field(
+        default=None, ge=1, le=10**9, description="Its checkpoint's step; null: its latest checkpoint."
+    )
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: StoredText = Field(
+    model: Annotated[StoredText, StringConstraints(max_length=1024)] | CheckpointRef = Field(
         default="default",
-        max_length=1024,
-        description='"default" (the embedded SmolLM2-135M-Instruct) or a local model directory under one '
-        "of the server's configured model roots (safetensors only).",
+        title="Model id or checkpoint",
+        description='A model id from `GET /v1/models` ("default": the embedded SmolLM2-135M-Instruct), or '
+        '`{"job_id": ..., "step": ...}` to continue from a checkpoint of one of the team\'s own jobs: a '
+        "LoRA checkpoint goes on training its adapter (same rank, alpha and targets), and a job with "
+        "`training.method: full` starts from its merged weights.",
     )
     corpus_id: UUID = Field(description="The dialogue corpus to train on (`POST /v1/corpora`).")
     name: StoredText | None = Field(
@@ -90,7 +103,12 @@ class Job(BaseModel):
     progress_done: int = Field(description="Units done in the current stage (dialogues, steps).")
     progress_total: int = Field(description="Units in the current stage.")
     eta_s: float | None = Field(description="Estimated seconds left in the current stage, when known.")
-    model: str = Field(description="The base model.")
+    model: str = Field(
+        description="The base model's id; for a job continuing a checkpoint, that job's base model."
+    )
+    parent_checkpoint: CheckpointRef | None = Field(
+        default=None, description="The checkpoint this job continues from; null when it starts from `model`."
+    )
     corpus_id: UUID = Field(description="The corpus.")
     instruction_set_id: UUID | None = Field(description="The instruction set; null for the default set.")
     config: Annotated[dict[str, Any], WithJsonSchema(CONFIG_SCHEMA)] = Field(
@@ -129,6 +147,9 @@ class Job(BaseModel):
             progress_total=row.progress_total,
             eta_s=row.eta_s,
             model=row.model,
+            parent_checkpoint=(
+                CheckpointRef(job_id=row.parent_job_id, step=row.parent_step) if row.parent_job_id else None
+            ),
             corpus_id=row.corpus_id,
             instruction_set_id=row.instruction_set_id,
             config=row.config,

@@ -9,6 +9,7 @@ import tarfile
 import uuid
 import zlib
 from collections.abc import Iterator
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,9 @@ from sqlalchemy.orm import Session
 
 from app.core import quotas
 from app.core.errors import Conflict, NotFound, Unprocessable
-from app.jobs.schemas import JobCreate
+from app.jobs.schemas import CheckpointRef, JobCreate
 from gatt.errors import Problem, ValidationFailed
-from service import scheduling
+from service import model_catalog, scheduling
 from service.models import Checkpoint, Corpus, Job, JobStatus, Team
 from service.pagination import PageParams, PageResult
 from service.repositories import corpora, instruction_sets
@@ -75,9 +76,7 @@ def job_cost(config: dict[str, Any], corpus: Corpus, settings: Settings) -> Cost
 
 
 def check_model_path(model: str, settings: Settings, field: str) -> list[Problem]:
-    """A model named in a request must be "default" or lie inside a configured model root."""
-    if model == "default" and field == "model":
-        return []
+    """A reward model named in a request must lie inside a configured model root."""
     path = Path(model)
     if not path.is_absolute():
         return [
@@ -88,6 +87,89 @@ def check_model_path(model: str, settings: Settings, field: str) -> list[Problem
         if real.is_relative_to(root.resolve()):
             return []
     return [Problem("model_not_allowed", "the path is not under any of the server's model roots", field)]
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """What a new job starts from: a base model by id, and maybe a checkpoint of an earlier job."""
+
+    model: str
+    parent: Job | None = None
+    parent_step: int | None = None
+
+
+def base_model(session: Session, team: Team, requested: str | CheckpointRef, settings: Settings) -> Lineage:
+    """The request's `model` checked: a model id of the catalog (or, as before ids, a path under a
+    root), or one of the team's own checkpoints, whose base model the new job inherits."""
+    roots = list(settings.model_roots)
+    if isinstance(requested, CheckpointRef):
+        parent = repository.get(session, team.id, requested.job_id)
+        if parent is None:
+            raise NotFound("No such job.", param="model.job_id")
+        if parent.status != JobStatus.SUCCEEDED:
+            raise Conflict(
+                f"Job {parent.id} has {parent.status.value}; continue a job that has succeeded.",
+                code="parent_not_succeeded",
+                param="model.job_id",
+            )
+        steps = [c.step for c in repository.checkpoints(session, parent.id)]
+        step = requested.step if requested.step is not None else max(steps, default=None)
+        if step is None or step not in steps:
+            raise NotFound(
+                "The job has no checkpoint at this step; GET /v1/jobs/{job_id}/checkpoints lists them.",
+                param="model.step",
+            )
+        _trainable(parent.model, roots, "model.job_id")
+        return Lineage(parent.model, parent, step)
+    model_id = requested
+    if requested.startswith("/"):  # a path under a root, as requests named models before ids
+        model_id = model_catalog.id_of_path(requested, roots) or ""
+        if not model_id:
+            raise Unprocessable(
+                "Name a model by its id (GET /v1/models lists them), not by a path.",
+                code="model_not_allowed",
+                param="model",
+            )
+    _trainable(model_id, roots, "model")
+    return Lineage(model_id)
+
+
+def _trainable(model_id: str, roots: list[Path], param: str) -> None:
+    try:
+        model_catalog.resolve(model_id, roots)
+    except model_catalog.ModelNotFound as exc:
+        code = "model_not_found" if exc.info is None else "model_not_trainable"
+        raise Unprocessable(str(exc), code=code, param=param) from None
+
+
+# A LoRA checkpoint is continued by training its own adapter further (workers/engine/training.py):
+# the new job's adapter has the parent's shape, so that it still loads onto the original base.
+_ADAPTER_SHAPE = ("lora_r", "lora_alpha", "lora_targets")
+
+
+def inherit_adapter(config: dict[str, Any], body_config: dict[str, Any], lineage: Lineage) -> dict[str, Any]:
+    """`config` with the parent's adapter shape when both train LoRA; a 422 if the request set another."""
+    if lineage.parent is None:
+        return config
+    parent, child = lineage.parent.config["training"], config["training"]
+    if parent["method"] != "lora" or child["method"] != "lora":
+        return config
+    asked = body_config.get("training") if isinstance(body_config.get("training"), dict) else {}
+    problems = [
+        Problem(
+            "lineage_conflict",
+            f"the parent checkpoint's adapter has {key} = {parent[key]!r}; a LoRA job continuing it keeps "
+            "that (leave the option out)",
+            f"training.{key}",
+        )
+        for key in _ADAPTER_SHAPE
+        if key in asked and child[key] != parent[key]
+    ]
+    if problems:
+        raise Unprocessable.from_problems(
+            problems, code="invalid_config", message=problems[0].message, field_prefix="config"
+        )
+    return {**config, "training": {**child, **{key: parent[key] for key in _ADAPTER_SHAPE}}}
 
 
 def _request_hash(body: JobCreate) -> str:
@@ -105,10 +187,8 @@ def create(
         if earlier is not None:
             return _same_request(earlier, digest), False
     quotas.check_job(session, team, settings)
-    problems = check_model_path(body.model, settings, "model")
-    if problems:
-        raise Unprocessable.from_problems(problems, code="model_not_allowed", message=problems[0].message)
-    config = job_config(body.config, settings)
+    lineage = base_model(session, team, body.model, settings)
+    config = inherit_adapter(job_config(body.config, settings), body.config, lineage)
     corpus = corpora.get_for_share(session, team.id, body.corpus_id)
     if corpus is None:
         raise NotFound("No such corpus.", param="corpus_id")
@@ -119,7 +199,9 @@ def create(
     job = Job(
         team_id=team.id,
         status=JobStatus.QUEUED,
-        model=body.model,
+        model=lineage.model,
+        parent_job_id=lineage.parent.id if lineage.parent else None,
+        parent_step=lineage.parent_step,
         corpus_id=body.corpus_id,
         instruction_set_id=set_id,
         name=body.name,
@@ -139,8 +221,13 @@ def create(
         if earlier is None:
             raise
         return _same_request(earlier, digest), False
-    repository.add_event(session, job.id, "info", "created", "job created", {"model": body.model})
+    created = {"model": job.model, **({"parent": lineage_json(job)} if job.parent_job_id else {})}
+    repository.add_event(session, job.id, "info", "created", "job created", created)
     return job, True
+
+
+def lineage_json(job: Job) -> dict[str, Any]:
+    return {"job_id": str(job.parent_job_id), "step": job.parent_step}
 
 
 def _same_request(job: Job, digest: str) -> Job:

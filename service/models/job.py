@@ -85,6 +85,10 @@ class Job(UUIDPrimaryKey, Timestamps, Base):
     instruction_set_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("instruction_sets.id", ondelete="RESTRICT"), index=True
     )
+    # A job that continues an earlier job's checkpoint (`model` is then that job's base model).
+    # SET NULL: the lineage is also in every checkpoint's manifest, which outlives the row.
+    parent_job_id: Mapped[uuid.UUID | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"))
+    parent_step: Mapped[int | None] = mapped_column(Integer)
     # The Celery queue its messages go to; NULL for jobs created before the column existed.
     queue: Mapped[str | None] = mapped_column(String(255))
     # The client's own label and tags (`metadata` is the column; the name is taken on a model).

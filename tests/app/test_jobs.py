@@ -113,10 +113,15 @@ def test_lora_targets_may_name_modules(client, tenant, corpus_id):
         assert r.status_code == 201, r.text
 
 
-def test_model_paths_must_lie_under_a_model_root(client, tenant, corpus_id):
-    for model in ("/etc", "../models/x", "relative/dir"):
+def test_models_are_named_by_id_and_paths_must_lie_under_a_model_root(client, tenant, corpus_id):
+    # This app has no model roots: "default" is the only model (tests/app/test_models.py has roots).
+    for model, code in (
+        ("/etc", "model_not_allowed"),
+        ("../models/x", "model_not_found"),
+        ("x/y", "model_not_found"),
+    ):
         r = create(client, tenant, {"corpus_id": corpus_id, "model": model})
-        assert r.status_code == 422 and r.json()["error"]["code"] == "model_not_allowed", r.text
+        assert r.status_code == 422 and r.json()["error"]["code"] == code, r.text
     r = create(
         client,
         tenant,

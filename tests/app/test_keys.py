@@ -14,7 +14,9 @@ def test_a_team_rotates_its_keys(client, tenant, other_tenant):
     made = client.post(URL, json={"name": "ci"}, headers=tenant.headers)
     assert made.status_code == 201, made.text
     new = made.json()
-    assert new["key"].startswith(f"gatt_{new['prefix']}_") and new["name"] == "ci" and new["revoked_at"] is None
+    assert (
+        new["key"].startswith(f"gatt_{new['prefix']}_") and new["name"] == "ci" and new["revoked_at"] is None
+    )
     new_headers = {"Authorization": f"Bearer {new['key']}"}
     assert client.get("/v1/corpora", headers=new_headers).status_code == 200  # it works at once
 

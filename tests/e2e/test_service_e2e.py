@@ -3,13 +3,15 @@ embedded SmolLM2 model. A job is driven through the Python client (`gatt_client`
 waited on to `succeeded`, its events, stream, metrics and artifacts read back, its checkpoint
 downloaded (every file checked against the manifest) and loaded with stock transformers/peft.
 Another runs through the `gatt` command line. A third is cancelled while it trains and must stop
-within one step."""
+within one step. A model dropped under the model root trains, and a second job continues that
+job's LoRA checkpoint; the result loads with stock transformers/peft."""
 
 from __future__ import annotations
 
 import http.server
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -21,6 +23,7 @@ from pathlib import Path
 import pytest
 from celery import Celery
 from gatt_client import Client
+from gatt_client.errors import NotFound
 from standardwebhooks import Webhook
 
 from app.main import create_app
@@ -66,6 +69,7 @@ def receiver() -> Iterator[str]:
 def stack(database_url, tmp_path_factory):
     """The API on a real uvicorn server and one real worker process on a private queue."""
     tmp = tmp_path_factory.mktemp("e2e")
+    (tmp / "models").mkdir()  # the model root: empty until a test drops a model in
     queue = f"gpu-test-{uuid.uuid4().hex[:8]}"  # no other session's worker can take our jobs
     env = {
         **os.environ,
@@ -77,6 +81,7 @@ def stack(database_url, tmp_path_factory):
         "GATT_WEBHOOK_QUEUE": queue,
         "GATT_WEBHOOK_ALLOW_HOSTS": json.dumps(ALLOW),
         "GATT_LEASE_S": "30",
+        "GATT_MODEL_ROOTS": str(tmp / "models"),
     }
     broker = Celery(broker=REDIS_URL)
     settings = Settings(
@@ -86,6 +91,7 @@ def stack(database_url, tmp_path_factory):
         job_queue=queue,
         webhook_queue=queue,
         webhook_allow_hosts=ALLOW,
+        model_roots=[tmp / "models"],
     )
     app = create_app(
         settings,
@@ -330,3 +336,87 @@ def test_cancel_stops_a_training_job_within_one_step(stack):
     assert max(steps) <= steps_at_cancel + 1  # the step in flight may finish; no further one starts
     kinds = [e.kind for e in client.jobs.events(job.id)]
     assert "cancel_requested" in kinds and kinds[-1] == "cancelled"
+
+
+def _drop_in(source: Path, target: Path) -> None:
+    """Copy a model directory as an operator would (hard links where the disk allows: 0.5 GB)."""
+    target.mkdir(parents=True)
+    for f in source.iterdir():
+        try:
+            os.link(f, target / f.name)
+        except OSError:
+            shutil.copy(f, target / f.name)
+
+
+def test_a_dropped_in_model_trains_and_a_team_continues_its_checkpoint(stack):
+    from peft import PeftModel
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from workers.engine.models import default_model_dir
+
+    url, app, tmp = stack
+    root = tmp / "models"
+    tenant = make_tenant(app.state.sessionmaker)
+    client = Client(url, tenant.key)
+    assert [m.id for m in client.models.list()] == ["default"]
+    _drop_in(default_model_dir(), root / "smol-copy")
+    listed = {m.id: m for m in client.models.list()}
+    assert listed["smol-copy"].trainable and listed["smol-copy"].end_of_turn_token == "<|im_end|>"
+
+    corpus_id = _corpus(client, 2)
+    config = {
+        "data": {"max_turns": 1},
+        "sampling": {"k": 2, "max_new_tokens": 16, "batch_prompts": 2},
+        "reward": {"min_reward": 0.0},
+        "training": {"max_steps": 2, "micro_batch_size": 2, "lora_r": 4, "lora_alpha": 8},
+    }
+    parent = client.jobs.wait(client.jobs.create(corpus_id, model="smol-copy", config=config).id, timeout=900)
+    assert parent.status.value == "succeeded" and parent.model == "smol-copy", parent
+    # The child leaves the adapter's shape out: it inherits r=4, alpha=8 from its parent.
+    child_config = {**config, "training": {"max_steps": 1, "micro_batch_size": 2, "learning_rate": 1e-4}}
+    created = client.jobs.create(corpus_id, model={"job_id": str(parent.id)}, config=child_config)
+    child = client.jobs.wait(created.id, timeout=900)
+    assert child.status.value == "succeeded", (child, list(client.jobs.events(child.id)))
+    assert child.model == "smol-copy" and child.parent_checkpoint.step == 2
+    assert (child.config.training.lora_r, child.config.training.lora_alpha) == (4, 8)
+
+    stranger = Client(url, make_tenant(app.state.sessionmaker).key)
+    with pytest.raises(NotFound):
+        stranger.jobs.create(_corpus(stranger, 2), model={"job_id": str(parent.id)})
+
+    parent_dir = client.jobs.download_checkpoint(parent.id, dest=tmp / "lineage-parent")
+    child_dir = client.jobs.download_checkpoint(child.id, dest=tmp / "lineage-child")
+    manifest = json.loads((child_dir / "manifest.json").read_text())
+    assert manifest["lineage"] == {
+        "base_model": "smol-copy",
+        "parent_job_id": str(parent.id),
+        "parent_step": 2,
+    }
+    adapter_config = json.loads((child_dir / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] == "smol-copy" and adapter_config["r"] == 4
+
+    # The child's adapter is the parent's trained further, not a new one (a new one starts at B = 0).
+    before = load_file(parent_dir / "adapter_model.safetensors")
+    after = load_file(child_dir / "adapter_model.safetensors")
+    b_keys = [k for k in before if "lora_B" in k]
+    assert b_keys and before.keys() == after.keys()
+    moved = sum(float((after[k] - before[k]).norm()) for k in b_keys)
+    size = sum(float(before[k].norm()) for k in b_keys)
+    assert 0 < moved < size
+
+    base = AutoModelForCausalLM.from_pretrained(root / "smol-copy", local_files_only=True)
+    model = PeftModel.from_pretrained(base, child_dir)
+    assert model.peft_config["default"].r == 4
+
+    # Nothing a team reads names the server's model root.
+    texts = [
+        client.jobs.get(child.id).model_dump_json(),
+        *(e.model_dump_json() for e in client.jobs.events(child.id)),
+    ]
+    texts += [json.dumps(m.model_dump(mode="json")) for m in client.models.list()]
+    texts += [
+        (child_dir / name).read_text()
+        for name in ("manifest.json", "adapter_config.json", "trainer_state.json")
+    ]
+    assert not [t for t in texts if str(root) in t or str(tmp) in t]

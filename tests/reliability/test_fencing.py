@@ -90,18 +90,22 @@ def test_a_run_that_lost_its_lease_writes_no_row_and_stops(database_url: str) ->
     assert events == ["written while the lease is ours"] and steps == [1]
 
 
-def test_events_a_team_reads_name_no_server_directory(database_url: str) -> None:
-    settings = Settings(database_url=database_url, model_roots=[Path("/models")])
+def test_events_a_team_reads_name_no_server_directory(database_url: str, tmp_path: Path) -> None:
+    (tmp_path / "models").mkdir()
+    settings = Settings(database_url=database_url, model_roots=[tmp_path / "models"])
     factory = make_sessionmaker(make_engine(settings))
     job_id = _queued_job(factory)
     with session_scope(factory) as s:
         assert jobs.claim(s, job_id, "run", 60.0) is not None
     JobRun(job_id, "run", settings, factory).event(
-        "warning", "probe", "read /srv/gatt/artifacts/t/j/corpus.jsonl and /models/mine/config.json", {}
+        "warning",
+        "probe",
+        f"read /srv/gatt/artifacts/t/j/corpus.jsonl and {tmp_path}/models/mine/config.json",
+        {},
     )
     with session_scope(factory) as s:
         (event,) = jobs.events(s, job_id, 0, 10)
-        assert event.message == "read …/corpus.jsonl and /models/mine/config.json"
+        assert event.message == "read …/corpus.jsonl and mine/config.json"
 
 
 def test_a_write_is_tried_again_through_a_brief_database_outage(database_url: str) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 from workers.redact import server_paths
 
 
-def test_paths_outside_the_model_roots_keep_only_their_last_part() -> None:
+def test_paths_under_a_model_root_become_ids_and_others_keep_only_their_last_part() -> None:
     roots = [Path("/models")]
     assert (
         server_paths("cannot load a tokenizer from /root/.cache/gatt/smollm2: bad file", roots)
@@ -15,8 +15,9 @@ def test_paths_outside_the_model_roots_keep_only_their_last_part() -> None:
     )
     assert (
         server_paths("/models/llama has no config.json; see /var/lib/gatt/artifacts/t/j/corpus.jsonl.", roots)
-        == "/models/llama has no config.json; see …/corpus.jsonl."
+        == "llama has no config.json; see …/corpus.jsonl."
     )
     assert server_paths("ratio 1/2, a/b, http://host/x, (/srv/a) '/srv/b'", []) == (
         "ratio 1/2, a/b, http://host/x, (…/a) '…/b'"
     )
+    assert server_paths("in /models/org/chat/x.json and /models", roots) == "in org/chat/x.json and …/models"

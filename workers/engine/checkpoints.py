@@ -72,6 +72,7 @@ class CheckpointStore:
         config: TrainConfig,
         state: dict[str, Any],
         base_model: str,
+        lineage: dict[str, Any] | None = None,
     ) -> tuple[Path, dict[str, Any]]:
         """Write checkpoint `step` atomically: into step-XXXXXX.tmp, manifest.json last, then renamed."""
         final = self.root / f"step-{step:06d}"
@@ -104,6 +105,7 @@ class CheckpointStore:
             "metrics": state["metrics"][-1] if state["metrics"] else {},
             "base_model": base_model,
             "method": config.method,
+            **({"lineage": lineage} if lineage else {}),
             "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         _write_synced(tmp / MANIFEST, json.dumps(manifest, indent=1))

@@ -364,6 +364,12 @@ class JobConfig(JobOptions):
 
     model: Name = "default"
     """"default" (embedded SmolLM2-135M-Instruct), a local Hugging Face directory or a checkpoint."""
+    base_model: Name | None = None
+    """For a LoRA checkpoint `model`: its base ("default" or a directory); null: as its
+    adapter_config.json names it."""
+    lineage: dict[str, Any] | None = None
+    """Recorded in every checkpoint's manifest (the service's base model id, parent job and step);
+    its `base_model` is also what checkpoints name the base by."""
     output_dir: Name = "var/jobs/job"
     device: Str | None = None
     """null: CUDA if present, else CPU."""

@@ -90,7 +90,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     source: str  # what the job asked for, unchanged
-    base_dir: Path  # the base weights' directory (for an adapter: its base's), for the trainer to record
+    base_dir: Path  # the base weights' directory (for an adapter: its base's)
+    base_name: str | None = None  # what checkpoints record as the base: "default", or None for base_dir
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,25 +105,32 @@ def load_model(
     dtype: str | None = None,
     allowed_roots: list[Path] | None = None,
     cache_dir: Path | None = None,
+    base: str | None = None,
 ) -> LoadedModel:
     """Load `source` ("default", a local model directory or one of our checkpoints) for generation.
 
     The model is in eval mode on `device`; the tokenizer pads on the left (batched generation).
     `allowed_roots`, when given, confines every directory read (the adapter's base included);
-    "default" is the service's own cache and not subject to it.
+    "default" is the service's own cache and not subject to it. `base`, for an adapter `source`,
+    is its base ("default" or a directory) in place of the one its adapter_config.json names: the
+    service knows it by id, and the path the adapter was trained on may be another machine's.
     """
     torch_device, torch_dtype = pick_device_dtype(device, dtype)
 
     adapter_dir: Path | None = None
+    base_name = DEFAULT_SOURCE
     if source == DEFAULT_SOURCE:
         base_dir = default_model_dir(cache_dir)
     else:
         directory = _checked_path(source, allowed_roots)
         if (directory / ADAPTER_CONFIG).is_file():
             adapter_dir = _check_adapter_dir(directory)
-            base_dir = _adapter_base(adapter_dir, allowed_roots, cache_dir)
+            named = base if base is not None else _adapter_base_name(adapter_dir)
+            base_dir = _adapter_base(adapter_dir, named, allowed_roots, cache_dir)
+            base_name = DEFAULT_SOURCE if named == DEFAULT_SOURCE else str(base_dir)
         else:
             base_dir = check_model_dir(directory, allowed_roots)
+            base_name = str(base_dir)
 
     # The tokenizer first: it is cheap, and a model without a chat template is refused anyway.
     # A trainer checkpoint may carry its own tokenizer; GAtt does not change it, but if it is
@@ -156,6 +164,7 @@ def load_model(
         dtype=torch_dtype,
         source=source,
         base_dir=base_dir,
+        base_name=base_name,
     )
 
 
@@ -468,21 +477,26 @@ def _check_adapter_dir(directory: Path) -> Path:
     return directory
 
 
-def _adapter_base(adapter_dir: Path, allowed_roots: list[Path] | None, cache_dir: Path | None) -> Path:
-    """The base model directory named in an adapter's config, under the same checks as any source."""
+def _adapter_base_name(adapter_dir: Path) -> str:
+    """The base model an adapter's config names: "default" or a path."""
     try:
         config = json.loads((adapter_dir / ADAPTER_CONFIG).read_text())
         base = config["base_model_name_or_path"]
     except (OSError, ValueError, KeyError, TypeError):
-        raise ModelError(
-            "invalid_model", f"{adapter_dir / ADAPTER_CONFIG} does not name its base model"
-        ) from None
+        base = None
     if not isinstance(base, str) or not base:
         raise ModelError("invalid_model", f"{adapter_dir / ADAPTER_CONFIG} does not name its base model")
+    return base
+
+
+def _adapter_base(
+    adapter_dir: Path, base: str, allowed_roots: list[Path] | None, cache_dir: Path | None
+) -> Path:
+    """The directory of an adapter's base model `base`, under the same checks as any source."""
     if base == DEFAULT_SOURCE:
         return default_model_dir(cache_dir)
-    # Our trainer writes absolute paths; a relative one is taken relative to the checkpoint so
-    # that a copied checkpoint tree keeps working.
+    # Our trainer wrote absolute paths before the service named models by id; a relative one is
+    # taken relative to the checkpoint, so that a copied checkpoint tree keeps working.
     base_path = Path(base).expanduser()
     if not base_path.is_absolute():
         base_path = adapter_dir / base_path

@@ -132,9 +132,10 @@ def run_job(
         evaluation.run("base", loaded, hooks)
 
     _stage(hooks, Stage.TRAIN)
-    # The adapter records the base weights it applies to: the embedded default by name, anything
-    # else (a local model, or the merged base of an earlier checkpoint) by its directory.
-    base_model = "default" if loaded.source == "default" else str(loaded.base_dir)
+    # The adapter records the base weights it applies to: by the service's model id where the job
+    # has one, else the embedded default by name and anything else by its directory.
+    lineage = config.lineage
+    base_model = lineage["base_model"] if lineage else loaded.base_name or str(loaded.base_dir)
     result = train(
         loaded.model,
         loaded.tokenizer,
@@ -143,6 +144,7 @@ def run_job(
         out / "train",
         hooks=hooks,
         base_model=base_model,
+        lineage=lineage,
     )
     if evaluation is not None:
         _stage(hooks, Stage.EVALUATE)
@@ -205,18 +207,29 @@ def load_instruction_set(
 def _job_model(
     config: JobConfig, loaded: LoadedModel | None, allowed_roots: list[Path] | None
 ) -> LoadedModel:
-    """`loaded`, or the job's model loaded now; refused before any sampling if it cannot be trained."""
+    """`loaded`, or the job's model loaded now; refused before any sampling if it cannot be trained.
+
+    A LoRA checkpoint as the model: LoRA training goes on training its adapter (same shape), full
+    fine-tuning starts from the adapter merged into its base."""
     if loaded is None:
         loaded = load_model(
-            config.model, device=config.device, dtype=config.dtype, allowed_roots=allowed_roots
+            config.model,
+            device=config.device,
+            dtype=config.dtype,
+            allowed_roots=allowed_roots,
+            base=config.base_model,
         )
-    if config.training.method == "lora" and hasattr(loaded.model, "peft_config"):
-        # Checked before sampling, which would otherwise be wasted.
-        raise ModelError(
-            "adapter_on_adapter",
-            "the model is a LoRA checkpoint; to train it further with LoRA, use its merged weights "
-            "(a checkpoint written with training.merge_on_save: true has them in merged/)",
-        )
+    if hasattr(loaded.model, "peft_config"):
+        if config.training.method == "full":
+            return dataclasses.replace(loaded, model=loaded.model.merge_and_unload())
+        adapter = loaded.model.peft_config["default"]
+        if (adapter.r, adapter.lora_alpha) != (config.training.lora_r, config.training.lora_alpha):
+            # Checked before sampling, which would otherwise be wasted.
+            raise ModelError(
+                "adapter_mismatch",
+                f"the model is a LoRA checkpoint with r={adapter.r} and lora_alpha={adapter.lora_alpha}; "
+                "continue it with the same training.lora_r and lora_alpha, or use training.method: full",
+            )
     return loaded
 
 

@@ -97,15 +97,19 @@ def train(
     *,
     hooks: Hooks = Hooks(),  # noqa: B008 (Hooks is never mutated here)
     base_model: str = "default",
+    lineage: dict[str, Any] | None = None,
     objective: Objective | None = None,
 ) -> TrainResult:
     """Train `model` on `examples`, or continue the run already in `out_dir`.
 
-    For LoRA the model passed in is wrapped by peft (its modules get adapter layers); the trained
-    model is `TrainResult.model`. `objective` defaults to GAtt's masked SFT. Seeds python, numpy
-    and torch's global RNGs with `config.seed`. Raises `Stopped` when `hooks.should_stop()` says so
-    (checkpoints already written stay), and ValueError when `out_dir` holds a run this call cannot
-    continue (other data, base model, or a config field that fixes data order or parameter shapes).
+    For LoRA the model passed in is wrapped by peft (its modules get adapter layers), or, if it is
+    a peft model already (a LoRA checkpoint continued), its own adapter trains further; the trained
+    model is `TrainResult.model`. `base_model` names the base weights in every checkpoint and
+    `lineage` is recorded in each manifest as given. `objective` defaults to GAtt's masked SFT.
+    Seeds python, numpy and torch's global RNGs with `config.seed`. Raises `Stopped` when
+    `hooks.should_stop()` says so (checkpoints already written stay), and ValueError when `out_dir`
+    holds a run this call cannot continue (other data, base model, or a config field that fixes data
+    order or parameter shapes).
     """
     out_dir = Path(out_dir)
     store = CheckpointStore(out_dir / CHECKPOINTS, hooks)
@@ -161,7 +165,9 @@ def train(
             hooks.metrics(done, {k: v for k, v in row.items() if k != "step"})
             if done == run.total_steps or (config.checkpoint_every and done % config.checkpoint_every == 0):
                 state = _trainer_state(done, row, run, config, base_model, fingerprint, len(data), dropped)
-                final, manifest = store.save(done, model, tokenizer, optimizer, config, state, base_model)
+                final, manifest = store.save(
+                    done, model, tokenizer, optimizer, config, state, base_model, lineage
+                )
                 store.rotate(config.keep_checkpoints)
                 hooks.checkpoint(done, str(final), manifest)
             hooks.progress("train", done, run.total_steps)
@@ -402,7 +408,7 @@ def _prepare_model(model: Any, config: TrainConfig, base_model: str) -> Any:
     from peft import LoraConfig, PeftModel, get_peft_model
 
     if isinstance(model, PeftModel):
-        raise ValueError("pass the base model; train() adds the LoRA adapter itself")
+        return _continued_adapter(model, config, base_model)
     if config.method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
@@ -419,6 +425,27 @@ def _prepare_model(model: Any, config: TrainConfig, base_model: str) -> Any:
     # Written into adapter_config.json: the loader reads it to find the base weights.
     peft_model.peft_config["default"].base_model_name_or_path = base_model
     return peft_model
+
+
+def _continued_adapter(model: Any, config: TrainConfig, base_model: str) -> Any:
+    """A loaded LoRA checkpoint whose adapter trains further: the result still applies to the
+    original base weights (stock `PeftModel.from_pretrained(base, checkpoint)` loads it), which a new
+    adapter on merged weights would not. The adapter's shape is the checkpoint's, so the job's must
+    agree (the API fills it in from the parent job)."""
+    if config.method != "lora":
+        raise ValueError("full fine-tuning takes the merged weights of a LoRA checkpoint, not the adapter")
+    adapter = model.peft_config["default"]
+    # Targets are not compared: peft stores "all-linear" as the module names it matched.
+    if (adapter.r, adapter.lora_alpha) != (config.lora_r, config.lora_alpha):
+        raise ValueError(
+            f"the checkpoint's adapter has r={adapter.r} and lora_alpha={adapter.lora_alpha}; continue it "
+            "with the same training.lora_r and lora_alpha"
+        )
+    adapter.inference_mode = False
+    adapter.base_model_name_or_path = base_model
+    for name, param in model.named_parameters():
+        param.requires_grad_("lora_" in name)
+    return model
 
 
 def _optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:

@@ -294,3 +294,16 @@ def list_keys() -> Call[m.KeyList]:
 @operation
 def revoke_key(prefix: str) -> Call[m.Key]:
     return Call("DELETE", f"/v1/keys/{prefix}", _model(m.Key))
+
+
+# --- models ---------------------------------------------------------------------------------
+
+
+@operation
+def list_models() -> Call[m.ModelList]:
+    return Call("GET", "/v1/models", _model(m.ModelList))
+
+
+@operation
+def get_model(model_id: str) -> Call[m.ModelInfo]:
+    return Call("GET", f"/v1/models/{model_id}", _model(m.ModelInfo))

@@ -38,12 +38,14 @@ jobs = typer.Typer(help="Create, follow and inspect jobs.", no_args_is_help=True
 checkpoints = typer.Typer(help="List and download checkpoints.", no_args_is_help=True)
 keys = typer.Typer(help="The team's API keys.", no_args_is_help=True)
 webhooks = typer.Typer(help="Signed notifications of job endings and checkpoints.", no_args_is_help=True)
+models = typer.Typer(help="The models jobs can fine-tune.", no_args_is_help=True)
 app.add_typer(corpora, name="corpora")
 app.add_typer(instruction_sets, name="instruction-sets")
 app.add_typer(jobs, name="jobs")
 app.add_typer(checkpoints, name="checkpoints")
 app.add_typer(keys, name="keys")
 app.add_typer(webhooks, name="webhooks")
+app.add_typer(models, name="models")
 
 
 class State:
@@ -155,7 +157,15 @@ def jobs_create(
         ),
     ] = None,
     instruction_set: Annotated[str | None, typer.Option(help='An instruction set id, or "default".')] = None,
-    model: Annotated[str | None, typer.Option(help='The base model ("default").')] = None,
+    model: Annotated[
+        str | None, typer.Option(help='The base model\'s id (`gatt models list`; "default").')
+    ] = None,
+    from_job: Annotated[
+        str | None, typer.Option(help="Continue from this job's checkpoint (one of your team's jobs).")
+    ] = None,
+    step: Annotated[
+        int | None, typer.Option(help="With --from-job: its checkpoint at this step (else the latest).")
+    ] = None,
     name: Annotated[str | None, typer.Option(help="A label for the job.")] = None,
     idempotency_key: Annotated[str | None, typer.Option(help="Send again with it: the same job.")] = None,
     follow: Annotated[bool, typer.Option(help="Follow the job to its end, then print its results.")] = False,
@@ -176,7 +186,7 @@ def jobs_create(
         corpus,
         instruction_set_id=instruction_set or body.get("instruction_set_id"),
         config=body.get("config"),
-        model=model or body.get("model"),
+        model={"job_id": from_job, "step": step} if from_job else model or body.get("model"),
         name=name or body.get("name"),
         metadata=body.get("metadata"),
         idempotency_key=idempotency_key,
@@ -278,6 +288,21 @@ def checkpoints_download(
 
 
 # --- keys -----------------------------------------------------------------------------------
+
+
+@models.command("list")
+def models_list() -> None:
+    """Every model by id; those that cannot be trained, with the reason."""
+    for model in state.client.models.list():
+        size = f"{model.parameters / 1e6:,.0f}M" if model.parameters else "?"
+        status = "trainable" if model.trainable else f"not trainable: {model.problem.code}"  # type: ignore[union-attr]
+        _out(model, f"{model.id}  {model.architecture or '?'}  {size}  {status}")
+
+
+@models.command("get")
+def models_get(model_id: str) -> None:
+    model = state.client.models.get(model_id)
+    _out(model, model.model_dump_json(indent=2))
 
 
 @keys.command("create")

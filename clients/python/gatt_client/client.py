@@ -3,8 +3,8 @@ script would otherwise write around each call: the key, retries on 429/503 after
 typed errors, pages followed to the end, waiting on a job with `If-None-Match`, its event stream
 resumed with `Last-Event-ID`, and checkpoint downloads verified against their manifest.
 
-Both clients have the same resources (`corpora`, `instruction_sets`, `jobs`, `webhooks`, `keys`) and methods; the async
-ones are coroutines and async iterators.
+Both clients have the same resources (`corpora`, `instruction_sets`, `jobs`, `webhooks`, `keys`,
+`models`) and methods; the async ones are coroutines and async iterators.
 """
 
 from __future__ import annotations
@@ -71,21 +71,26 @@ def _delay(response: httpx.Response, attempt: int) -> float:
     return min(retry_after(response) or 2.0**attempt, MAX_RETRY_WAIT_S)
 
 
+# A model id, or a checkpoint of the team's own: {"job_id": ..., "step": ...}.
+ModelChoice = str | m.CheckpointRef | Mapping[str, Any] | None
+
+
 def job_body(
     corpus_id: ops.Id,
     *,
     instruction_set_id: ops.Id | None = None,
     config: m.JobOptions | Mapping[str, Any] | None = None,
-    model: str | None = None,
+    model: ModelChoice = None,
     name: str | None = None,
     metadata: Mapping[str, Any] | None = None,
 ) -> m.JobCreate:
-    """A job request, validated here against the API's schema before it is sent."""
+    """A job request, validated here against the API's schema before it is sent. `model` is a model
+    id (`client.models.list()`), or `{"job_id": ..., "step": ...}` to continue a checkpoint."""
     fields = {
         "corpus_id": str(corpus_id),
         "instruction_set_id": None if instruction_set_id is None else str(instruction_set_id),
         "config": ops._dump(config),
-        "model": model,
+        "model": ops._dump(model) if isinstance(model, (m.CheckpointRef, Mapping)) else model,
         "name": name,
         "metadata": dict(metadata) if metadata is not None else None,
     }
@@ -117,6 +122,7 @@ class Client:
         self.jobs = Jobs(self)
         self.webhooks = Webhooks(self)
         self.keys = Keys(self)
+        self.models = Models(self)
 
     def __enter__(self) -> Client:
         return self
@@ -215,7 +221,7 @@ class Jobs:
         *,
         instruction_set_id: ops.Id | None = None,
         config: m.JobOptions | Mapping[str, Any] | None = None,
-        model: str | None = None,
+        model: ModelChoice = None,
         name: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
@@ -403,6 +409,19 @@ class Keys:
         return self._c.request(ops.revoke_key(prefix))
 
 
+class Models:
+    """What jobs can fine-tune: the server's models by id."""
+
+    def __init__(self, client: Client) -> None:
+        self._c = client
+
+    def list(self) -> list[m.ModelInfo]:
+        return list(self._c.request(ops.list_models()).data)
+
+    def get(self, model_id: str) -> m.ModelInfo:
+        return self._c.request(ops.get_model(model_id))
+
+
 def _pick(checkpoints: list[m.CheckpointOut], step: int | None, job_id: ops.Id) -> m.CheckpointOut:
     if not checkpoints:
         raise GattError(f"job {job_id} has no checkpoint yet")
@@ -438,6 +457,7 @@ class AsyncClient:
         self.jobs = AsyncJobs(self)
         self.webhooks = AsyncWebhooks(self)
         self.keys = AsyncKeys(self)
+        self.models = AsyncModels(self)
 
     async def __aenter__(self) -> AsyncClient:
         return self
@@ -535,7 +555,7 @@ class AsyncJobs:
         *,
         instruction_set_id: ops.Id | None = None,
         config: m.JobOptions | Mapping[str, Any] | None = None,
-        model: str | None = None,
+        model: ModelChoice = None,
         name: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
@@ -693,3 +713,14 @@ class AsyncKeys:
 
     async def revoke(self, prefix: str) -> m.Key:
         return await self._c.request(ops.revoke_key(prefix))
+
+
+class AsyncModels:
+    def __init__(self, client: AsyncClient) -> None:
+        self._c = client
+
+    async def list(self) -> list[m.ModelInfo]:
+        return list((await self._c.request(ops.list_models())).data)
+
+    async def get(self, model_id: str) -> m.ModelInfo:
+        return await self._c.request(ops.get_model(model_id))

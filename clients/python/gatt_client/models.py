@@ -94,6 +94,41 @@ class CheckpointOut(BaseModel):
     ]
 
 
+Step = TypeAliasType(
+    "Step",
+    Annotated[
+        int,
+        Field(
+            description="Its checkpoint's step; null: its latest checkpoint.",
+            ge=1,
+            le=1000000000,
+            title='Step',
+        ),
+    ],
+)
+
+
+class CheckpointRef(BaseModel):
+    """
+    A checkpoint of one of the team's own jobs, as the base of a new one.
+    """
+
+    model_config = ConfigDict(
+        extra='forbid',
+    )
+    job_id: Annotated[
+        UUID,
+        Field(description='A job of this team that has succeeded.', title='Job Id'),
+    ]
+    step: Annotated[
+        Step | None,
+        Field(
+            description="Its checkpoint's step; null: its latest checkpoint.",
+            title='Step',
+        ),
+    ] = None
+
+
 AfterCi = TypeAliasType(
     "AfterCi",
     Annotated[
@@ -876,6 +911,19 @@ MetadataAdditionalProperty = TypeAliasType(
 )
 
 
+Model = TypeAliasType(
+    "Model",
+    Annotated[
+        str,
+        Field(
+            description='A model id from `GET /v1/models` ("default": the embedded SmolLM2-135M-Instruct), or `{"job_id": ..., "step": ...}` to continue from a checkpoint of one of the team\'s own jobs: a LoRA checkpoint goes on training its adapter (same rank, alpha and targets), and a job with `training.method: full` starts from its merged weights.',
+            max_length=1024,
+            title='Model id or checkpoint',
+        ),
+    ],
+)
+
+
 Name1 = TypeAliasType(
     "Name1",
     Annotated[
@@ -1064,6 +1112,29 @@ class MetricList(BaseModel):
             description='Pass as `after_step` to poll for newer steps.',
             title='Next After Step',
         ),
+    ]
+
+
+class Source(StrEnum):
+    """
+    `embedded`: shipped with the service; `local`: a directory under the server's model roots.
+    """
+
+    embedded = 'embedded'
+    local = 'local'
+
+
+class ModelProblem(BaseModel):
+    code: Annotated[
+        str,
+        Field(
+            description='Why the model cannot be trained: `unsafe_weights` (pickle weights only), `invalid_model`, `remote_code`, `no_chat_template`, `no_end_of_turn`, `adapter`, `path_not_allowed` (a link or shard that leads outside the model root).',
+            title='Code',
+        ),
+    ]
+    message: Annotated[
+        str,
+        Field(description='What is wrong and what to do about it.', title='Message'),
     ]
 
 
@@ -2614,6 +2685,82 @@ class JobOptions(BaseModel):
     }
 
 
+class ModelInfo(BaseModel):
+    architecture: Annotated[
+        str | None,
+        Field(
+            description='From config.json, e.g. `LlamaForCausalLM`.',
+            title='Architecture',
+        ),
+    ]
+    chat_template: Annotated[
+        bool,
+        Field(
+            description='The tokenizer has a chat template (GAtt needs one).',
+            title='Chat Template',
+        ),
+    ]
+    context_length: Annotated[
+        int | None,
+        Field(
+            description='Longest sequence the model takes (config.json).',
+            title='Context Length',
+        ),
+    ]
+    dtype: Annotated[
+        str | None, Field(description="The weights' dtype as stored.", title='Dtype')
+    ]
+    end_of_turn_token: Annotated[
+        str | None,
+        Field(
+            description='The special token that closes a reply in the chat template: where the loss masks end each trained span and where generation stops. Null when the model cannot be trained, or when only a slow tokenizer is present (the worker finds it when it loads the model).',
+            title='End Of Turn Token',
+        ),
+    ]
+    id: Annotated[
+        str,
+        Field(
+            description='The name a job gives as `model`: "default" or the folder\'s name under a model root.',
+            title='Id',
+        ),
+    ]
+    parameters: Annotated[
+        int | None,
+        Field(
+            description='Parameter count, from the safetensors headers.',
+            title='Parameters',
+        ),
+    ]
+    problem: Annotated[
+        ModelProblem | None,
+        Field(description='Why it cannot be trained; null when it can.'),
+    ]
+    source: Annotated[
+        Source,
+        Field(
+            description="`embedded`: shipped with the service; `local`: a directory under the server's model roots.",
+            title='Source',
+        ),
+    ]
+    trainable: Annotated[
+        bool,
+        Field(
+            description='A job can fine-tune it: safetensors, no remote code, a chat template.',
+            title='Trainable',
+        ),
+    ]
+
+
+class ModelList(BaseModel):
+    data: Annotated[
+        list[ModelInfo],
+        Field(
+            description='`default` first, then the models under each root in the order the roots are configured, by id. Models that cannot be trained are listed too, with the reason.',
+            title='Data',
+        ),
+    ]
+
+
 class TurnRow(BaseModel):
     model_config = ConfigDict(
         extra='forbid',
@@ -2895,9 +3042,21 @@ class Job(BaseModel):
         dict[str, str] | None,
         Field(description='Your tags for the job.', title='Metadata'),
     ] = None
-    model: Annotated[str, Field(description='The base model.', title='Model')]
+    model: Annotated[
+        str,
+        Field(
+            description="The base model's id; for a job continuing a checkpoint, that job's base model.",
+            title='Model',
+        ),
+    ]
     name: Annotated[
         str | None, Field(description='Your label for the job.', title='Name')
+    ] = None
+    parent_checkpoint: Annotated[
+        CheckpointRef | None,
+        Field(
+            description='The checkpoint this job continues from; null when it starts from `model`.'
+        ),
     ] = None
     progress: Annotated[
         float,
@@ -2977,11 +3136,11 @@ class JobCreate(BaseModel):
         ),
     ] = None
     model: Annotated[
-        str | None,
+        Model | CheckpointRef | None,
         Field(
-            description='"default" (the embedded SmolLM2-135M-Instruct) or a local model directory under one of the server\'s configured model roots (safetensors only).',
-            max_length=1024,
-            title='Model',
+            description='A model id from `GET /v1/models` ("default": the embedded SmolLM2-135M-Instruct), or `{"job_id": ..., "step": ...}` to continue from a checkpoint of one of the team\'s own jobs: a LoRA checkpoint goes on training its adapter (same rank, alpha and targets), and a job with `training.method: full` starts from its merged weights.',
+            title='Model id or checkpoint',
+            validate_default=True,
         ),
     ] = 'default'
     name: Annotated[
