@@ -178,3 +178,15 @@ def test_a_process_with_bad_model_roots_stops_with_one_line(tmp_path, command) -
         said
         == f"gatt: invalid settings: GATT_MODEL_ROOTS: model root '{tmp_path / 'missing'}' is not an existing directory"
     )
+
+
+def test_a_gguf_file_becomes_a_model_folder_under_a_root(root, capsys) -> None:
+    from workers import import_gguf
+    from workers.engine.models import embedded_gguf
+
+    assert import_gguf.main([str(embedded_gguf()), str(root / "smol-from-gguf")]) == 0
+    info = find("smol-from-gguf", [root])
+    assert info.trainable and info.parameters == EMBEDDED.parameters and info.end_of_turn == "<|im_end|>"
+    assert [p.name for p in root.iterdir()] == ["smol-from-gguf"]  # no partial folder left behind
+    assert import_gguf.main([str(embedded_gguf()), str(root / "smol-from-gguf")]) == 1
+    assert "exists" in capsys.readouterr().err

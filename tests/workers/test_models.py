@@ -355,6 +355,53 @@ def _lora(model):
     return get_peft_model(model, config).eval()
 
 
+def test_a_lora_checkpoint_goes_on_as_its_own_adapter_or_merged(tmp_path, tokenizer):
+    from gatt.augment import training_dialogue
+    from gatt.masks import build_examples
+    from workers.engine.config import TrainConfig, parse_config
+    from workers.engine.pipeline import _job_model
+    from workers.engine.training import train
+
+    base_dir = tmp_path / "base"
+    save_tiny(base_dir, tokenizer)
+    peft_model = _lora(LlamaForCausalLM.from_pretrained(base_dir).eval())
+    ckpt = tmp_path / "ckpt"
+    peft_model.save_pretrained(ckpt, safe_serialization=True)
+    (ckpt / "adapter_config.json").write_text(
+        json.dumps(
+            {**json.loads((ckpt / "adapter_config.json").read_text()), "base_model_name_or_path": "gone"}
+        )
+    )
+    ids = prompt_ids(tokenizer)
+    expected = logits(peft_model, ids)
+
+    def load():  # the base given by the service, not the (stale) one the adapter names
+        return load_model(str(ckpt), device="cpu", allowed_roots=[tmp_path], base=str(base_dir))
+
+    with pytest.raises(ModelError) as e:
+        _job_model(parse_config({"training": {"lora_r": 8, "lora_alpha": 8}}), load(), None)
+    assert code_of(e) == "adapter_mismatch"
+
+    merged = _job_model(parse_config({"training": {"method": "full"}}), load(), None)
+    assert not hasattr(merged.model, "peft_config")
+    assert torch.allclose(logits(merged.model, ids), expected, atol=1e-5)
+
+    options = {"lora_r": 4, "lora_alpha": 8, "lora_targets": ["q_proj", "v_proj"], "max_steps": 1}
+    same = _job_model(parse_config({"training": options}), load(), None)
+    before = {n: p.detach().clone() for n, p in same.model.named_parameters() if "lora_" in n}
+    dialogue = training_dialogue("Be brief.", [DIALOGUE[0]["content"]], [DIALOGUE[1]["content"]], [True])
+    examples = build_examples(tokenizer, dialogue, "last_turn").examples
+    result = train(
+        same.model, tokenizer, examples, TrainConfig(**options), tmp_path / "out", base_model="mine"
+    )
+    assert result.model is same.model  # the checkpoint's adapter, not a new one on top
+    after = dict(result.model.named_parameters())
+    assert before.keys() == {n for n, p in after.items() if p.requires_grad}
+    assert any(not torch.equal(before[n], after[n].detach()) for n in before)
+    saved = json.loads((Path(result.checkpoint) / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == "mine" and saved["r"] == 4
+
+
 def test_lora_checkpoint_loads(tmp_path, tokenizer):
     base_dir = tmp_path / "base"
     save_tiny(base_dir, tokenizer)
@@ -468,7 +515,7 @@ def test_crash_leaves_no_cache(tmp_path, fake_gguf, monkeypatch):
         save_tiny(out, tokenizer)  # half the work done, then the process "dies"
         raise OSError("disk full")
 
-    monkeypatch.setattr(m, "_convert", crash)
+    monkeypatch.setattr(m, "convert", crash)
     with pytest.raises(OSError):
         default_model_dir(root)
     assert list(root.iterdir()) == []

@@ -267,7 +267,7 @@ def default_model_dir(cache_dir: Path | None = None) -> Path:
         start = time.monotonic()
         log.info("dequantizing %s into %s (once; later loads use the copy)", gguf.name, final)
         model, tokenizer = load_gguf(gguf)
-        manifest = _convert(model, tokenizer, partial)
+        manifest = convert(model, tokenizer, partial)
         manifest.update(gguf_file=gguf.name, gguf_sha256=_sha256(gguf))
         # The manifest goes last: it marks the folder complete.
         (partial / CACHE_MANIFEST).write_text(json.dumps(manifest, indent=2))
@@ -332,7 +332,7 @@ def _sha256(path: Path) -> str:
     return _sha256_of(str(path), st.st_size, st.st_mtime_ns)
 
 
-def _convert(gguf_model: Any, gguf_tokenizer: Any, out: Path) -> dict[str, Any]:
+def convert(gguf_model: Any, gguf_tokenizer: Any, out: Path) -> dict[str, Any]:
     """Write a GGUF-loaded model and tokenizer as safetensors into `out`, then check the copy.
 
     Transformers will not save a GGUF-loaded model (its config carries a GGUF
