@@ -27,7 +27,14 @@ from service.storage import (
 )
 from tests.app.factories import dialogue, jsonl, make_job
 from workers import artifact_sync
-from workers.artifact_sync import CHECKPOINTS, MANIFEST, ScratchSync
+from workers.artifact_sync import (
+    CHECKPOINTS,
+    MANIFEST,
+    PARENT,
+    ScratchSync,
+    fetch_checkpoint,
+    upload_checkpoint,
+)
 from workers.engine.hooks import Stopped
 from workers.tasks import JobRun
 
@@ -306,3 +313,26 @@ def test_a_worker_that_lost_its_lease_records_no_checkpoint(client, tenant, db, 
         assert [(c.step, c.path) for c in repository.checkpoints(s, job_id)] == [
             (1, f"t/j/{CHECKPOINTS}/step-000001")
         ]
+
+
+def test_a_parent_checkpoint_is_fetched_whole_and_never_uploaded_again(
+    store: ArtifactStore, tmp_path: Path
+) -> None:
+    parent = tmp_path / "machine1" / "t" / "parent"
+    upload_checkpoint(store, _checkpoint(parent, 3), f"t/parent/{CHECKPOINTS}/step-000003")
+    store.upload(parent / CHECKPOINTS / "step-000003" / "adapter_model.safetensors", "t/parent/half/x.bin")
+
+    child = tmp_path / "machine2" / "t" / "child"
+    fetched = fetch_checkpoint(store, f"t/parent/{CHECKPOINTS}/step-000003", child)
+    assert fetched == child / PARENT / "step-000003"
+    assert (fetched / "merged" / "model.safetensors").read_bytes() == b"m"
+    assert (fetched / MANIFEST).read_text() == json.dumps({"step": 3})
+    # Kept for the next attempt; a copy without its manifest (cut short) is not a checkpoint.
+    assert fetch_checkpoint(store, f"t/parent/{CHECKPOINTS}/step-000003", child) == fetched
+    with pytest.raises(ArtifactMissing):
+        fetch_checkpoint(store, "t/parent/half", child)
+    # The child's own sync leaves the parent's copy out of the child's artifacts.
+    (child / "samples.jsonl").write_text("{}\n")
+    recording = Recording(tmp_path / "child-store")
+    assert ScratchSync(recording, tmp_path / "machine2", "t/child").sync() == 1
+    assert [k for _, k in recording.calls] == ["t/child/samples.jsonl"]
