@@ -429,7 +429,10 @@ def _end_of_turn(directory: Path, names: set[str], template: str) -> str | None:
     def raise_exception(message: str) -> None:
         raise TemplateError(message)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    # As transformers renders templates (chat_template_utils.py), so that the same ones render here.
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+    )
     env.globals.update(raise_exception=raise_exception, strftime_now=lambda fmt: "")
     env.filters["tojson"] = lambda value, **kw: json.dumps(value, ensure_ascii=False)
     try:

@@ -87,6 +87,9 @@ def prepare_config(job: Job, settings: Settings, out: Path, factory: sessionmake
     if job.parent_job_id is not None:
         lineage.update(parent_job_id=str(job.parent_job_id), parent_step=job.parent_step)
         model = str(_parent_checkpoint(job, settings, out, factory or sessions()))
+        if not (Path(model) / "adapter_config.json").is_file():
+            # Full weights: an adapter trained on them applies to them, not to the base model.
+            lineage["adapter_base"] = f"job:{job.parent_job_id}@{job.parent_step}"
     return parse_config(
         {**raw, "model": model, "base_model": base, "lineage": lineage, "output_dir": str(out)}
     )

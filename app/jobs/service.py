@@ -120,6 +120,7 @@ def base_model(session: Session, team: Team, requested: str | CheckpointRef, set
                 param="model.step",
             )
         _trainable(parent.model, roots, "model.job_id")
+        _adapter_applies_to_base(session, parent)
         return Lineage(parent.model, parent, step)
     model_id = requested
     if requested.startswith("/"):  # a path under a root, as requests named models before ids
@@ -132,6 +133,24 @@ def base_model(session: Session, team: Team, requested: str | CheckpointRef, set
             )
     _trainable(model_id, roots, "model")
     return Lineage(model_id)
+
+
+def _adapter_applies_to_base(session: Session, parent: Job) -> None:
+    """A LoRA checkpoint is continued on its job's base model, which holds only while every job it
+    continues trained LoRA: an adapter trained on another job's full weights applies to those."""
+    job = parent
+    for _ in range(1000):  # a chain is acyclic (a parent exists before its child); this bounds a bug
+        if job.config["training"]["method"] != "lora" or job.parent_job_id is None:
+            break
+        ancestor = repository.get_any(session, job.parent_job_id)
+        if ancestor is None or ancestor.config["training"]["method"] == "full":
+            raise Unprocessable(
+                f"Job {parent.id}'s adapter was trained on the full weights of an earlier job's "
+                "checkpoint, not on its base model; continue from that checkpoint instead.",
+                code="lineage_unsupported",
+                param="model.job_id",
+            )
+        job = ancestor
 
 
 def _trainable(model_id: str, roots: list[Path], param: str) -> None:

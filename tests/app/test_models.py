@@ -185,3 +185,25 @@ def test_a_checkpoint_is_only_its_teams_and_only_once_the_job_succeeded(api, ten
         headers=tenant.headers,
     )
     assert bad.status_code == 422
+
+
+def test_an_adapter_trained_on_another_jobs_full_weights_is_not_continued(api, tenant, corpus) -> None:
+    client, factory = api
+    full = _succeeded_parent(api, tenant, corpus, {"training": {"method": "full"}})
+    r = client.post("/v1/jobs", json={"corpus_id": corpus, "model": {"job_id": full}}, headers=tenant.headers)
+    assert r.status_code == 201, r.text
+    lora_on_full = r.json()["id"]
+    set_job_status(factory, uuid.UUID(lora_on_full), JobStatus.SUCCEEDED)
+    with session_scope(factory) as s:
+        s.add(Checkpoint(job_id=uuid.UUID(lora_on_full), step=1, path="x/y/step-000001", manifest={}))
+    # The full checkpoint can be continued again; the adapter trained on it cannot.
+    again = client.post(
+        "/v1/jobs", json={"corpus_id": corpus, "model": {"job_id": full}}, headers=tenant.headers
+    )
+    assert again.status_code == 201, again.text
+    refused = client.post(
+        "/v1/jobs", json={"corpus_id": corpus, "model": {"job_id": lora_on_full}}, headers=tenant.headers
+    )
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "lineage_unsupported", (
+        refused.text
+    )

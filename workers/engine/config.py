@@ -369,7 +369,8 @@ class JobConfig(JobOptions):
     adapter_config.json names it."""
     lineage: dict[str, Any] | None = None
     """Recorded in every checkpoint's manifest (the service's base model id, parent job and step);
-    its `base_model` is also what checkpoints name the base by."""
+    checkpoints name their base by its `adapter_base` (a parent's full checkpoint), else its
+    `base_model`."""
     output_dir: Name = "var/jobs/job"
     device: Str | None = None
     """null: CUDA if present, else CPU."""

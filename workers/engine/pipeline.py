@@ -132,10 +132,14 @@ def run_job(
         evaluation.run("base", loaded, hooks)
 
     _stage(hooks, Stage.TRAIN)
-    # The adapter records the base weights it applies to: by the service's model id where the job
-    # has one, else the embedded default by name and anything else by its directory.
+    # The adapter records the base weights it applies to: by the service's name where the job has
+    # one (a model id, or the full checkpoint it continues), else the embedded default by name and
+    # anything else by its directory.
     lineage = config.lineage
-    base_model = lineage["base_model"] if lineage else loaded.base_name or str(loaded.base_dir)
+    if lineage:
+        base_model = lineage.get("adapter_base") or lineage["base_model"]
+    else:
+        base_model = loaded.base_name or str(loaded.base_dir)
     result = train(
         loaded.model,
         loaded.tokenizer,
