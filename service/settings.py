@@ -158,6 +158,12 @@ class Settings(BaseSettings):
     team_max_corpus_bytes: int = Field(
         default=500 * MiB, gt=0, description="Bytes of stored (normalized) corpora one team may hold."
     )
+    team_max_artifact_bytes: int = Field(
+        default=50 * 1024 * MiB,
+        gt=0,
+        description="Bytes of job artifacts (checkpoints, samples, evaluations) one team may keep; past it "
+        "new jobs are refused until finished jobs are deleted (`DELETE /v1/jobs/{id}`).",
+    )
     team_max_instruction_sets: int = Field(
         default=100, gt=0, description="Instruction sets one team may store."
     )

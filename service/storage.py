@@ -171,6 +171,20 @@ class LocalStore(ArtifactStore):
         for key in keys:
             self.path(key).unlink(missing_ok=True)
 
+    def remove_empty_dirs(self, prefix: str) -> None:
+        """Remove the directory `prefix` and the directories below it that hold no file any more
+        (S3 has no directories; after a job's files are deleted, its folders should go too)."""
+        top = self.path(prefix)
+        if not top.is_dir():
+            return
+        for directory in sorted(
+            (p for p in top.rglob("*") if p.is_dir() and not p.is_symlink()), reverse=True
+        ):
+            with contextlib.suppress(OSError):  # not empty: a file is left, or one was just written
+                directory.rmdir()
+        with contextlib.suppress(OSError):
+            top.rmdir()
+
 
 def _copy_atomically(source: Path, target: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")

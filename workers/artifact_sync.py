@@ -43,6 +43,15 @@ def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and not p.is_symlink())
 
 
+def artifact_bytes(directory: Path) -> int:
+    """What a job's directory puts in the artifact store: its files, less the staging copies (a
+    restore in progress, a parent's checkpoint) that are never uploaded."""
+    if not directory.is_dir():
+        return 0
+    staged = (directory / RESTORE, directory / PARENT)
+    return sum(p.stat().st_size for p in _files(directory) if not any(p.is_relative_to(s) for s in staged))
+
+
 def upload_checkpoint(store: ArtifactStore, directory: Path, key: str) -> None:
     """Every file of a finished checkpoint directory under `key`, manifest.json last."""
     manifest = directory / MANIFEST

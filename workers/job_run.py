@@ -28,7 +28,7 @@ from service.db import session_scope
 from service.models import JobStage, JobStatus
 from service.repositories import jobs, webhooks
 from service.settings import Settings
-from workers.artifact_sync import ScratchSync
+from workers.artifact_sync import ScratchSync, artifact_bytes
 from workers.engine.hooks import Hooks, Stage, Stopped
 from workers.redact import server_paths
 
@@ -70,14 +70,16 @@ def end_run(
     status: JobStatus,
     kind: str,
     message: str,
+    **fields: Any,
 ) -> None:
     """A run's terminal transition and its event (`kind`; for `failed`, also the job's error), if
     the run still holds the job; tried again through a brief database outage like every hook write
-    (a lost ending would leave the job to the reaper and a needless new attempt)."""
+    (a lost ending would leave the job to the reaper and a needless new attempt). `fields`: more
+    columns to set with it."""
     failed = {"error_code": kind, "error_message": message} if status == JobStatus.FAILED else {}
 
     def end(s: Session) -> None:
-        if jobs.finish(s, job_id, owner, status, **failed):
+        if jobs.finish(s, job_id, owner, status, **failed, **fields):
             jobs.add_event(s, job_id, "error" if failed else "info", kind, message, None)
 
     transaction(factory, lease_s, end, what=f"job {job_id}")
@@ -94,6 +96,7 @@ class JobRun:
         factory: sessionmaker[Session],
         sync: ScratchSync | None = None,
         *,
+        directory: Path | None = None,
         seconds_left: float = math.inf,
         on_abandon: Callable[[], None] | None = None,
     ):
@@ -103,6 +106,7 @@ class JobRun:
         self.on_abandon = on_abandon
         self.sessions = factory
         self.sync = sync  # None: the artifact directory is the store (local); else uploads to S3
+        self.directory = directory  # the job's files, counted for the team's storage quota
         self.lost = threading.Event()
         # The job's wall-clock limit: the engine is stopped at its next should_stop after it.
         self.deadline = time.monotonic() + seconds_left
@@ -201,7 +205,12 @@ class JobRun:
         self._last_call = time.monotonic()
         if stage.value in _STAGES:  # `done` is no stage of the row: it keeps the last one reached
             self.renew(
-                stage=JobStage(stage.value), progress=0.0, progress_done=0, progress_total=0, eta_s=None
+                stage=JobStage(stage.value),
+                progress=0.0,
+                progress_done=0,
+                progress_total=0,
+                eta_s=None,
+                **self._stored(),
             )
         else:
             self.fence()
@@ -235,11 +244,14 @@ class JobRun:
             # Before the row: a listed checkpoint can always be downloaded, whichever machine asks.
             self.sync.upload_checkpoint(Path(path), relative)
 
+        stored = self._stored()
+
         def write(s: Session) -> bool:
             # Fenced by the lease: a worker that was taken over must not list (or unlist) checkpoints.
             if not jobs.heartbeat(s, self.job_id, self.owner, self.settings.lease_s):
                 return False
             jobs.upsert_checkpoint(s, self.job_id, step, relative, manifest, manifest.get("metrics"))
+            jobs.heartbeat(s, self.job_id, self.owner, self.settings.lease_s, **stored)
             # The trainer keeps only the newest checkpoints on disk: unlist the ones it deleted.
             for row in jobs.checkpoints(s, self.job_id):
                 if not (root / row.path).is_dir():
@@ -257,6 +269,9 @@ class JobRun:
         if self.sync is not None:
             self.sync.prune_checkpoints()  # after the rows: a listed checkpoint is never deleted first
             self.sync.sync()  # the metrics files, up to this step
+
+    def _stored(self) -> dict[str, int]:
+        return {"artifact_bytes": artifact_bytes(self.directory)} if self.directory is not None else {}
 
     def should_stop(self) -> bool:
         self._last_call = time.monotonic()

@@ -37,7 +37,7 @@ from service.reaper import reap
 from service.repositories import corpora, instruction_sets, jobs
 from service.settings import Settings, get_settings
 from service.storage import ArtifactMissing, LocalStore, StoreError, job_dir, job_key, remote_store
-from workers.artifact_sync import ScratchSync, fetch_checkpoint
+from workers.artifact_sync import ScratchSync, artifact_bytes, fetch_checkpoint
 from workers.celery_app import JOB_TASK, REAP_TASK, WEBHOOK_TASK, celery
 from workers.engine.hooks import Stopped
 from workers.job_run import JobRun, end_run, transaction, transient_db_error
@@ -208,7 +208,9 @@ def run_job_by_id(
     out = job_dir(settings, job)
     store = remote_store(settings)
     sync = ScratchSync(store, settings.artifact_dir, job_key(job)) if store is not None else None
-    run = JobRun(jid, owner, settings, factory, sync, seconds_left=seconds_left, on_abandon=on_abandon)
+    run = JobRun(
+        jid, owner, settings, factory, sync, directory=out, seconds_left=seconds_left, on_abandon=on_abandon
+    )
     with run:
         try:
             if job.attempts > 1:
@@ -231,7 +233,14 @@ def run_job_by_id(
                 _end_timed_out(factory, jid, owner, settings)
                 return "failed: time_limit"
             end_run(
-                factory, settings.lease_s, jid, owner, JobStatus.CANCELLED, "cancelled", "stopped on request"
+                factory,
+                settings.lease_s,
+                jid,
+                owner,
+                JobStatus.CANCELLED,
+                "cancelled",
+                "stopped on request",
+                artifact_bytes=artifact_bytes(out),
             )
             return "cancelled"
         except Exception as exc:
@@ -245,14 +254,17 @@ def run_job_by_id(
             log.exception("job %s failed", jid)
             if sync is not None and not run.lost.is_set():
                 sync.sync_quietly()  # what the job did before it failed stays readable
-            _fail(factory, settings, jid, owner, code, message)
+            _fail(factory, settings, jid, owner, code, message, artifact_bytes=artifact_bytes(out))
             return f"failed: {code}"
+
+    stored = artifact_bytes(out)
 
     def succeed(s: Session) -> bool:
         # Tokens that carried loss, summed over the recorded steps as while running (a step trained
         # again after a takeover counts once); result.trained_tokens counts the training set only once.
         trained = jobs.trained_tokens(s, jid)
-        if not jobs.finish(s, jid, owner, JobStatus.SUCCEEDED, progress=1.0, trained_tokens=trained):
+        done = {"progress": 1.0, "trained_tokens": trained, "artifact_bytes": stored}
+        if not jobs.finish(s, jid, owner, JobStatus.SUCCEEDED, **done):
             return False
         jobs.add_event(s, jid, "info", "succeeded", "job succeeded", {"selection": result.selection})
         return True
@@ -271,10 +283,16 @@ def _end_timed_out(factory: sessionmaker[Session], jid: uuid.UUID, owner: str, s
 
 
 def _fail(
-    factory: sessionmaker[Session], settings: Settings, jid: uuid.UUID, owner: str, code: str, message: str
+    factory: sessionmaker[Session],
+    settings: Settings,
+    jid: uuid.UUID,
+    owner: str,
+    code: str,
+    message: str,
+    **fields: int,
 ) -> None:
     """End the job failed, if this worker still holds it, with the same error event."""
-    end_run(factory, settings.lease_s, jid, owner, JobStatus.FAILED, code, message[:4000])
+    end_run(factory, settings.lease_s, jid, owner, JobStatus.FAILED, code, message[:4000], **fields)
 
 
 @celery.task(name=WEBHOOK_TASK)

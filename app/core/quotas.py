@@ -32,7 +32,8 @@ class QuotaExceeded(AppError):
 
 
 def check_job(session: Session, team: Team, settings: Settings) -> None:
-    """Room for one more queued job: queued and running jobs stay under `team_max_active_jobs`."""
+    """Room for one more queued job: queued and running jobs stay under `team_max_active_jobs`, and
+    the artifacts the team keeps under `team_max_artifact_bytes` (a job adds to them as it runs)."""
     auth.lock_team(session, team.id)
     used, limit = jobs.count_active(session, team.id), settings.team_max_active_jobs
     if used >= limit:
@@ -42,6 +43,15 @@ def check_job(session: Session, team: Team, settings: Settings) -> None:
             used,
             f"The team has {used} queued or running jobs, its limit; retry when one has ended, or cancel one.",
             status_code=429,
+        )
+    stored, limit = jobs.artifact_bytes(session, team.id), settings.team_max_artifact_bytes
+    if stored >= limit:
+        raise QuotaExceeded(
+            "artifact_bytes",
+            limit,
+            stored,
+            f"The team's job artifacts take {stored} bytes, its limit of {limit}; delete finished jobs "
+            "(DELETE /v1/jobs/{job_id}) first.",
         )
 
 

@@ -192,6 +192,27 @@ def get_job(
     return Job.from_row(job, position)
 
 
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_204_NO_CONTENT,
+    summary="Delete a job",
+    responses={
+        **ERROR_RESPONSES,
+        **error_response(
+            409,
+            "`job_active`: it is queued or running (cancel it first). `in_use`: a queued or running job "
+            "continues one of its checkpoints.",
+        ),
+    },
+)
+def delete_job(session: SessionDep, team: CurrentTeam, settings: SettingsDep, job_id: JobId) -> None:
+    """Delete a finished job and everything it wrote: checkpoints, samples, training set, evaluation,
+    events and metrics. What it kept counts against the team's artifact quota
+    (`GATT_TEAM_MAX_ARTIFACT_BYTES`) until then. Jobs that continued its checkpoints keep their own
+    files and their lineage in their manifests; their `parent_checkpoint` becomes null."""
+    service.delete(session, team, job_id, settings)
+
+
 @router.post(
     "/{job_id}/cancel",
     response_model=Job,

@@ -116,6 +116,12 @@ class Job(BaseModel):
     )
     error: JobError | None = Field(description="Why the job failed; null otherwise.")
     trained_tokens: int = Field(description="Tokens that carried loss so far.")
+    artifact_bytes: int | None = Field(
+        default=None,
+        description="Bytes the job keeps in the artifact store (checkpoints, samples, evaluation), as its "
+        "worker last counted them; they count against the team's quota until the job is deleted. Null "
+        "until counted.",
+    )
     latest_metrics: dict[str, Any] | None = Field(description="The metrics of the latest training step.")
     cancel_requested: bool = Field(description="A cancel was asked for; the worker stops within one step.")
     name: str | None = Field(default=None, description="Your label for the job.")
@@ -155,6 +161,7 @@ class Job(BaseModel):
             config=row.config,
             error=error,
             trained_tokens=row.trained_tokens,
+            artifact_bytes=row.artifact_bytes,
             latest_metrics=row.latest_metrics,
             cancel_requested=row.cancel_requested,
             attempts=row.attempts,

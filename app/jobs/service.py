@@ -31,6 +31,7 @@ from service.storage import (
     ArtifactMissing,
     ArtifactStore,
     InvalidKey,
+    LocalStore,
     StoredFile,
     artifact_store,
     job_key,
@@ -284,6 +285,24 @@ def queue_positions(session: Session, rows: list[Job]) -> dict[uuid.UUID, int]:
     for queue in {row.queue for row in rows if row.status == JobStatus.QUEUED and row.queue is not None}:
         positions.update(scheduling.positions(session, queue))
     return positions
+
+
+def delete(session: Session, team: Team, id: uuid.UUID, settings: Settings) -> None:
+    """Delete a finished job: its files in the artifact store first, then its row (events, metrics,
+    checkpoint rows by cascade). A store failure leaves the row, so deleting again finishes the job;
+    the other order could leave files that no row counts against the team's quota."""
+    job = get(session, team, id)
+    if job.status not in repository.TERMINAL:
+        raise Conflict("The job is queued or running; cancel it first.", code="job_active", param="job_id")
+    if repository.continued_by_active(session, id):
+        raise Conflict(
+            "A queued or running job continues one of this job's checkpoints.", code="in_use", param="job_id"
+        )
+    store = artifact_store(settings)
+    store.delete([f.key for f in store.list(job_key(job))])
+    if isinstance(store, LocalStore):
+        store.remove_empty_dirs(job_key(job))
+    repository.delete(session, job)
 
 
 def list_page(session: Session, team: Team, params: PageParams, status: JobStatus | None) -> PageResult[Job]:

@@ -101,6 +101,9 @@ class Job(UUIDPrimaryKey, Timestamps, Base):
     error_code: Mapped[str | None] = mapped_column(String(64))
     error_message: Mapped[str | None] = mapped_column(Text)
     trained_tokens: Mapped[int] = mapped_column(BigInteger, default=0, server_default=text("0"))
+    # Bytes of its files in the artifact store, as its worker last counted them (at each stage,
+    # checkpoint and ending); what the team's storage quota adds up. NULL: not counted yet.
+    artifact_bytes: Mapped[int | None] = mapped_column(BigInteger)
     latest_metrics: Mapped[dict[str, Any] | None]
     cancel_requested: Mapped[bool] = mapped_column(default=False, server_default=false())
     attempts: Mapped[int] = mapped_column(default=0, server_default=text("0"))

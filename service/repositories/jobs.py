@@ -82,6 +82,24 @@ def count_active(session: Session, team_id: uuid.UUID) -> int:
     return int(session.scalar(stmt) or 0)
 
 
+def artifact_bytes(session: Session, team_id: uuid.UUID) -> int:
+    """What the team's jobs keep in the artifact store, as their workers last counted it."""
+    stmt = select(func.coalesce(func.sum(Job.artifact_bytes), 0)).where(Job.team_id == team_id)
+    return int(session.scalar(stmt) or 0)
+
+
+def continued_by_active(session: Session, job_id: uuid.UUID) -> bool:
+    """Whether a queued or running job continues one of this job's checkpoints."""
+    stmt = select(Job.id).where(Job.parent_job_id == job_id, Job.status.in_(ACTIVE_JOB_STATUSES)).limit(1)
+    return session.scalar(stmt) is not None
+
+
+def delete(session: Session, job: Job) -> None:
+    """The job's row and, by cascade, its events, metrics and checkpoint rows."""
+    session.delete(job)
+    session.flush()
+
+
 def page(
     session: Session, team_id: uuid.UUID, params: PageParams, status: JobStatus | None
 ) -> PageResult[Job]:

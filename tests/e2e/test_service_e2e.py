@@ -420,3 +420,16 @@ def test_a_dropped_in_model_trains_and_a_team_continues_its_checkpoint(stack):
         for name in ("manifest.json", "adapter_config.json", "trainer_state.json")
     ]
     assert not [t for t in texts if str(root) in t or str(tmp) in t]
+
+    # What each job keeps is counted against the team's quota, and deleting a job frees it; the
+    # parent is deleted last: a job that continues it keeps its files and its manifest's lineage.
+    for job in (parent, child):
+        directory = tmp / "artifacts" / str(tenant.team.id) / str(job.id)
+        files = [p for p in directory.rglob("*") if p.is_file() and ".parent" not in p.parts]
+        assert job.artifact_bytes == sum(p.stat().st_size for p in files) > 0
+    client.jobs.delete(parent.id)
+    assert not (tmp / "artifacts" / str(tenant.team.id) / str(parent.id)).exists()
+    assert client.jobs.get(child.id).parent_checkpoint is None
+    assert json.loads((child_dir / "manifest.json").read_text())["lineage"]["parent_step"] == 2
+    with pytest.raises(NotFound):
+        client.jobs.get(parent.id)

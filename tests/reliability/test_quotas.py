@@ -134,3 +134,71 @@ def test_a_job_that_could_generate_too_much_is_refused_before_it_is_queued(datab
             }
         ]
         assert len(c.get("/v1/jobs", headers=tenant.headers).json()["data"]) == 1, "nothing stored"
+
+
+def test_job_artifacts_are_capped_and_deleting_a_finished_job_frees_them(database_url: str, tmp_path) -> None:
+    """The store's bytes are what each job's worker counted (workers/job_run.py; the end-to-end test
+    checks that count against the files); here they are set on the rows, as a worker writes them."""
+    from sqlalchemy import update
+
+    from service.db import session_scope
+    from service.models import Job, JobStatus
+
+    settings = Settings(
+        database_url=database_url, rate_limit_per_s=0, artifact_dir=tmp_path, team_max_artifact_bytes=1000
+    )
+    with TestClient(create_app(settings, enqueue=lambda _: None)) as c:
+        db = c.app.state.sessionmaker  # type: ignore[attr-defined]
+        tenant, other = make_tenant(db), make_tenant(db)
+        corpus = _corpus(c, tenant).json()["id"]
+        first, second = (_job(c, tenant, corpus).json()["id"] for _ in range(2))
+        with session_scope(db) as s:
+            s.execute(
+                update(Job).where(Job.id == first).values(status=JobStatus.SUCCEEDED, artifact_bytes=600)
+            )
+            s.execute(update(Job).where(Job.id == second).values(status=JobStatus.FAILED, artifact_bytes=400))
+        (tmp_path / str(tenant.team.id) / first / "train").mkdir(parents=True)
+        (tmp_path / str(tenant.team.id) / first / "train" / "weights.safetensors").write_bytes(b"w" * 600)
+        shown = c.get(f"/v1/jobs/{first}", headers=tenant.headers).json()
+        assert shown["artifact_bytes"] == 600
+
+        refused = _job(c, tenant, corpus)
+        assert refused.status_code == 422
+        assert _quota(refused) == {"quota": "artifact_bytes", "limit": 1000, "used": 1000}
+        assert _job(c, other, _corpus(c, other).json()["id"]).status_code == 201  # another team's room
+
+        assert c.delete(f"/v1/jobs/{first}", headers=other.headers).status_code == 404
+        assert c.delete(f"/v1/jobs/{first}", headers=tenant.headers).status_code == 204
+        assert not (tmp_path / str(tenant.team.id) / first).exists()
+        assert c.get(f"/v1/jobs/{first}", headers=tenant.headers).status_code == 404
+        assert c.get(f"/v1/jobs/{first}/events", headers=tenant.headers).status_code == 404
+        assert _job(c, tenant, corpus).status_code == 201, "room again"
+
+
+def test_a_job_is_deleted_only_once_it_has_ended_and_nothing_continues_it(
+    database_url: str, tmp_path
+) -> None:
+    from sqlalchemy import update
+
+    from service.db import session_scope
+    from service.models import Checkpoint, Job, JobStatus
+
+    settings = Settings(database_url=database_url, rate_limit_per_s=0, artifact_dir=tmp_path)
+    with TestClient(create_app(settings, enqueue=lambda _: None)) as c:
+        db = c.app.state.sessionmaker  # type: ignore[attr-defined]
+        tenant = make_tenant(db)
+        corpus = _corpus(c, tenant).json()["id"]
+        parent = _job(c, tenant, corpus).json()["id"]
+        active = c.delete(f"/v1/jobs/{parent}", headers=tenant.headers)
+        assert active.status_code == 409 and active.json()["error"]["code"] == "job_active"
+        with session_scope(db) as s:
+            s.execute(update(Job).where(Job.id == parent).values(status=JobStatus.SUCCEEDED))
+            s.add(Checkpoint(job_id=parent, step=1, path="x/step-000001", manifest={}))
+        child = c.post(
+            "/v1/jobs", headers=tenant.headers, json={"corpus_id": corpus, "model": {"job_id": parent}}
+        ).json()["id"]
+        in_use = c.delete(f"/v1/jobs/{parent}", headers=tenant.headers)
+        assert in_use.status_code == 409 and in_use.json()["error"]["code"] == "in_use"
+        c.post(f"/v1/jobs/{child}/cancel", headers=tenant.headers)
+        assert c.delete(f"/v1/jobs/{parent}", headers=tenant.headers).status_code == 204
+        assert c.get(f"/v1/jobs/{child}", headers=tenant.headers).json()["parent_checkpoint"] is None

@@ -189,6 +189,11 @@ def cancel_job(job_id: Id) -> Call[m.Job]:
 
 
 @operation
+def delete_job(job_id: Id) -> Call[None]:
+    return Call("DELETE", f"/v1/jobs/{job_id}", _none)
+
+
+@operation
 def list_events(job_id: Id, after_seq: int = 0, limit: int | None = None) -> Call[m.EventList]:
     params = _params(after_seq=after_seq, limit=limit)
     return Call("GET", f"/v1/jobs/{job_id}/events", _model(m.EventList), params)

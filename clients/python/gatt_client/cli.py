@@ -233,6 +233,13 @@ def jobs_cancel(job_id: str) -> None:
     _out(job, f"{job.id}  {job.status.value} (cancel requested)")
 
 
+@jobs.command("delete")
+def jobs_delete(job_id: str) -> None:
+    """Delete a finished job and everything it wrote, checkpoints included."""
+    state.client.jobs.delete(job_id)
+    _out({"deleted": job_id}, f"{job_id}  deleted")
+
+
 @jobs.command("wait")
 def jobs_wait(
     job_id: str,

@@ -248,6 +248,10 @@ class Jobs:
     def cancel(self, job_id: ops.Id) -> m.Job:
         return self._c.request(ops.cancel_job(job_id))
 
+    def delete(self, job_id: ops.Id) -> None:
+        """Delete a finished job and all it wrote (frees the team's artifact quota)."""
+        self._c.request(ops.delete_job(job_id))
+
     def config_defaults(self) -> m.JobOptions:
         return self._c.request(ops.get_config_defaults())
 
@@ -580,6 +584,9 @@ class AsyncJobs:
 
     async def cancel(self, job_id: ops.Id) -> m.Job:
         return await self._c.request(ops.cancel_job(job_id))
+
+    async def delete(self, job_id: ops.Id) -> None:
+        await self._c.request(ops.delete_job(job_id))
 
     async def config_defaults(self) -> m.JobOptions:
         return await self._c.request(ops.get_config_defaults())

@@ -2980,6 +2980,13 @@ class ConditionReport(BaseModel):
 
 
 class Job(BaseModel):
+    artifact_bytes: Annotated[
+        int | None,
+        Field(
+            description="Bytes the job keeps in the artifact store (checkpoints, samples, evaluation), as its worker last counted them; they count against the team's quota until the job is deleted. Null until counted.",
+            title='Artifact Bytes',
+        ),
+    ] = None
     attempts: Annotated[
         int,
         Field(
