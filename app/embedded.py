@@ -52,6 +52,7 @@ from app.core.headers import ResponseHeaders
 from app.core.ratelimit import LocalRateLimiter
 from app.main import TITLE, create_app
 from service.db import make_sessionmaker, session_scope
+from service.logs import configure_logging
 from service.models import Base
 from service.reaper import reap
 from service.repositories import jobs
@@ -302,9 +303,10 @@ def _readiness(settings: Settings, engine: Engine, worker: EmbeddedWorker) -> AP
 def factory() -> FastAPI:
     """For `uvicorn --factory app.embedded:factory`: the data directory is $GATT_EMBEDDED_DIR
     (default var/embedded)."""
-    if not logging.getLogger().handlers:  # show the worker's log beside uvicorn's
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    return create_embedded_app(data_dir_from_env())
+    app = create_embedded_app(data_dir_from_env())
+    # The worker's lines beside the API's, JSON unless GATT_LOG_FORMAT=text (service/logs.py).
+    configure_logging(app.state.settings.log_format, app.state.settings.log_level)
+    return app
 
 
 def create_key(data_dir: Path, team: str, name: str | None = None) -> str:

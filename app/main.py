@@ -8,6 +8,7 @@ from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from uuid import UUID
 
 from fastapi import APIRouter, FastAPI
+from prometheus_client import CollectorRegistry
 from sqlalchemy import Engine
 
 from app.api import api_router
@@ -18,6 +19,7 @@ from app.core.body_limit import BodyLimitMiddleware
 from app.core.docs import install_docs
 from app.core.errors import install_error_handlers
 from app.core.headers import SECURITY_HEADERS, ResponseHeaders
+from app.core.observe import HttpMetrics, JobsCollector, Observe, metrics_router
 from app.core.openapi import publish_schemas
 from app.core.ratelimit import Limiter, RateLimiter
 from app.corpora.upload import MULTIPART_OVERHEAD_BYTES
@@ -26,6 +28,7 @@ from app.instruction_sets.spec_schema import InstructionSetSpec
 from app.jobs.stream import EventFeed
 from app.reaper import reaping
 from service.db import make_engine, make_sessionmaker
+from service.logs import configure_logging
 from service.queue import send_job, send_webhook, waiting_jobs
 from service.settings import Settings, get_settings
 from service.webhooks import send_after_commit
@@ -145,9 +148,15 @@ def create_app(
     app.state.event_feed = EventFeed(app.state.sessionmaker, settings.database_url)
     app.state.rate_limiter = limiter  # per API key, checked in app.auth.dependencies.current_team
 
+    # /metrics: this app's request metrics and, read at each scrape, the jobs (app/core/observe.py).
+    registry = CollectorRegistry()
+    app.state.http_metrics = HttpMetrics(registry)
+    registry.register(JobsCollector(app.state.sessionmaker, app.state.waiting_jobs, settings.job_queue))
+
     install_error_handlers(app)
     _add_middleware(app, settings)
     app.include_router(health.liveness)
+    app.include_router(metrics_router(registry, settings.metrics_token))
     app.include_router(readiness if readiness is not None else health.readiness)
     app.include_router(api_router)
     install_docs(app)
@@ -176,6 +185,8 @@ def _add_middleware(app: FastAPI, settings: Settings) -> None:
         min_bytes_per_s=settings.body_min_bytes_per_s,
     )
     app.add_middleware(ResponseHeaders, headers=SECURITY_HEADERS)
+    # Outermost: every answer is counted and logged with its request id, the refusals above too.
+    app.add_middleware(Observe, metrics=app.state.http_metrics)
 
 
 def __getattr__(name: str) -> FastAPI:
@@ -183,6 +194,7 @@ def __getattr__(name: str) -> FastAPI:
     # imported, so that importing `create_app` (tests, the embedded mode) builds nothing.
     if name == "app":
         settings = get_settings()
+        configure_logging(settings.log_format, settings.log_level)
         lifespan = reaping(settings.reaper_interval_s) if settings.reaper_interval_s > 0 else None
         globals()["app"] = built = create_app(settings, lifespan=lifespan)
         return built

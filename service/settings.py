@@ -224,6 +224,26 @@ class Settings(BaseSettings):
     def _roots_exist(cls, value: list[Path]) -> list[Path]:
         return check_roots(value)
 
+    log_format: Literal["json", "text"] = Field(
+        default="json",
+        description="`json`: one JSON object per line (timestamp, level, logger, message, request_id, "
+        "team_id, job_id, attempt); `text`: plain lines for a terminal.",
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        default="INFO", description="Root log level."
+    )
+    metrics_token: str | None = Field(
+        default=None,
+        description="When set, `GET /metrics` asks for `Authorization: Bearer <token>` (Prometheus: "
+        "`authorization` in the scrape config); unset, it is open, so serve it on a private network.",
+    )
+    worker_metrics_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="A worker serves its Prometheus metrics on this port (`/metrics`); 0: not served.",
+    )
+
     def corpus_limits(self) -> CorpusLimits:
         return CorpusLimits(
             max_line_bytes=self.corpus_max_line_bytes,

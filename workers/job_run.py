@@ -28,6 +28,7 @@ from service.db import session_scope
 from service.models import JobStage, JobStatus
 from service.repositories import jobs, webhooks
 from service.settings import Settings
+from workers import metrics as counters
 from workers.artifact_sync import ScratchSync, artifact_bytes
 from workers.engine.hooks import Hooks, Stage, Stopped
 from workers.redact import server_paths
@@ -115,6 +116,8 @@ class JobRun:
         self._last_call = time.monotonic()  # the engine's last hook call: liveness is progress
         self._cancelled = False
         self._stop_heartbeat = threading.Event()
+        self._stage: str | None = None  # the stage in progress and when it began, for its duration
+        self._stage_started = 0.0
 
     def _tx(self, body: Callable[[Session], T]) -> T:
         return transaction(self.sessions, self.settings.lease_s, body, what=f"job {self.job_id}")
@@ -125,6 +128,8 @@ class JobRun:
             lambda s: jobs.heartbeat(s, self.job_id, self.owner, self.settings.lease_s, **fields)
         ):
             self.lost.set()
+        else:
+            counters.HEARTBEAT.set_to_current_time()
 
     def _beat(self) -> None:
         while not self._stop_heartbeat.wait(self.settings.lease_s / 4):
@@ -202,7 +207,10 @@ class JobRun:
         self._stop_if_lost()
 
     def stage(self, stage: Stage) -> None:
-        self._last_call = time.monotonic()
+        self._last_call = now = time.monotonic()
+        if self._stage is not None:
+            counters.STAGE_DURATION.labels(self._stage).observe(now - self._stage_started)
+        self._stage, self._stage_started = (stage.value if stage.value in _STAGES else None), now
         if stage.value in _STAGES:  # `done` is no stage of the row: it keeps the last one reached
             self.renew(
                 stage=JobStage(stage.value),
@@ -220,6 +228,8 @@ class JobRun:
 
     def metrics(self, step: int, values: dict[str, float]) -> None:
         self._last_call = time.monotonic()
+        counters.TRAINING_STEPS.inc()
+        counters.TRAINED_TOKENS.inc(values.get("trained_tokens", 0))
 
         def write(s: Session) -> int | None:
             if not jobs.holds(s, self.job_id, self.owner):
@@ -295,4 +305,5 @@ class JobRun:
             stage=self.stage,
             should_stop=self.should_stop,
             fence=self.fence,
+            sampled=counters.SAMPLED_TOKENS.inc,
         )

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Callable
 from datetime import timedelta
@@ -29,7 +30,7 @@ from pathlib import Path
 from sqlalchemy.orm import Session, sessionmaker
 
 from gatt.errors import GattError
-from service import model_catalog, scheduling, webhooks
+from service import logs, model_catalog, scheduling, webhooks
 from service.db import make_engine, make_sessionmaker, session_scope
 from service.models import Job, JobStatus
 from service.queue import waiting_messages
@@ -37,6 +38,7 @@ from service.reaper import reap
 from service.repositories import corpora, instruction_sets, jobs
 from service.settings import Settings, get_settings
 from service.storage import ArtifactMissing, LocalStore, StoreError, job_dir, job_key, remote_store
+from workers import metrics as counters
 from workers.artifact_sync import ScratchSync, artifact_bytes, fetch_checkpoint
 from workers.celery_app import JOB_TASK, REAP_TASK, WEBHOOK_TASK, celery
 from workers.engine.hooks import Stopped
@@ -178,7 +180,24 @@ def run_job_by_id(
 ) -> str:
     """One run of a job: lease, engine, persist, terminal transition. The body of `jobs.run`, callable
     without Celery (the embedded mode's in-process worker, `app.embedded`). Returns what happened.
-    `on_abandon` runs after a stuck engine's job was ended by its heartbeat (see `JobRun`)."""
+    `on_abandon` runs after a stuck engine's job was ended by its heartbeat (see `JobRun`).
+    Every log line of the run names the job and the attempt (service/logs.py)."""
+    started = time.monotonic()
+    with logs.bind(job_id=str(job_id)):
+        outcome = _run_job(job_id, settings, factory, on_abandon)
+    if outcome != "not claimed":
+        counters.JOB_RUNS.labels(outcome.partition(":")[0]).inc()
+        counters.JOB_DURATION.observe(time.monotonic() - started)
+        counters.record_gpu_memory()
+    return outcome
+
+
+def _run_job(
+    job_id: str | uuid.UUID,
+    settings: Settings,
+    factory: sessionmaker[Session],
+    on_abandon: Callable[[], None] | None,
+) -> str:
     import torch
 
     from workers.engine.pipeline import run_job  # torch loads here, not when Celery imports the tasks
@@ -190,6 +209,7 @@ def run_job_by_id(
         if job is None:
             return "not claimed"  # another worker holds it, or it has ended, and no other job waits
         jid = job.id
+        logs.annotate(job_id=str(jid), attempt=job.attempts)  # the fairest job may not be the message's
         log.info("job %s: torch uses %d threads", jid, torch.get_num_threads())  # workers/threads.py
         if str(jid) != str(job_id):
             log.info("the message for job %s started job %s, whose team's turn it was", job_id, jid)

@@ -8,6 +8,7 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from app.auth import keys, service
 from app.core.db import SessionDep
 from app.core.errors import RateLimited
+from service import logs
 from service.models import Team
 
 # Declared for the OpenAPI security scheme only (auto_error=False); the header is checked below so that
@@ -27,6 +28,7 @@ def current_team(
 ) -> Team:
     authorization = request.headers.get("authorization")
     team = service.authenticate(session, authorization)
+    logs.annotate(team_id=team.id)  # the request's log lines name the team from here on
     # After authentication: only a valid key has a bucket (see app.core.ratelimit).
     limiter = getattr(request.app.state, "rate_limiter", None)
     prefix = keys.parse_prefix((authorization or "").strip().partition(" ")[2].strip())

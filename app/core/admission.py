@@ -12,7 +12,8 @@ for a connection that only a thread-less request could give back.
 The slot is released when the response starts: by then the session dependency (scope "function")
 has committed and returned its connection, so a slow streamed download (a checkpoint archive) does
 not keep a slot. Requests beyond the limit wait in the event loop, which costs no thread and no
-connection. `/healthz` is never held back: a liveness probe must not fail because the server is busy.
+connection. `/healthz` and `/metrics` are never held back: a probe or a scrape must not fail because the
+server is busy.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import asyncio
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-EXEMPT_PATHS = frozenset({"/healthz"})
+EXEMPT_PATHS = frozenset({"/healthz", "/metrics"})  # probes and scrapes see a busy server too
 
 
 class AdmissionLimit:

@@ -14,7 +14,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from service.models import ACTIVE_JOB_STATUSES, Checkpoint, Job, JobEvent, JobMetric, JobStatus
+from service.models import ACTIVE_JOB_STATUSES, Checkpoint, Job, JobEvent, JobMetric, JobStage, JobStatus
 from service.pagination import PageParams, PageResult, keyset_page
 from service.repositories import webhooks
 
@@ -80,6 +80,12 @@ def count_active(session: Session, team_id: uuid.UUID) -> int:
     """The team's queued and running jobs."""
     stmt = select(func.count()).where(Job.team_id == team_id, Job.status.in_(ACTIVE_JOB_STATUSES))
     return int(session.scalar(stmt) or 0)
+
+
+def counts_by_state(session: Session) -> list[tuple[str | None, JobStatus, JobStage | None, int]]:
+    """How many jobs there are of each (queue, status, stage), over all teams: for /metrics."""
+    stmt = select(Job.queue, Job.status, Job.stage, func.count()).group_by(Job.queue, Job.status, Job.stage)
+    return [(queue, status, stage, int(count)) for queue, status, stage, count in session.execute(stmt)]
 
 
 def artifact_bytes(session: Session, team_id: uuid.UUID) -> int:

@@ -29,7 +29,7 @@ from standardwebhooks import Webhook
 from app.main import create_app
 from service.settings import Settings
 from tests.app.factories import make_tenant
-from tests.servers import serving
+from tests.servers import free_port, serving
 from workers.engine.eval_schema import JobEvaluation
 
 pytestmark = pytest.mark.slow
@@ -71,6 +71,7 @@ def stack(database_url, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     (tmp / "models").mkdir()  # the model root: empty until a test drops a model in
     queue = f"gpu-test-{uuid.uuid4().hex[:8]}"  # no other session's worker can take our jobs
+    metrics_port = free_port()
     env = {
         **os.environ,
         "GATT_DATABASE_URL": database_url,
@@ -82,6 +83,8 @@ def stack(database_url, tmp_path_factory):
         "GATT_WEBHOOK_ALLOW_HOSTS": json.dumps(ALLOW),
         "GATT_LEASE_S": "30",
         "GATT_MODEL_ROOTS": str(tmp / "models"),
+        "GATT_WORKER_METRICS_PORT": str(metrics_port),
+        "GATT_LOG_FORMAT": "json",
     }
     broker = Celery(broker=REDIS_URL)
     settings = Settings(
@@ -98,6 +101,7 @@ def stack(database_url, tmp_path_factory):
         enqueue=lambda job_id: broker.send_task("jobs.run", args=[str(job_id)], queue=queue),
         send_webhook_delivery=lambda id: broker.send_task("webhooks.deliver", args=[str(id)], queue=queue),
     )
+    app.state.worker_metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"  # for the tests below
     with open(tmp / "worker.log", "w") as log:
         worker = subprocess.Popen(
             [
@@ -433,3 +437,51 @@ def test_a_dropped_in_model_trains_and_a_team_continues_its_checkpoint(stack):
     assert json.loads((child_dir / "manifest.json").read_text())["lineage"]["parent_step"] == 2
     with pytest.raises(NotFound):
         client.jobs.get(parent.id)
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name and labels.items() <= s.labels.items()
+    )
+
+
+def test_operators_see_a_running_job_in_metrics_and_its_worker_log_lines_by_job_id(stack):
+    import httpx
+
+    url, app, tmp = stack
+    client = Client(url, make_tenant(app.state.sessionmaker).key)
+    queue = app.state.settings.job_queue
+    config = {
+        "data": {"max_turns": 1},
+        "sampling": {"k": 2, "max_new_tokens": 16, "batch_prompts": 2},
+        "reward": {"min_reward": 0.0},
+        "training": {"max_steps": 500, "micro_batch_size": 1},
+    }
+    job = client.jobs.create(_corpus(client, 2), config=config)
+    deadline = time.monotonic() + 900
+    while (client.jobs.get(job.id).latest_metrics or {}).get("step", 0) < 1:
+        assert time.monotonic() < deadline, "no training step in 900 s"
+        time.sleep(1)
+    scraped = httpx.get(f"{url}/metrics", timeout=30).text
+    assert _metric(scraped, "gatt_jobs", queue=queue, status="running", stage="train") == 1
+    client.jobs.cancel(job.id)
+    assert client.jobs.wait(job.id, timeout=120, interval=1).status.value == "cancelled"
+
+    worker = httpx.get(app.state.worker_metrics_url, timeout=30).text
+    assert _metric(worker, "gatt_worker_sampled_tokens_total") > 0
+    assert _metric(worker, "gatt_worker_trained_tokens_total") > 0
+    assert _metric(worker, "gatt_worker_job_runs_total", outcome="cancelled") >= 1
+    assert _metric(worker, "gatt_worker_stage_duration_seconds_count", stage="sample") >= 1
+    assert _metric(worker, "gatt_worker_last_heartbeat_timestamp_seconds") > time.time() - 3600
+
+    lines = [
+        json.loads(line) for line in (tmp / "worker.log").read_text().splitlines() if line.startswith("{")
+    ]
+    mine = [line for line in lines if line.get("job_id") == str(job.id)]
+    assert any("torch uses" in line["message"] for line in mine), lines[-5:]
+    assert {line["attempt"] for line in mine} == {"1"} and all("timestamp" in line for line in mine)

@@ -36,6 +36,8 @@ class Hooks:
     # (stage): a stage starts; also reported as an event of kind "stage".
     stage: Callable[[Stage], None] = lambda stage: None
     should_stop: Callable[[], bool] = lambda: False
+    # (tokens): tokens generated while sampling a chunk of dialogues, for the worker's counters.
+    sampled: Callable[[int], None] = lambda tokens: None
     # Called right before each write to the job's files; raises `Stopped` when this run no longer
     # owns the job (another worker took it over), so that two runs never write the same files.
     fence: Callable[[], None] = lambda: None

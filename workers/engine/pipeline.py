@@ -275,6 +275,7 @@ def sample_dialogues(
             f.flush()
             os.fsync(f.fileno())
         done.update((r["index"], r) for r in chunk)
+        hooks.sampled(sum(c["tokens"] for r in chunk for t in r["turns"] for c in t["candidates"]))
         hooks.progress("sample", len(done), len(dialogues))
     return [done[i] for i in sorted(done)]
 
