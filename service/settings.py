@@ -190,6 +190,13 @@ class Settings(BaseSettings):
     webhook_max_attempts: int = Field(
         default=8, gt=0, le=20, description="Attempts per delivery before it is marked failed."
     )
+    webhook_disable_after: int = Field(
+        default=5,
+        gt=0,
+        le=1000,
+        description="An endpoint whose deliveries fail this many times in a row (each after all its "
+        "attempts) is disabled until its team enables it (`POST /v1/webhooks/{id}/enable`).",
+    )
     webhook_backoff_s: float = Field(
         default=10.0,
         gt=0,

@@ -227,7 +227,7 @@ def deliver(factory: sessionmaker[Session], settings: Settings, delivery_id: uui
         outcome = post(target, headers, body.encode(), settings.webhook_timeout_s)
     retry = None if outcome.ok or attempt >= settings.webhook_max_attempts else backoff(attempt, settings)
     with session_scope(factory) as s:
-        repository.finish_attempt(
+        disabled = repository.finish_attempt(
             s,
             delivery_id,
             attempt,
@@ -235,7 +235,10 @@ def deliver(factory: sessionmaker[Session], settings: Settings, delivery_id: uui
             status_code=outcome.status_code,
             error=outcome.error,
             retry_in=retry,
+            disable_after=settings.webhook_disable_after,
         )
+    if disabled:
+        log.warning("webhook endpoint of delivery %s disabled: its deliveries keep failing", delivery_id)
     log.info(
         "webhook %s (%s) attempt %d: %s",
         event_id,

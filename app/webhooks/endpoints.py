@@ -102,3 +102,36 @@ def list_webhook_deliveries(
     """Every event recorded for the endpoint, newest first: its event id and type, the attempts made,
     the last status code or error, the next attempt's time, and when it was delivered."""
     return DeliveryList.of(service.deliveries(session, team, webhook_id, page), Delivery.from_row)
+
+
+@router.post(
+    "/{webhook_id}/enable",
+    response_model=Webhook,
+    summary="Enable a disabled webhook endpoint",
+    responses=ERROR_RESPONSES,
+)
+def enable_webhook(session: SessionDep, team: CurrentTeam, webhook_id: WebhookId) -> Webhook:
+    """An endpoint whose deliveries failed `GATT_WEBHOOK_DISABLE_AFTER` times in a row is disabled
+    (`disabled_at`, `disabled_reason`): nothing is recorded or sent for it. Enabling it resets the
+    count; events from then on are sent. Enabling an enabled endpoint changes nothing."""
+    return Webhook.from_row(service.enable(session, team, webhook_id))
+
+
+@router.post(
+    "/{webhook_id}/deliveries/{delivery_id}/resend",
+    response_model=Delivery,
+    summary="Send a delivery again",
+    responses={
+        **ERROR_RESPONSES,
+        **error_response(409, "`webhook_disabled`: the endpoint is disabled; enable it first."),
+    },
+)
+def resend_webhook_delivery(
+    session: SessionDep,
+    team: CurrentTeam,
+    webhook_id: WebhookId,
+    delivery_id: Annotated[UUID, Path(description="The delivery id.")],
+) -> Delivery:
+    """A failed (or delivered) delivery is sent again: pending from now, a fresh set of attempts, the
+    same event id and payload. A pending one is left as it is."""
+    return Delivery.from_row(service.resend(session, team, webhook_id, delivery_id))

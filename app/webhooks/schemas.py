@@ -30,7 +30,14 @@ class Webhook(BaseModel):
     url: str = Field(description="Where events are POSTed.")
     event_types: list[WebhookEvent] = Field(description="The events sent to it.")
     created_at: datetime = Field(description="When the endpoint was created.")
-    updated_at: datetime = Field(description="Last change (a secret rotation).")
+    updated_at: datetime = Field(description="Last change (a secret rotation, disabling, enabling).")
+    enabled: bool = Field(
+        default=True,
+        description="False once its deliveries failed `GATT_WEBHOOK_DISABLE_AFTER` times in a row: nothing "
+        "is recorded or sent for it until `POST /v1/webhooks/{id}/enable`.",
+    )
+    disabled_at: datetime | None = Field(default=None, description="When it was disabled.")
+    disabled_reason: str | None = Field(default=None, description="Why: the failures and the last error.")
 
     @classmethod
     def from_row(cls, row: WebhookEndpoint) -> Webhook:
@@ -40,6 +47,9 @@ class Webhook(BaseModel):
             event_types=[WebhookEvent(t) for t in row.event_types],
             created_at=row.created_at,
             updated_at=row.updated_at,
+            enabled=row.disabled_at is None,
+            disabled_at=row.disabled_at,
+            disabled_reason=row.disabled_reason,
         )
 
 

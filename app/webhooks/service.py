@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from sqlalchemy.orm import Session
 
 from app.core import quotas
-from app.core.errors import NotFound, Unprocessable
+from app.core.errors import Conflict, NotFound, Unprocessable
 from service import webhooks as delivery
 from service.models import Team, WebhookDelivery, WebhookEndpoint
 from service.pagination import PageParams, PageResult
@@ -58,3 +58,27 @@ def deliveries(
     session: Session, team: Team, id: uuid.UUID, params: PageParams
 ) -> PageResult[WebhookDelivery]:
     return repository.deliveries(session, get(session, team, id).id, params)
+
+
+def enable(session: Session, team: Team, id: uuid.UUID) -> WebhookEndpoint:
+    """Send to the endpoint again: events from now on are recorded for it (those while it was
+    disabled are not; resend a failed delivery to have it sent)."""
+    row = get(session, team, id, for_update=True)
+    repository.enable(session, row)
+    return row
+
+
+def resend(session: Session, team: Team, id: uuid.UUID, delivery_id: uuid.UUID) -> WebhookDelivery:
+    """A delivery sent again from now with a fresh set of attempts and its event id (receivers
+    de-duplicate on it); one still pending is left as it is."""
+    endpoint = get(session, team, id, for_update=True)
+    if endpoint.disabled_at is not None:
+        raise Conflict(
+            "The webhook endpoint is disabled; enable it first.", code="webhook_disabled", param="webhook_id"
+        )
+    row = repository.delivery(session, endpoint.id, delivery_id)
+    if row is None:
+        raise NotFound("No such delivery of this webhook.", param="delivery_id")
+    if row.status.value != "pending":
+        repository.resend(session, row)
+    return row

@@ -46,6 +46,11 @@ class WebhookEndpoint(UUIDPrimaryKey, Timestamps, Base):
     # can switch over without dropping messages (Standard Webhooks: several signatures per header).
     previous_secret: Mapped[str | None] = mapped_column(String(128))
     previous_secret_expires_at: Mapped[datetime | None]
+    # Deliveries that failed for good since the last one delivered; at GATT_WEBHOOK_DISABLE_AFTER the
+    # endpoint is disabled: nothing more is recorded for it until the team enables it again.
+    consecutive_failures: Mapped[int | None] = mapped_column(Integer)
+    disabled_at: Mapped[datetime | None]
+    disabled_reason: Mapped[str | None] = mapped_column(Text)
 
 
 class WebhookDelivery(UUIDPrimaryKey, Timestamps, Base):

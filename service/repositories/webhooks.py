@@ -95,7 +95,7 @@ def event_id(*about: object) -> str:
 
 def _record(session: Session, team_id: uuid.UUID, kind: WebhookEvent, eid: str, data: dict[str, Any]) -> None:
     subscribed = select(WebhookEndpoint.id, WebhookEndpoint.event_types).where(
-        WebhookEndpoint.team_id == team_id
+        WebhookEndpoint.team_id == team_id, WebhookEndpoint.disabled_at.is_(None)
     )
     targets = [id for id, types in session.execute(subscribed) if kind.value in types]
     if not targets:
@@ -195,8 +195,11 @@ def finish_attempt(
     status_code: int | None,
     error: str | None,
     retry_in: timedelta | None,
-) -> None:
-    """Record attempt `attempt`'s outcome: delivered, due again after `retry_in`, or (None) failed."""
+    disable_after: int,
+) -> bool:
+    """Record attempt `attempt`'s outcome: delivered, due again after `retry_in`, or (None) failed.
+    A delivery that failed for good counts against its endpoint, which is disabled at
+    `disable_after` in a row (a delivered one resets the count); returns whether it was disabled now."""
     t = jobs.clock(session)
     if ok:
         values: dict[str, Any] = {
@@ -208,12 +211,64 @@ def finish_attempt(
         values = {"status": DeliveryStatus.FAILED, "next_attempt_at": None}
     else:
         values = {"next_attempt_at": t + retry_in}
-    session.execute(
+    endpoint_id = session.execute(
         update(WebhookDelivery)
         # Only the attempt that claimed it writes (a later attempt may have claimed it since).
         .where(WebhookDelivery.id == id, WebhookDelivery.attempts == attempt)
         .values(last_status_code=status_code, last_error=error, updated_at=t, **values)
+        .returning(WebhookDelivery.endpoint_id)
+    ).scalar_one_or_none()
+    if endpoint_id is None or not (ok or retry_in is None):
+        return False
+    failures = 0 if ok else func.coalesce(WebhookEndpoint.consecutive_failures, 0) + 1
+    count = session.execute(
+        update(WebhookEndpoint)
+        .where(WebhookEndpoint.id == endpoint_id)
+        .values(consecutive_failures=failures)
+        .returning(WebhookEndpoint.consecutive_failures)
+    ).scalar_one_or_none()
+    if ok or count is None or count < disable_after:
+        return False
+    reason = f"{count} deliveries in a row failed; the last: {error or status_code}"
+    disable(session, endpoint_id, reason[:500], t)
+    return True
+
+
+def disable(session: Session, endpoint_id: uuid.UUID, reason: str, t: Any) -> None:
+    """Stop sending to the endpoint: disabled, and its pending deliveries failed (nothing is left
+    for the reaper to send again)."""
+    session.execute(
+        update(WebhookEndpoint)
+        .where(WebhookEndpoint.id == endpoint_id, WebhookEndpoint.disabled_at.is_(None))
+        .values(disabled_at=t, disabled_reason=reason, updated_at=t)
     )
+    session.execute(
+        update(WebhookDelivery)
+        .where(WebhookDelivery.endpoint_id == endpoint_id, WebhookDelivery.status == DeliveryStatus.PENDING)
+        .values(
+            status=DeliveryStatus.FAILED, next_attempt_at=None, last_error="endpoint disabled", updated_at=t
+        )
+    )
+
+
+def enable(session: Session, row: WebhookEndpoint) -> None:
+    row.disabled_at, row.disabled_reason, row.consecutive_failures = None, None, 0
+    session.flush()
+
+
+def resend(session: Session, delivery: WebhookDelivery) -> None:
+    """The delivery pending again from now, with a fresh set of attempts and the same event id."""
+    t = jobs.current_time(session)
+    delivery.status, delivery.attempts, delivery.next_attempt_at = DeliveryStatus.PENDING, 0, t
+    delivery.delivered_at = None
+    session.flush()
+    session.info.setdefault(PENDING_KEY, []).append(delivery.id)
+
+
+def delivery(session: Session, endpoint_id: uuid.UUID, id: uuid.UUID) -> WebhookDelivery | None:
+    return session.scalars(
+        select(WebhookDelivery).where(WebhookDelivery.id == id, WebhookDelivery.endpoint_id == endpoint_id)
+    ).one_or_none()
 
 
 def overdue(session: Session, older_than: timedelta, limit: int = 500) -> list[uuid.UUID]:

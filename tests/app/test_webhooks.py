@@ -268,3 +268,50 @@ def test_a_large_answer_is_read_only_in_part(allowed, me):
         assert outcome.ok and outcome.status_code == 200
     finally:
         server.shutdown()
+
+
+def _deliveries(client, tenant, hook_id):
+    return client.get(f"/v1/webhooks/{hook_id}/deliveries", headers=tenant.headers).json()["data"]
+
+
+def test_an_endpoint_that_keeps_failing_is_disabled_then_enabled_and_a_delivery_resent(allowed, me, receiver):
+    client, base = allowed
+    settings = base.model_copy(update={"webhook_max_attempts": 1, "webhook_disable_after": 2})
+    factory = client.app.state.sessionmaker
+    hook = _create(client, me, receiver, ["job.succeeded", "job.failed"]).json()
+    other = _create(client, me, receiver, ["job.failed"]).json()  # its failures are its own
+    Receiver.answers = [500, 503]
+    for status in (JobStatus.SUCCEEDED, JobStatus.FAILED):
+        _ended_job(client, me, status)
+    log = _deliveries(client, me, hook["id"])
+    # One failure: the endpoint still counts as working; a delivered one in between would reset it.
+    assert webhooks.deliver(factory, settings, uuid.UUID(log[1]["id"])) is None
+    assert client.get(f"/v1/webhooks/{hook['id']}", headers=me.headers).json()["enabled"]
+    assert webhooks.deliver(factory, settings, uuid.UUID(log[0]["id"])) is None
+    shown = client.get(f"/v1/webhooks/{hook['id']}", headers=me.headers).json()
+    assert (
+        not shown["enabled"]
+        and shown["disabled_at"]
+        and "2 deliveries in a row failed" in shown["disabled_reason"]
+    )
+    assert {d["status"] for d in _deliveries(client, me, other["id"])} == {"pending"}
+
+    # Disabled: nothing more is recorded for it, and a resend is refused until it is enabled.
+    _ended_job(client, me, JobStatus.SUCCEEDED)
+    assert len(_deliveries(client, me, hook["id"])) == 2
+    refused = client.post(f"/v1/webhooks/{hook['id']}/deliveries/{log[0]['id']}/resend", headers=me.headers)
+    assert refused.status_code == 409 and refused.json()["error"]["code"] == "webhook_disabled"
+
+    assert client.post(f"/v1/webhooks/{hook['id']}/enable", headers=me.headers).json()["enabled"]
+    resent = client.post(f"/v1/webhooks/{hook['id']}/deliveries/{log[0]['id']}/resend", headers=me.headers)
+    assert resent.status_code == 200, resent.text
+    assert (resent.json()["status"], resent.json()["attempts"]) == ("pending", 0)
+    Receiver.received.clear()
+    assert webhooks.deliver(factory, settings, uuid.UUID(log[0]["id"])) is None
+    ((headers, _),) = Receiver.received
+    assert headers["webhook-id"] == log[0]["event_id"]  # the same event: receivers de-duplicate on it
+    assert _deliveries(client, me, hook["id"])[0]["status"] == "delivered"
+    _ended_job(client, me, JobStatus.FAILED)  # enabled again: new events are recorded
+    assert len(_deliveries(client, me, hook["id"])) == 3
+    missing = client.post(f"/v1/webhooks/{other['id']}/deliveries/{log[0]['id']}/resend", headers=me.headers)
+    assert missing.status_code == 404

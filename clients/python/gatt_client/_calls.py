@@ -275,6 +275,16 @@ def rotate_webhook_secret(webhook_id: Id) -> Call[m.WebhookWithSecret]:
 
 
 @operation
+def enable_webhook(webhook_id: Id) -> Call[m.Webhook]:
+    return Call("POST", f"/v1/webhooks/{webhook_id}/enable", _model(m.Webhook))
+
+
+@operation
+def resend_webhook_delivery(webhook_id: Id, delivery_id: Id) -> Call[m.Delivery]:
+    return Call("POST", f"/v1/webhooks/{webhook_id}/deliveries/{delivery_id}/resend", _model(m.Delivery))
+
+
+@operation
 def list_webhook_deliveries(
     webhook_id: Id, after: str | None = None, limit: int | None = None
 ) -> Call[m.DeliveryList]:

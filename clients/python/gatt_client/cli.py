@@ -355,7 +355,8 @@ def webhooks_create(
 def webhooks_list() -> None:
     for hook in state.client.webhooks.list():
         types = ",".join(str(t) for t in hook.event_types)
-        _out(hook, f"{hook.id}  {hook.url}  {types}")
+        state_ = "" if hook.enabled in (None, True) else f"  disabled: {hook.disabled_reason}"
+        _out(hook, f"{hook.id}  {hook.url}  {types}{state_}")
 
 
 @webhooks.command("delete")
@@ -376,7 +377,21 @@ def webhooks_deliveries(webhook_id: str) -> None:
     """The delivery log: each event's status, attempts and last answer."""
     for d in state.client.webhooks.deliveries(webhook_id):
         answer = d.last_status_code or d.last_error or ""
-        _out(d, f"{d.event_id}  {d.event_type}  {d.status}  attempts {d.attempts}  {answer}")
+        _out(d, f"{d.id}  {d.event_id}  {d.event_type}  {d.status}  attempts {d.attempts}  {answer}")
+
+
+@webhooks.command("enable")
+def webhooks_enable(webhook_id: str) -> None:
+    """Send to an endpoint again after it was disabled for failing."""
+    hook = state.client.webhooks.enable(webhook_id)
+    _out(hook, f"{hook.id}  enabled")
+
+
+@webhooks.command("resend")
+def webhooks_resend(webhook_id: str, delivery_id: str) -> None:
+    """Send a delivery again (`gatt webhooks deliveries` lists their ids)."""
+    d = state.client.webhooks.resend(webhook_id, delivery_id)
+    _out(d, f"{d.id}  {d.status}")
 
 
 def main() -> None:

@@ -393,6 +393,14 @@ class Webhooks:
     def rotate_secret(self, webhook_id: ops.Id) -> m.WebhookWithSecret:
         return self._c.request(ops.rotate_webhook_secret(webhook_id))
 
+    def enable(self, webhook_id: ops.Id) -> m.Webhook:
+        """Send to an endpoint again after it was disabled for failing."""
+        return self._c.request(ops.enable_webhook(webhook_id))
+
+    def resend(self, webhook_id: ops.Id, delivery_id: ops.Id) -> m.Delivery:
+        """Send a failed (or delivered) delivery again, with its event id."""
+        return self._c.request(ops.resend_webhook_delivery(webhook_id, delivery_id))
+
     def deliveries(self, webhook_id: ops.Id, limit: int | None = None) -> Iterator[m.Delivery]:
         return self._c._pages(lambda after: ops.list_webhook_deliveries(webhook_id, after, limit))
 
@@ -703,6 +711,12 @@ class AsyncWebhooks:
 
     async def rotate_secret(self, webhook_id: ops.Id) -> m.WebhookWithSecret:
         return await self._c.request(ops.rotate_webhook_secret(webhook_id))
+
+    async def enable(self, webhook_id: ops.Id) -> m.Webhook:
+        return await self._c.request(ops.enable_webhook(webhook_id))
+
+    async def resend(self, webhook_id: ops.Id, delivery_id: ops.Id) -> m.Delivery:
+        return await self._c.request(ops.resend_webhook_delivery(webhook_id, delivery_id))
 
     def deliveries(self, webhook_id: ops.Id, limit: int | None = None) -> AsyncIterator[m.Delivery]:
         return self._c._pages(lambda after: ops.list_webhook_deliveries(webhook_id, after, limit))

@@ -2155,6 +2155,23 @@ class WebhookWithSecret(BaseModel):
         AwareDatetime,
         Field(description='When the endpoint was created.', title='Created At'),
     ]
+    disabled_at: Annotated[
+        AwareDatetime | None,
+        Field(description='When it was disabled.', title='Disabled At'),
+    ] = None
+    disabled_reason: Annotated[
+        str | None,
+        Field(
+            description='Why: the failures and the last error.', title='Disabled Reason'
+        ),
+    ] = None
+    enabled: Annotated[
+        bool | None,
+        Field(
+            description='False once its deliveries failed `GATT_WEBHOOK_DISABLE_AFTER` times in a row: nothing is recorded or sent for it until `POST /v1/webhooks/{id}/enable`.',
+            title='Enabled',
+        ),
+    ] = True
     event_types: Annotated[
         list[WebhookEvent],
         Field(description='The events sent to it.', title='Event Types'),
@@ -2169,7 +2186,10 @@ class WebhookWithSecret(BaseModel):
     ]
     updated_at: Annotated[
         AwareDatetime,
-        Field(description='Last change (a secret rotation).', title='Updated At'),
+        Field(
+            description='Last change (a secret rotation, disabling, enabling).',
+            title='Updated At',
+        ),
     ]
     url: Annotated[str, Field(description='Where events are POSTed.', title='Url')]
 
@@ -2807,6 +2827,23 @@ class Webhook(BaseModel):
         AwareDatetime,
         Field(description='When the endpoint was created.', title='Created At'),
     ]
+    disabled_at: Annotated[
+        AwareDatetime | None,
+        Field(description='When it was disabled.', title='Disabled At'),
+    ] = None
+    disabled_reason: Annotated[
+        str | None,
+        Field(
+            description='Why: the failures and the last error.', title='Disabled Reason'
+        ),
+    ] = None
+    enabled: Annotated[
+        bool | None,
+        Field(
+            description='False once its deliveries failed `GATT_WEBHOOK_DISABLE_AFTER` times in a row: nothing is recorded or sent for it until `POST /v1/webhooks/{id}/enable`.',
+            title='Enabled',
+        ),
+    ] = True
     event_types: Annotated[
         list[WebhookEvent],
         Field(description='The events sent to it.', title='Event Types'),
@@ -2814,7 +2851,10 @@ class Webhook(BaseModel):
     id: Annotated[UUID, Field(description='The webhook endpoint id.', title='Id')]
     updated_at: Annotated[
         AwareDatetime,
-        Field(description='Last change (a secret rotation).', title='Updated At'),
+        Field(
+            description='Last change (a secret rotation, disabling, enabling).',
+            title='Updated At',
+        ),
     ]
     url: Annotated[str, Field(description='Where events are POSTed.', title='Url')]
 
