@@ -71,18 +71,30 @@ def prepare_config(job: Job, settings: Settings, out: Path, factory: sessionmake
     out.mkdir(parents=True, exist_ok=True)
     with session_scope(factory or sessions()) as s:
         content = corpora.read_content(s, job.corpus_id)
+        held = corpora.read_content(s, job.validation_corpus_id) if job.validation_corpus_id else None
         spec = None
         if job.instruction_set_id is not None:
             spec = instruction_sets.spec(s, job.instruction_set_id)
     if content is None:
         raise JobFailure("corpus_deleted", "The job's corpus was deleted before the job ran.")
     (out / "corpus.jsonl").write_bytes(content)
+    validation = None
+    if job.validation_corpus_id is not None:
+        if held is None:
+            raise JobFailure("corpus_deleted", "The job's validation corpus was deleted before the job ran.")
+        (out / "validation.jsonl").write_bytes(held)
+        validation = str(out / "validation.jsonl")
     instructions = "default"
     if spec is not None:
         (out / "instruction_set.json").write_text(json.dumps(spec), encoding="utf-8")
         instructions = str(out / "instruction_set.json")
     raw = dict(job.config)
-    raw["data"] = {**raw.get("data", {}), "corpus": str(out / "corpus.jsonl"), "instructions": instructions}
+    raw["data"] = {
+        **raw.get("data", {}),
+        "corpus": str(out / "corpus.jsonl"),
+        "validation": validation,
+        "instructions": instructions,
+    }
     base = _model_dir(job.model, settings)
     lineage: dict[str, object] = {"base_model": job.model}
     model = base

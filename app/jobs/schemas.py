@@ -44,6 +44,12 @@ class JobCreate(BaseModel):
         "`training.method: full` starts from its merged weights.",
     )
     corpus_id: UUID = Field(description="The dialogue corpus to train on (`POST /v1/corpora`).")
+    validation_corpus_id: UUID | None = Field(
+        default=None,
+        description="Dialogues the evaluation holds out (its first `evaluation.heldout_dialogues`), apart from "
+        "the training corpus, which is then trained on whole; null: the training corpus's last "
+        "`evaluation.heldout_dialogues` are held out. Needs `evaluation.enabled`.",
+    )
     name: StoredText | None = Field(
         default=None, min_length=1, max_length=200, description="Your own label for the job."
     )
@@ -110,6 +116,9 @@ class Job(BaseModel):
         default=None, description="The checkpoint this job continues from; null when it starts from `model`."
     )
     corpus_id: UUID = Field(description="The corpus.")
+    validation_corpus_id: UUID | None = Field(
+        default=None, description="The evaluation's held-out corpus; null: the training corpus's tail."
+    )
     instruction_set_id: UUID | None = Field(description="The instruction set; null for the default set.")
     config: Annotated[dict[str, Any], WithJsonSchema(CONFIG_SCHEMA)] = Field(
         description="The job's options, defaults filled in."
@@ -157,6 +166,7 @@ class Job(BaseModel):
                 CheckpointRef(job_id=row.parent_job_id, step=row.parent_step) if row.parent_job_id else None
             ),
             corpus_id=row.corpus_id,
+            validation_corpus_id=row.validation_corpus_id,
             instruction_set_id=row.instruction_set_id,
             config=row.config,
             error=error,

@@ -59,10 +59,13 @@ def job_config(body_config: dict[str, Any], settings: Settings) -> dict[str, Any
     return config
 
 
-def job_cost(config: dict[str, Any], corpus: Corpus, settings: Settings) -> Cost:
+def job_cost(
+    config: dict[str, Any], corpus: Corpus, settings: Settings, validation: Corpus | None = None
+) -> Cost:
     """The job's bound on generated tokens, or a 422 `job_too_large` when it passes the server's."""
     stats = corpus.stats or {}
-    cost = estimate(parse_options(config), stats.get("dialogues", 0), stats.get("user_turns", 0))
+    held = (validation.stats or {}).get("dialogues", 0) if validation is not None else None
+    cost = estimate(parse_options(config), stats.get("dialogues", 0), stats.get("user_turns", 0), held)
     limit = settings.max_job_generated_tokens
     if cost.generated_tokens > limit:
         raise Unprocessable(
@@ -212,7 +215,8 @@ def create(
     corpus = corpora.get_for_share(session, team.id, body.corpus_id)
     if corpus is None:
         raise NotFound("No such corpus.", param="corpus_id")
-    cost = job_cost(config, corpus, settings)
+    validation = _validation_corpus(session, team, body.validation_corpus_id, config)
+    cost = job_cost(config, corpus, settings, validation)
     set_id = body.instruction_set_id if isinstance(body.instruction_set_id, uuid.UUID) else None  # "default"
     if set_id is not None and instruction_sets.get_for_share(session, team.id, set_id) is None:
         raise NotFound("No such instruction set.", param="instruction_set_id")
@@ -223,6 +227,7 @@ def create(
         parent_job_id=lineage.parent.id if lineage.parent else None,
         parent_step=lineage.parent_step,
         corpus_id=body.corpus_id,
+        validation_corpus_id=body.validation_corpus_id,
         instruction_set_id=set_id,
         name=body.name,
         meta=body.metadata,
@@ -244,6 +249,23 @@ def create(
     created = {"model": job.model, **({"parent": lineage_json(job)} if job.parent_job_id else {})}
     repository.add_event(session, job.id, "info", "created", "job created", created)
     return job, True
+
+
+def _validation_corpus(
+    session: Session, team: Team, id: uuid.UUID | None, config: dict[str, Any]
+) -> Corpus | None:
+    if id is None:
+        return None
+    if not config["evaluation"]["enabled"]:
+        raise Unprocessable(
+            "A validation corpus is for the evaluation: set evaluation.enabled, or leave it out.",
+            code="invalid_request",
+            param="validation_corpus_id",
+        )
+    corpus = corpora.get_for_share(session, team.id, id)  # not deleted while the job is created
+    if corpus is None:
+        raise NotFound("No such corpus.", param="validation_corpus_id")
+    return corpus
 
 
 def lineage_json(job: Job) -> dict[str, Any]:

@@ -81,6 +81,10 @@ class Job(UUIDPrimaryKey, Timestamps, Base):
     model: Mapped[str] = mapped_column(String(1024))
     # RESTRICT: corpora and instruction sets are only soft-deleted, so these never dangle.
     corpus_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("corpora.id", ondelete="RESTRICT"), index=True)
+    # Held-out dialogues for the evaluation; NULL: the tail of the training corpus is held out.
+    validation_corpus_id: Mapped[uuid.UUID | None] = mapped_column(
+        ForeignKey("corpora.id", ondelete="RESTRICT"), index=True
+    )
     # NULL means the default instruction set (gatt.instructions.default_instruction_set()).
     instruction_set_id: Mapped[uuid.UUID | None] = mapped_column(
         ForeignKey("instruction_sets.id", ondelete="RESTRICT"), index=True

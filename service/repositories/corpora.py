@@ -4,7 +4,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import exists, func, select
+from sqlalchemy import exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from service.models import ACTIVE_JOB_STATUSES, Corpus, Job
@@ -76,7 +76,14 @@ def read_content_chunk(session: Session, id: uuid.UUID, offset: int, length: int
 
 def used_by_active_job(session: Session, id: uuid.UUID) -> bool:
     return bool(
-        session.scalar(select(exists().where(Job.corpus_id == id, Job.status.in_(ACTIVE_JOB_STATUSES))))
+        session.scalar(
+            select(
+                exists().where(
+                    or_(Job.corpus_id == id, Job.validation_corpus_id == id),
+                    Job.status.in_(ACTIVE_JOB_STATUSES),
+                )
+            )
+        )
     )
 
 

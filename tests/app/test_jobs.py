@@ -429,3 +429,40 @@ def test_checkpoint_download_urls_are_absolute(app, client, tenant, corpus_id, d
     with TestClient(public) as behind:
         listed = behind.get(f"{URL}/{job_id}/checkpoints", headers=tenant.headers).json()["data"]
     assert listed[0]["download_url"] == f"https://gatt.example.com/v1/jobs/{job_id}/checkpoints/3/archive"
+
+
+def test_a_validation_corpus_is_held_out_instead_of_the_tail(client, tenant, other_tenant, corpus_id):
+    held = client.post(
+        "/v1/corpora",
+        files={"file": ("held.jsonl", jsonl(dialogue(7, turns=2), dialogue(8, turns=2), dialogue(9)))},
+        headers=tenant.headers,
+    ).json()["id"]
+    evaluation = {
+        "enabled": True,
+        "heldout_dialogues": 2,
+        "turns": 2,
+        "conditions": ["once"],
+        "max_new_tokens": 8,
+    }
+    config = {"evaluation": evaluation, "sampling": {"k": 2, "max_new_tokens": 10}, "data": {"max_turns": 1}}
+    r = create(client, tenant, {"corpus_id": corpus_id, "validation_corpus_id": held, "config": config})
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["validation_corpus_id"] == held
+    # The training corpus (2 dialogues) is sampled whole; 2 validation dialogues x 2 turns x 1
+    # condition x 2 models are evaluated.
+    assert job["estimate"]["sampled_turns"] == 2 and job["estimate"]["evaluation_tokens"] == 2 * 2 * 2 * 8
+    in_use = client.delete(f"/v1/corpora/{held}", headers=tenant.headers)
+    assert in_use.status_code == 409 and in_use.json()["error"]["code"] == "in_use"
+
+    off = create(client, tenant, {"corpus_id": corpus_id, "validation_corpus_id": held})
+    assert off.status_code == 422 and off.json()["error"]["param"] == "validation_corpus_id"
+    theirs = client.post(
+        "/v1/corpora", files={"file": ("c.jsonl", jsonl(dialogue(0)))}, headers=other_tenant.headers
+    )
+    stranger = create(
+        client,
+        tenant,
+        {"corpus_id": corpus_id, "validation_corpus_id": theirs.json()["id"], "config": config},
+    )
+    assert stranger.status_code == 404 and stranger.json()["error"]["param"] == "validation_corpus_id"

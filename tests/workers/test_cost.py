@@ -32,3 +32,35 @@ def test_evaluation_and_value_lists_count_too() -> None:
     assert cost.evaluation_tokens == 2 * 8 * 8 * 2 * 64  # 2 models, 8 dialogues, 8 turns, 2 conditions
     assert cost.values_tokens == 300
     assert cost.to_json()["generated_tokens"] == 240 + 16_384 + 300
+
+
+def test_a_validation_corpus_leaves_the_training_corpus_whole() -> None:
+    options = parse_options(
+        {
+            "data": {"max_turns": 1},
+            "sampling": {"k": 2, "max_new_tokens": 10},
+            "evaluation": {"enabled": True, "heldout_dialogues": 8, "turns": 2, "max_new_tokens": 5},
+        }
+    )
+    cost = estimate(options, dialogues=20, user_turns=60, validation_dialogues=3)
+    assert cost.sampled_turns == 20  # nothing held out of the training corpus
+    assert cost.evaluation_tokens == 2 * 3 * 2 * 2 * 5  # only 3 validation dialogues to hold out
+
+
+def test_split_takes_the_held_out_dialogues_from_the_validation_corpus(tmp_path) -> None:
+    from gatt.dialogues import parse_corpus
+    from tests.app.factories import dialogue, jsonl
+    from workers.engine.config import parse_config
+    from workers.engine.pipeline import split_heldout
+
+    (tmp_path / "train.jsonl").write_bytes(jsonl(*(dialogue(i) for i in range(5))))
+    (tmp_path / "held.jsonl").write_bytes(jsonl(*(dialogue(i) for i in range(10, 13))))
+    with open(tmp_path / "train.jsonl", "rb") as f:
+        dialogues = parse_corpus(f)
+    evaluation = {"enabled": True, "heldout_dialogues": 2}
+    config = parse_config({"evaluation": evaluation, "data": {"validation": str(tmp_path / "held.jsonl")}})
+    train, held = split_heldout(config, dialogues)
+    assert len(train) == 5 and [d.id for d in held] == ["d10", "d11"]
+    tail = parse_config({"evaluation": evaluation})
+    train, held = split_heldout(tail, dialogues)
+    assert len(train) == 3 and [d.id for d in held] == ["d3", "d4"]

@@ -306,6 +306,8 @@ class DataOptions(Section):
 
 class DataConfig(DataOptions):
     corpus: Name = "examples/dialogues.jsonl"
+    validation: Name | None = None
+    """A JSONL corpus the evaluation holds its dialogues out from; null: the corpus's tail."""
     instructions: Name = "default"
     """"default" (the paper-style set) or a JSON instruction-set file."""
 

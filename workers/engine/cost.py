@@ -30,11 +30,15 @@ class Cost:
         return {**asdict(self), "generated_tokens": self.generated_tokens}
 
 
-def estimate(options: JobOptions, dialogues: int, user_turns: int) -> Cost:
-    """The bound for a job with `options` on a corpus of `dialogues` with `user_turns` in all."""
+def estimate(
+    options: JobOptions, dialogues: int, user_turns: int, validation_dialogues: int | None = None
+) -> Cost:
+    """The bound for a job with `options` on a corpus of `dialogues` with `user_turns` in all, the
+    evaluation holding out the corpus's tail or, given, dialogues of a validation corpus."""
     evaluation = options.evaluation
-    heldout = min(dialogues, evaluation.heldout_dialogues) if evaluation.enabled else 0
-    sampled = dialogues - heldout
+    held_from = dialogues if validation_dialogues is None else validation_dialogues
+    heldout = min(held_from, evaluation.heldout_dialogues) if evaluation.enabled else 0
+    sampled = dialogues - (heldout if validation_dialogues is None else 0)
     if options.data.max_dialogues is not None:
         sampled = min(sampled, options.data.max_dialogues)
     # "all" samples every user turn of the first max_turns; "last" one turn per dialogue.

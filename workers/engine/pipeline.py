@@ -180,15 +180,20 @@ def load_dialogues(config: JobConfig) -> list[Dialogue]:
 
 def split_heldout(config: JobConfig, dialogues: list[Dialogue]) -> tuple[list[Dialogue], list[Dialogue]]:
     """(dialogues to sample and train on, dialogues held out for evaluation). With evaluation on,
-    the corpus's last `heldout_dialogues` are held out; max_dialogues applies to the rest."""
+    the first `heldout_dialogues` of the validation corpus are held out, or without one the corpus's
+    last `heldout_dialogues`; max_dialogues applies to the rest."""
     heldout: list[Dialogue] = []
     if config.evaluation.enabled:
         n = config.evaluation.heldout_dialogues
-        if n >= len(dialogues):
+        if config.data.validation is not None:
+            with open(config.data.validation, "rb") as f:
+                heldout = parse_corpus(f)[:n]
+        elif n >= len(dialogues):
             raise ValueError(
                 f"evaluation.heldout_dialogues is {n} but the corpus has only {len(dialogues)} dialogues"
             )
-        dialogues, heldout = dialogues[:-n], dialogues[-n:]
+        else:
+            dialogues, heldout = dialogues[:-n], dialogues[-n:]
     return (dialogues[: config.data.max_dialogues] if config.data.max_dialogues else dialogues), heldout
 
 

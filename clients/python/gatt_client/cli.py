@@ -157,6 +157,9 @@ def jobs_create(
         ),
     ] = None,
     instruction_set: Annotated[str | None, typer.Option(help='An instruction set id, or "default".')] = None,
+    validation_corpus: Annotated[
+        str | None, typer.Option(help="A corpus id the evaluation holds its dialogues out from.")
+    ] = None,
     model: Annotated[
         str | None, typer.Option(help='The base model\'s id (`gatt models list`; "default").')
     ] = None,
@@ -190,6 +193,7 @@ def jobs_create(
         name=name or body.get("name"),
         metadata=body.get("metadata"),
         idempotency_key=idempotency_key,
+        validation_corpus_id=validation_corpus or body.get("validation_corpus_id"),
     )
     if not follow:
         _out(job, f"{job.id}  {job.status.value}")

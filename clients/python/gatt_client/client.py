@@ -83,6 +83,7 @@ def job_body(
     model: ModelChoice = None,
     name: str | None = None,
     metadata: Mapping[str, Any] | None = None,
+    validation_corpus_id: ops.Id | None = None,
 ) -> m.JobCreate:
     """A job request, validated here against the API's schema before it is sent. `model` is a model
     id (`client.models.list()`), or `{"job_id": ..., "step": ...}` to continue a checkpoint."""
@@ -93,6 +94,7 @@ def job_body(
         "model": ops._dump(model) if isinstance(model, (m.CheckpointRef, Mapping)) else model,
         "name": name,
         "metadata": dict(metadata) if metadata is not None else None,
+        "validation_corpus_id": None if validation_corpus_id is None else str(validation_corpus_id),
     }
     return m.JobCreate.model_validate({k: v for k, v in fields.items() if v is not None})
 
@@ -225,6 +227,7 @@ class Jobs:
         name: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        validation_corpus_id: ops.Id | None = None,
     ) -> m.Job:
         """Create a job; with `idempotency_key`, sending it again returns the same job."""
         body = job_body(
@@ -234,6 +237,7 @@ class Jobs:
             model=model,
             name=name,
             metadata=metadata,
+            validation_corpus_id=validation_corpus_id,
         )
         return self._c.request(ops.create_job(body, idempotency_key))
 
@@ -571,6 +575,7 @@ class AsyncJobs:
         name: str | None = None,
         metadata: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
+        validation_corpus_id: ops.Id | None = None,
     ) -> m.Job:
         body = job_body(
             corpus_id,
@@ -579,6 +584,7 @@ class AsyncJobs:
             model=model,
             name=name,
             metadata=metadata,
+            validation_corpus_id=validation_corpus_id,
         )
         return await self._c.request(ops.create_job(body, idempotency_key))
 

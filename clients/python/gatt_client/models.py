@@ -3148,6 +3148,13 @@ class Job(BaseModel):
         AwareDatetime,
         Field(description='Last change of any field.', title='Updated At'),
     ]
+    validation_corpus_id: Annotated[
+        UUID | None,
+        Field(
+            description="The evaluation's held-out corpus; null: the training corpus's tail.",
+            title='Validation Corpus Id',
+        ),
+    ] = None
 
 
 class JobCreate(BaseModel):
@@ -3192,6 +3199,13 @@ class JobCreate(BaseModel):
     ] = 'default'
     name: Annotated[
         Name1 | None, Field(description='Your own label for the job.', title='Name')
+    ] = None
+    validation_corpus_id: Annotated[
+        UUID | None,
+        Field(
+            description="Dialogues the evaluation holds out (its first `evaluation.heldout_dialogues`), apart from the training corpus, which is then trained on whole; null: the training corpus's last `evaluation.heldout_dialogues` are held out. Needs `evaluation.enabled`.",
+            title='Validation Corpus Id',
+        ),
     ] = None
 
 
