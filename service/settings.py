@@ -251,6 +251,18 @@ class Settings(BaseSettings):
         description="A worker serves its Prometheus metrics on this port (`/metrics`); 0: not served.",
     )
 
+    mlflow_tracking_uri: str | None = Field(
+        default=None,
+        description="Log each job as an MLflow run (params, step metrics, evaluation, final checkpoint) to "
+        "this tracking server or store (`http://mlflow:5000`, `sqlite:////var/lib/gatt/mlflow.db`); "
+        "unset: no tracking (workers/tracking.py).",
+    )
+    mlflow_experiment: str = Field(
+        default="gatt",
+        max_length=200,
+        description="Experiment name prefix: a team's runs go to `<prefix>/<team id>`.",
+    )
+
     def corpus_limits(self) -> CorpusLimits:
         return CorpusLimits(
             max_line_bytes=self.corpus_max_line_bytes,

@@ -32,6 +32,7 @@ from workers import metrics as counters
 from workers.artifact_sync import ScratchSync, artifact_bytes
 from workers.engine.hooks import Hooks, Stage, Stopped
 from workers.redact import server_paths
+from workers.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +101,7 @@ class JobRun:
         directory: Path | None = None,
         seconds_left: float = math.inf,
         on_abandon: Callable[[], None] | None = None,
+        tracker: Tracker | None = None,
     ):
         self.job_id, self.owner, self.settings = job_id, owner, settings
         # Called after the heartbeat has ended a job whose engine stopped calling its hooks: the
@@ -108,6 +110,7 @@ class JobRun:
         self.sessions = factory
         self.sync = sync  # None: the artifact directory is the store (local); else uploads to S3
         self.directory = directory  # the job's files, counted for the team's storage quota
+        self.tracker = tracker or Tracker()  # the job's MLflow run, when the operator set one up
         self.lost = threading.Event()
         # The job's wall-clock limit: the engine is stopped at its next should_stop after it.
         self.deadline = time.monotonic() + seconds_left
@@ -230,6 +233,7 @@ class JobRun:
         self._last_call = time.monotonic()
         counters.TRAINING_STEPS.inc()
         counters.TRAINED_TOKENS.inc(values.get("trained_tokens", 0))
+        self.tracker.metrics(step, values)
 
         def write(s: Session) -> int | None:
             if not jobs.holds(s, self.job_id, self.owner):

@@ -24,6 +24,7 @@ import socket
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
 
@@ -44,6 +45,7 @@ from workers.celery_app import JOB_TASK, REAP_TASK, WEBHOOK_TASK, celery
 from workers.engine.hooks import Stopped
 from workers.job_run import JobRun, end_run, transaction, transient_db_error
 from workers.redact import server_paths
+from workers.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -195,8 +197,10 @@ def run_job_by_id(
     `on_abandon` runs after a stuck engine's job was ended by its heartbeat (see `JobRun`).
     Every log line of the run names the job and the attempt (service/logs.py)."""
     started = time.monotonic()
+    record = _Record()
     with logs.bind(job_id=str(job_id)):
-        outcome = _run_job(job_id, settings, factory, on_abandon)
+        outcome = _run_job(job_id, settings, factory, on_abandon, record)
+        record.tracker.finish(outcome, record.out, record.checkpoint)
     if outcome != "not claimed":
         counters.JOB_RUNS.labels(outcome.partition(":")[0]).inc()
         counters.JOB_DURATION.observe(time.monotonic() - started)
@@ -204,11 +208,21 @@ def run_job_by_id(
     return outcome
 
 
+@dataclass
+class _Record:
+    """What a run leaves for its experiment tracking (workers/tracking.py) to log once it ends."""
+
+    tracker: Tracker = field(default_factory=Tracker)
+    out: Path = Path()
+    checkpoint: Path | None = None
+
+
 def _run_job(
     job_id: str | uuid.UUID,
     settings: Settings,
     factory: sessionmaker[Session],
     on_abandon: Callable[[], None] | None,
+    record: _Record,
 ) -> str:
     import torch
 
@@ -240,8 +254,17 @@ def _run_job(
     out = job_dir(settings, job)
     store = remote_store(settings)
     sync = ScratchSync(store, settings.artifact_dir, job_key(job)) if store is not None else None
+    record.out, record.tracker = out, Tracker.start(settings, job)
     run = JobRun(
-        jid, owner, settings, factory, sync, directory=out, seconds_left=seconds_left, on_abandon=on_abandon
+        jid,
+        owner,
+        settings,
+        factory,
+        sync,
+        directory=out,
+        seconds_left=seconds_left,
+        on_abandon=on_abandon,
+        tracker=record.tracker,
     )
     with run:
         try:
@@ -254,6 +277,7 @@ def _run_job(
             # an adapter names, is only seen when the files are read. A parent checkpoint is ours.
             roots = [*settings.model_roots, *([Path(config.model)] if job.parent_job_id else [])]
             result = run_job(config, run.hooks(), allowed_roots=roots)
+            record.checkpoint = result.final_checkpoint
             if sync is not None:
                 sync.sync()  # before `succeeded`: a succeeded job's artifacts are all readable
         except Stopped:
