@@ -11,6 +11,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from gatt.dialogues import CorpusLimits
 from service.model_catalog import check_roots, parse_roots
+from service.secrets import check_key as check_secret_key
 
 _CORPUS_DEFAULTS = CorpusLimits()
 MiB = 1024 * 1024
@@ -221,6 +222,18 @@ class Settings(BaseSettings):
         description="Requests an API key may make at once before the per-second rate applies.",
     )
 
+    @field_validator("secret_keys", mode="before")
+    @classmethod
+    def _keys_as_written(cls, value: Any) -> list[str]:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return list(value or [])
+
+    @field_validator("secret_keys")
+    @classmethod
+    def _keys_are_fernet_keys(cls, value: list[str]) -> list[str]:
+        return [check_secret_key(key) for key in value]
+
     @field_validator("model_roots", mode="before")
     @classmethod
     def _roots_as_written(cls, value: Any) -> list[Path]:
@@ -251,6 +264,12 @@ class Settings(BaseSettings):
         description="A worker serves its Prometheus metrics on this port (`/metrics`); 0: not served.",
     )
 
+    secret_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list,
+        repr=False,
+        description="Fernet keys, comma-separated, that seal webhook signing secrets at rest (the first "
+        "seals, all open: put a new key first to rotate). Unset: secrets are stored as they are.",
+    )
     mlflow_tracking_uri: str | None = Field(
         default=None,
         description="Log each job as an MLflow run (params, step metrics, evaluation, final checkpoint) to "

@@ -43,6 +43,7 @@ from standardwebhooks import Webhook
 
 from service.db import session_scope
 from service.repositories import webhooks as repository
+from service.secrets import secret_box
 from service.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -207,12 +208,18 @@ def deliver(factory: sessionmaker[Session], settings: Settings, delivery_id: uui
             return None  # delivered, failed for good, not due yet, or its endpoint deleted
         delivery, endpoint = claimed
         attempt, event_id, payload = delivery.attempts, delivery.event_id, delivery.payload
-        url, secret = endpoint.url, endpoint.secret
+        box = secret_box(tuple(settings.secret_keys))
+        url, secret = endpoint.url, box.open(endpoint.secret)
         now = datetime.now(UTC)
-        previous = endpoint.previous_secret
+        previous = box.open(endpoint.previous_secret) if endpoint.previous_secret else None
         expires = endpoint.previous_secret_expires_at
         if previous and (expires is None or expires < now):
             previous = None
+        # Keys set since it was stored, or a new first key: sealed (again) now, with the first key.
+        if box.needs_sealing(endpoint.secret):
+            endpoint.secret = box.seal(secret)
+        if endpoint.previous_secret and box.needs_sealing(endpoint.previous_secret) and previous:
+            endpoint.previous_secret = box.seal(previous)
     body = json.dumps(payload, separators=(",", ":"))
     try:
         target = check_url(url, settings.webhook_allow_hosts)  # again: DNS may say otherwise now

@@ -49,8 +49,8 @@ def create_webhook(
     not shown again (rotate it to get a new one). Each message is delivered at least once: retried
     with exponential backoff on a non-2xx answer, a redirect or a timeout; `webhook-id` is the event
     id, the same on every attempt, to de-duplicate on."""
-    row = service.create(session, team, body.url, [t.value for t in body.event_types], settings)
-    return WebhookWithSecret.from_row(row)
+    row, secret = service.create(session, team, body.url, [t.value for t in body.event_types], settings)
+    return WebhookWithSecret.of(row, secret)
 
 
 @router.get("", response_model=WebhookList, summary="List webhook endpoints", responses=AUTH_RESPONSES)
@@ -84,10 +84,12 @@ def delete_webhook(session: SessionDep, team: CurrentTeam, webhook_id: WebhookId
     summary="Rotate a webhook endpoint's secret",
     responses=ERROR_RESPONSES,
 )
-def rotate_webhook_secret(session: SessionDep, team: CurrentTeam, webhook_id: WebhookId) -> WebhookWithSecret:
+def rotate_webhook_secret(
+    session: SessionDep, team: CurrentTeam, settings: SettingsDep, webhook_id: WebhookId
+) -> WebhookWithSecret:
     """A new signing secret, shown once. For 24 hours messages carry two signatures, one with the new
     secret and one with the old, so a receiver can switch over without rejecting any."""
-    return WebhookWithSecret.from_row(service.rotate_secret(session, team, webhook_id))
+    return WebhookWithSecret.of(*service.rotate_secret(session, team, webhook_id, settings))
 
 
 @router.get(

@@ -60,8 +60,8 @@ class WebhookWithSecret(Webhook):
     )
 
     @classmethod
-    def from_row(cls, row: WebhookEndpoint) -> WebhookWithSecret:
-        return cls(**Webhook.from_row(row).model_dump(), secret=row.secret)
+    def of(cls, row: WebhookEndpoint, secret: str) -> WebhookWithSecret:
+        return cls(**Webhook.from_row(row).model_dump(), secret=secret)
 
 
 class WebhookList(Page[Webhook]):

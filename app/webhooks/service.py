@@ -11,6 +11,7 @@ from service import webhooks as delivery
 from service.models import Team, WebhookDelivery, WebhookEndpoint
 from service.pagination import PageParams, PageResult
 from service.repositories import webhooks as repository
+from service.secrets import secret_box
 from service.settings import Settings
 
 # After a rotation the old secret signs too for this long, so receivers can switch without a gap.
@@ -19,9 +20,10 @@ OLD_SECRET_GRACE = timedelta(hours=24)
 
 def create(
     session: Session, team: Team, url: str, event_types: list[str], settings: Settings
-) -> WebhookEndpoint:
+) -> tuple[WebhookEndpoint, str]:
     """Check the URL (SSRF rules, service/webhooks.py) and the team's quota, then store the endpoint
-    with a new secret. Nothing is stored when either fails."""
+    with a new secret (sealed, with GATT_SECRET_KEYS); the row and the secret, shown once. Nothing is
+    stored when either check fails."""
     try:
         delivery.check_url(url, settings.webhook_allow_hosts)
     except delivery.UrlRefused as e:
@@ -30,7 +32,9 @@ def create(
         ) from e
     quotas.check_webhook(session, team, settings)
     unique = list(dict.fromkeys(event_types))
-    return repository.add(session, team.id, url, unique, delivery.new_secret())
+    secret = delivery.new_secret()
+    box = secret_box(tuple(settings.secret_keys))
+    return repository.add(session, team.id, url, unique, box.seal(secret)), secret
 
 
 def get(session: Session, team: Team, id: uuid.UUID, *, for_update: bool = False) -> WebhookEndpoint:
@@ -48,10 +52,14 @@ def delete(session: Session, team: Team, id: uuid.UUID) -> None:
     repository.remove(session, get(session, team, id, for_update=True))
 
 
-def rotate_secret(session: Session, team: Team, id: uuid.UUID) -> WebhookEndpoint:
+def rotate_secret(
+    session: Session, team: Team, id: uuid.UUID, settings: Settings
+) -> tuple[WebhookEndpoint, str]:
     row = get(session, team, id, for_update=True)
-    repository.rotate(session, row, delivery.new_secret(), datetime.now(UTC) + OLD_SECRET_GRACE)
-    return row
+    secret = delivery.new_secret()
+    sealed = secret_box(tuple(settings.secret_keys)).seal(secret)
+    repository.rotate(session, row, sealed, datetime.now(UTC) + OLD_SECRET_GRACE)
+    return row, secret
 
 
 def deliveries(

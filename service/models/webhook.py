@@ -40,11 +40,12 @@ class WebhookEndpoint(UUIDPrimaryKey, Timestamps, Base):
     url: Mapped[str] = mapped_column(String(MAX_URL_CHARS))
     # WebhookEvent values.
     event_types: Mapped[list[Any]]
-    # `whsec_<base64>`. Kept in clear: signing needs it (HMAC), unlike an API key's hash.
-    secret: Mapped[str] = mapped_column(String(128))
+    # `whsec_<base64>`, sealed as `fernet:<token>` when the operator set GATT_SECRET_KEYS
+    # (service/secrets.py): signing needs the secret itself (HMAC), unlike an API key's hash.
+    secret: Mapped[str] = mapped_column(String(512))
     # After a rotation the old secret also signs, until previous_secret_expires_at, so a receiver
     # can switch over without dropping messages (Standard Webhooks: several signatures per header).
-    previous_secret: Mapped[str | None] = mapped_column(String(128))
+    previous_secret: Mapped[str | None] = mapped_column(String(512))
     previous_secret_expires_at: Mapped[datetime | None]
     # Deliveries that failed for good since the last one delivered; at GATT_WEBHOOK_DISABLE_AFTER the
     # endpoint is disabled: nothing more is recorded for it until the team enables it again.

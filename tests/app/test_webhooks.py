@@ -20,6 +20,7 @@ from service import webhooks
 from service.db import session_scope
 from service.models import JobStatus, WebhookDelivery
 from service.repositories import jobs
+from service.secrets import secret_box
 from service.settings import Settings
 from tests.app.factories import Tenant, dialogue, jsonl, make_job, make_tenant
 
@@ -315,3 +316,35 @@ def test_an_endpoint_that_keeps_failing_is_disabled_then_enabled_and_a_delivery_
     assert len(_deliveries(client, me, hook["id"])) == 3
     missing = client.post(f"/v1/webhooks/{other['id']}/deliveries/{log[0]['id']}/resend", headers=me.headers)
     assert missing.status_code == 404
+
+
+def test_secrets_are_sealed_at_rest_with_the_operators_keys(database_url, receiver):
+    from cryptography.fernet import Fernet
+
+    from service.models import WebhookEndpoint
+
+    old_key, new_key = Fernet.generate_key().decode(), Fernet.generate_key().decode()
+    settings = Settings(database_url=database_url, webhook_allow_hosts=LOCAL, secret_keys=[old_key])
+    with TestClient(create_app(settings, enqueue=lambda _: None)) as client:
+        factory = client.app.state.sessionmaker
+        me = make_tenant(factory)
+        made = _create(client, me, receiver, ["job.succeeded"]).json()
+        with session_scope(factory) as s:
+            stored = s.get(WebhookEndpoint, uuid.UUID(made["id"])).secret
+        assert stored.startswith("fernet:") and made["secret"] not in stored
+        assert Fernet(old_key).decrypt(stored.removeprefix("fernet:").encode()).decode() == made["secret"]
+
+        # The operator puts a new key first; the old one still opens what it sealed.
+        rotated_keys = settings.model_copy(update={"secret_keys": [new_key, old_key]})
+        _ended_job(client, me, JobStatus.SUCCEEDED)
+        (entry,) = client.get(f"/v1/webhooks/{made['id']}/deliveries", headers=me.headers).json()["data"]
+        assert webhooks.deliver(factory, rotated_keys, uuid.UUID(entry["id"])) is None
+        ((headers, body),) = Receiver.received
+        assert Webhook(made["secret"]).verify(body, headers)["type"] == "job.succeeded"
+        with session_scope(factory) as s:  # sealed again with the new first key at that delivery
+            resealed = s.get(WebhookEndpoint, uuid.UUID(made["id"])).secret
+        assert Fernet(new_key).decrypt(resealed.removeprefix("fernet:").encode()).decode() == made["secret"]
+
+        # A process without the key cannot sign, and says why instead of sending a wrong signature.
+        with pytest.raises(ValueError, match="GATT_SECRET_KEYS"):
+            secret_box(()).open(resealed)
