@@ -319,7 +319,11 @@ def test_the_cli_runs_a_job_and_downloads_its_checkpoint(stack):
 
 
 def test_cancel_stops_a_training_job_within_one_step(stack):
-    url, app, _ = stack
+    """Also what operators see of it: the running job in the API's /metrics, the worker's own
+    metrics, and the worker's JSON log lines found by the job's id."""
+    import httpx
+
+    url, app, tmp = stack
     client = Client(url, make_tenant(app.state.sessionmaker).key)
     config = {
         "data": {"max_turns": 1},
@@ -332,12 +336,28 @@ def test_cancel_stops_a_training_job_within_one_step(stack):
     while (client.jobs.get(job.id).latest_metrics or {}).get("step", 0) < 1:
         assert time.monotonic() < deadline, "no training step in 900 s"
         time.sleep(1)
+    scraped = httpx.get(f"{url}/metrics", timeout=30).text
+    queue = app.state.settings.job_queue
+    assert _metric(scraped, "gatt_jobs", queue=queue, status="running", stage="train") == 1
     assert client.jobs.cancel(job.id).cancel_requested
     # Steps recorded once the cancel is stored: the step in flight may still finish, no other may start.
     steps_at_cancel = max(m.step for m in client.jobs.metrics(job.id))
     assert client.jobs.wait(job.id, timeout=120, interval=1).status.value == "cancelled"
     steps = [m.step for m in client.jobs.metrics(job.id)]
     assert max(steps) <= steps_at_cancel + 1  # the step in flight may finish; no further one starts
+
+    worker = httpx.get(app.state.worker_metrics_url, timeout=30).text
+    assert _metric(worker, "gatt_worker_sampled_tokens_total") > 0
+    assert _metric(worker, "gatt_worker_trained_tokens_total") > 0
+    assert _metric(worker, "gatt_worker_job_runs_total", outcome="cancelled") >= 1
+    assert _metric(worker, "gatt_worker_stage_duration_seconds_count", stage="sample") >= 1
+    assert _metric(worker, "gatt_worker_last_heartbeat_timestamp_seconds") > time.time() - 3600
+    lines = [
+        json.loads(line) for line in (tmp / "worker.log").read_text().splitlines() if line.startswith("{")
+    ]
+    mine = [line for line in lines if line.get("job_id") == str(job.id)]
+    assert any("torch uses" in line["message"] for line in mine), lines[-5:]
+    assert {line["attempt"] for line in mine} == {"1"} and all("timestamp" in line for line in mine)
     kinds = [e.kind for e in client.jobs.events(job.id)]
     assert "cancel_requested" in kinds and kinds[-1] == "cancelled"
 
@@ -448,40 +468,3 @@ def _metric(text: str, name: str, **labels: str) -> float:
         for s in family.samples
         if s.name == name and labels.items() <= s.labels.items()
     )
-
-
-def test_operators_see_a_running_job_in_metrics_and_its_worker_log_lines_by_job_id(stack):
-    import httpx
-
-    url, app, tmp = stack
-    client = Client(url, make_tenant(app.state.sessionmaker).key)
-    queue = app.state.settings.job_queue
-    config = {
-        "data": {"max_turns": 1},
-        "sampling": {"k": 2, "max_new_tokens": 16, "batch_prompts": 2},
-        "reward": {"min_reward": 0.0},
-        "training": {"max_steps": 500, "micro_batch_size": 1},
-    }
-    job = client.jobs.create(_corpus(client, 2), config=config)
-    deadline = time.monotonic() + 900
-    while (client.jobs.get(job.id).latest_metrics or {}).get("step", 0) < 1:
-        assert time.monotonic() < deadline, "no training step in 900 s"
-        time.sleep(1)
-    scraped = httpx.get(f"{url}/metrics", timeout=30).text
-    assert _metric(scraped, "gatt_jobs", queue=queue, status="running", stage="train") == 1
-    client.jobs.cancel(job.id)
-    assert client.jobs.wait(job.id, timeout=120, interval=1).status.value == "cancelled"
-
-    worker = httpx.get(app.state.worker_metrics_url, timeout=30).text
-    assert _metric(worker, "gatt_worker_sampled_tokens_total") > 0
-    assert _metric(worker, "gatt_worker_trained_tokens_total") > 0
-    assert _metric(worker, "gatt_worker_job_runs_total", outcome="cancelled") >= 1
-    assert _metric(worker, "gatt_worker_stage_duration_seconds_count", stage="sample") >= 1
-    assert _metric(worker, "gatt_worker_last_heartbeat_timestamp_seconds") > time.time() - 3600
-
-    lines = [
-        json.loads(line) for line in (tmp / "worker.log").read_text().splitlines() if line.startswith("{")
-    ]
-    mine = [line for line in lines if line.get("job_id") == str(job.id)]
-    assert any("torch uses" in line["message"] for line in mine), lines[-5:]
-    assert {line["attempt"] for line in mine} == {"1"} and all("timestamp" in line for line in mine)
