@@ -276,6 +276,11 @@ class Settings(BaseSettings):
         "this tracking server or store (`http://mlflow:5000`, `sqlite:////var/lib/gatt/mlflow.db`); "
         "unset: no tracking (workers/tracking.py).",
     )
+    mlflow_artifact_location: str | None = Field(
+        default=None,
+        description="Where new experiments keep run artifacts (a directory or URI). Unset: the tracking "
+        "server's own artifact root; with a local `sqlite:` store, set it, or MLflow uses ./mlruns.",
+    )
     mlflow_experiment: str = Field(
         default="gatt",
         max_length=200,

@@ -72,7 +72,12 @@ class Tracker:
         client = MlflowClient(tracking_uri=settings.mlflow_tracking_uri)
         name = f"{settings.mlflow_experiment}/{job.team_id}"
         experiment = client.get_experiment_by_name(name)
-        experiment_id = experiment.experiment_id if experiment else client.create_experiment(name)
+        if experiment is not None:
+            experiment_id = experiment.experiment_id
+        else:  # a tracking server keeps artifacts where it is set to; a local store, where we say
+            experiment_id = client.create_experiment(
+                name, artifact_location=settings.mlflow_artifact_location
+            )
         found = client.search_runs(
             [experiment_id], filter_string=f"tags.`{JOB_TAG}` = '{job.id}'", max_results=1
         )

@@ -73,6 +73,7 @@ def test_a_job_is_one_mlflow_run_across_its_attempts(database_url, tmp_path, mon
         rate_limit_per_s=0,
         job_queue=f"mlflow-{uuid.uuid4().hex[:8]}",
         mlflow_tracking_uri=uri,
+        mlflow_artifact_location=str(tmp_path / "mlartifacts"),
     )
     job_id, factory, tenant = _job(settings, "tracked")
     checkpoint = JobRun.checkpoint
@@ -103,6 +104,7 @@ def test_a_job_is_one_mlflow_run_across_its_attempts(database_url, tmp_path, mon
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "checkpoint")}
     assert {"checkpoint/adapter_model.safetensors", "checkpoint/manifest.json"} <= artifacts
     assert "checkpoint/optimizer.pt" not in artifacts
+    assert (tmp_path / "mlartifacts").is_dir() and not (ROOT / "mlruns").exists()
     evaluation = {a.path for a in client.list_artifacts(run.info.run_id, "evaluation")}
     assert {"evaluation/adherence_summary.json", "evaluation/adherence_table.md"} <= evaluation
 
