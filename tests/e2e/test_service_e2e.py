@@ -206,6 +206,11 @@ def test_job_runs_to_success_through_the_client_and_its_checkpoint_loads(stack, 
     assert "once" in evaluation.table and evaluation.attention["base"]
     assert client.jobs.attention_plot(job.id).startswith(b"\x89PNG")
     assert stages.count("evaluate") == 2  # before training (base) and after
+    losses = evaluation.validation_loss
+    assert (
+        losses["base"].loss > 0 and losses["gatt"].loss > 0 and losses["gatt"].tokens == losses["base"].tokens
+    )
+    assert "Validation loss" in evaluation.table
 
     listed = client.jobs.checkpoints(job.id)
     assert [c.step for c in listed] == [1, 2]

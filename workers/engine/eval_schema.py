@@ -262,6 +262,17 @@ class Comparison(_Part):
     """The paired cluster bootstrap: its method, and per outcome and condition its turns and pools."""
 
 
+class ValidationLoss(_Part):
+    """The held-out dialogues' own replies, predicted with no instruction (workers/engine/validation.py)."""
+
+    loss: float | None
+    """Mean negative log-likelihood per reply token (and end-of-turn token); null when none counted."""
+    tokens: int
+    """Tokens counted."""
+    dialogues: int
+    """Dialogues counted."""
+
+
 class JobEvaluation(_Part):
     """A job's evaluation: the model before and after training on the same held-out runs."""
 
@@ -275,5 +286,8 @@ class JobEvaluation(_Part):
     """How much of the held-out set the training data shares (user turns, instruction texts)."""
     table: str
     """The tables, as printed."""
+    validation_loss: dict[str, ValidationLoss | None] | None = None
+    """`base` and `gatt`: how well each model predicts the held-out dialogues' own replies; null for
+    jobs evaluated before it was measured."""
     attention: dict[str, Any] | None = None
     """The API's answer only: attention on the instruction by turn (`attention.json`), if measured."""

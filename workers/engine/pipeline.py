@@ -525,6 +525,7 @@ class Evaluation:
     def run(self, label: str, loaded: LoadedModel, hooks: Hooks) -> None:
         from workers.engine.attention import attention_report
         from workers.engine.evaluation import evaluate_adherence
+        from workers.engine.validation import validation_loss
 
         path = self.directory / f"{label}.json"
         if path.exists():
@@ -544,8 +545,9 @@ class Evaluation:
                 transcripts=adherence["transcripts"].get("once"),
                 hooks=hooks,
             )
+        validation = validation_loss(loaded, self.heldout, self.config.training.max_seq_len)
         hooks.fence()
-        _write_json(path, {"adherence": adherence, "attention": attention})
+        _write_json(path, {"adherence": adherence, "attention": attention, "validation": validation})
 
     def finish(self, hooks: Hooks) -> dict[str, Any]:
         from workers.engine.attention import plot_attention
@@ -559,7 +561,9 @@ class Evaluation:
             "gatt": gatt["adherence"],
             "compare": compare(base["adherence"], gatt["adherence"]),
             "overlap": self.overlap,
-            "table": format_table(base["adherence"], gatt["adherence"]),
+            "table": format_table(base["adherence"], gatt["adherence"]) + _loss_line(base, gatt),
+            # Files of a job evaluated before validation loss existed have none.
+            "validation_loss": {"base": base.get("validation"), "gatt": gatt.get("validation")},
         }
         _write_json(self.directory / "adherence.json", report)
         # The same without the transcripts (every reply of every run), which make it large: what the
@@ -577,6 +581,16 @@ class Evaluation:
 
 
 SUMMARY = "adherence_summary.json"
+
+
+def _loss_line(base: dict[str, Any], gatt: dict[str, Any]) -> str:
+    before, after = (report.get("validation") or {} for report in (base, gatt))
+    if before.get("loss") is None or after.get("loss") is None:
+        return ""
+    return (
+        f"\n\nValidation loss (the held-out dialogues' own replies, no instruction; "
+        f"{after['tokens']} tokens): before {before['loss']:.4f}, after {after['loss']:.4f}\n"
+    )
 
 
 def _without_transcripts(model_report: dict[str, Any]) -> dict[str, Any]:

@@ -2051,6 +2051,27 @@ class UsefulRate(BaseModel):
     rate: Annotated[float | None, Field(description='hits / n.', title='Rate')]
 
 
+class ValidationLoss(BaseModel):
+    """
+    The held-out dialogues' own replies, predicted with no instruction (workers/engine/validation.py).
+    """
+
+    model_config = ConfigDict(
+        extra='forbid',
+    )
+    dialogues: Annotated[
+        int, Field(description='Dialogues counted.', title='Dialogues')
+    ]
+    loss: Annotated[
+        float | None,
+        Field(
+            description='Mean negative log-likelihood per reply token (and end-of-turn token); null when none counted.',
+            title='Loss',
+        ),
+    ]
+    tokens: Annotated[int, Field(description='Tokens counted.', title='Tokens')]
+
+
 Family = TypeAliasType(
     "Family", Annotated[str, Field(max_length=64, min_length=1, pattern='\\S')]
 )
@@ -3414,3 +3435,10 @@ class JobEvaluation(BaseModel):
         ),
     ]
     table: Annotated[str, Field(description='The tables, as printed.', title='Table')]
+    validation_loss: Annotated[
+        dict[str, ValidationLoss | None] | None,
+        Field(
+            description="`base` and `gatt`: how well each model predicts the held-out dialogues' own replies; null for\njobs evaluated before it was measured.",
+            title='Validation Loss',
+        ),
+    ] = None
