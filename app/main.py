@@ -53,7 +53,9 @@ Each team may have `GATT_TEAM_MAX_ACTIVE_JOBS` queued and running jobs (429 `quo
 that) and store up to its corpus and instruction-set quotas (422 `quota_exceeded`). Queued jobs start
 in a fair order across teams; each shows its `queue_position`.
 
-Lists are newest first and paginated with `limit` and `after` (the `next_after` of the previous page).
+Every list pages with `limit` and `after` (the `next_after` of the previous page) and says `has_more`:
+resources newest first; a job's events and metrics oldest first, where `next_after` is also where to
+poll from for new ones.
 """
 
 

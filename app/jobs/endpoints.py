@@ -41,6 +41,27 @@ MAX_INT = 2**31 - 1
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
+# Every list pages the same way: `limit`, and `after` set to the `next_after` of the page before.
+# Here the cursor is a position (an event's seq, a step, a row index); the older names of it
+# (`after_seq`, `after_step`, `offset`) are still taken.
+After = Annotated[
+    str | None,
+    Query(
+        max_length=10,
+        pattern=r"^[0-9]+$",
+        description="The `next_after` of the previous page; absent: from the start.",
+    ),
+]
+
+
+def _position(after: str | None, older: int, param: str = "after") -> int:
+    if after is None:
+        return older
+    if int(after) > MAX_INT:
+        raise Unprocessable("The cursor is past any position.", code="invalid_cursor", param=param)
+    return int(after)
+
+
 JobId = Annotated[UUID, Path(description="The job's id.")]
 
 
@@ -232,15 +253,22 @@ def list_events(
     session: SessionDep,
     team: CurrentTeam,
     job_id: JobId,
+    after: After = None,
     after_seq: Annotated[
-        int, Query(ge=0, le=MAX_INT, description="Only events after this sequence number.")
+        int, Query(ge=0, le=MAX_INT, description="The same as `after` (an event's `seq`); older name.")
     ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000, description="At most this many events.")] = 100,
 ) -> EventList:
-    """The append-only log: stage changes, warnings, errors, checkpoints written. Poll with `after_seq`."""
-    rows = service.events(session, team, job_id, after_seq, limit)
+    """The append-only log: stage changes, warnings, errors, checkpoints written. The log grows while
+    the job runs: `next_after` is where to poll from next, also when `has_more` is false."""
+    start = _position(after, after_seq)
+    rows = service.events(session, team, job_id, start, limit + 1)
+    last = rows[:limit][-1].seq if rows else start
     return EventList(
-        data=[Event.model_validate(r) for r in rows], next_after_seq=rows[-1].seq if rows else after_seq
+        data=[Event.model_validate(r) for r in rows[:limit]],
+        has_more=len(rows) > limit,
+        next_after=str(last),
+        next_after_seq=last,
     )
 
 
@@ -304,14 +332,22 @@ def list_metrics(
     session: SessionDep,
     team: CurrentTeam,
     job_id: JobId,
-    after_step: Annotated[int, Query(ge=0, le=MAX_INT, description="Only steps after this one.")] = 0,
+    after: After = None,
+    after_step: Annotated[
+        int, Query(ge=0, le=MAX_INT, description="The same as `after` (a step); older name.")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=10000, description="At most this many steps.")] = 1000,
 ) -> MetricList:
-    """One row per optimiser step."""
-    rows = service.metrics(session, team, job_id, after_step, limit)
+    """One row per optimiser step. Steps come while the job trains: `next_after` is where to poll
+    from next, also when `has_more` is false."""
+    start = _position(after, after_step)
+    rows = service.metrics(session, team, job_id, start, limit + 1)
+    last = rows[:limit][-1].step if rows else start
     return MetricList(
-        data=[Metric(step=r.step, values=r.values, created_at=r.created_at) for r in rows],
-        next_after_step=rows[-1].step if rows else after_step,
+        data=[Metric(step=r.step, values=r.values, created_at=r.created_at) for r in rows[:limit]],
+        has_more=len(rows) > limit,
+        next_after=str(last),
+        next_after_step=last,
     )
 
 
@@ -322,7 +358,9 @@ def _rows(session, settings, team, job_id, name: str, offset: int, limit: int) -
     return Response(service.artifact_page(settings, job, name, offset, limit), media_type="application/json")
 
 
-Offset = Annotated[int, Query(ge=0, le=MAX_INT, description="Index of the first row.")]
+Offset = Annotated[
+    int, Query(ge=0, le=MAX_INT, description="The same as `after` (the index of the first row); older name.")
+]
 Limit = Annotated[int, Query(ge=1, le=500, description="At most this many rows.")]
 
 
@@ -337,12 +375,13 @@ def list_samples(
     team: CurrentTeam,
     settings: SettingsDep,
     job_id: JobId,
+    after: After = None,
     offset: Offset = 0,
     limit: Limit = 50,
 ) -> Response:
     """One row per sampled dialogue: its instruction, and per turn every candidate with its reward
     and reason, the chosen index (null when the turn was dropped) and statistics."""
-    return _rows(session, settings, team, job_id, "samples.jsonl", offset, limit)
+    return _rows(session, settings, team, job_id, "samples.jsonl", _position(after, offset), limit)
 
 
 @router.get(
@@ -356,12 +395,13 @@ def list_training_set(
     team: CurrentTeam,
     settings: SettingsDep,
     job_id: JobId,
+    after: After = None,
     offset: Offset = 0,
     limit: Limit = 50,
 ) -> Response:
     """The training dialogues (instruction in the first turn only), which messages train, and the
     trained spans decoded from tokens: each sampled reply plus its end-of-turn token."""
-    return _rows(session, settings, team, job_id, "training_set.jsonl", offset, limit)
+    return _rows(session, settings, team, job_id, "training_set.jsonl", _position(after, offset), limit)
 
 
 @router.get(

@@ -202,8 +202,10 @@ class Event(BaseModel):
 
 
 class EventList(BaseModel):
-    data: list[Event] = Field(description="Events after `after_seq`, oldest first.")
-    next_after_seq: int = Field(description="Pass as `after_seq` to poll for newer events.")
+    data: list[Event] = Field(description="Events after the cursor, oldest first.")
+    has_more: bool = Field(description="Whether more events were already written after this page.")
+    next_after: str = Field(description="Pass as `after` for the next page, or later to poll for new events.")
+    next_after_seq: int = Field(description="`next_after` as a number (for `after_seq`, the older name).")
 
 
 class Metric(BaseModel):
@@ -215,8 +217,10 @@ class Metric(BaseModel):
 
 
 class MetricList(BaseModel):
-    data: list[Metric] = Field(description="Steps after `after_step`, in order.")
-    next_after_step: int = Field(description="Pass as `after_step` to poll for newer steps.")
+    data: list[Metric] = Field(description="Steps after the cursor, in order.")
+    has_more: bool = Field(description="Whether more steps were already recorded after this page.")
+    next_after: str = Field(description="Pass as `after` for the next page, or later to poll for new steps.")
+    next_after_step: int = Field(description="`next_after` as a number (for `after_step`, the older name).")
 
 
 class CheckpointOut(BaseModel):
@@ -231,13 +235,20 @@ class CheckpointOut(BaseModel):
 
 
 class CheckpointList(BaseModel):
-    data: list[CheckpointOut] = Field(description="The job's checkpoints, oldest first.")
+    data: list[CheckpointOut] = Field(
+        description="The job's checkpoints, oldest first: all of them (a job keeps `training.keep_checkpoints`)."
+    )
+    has_more: bool = Field(default=False, description="Always false: one page holds them all.")
+    next_after: str | None = Field(default=None, description="Always null: one page holds them all.")
 
 
 class ArtifactRows(BaseModel):
     data: list[dict[str, Any]] = Field(description="Rows of the artifact, in order.")
     offset: int = Field(description="Index of the first row returned.")
-    has_more: bool = Field(description="Whether rows follow; pass offset + len(data) to continue.")
+    has_more: bool = Field(description="Whether rows follow.")
+    next_after: str | None = Field(
+        description="Pass as `after` for the next page; null when `has_more` is false."
+    )
 
 
 # Rows are served as the job wrote them (workers/engine/records.py has their schema).

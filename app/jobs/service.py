@@ -369,7 +369,7 @@ MAX_PAGE_BYTES = 8 * 1024 * 1024
 
 def artifact_page(settings: Settings, job: Job, name: str, offset: int, limit: int) -> bytes:
     """Rows `offset`.. of one of the job's JSONL artifacts (samples, training set) as the JSON of a
-    page, `{"data": [...], "offset": ..., "has_more": ...}`, built from the stored lines without
+    page, `{"data": [...], "offset": ..., "has_more": ..., "next_after": ...}`, built from the stored lines without
     parsing them: a page costs its own bytes in memory, not a Python object per value."""
     rows: list[bytes] = []
     size = 0
@@ -392,7 +392,8 @@ def artifact_page(settings: Settings, job: Job, name: str, offset: int, limit: i
         pass  # not written yet: no rows
     finally:
         lines.close()
-    tail = json.dumps({"offset": offset, "has_more": has_more})[1:]
+    following = str(offset + len(rows)) if has_more else None
+    tail = json.dumps({"offset": offset, "has_more": has_more, "next_after": following})[1:]
     return b'{"data": [' + b", ".join(rows) + b"], " + tail.encode()
 
 

@@ -236,7 +236,8 @@ def test_checkpoint_archive_unknown_step(client, tenant, corpus_id):
     job = create(client, tenant, {"corpus_id": corpus_id}).json()
     r = client.get(f"{URL}/{job['id']}/checkpoints/5/archive", headers=tenant.headers)
     assert r.status_code == 404 and r.json()["error"]["param"] == "step"
-    assert client.get(f"{URL}/{job['id']}/checkpoints", headers=tenant.headers).json() == {"data": []}
+    listed = client.get(f"{URL}/{job['id']}/checkpoints", headers=tenant.headers).json()
+    assert listed == {"data": [], "has_more": False, "next_after": None}
     assert client.get(f"{URL}/{job['id']}/samples", headers=tenant.headers).json()["data"] == []
 
 
@@ -354,6 +355,48 @@ def test_row_pages_stop_at_a_byte_cap_and_serve_rows_as_stored(client, tenant, c
     )
     assert [row["index"] for row in page(3, limit=1)["data"]] == [3] and page(3, limit=1)["has_more"] is True
     assert page(5)["data"] == [] and page(5)["has_more"] is False
+    # The cursor every list takes: `after` is the `next_after` of the page before.
+    seen, after = [], None
+    while True:
+        query = {"limit": 2, **({"after": after} if after else {})}
+        got = client.get(f"{URL}/{job_id}/samples", params=query, headers=tenant.headers).json()
+        seen += [row["index"] for row in got["data"]]
+        if not got["has_more"]:
+            assert got["next_after"] is None
+            break
+        after = got["next_after"]
+    assert seen == [0, 1, 2, 3, 4]
+
+
+def test_events_and_metrics_page_with_the_same_cursor_and_poll_from_it(client, tenant, corpus_id, db):
+    job_id = create(client, tenant, {"corpus_id": corpus_id}).json()["id"]
+    with db() as s:
+        for i in range(2):
+            repository.add_event(s, uuid.UUID(job_id), "info", "probe", f"event {i}", None)
+        for step in (1, 2, 3):
+            repository.upsert_metric(s, uuid.UUID(job_id), step, {"loss": 1.0 / step})
+        s.commit()
+
+    def get(what: str, **query) -> dict:
+        r = client.get(f"{URL}/{job_id}/{what}", params=query, headers=tenant.headers)
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    first = get("events", limit=2)
+    assert [e["seq"] for e in first["data"]] == [1, 2] and first["has_more"] and first["next_after"] == "2"
+    rest = get("events", limit=2, after=first["next_after"])
+    assert [e["seq"] for e in rest["data"]] == [3] and not rest["has_more"] and rest["next_after"] == "3"
+    assert get("events", after="3") == {"data": [], "has_more": False, "next_after": "3", "next_after_seq": 3}
+    assert [e["seq"] for e in get("events", after_seq=2)["data"]] == [3]  # the older name still works
+    metrics = get("metrics", limit=2, after="1")
+    assert [m["step"] for m in metrics["data"]] == [2, 3] and not metrics["has_more"]
+    assert metrics["next_after"] == "3" and metrics["next_after_step"] == 3
+    bad = client.get(f"{URL}/{job_id}/events", params={"after": "9999999999"}, headers=tenant.headers)
+    assert bad.status_code == 422 and bad.json()["error"]["code"] == "invalid_cursor"
+    assert (
+        client.get(f"{URL}/{job_id}/events", params={"after": "-1"}, headers=tenant.headers).status_code
+        == 422
+    )
 
 
 def test_the_evaluation_is_served_from_its_summary_without_transcripts(

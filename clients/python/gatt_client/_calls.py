@@ -194,8 +194,8 @@ def delete_job(job_id: Id) -> Call[None]:
 
 
 @operation
-def list_events(job_id: Id, after_seq: int = 0, limit: int | None = None) -> Call[m.EventList]:
-    params = _params(after_seq=after_seq, limit=limit)
+def list_events(job_id: Id, after: str | None = None, limit: int | None = None) -> Call[m.EventList]:
+    params = _params(after=after, limit=limit)
     return Call("GET", f"/v1/jobs/{job_id}/events", _model(m.EventList), params)
 
 
@@ -207,20 +207,20 @@ def stream_events(job_id: Id, last_event_id: str | None = None) -> Call[None]:
 
 
 @operation
-def list_metrics(job_id: Id, after_step: int = 0, limit: int | None = None) -> Call[m.MetricList]:
-    params = _params(after_step=after_step, limit=limit)
+def list_metrics(job_id: Id, after: str | None = None, limit: int | None = None) -> Call[m.MetricList]:
+    params = _params(after=after, limit=limit)
     return Call("GET", f"/v1/jobs/{job_id}/metrics", _model(m.MetricList), params)
 
 
 @operation
-def list_samples(job_id: Id, offset: int = 0, limit: int | None = None) -> Call[m.SampleRows]:
-    params = _params(offset=offset, limit=limit)
+def list_samples(job_id: Id, after: str | None = None, limit: int | None = None) -> Call[m.SampleRows]:
+    params = _params(after=after, limit=limit)
     return Call("GET", f"/v1/jobs/{job_id}/samples", _model(m.SampleRows), params)
 
 
 @operation
-def list_training_set(job_id: Id, offset: int = 0, limit: int | None = None) -> Call[m.TrainingRows]:
-    params = _params(offset=offset, limit=limit)
+def list_training_set(job_id: Id, after: str | None = None, limit: int | None = None) -> Call[m.TrainingRows]:
+    params = _params(after=after, limit=limit)
     return Call("GET", f"/v1/jobs/{job_id}/training-set", _model(m.TrainingRows), params)
 
 

@@ -318,35 +318,16 @@ class Jobs:
                 raise StreamEnded(f"the stream of job {job_id} closed {failures} times without its end")
 
     def events(self, job_id: ops.Id, *, after_seq: int = 0) -> Iterator[m.Event]:
-        while True:
-            page = self._c.request(ops.list_events(job_id, after_seq))
-            yield from page.data
-            if not page.data:
-                return
-            after_seq = page.next_after_seq
+        return self._c._pages(lambda after: ops.list_events(job_id, after or str(after_seq)))
 
     def metrics(self, job_id: ops.Id, *, after_step: int = 0) -> Iterator[m.Metric]:
-        while True:
-            page = self._c.request(ops.list_metrics(job_id, after_step))
-            yield from page.data
-            if not page.data:
-                return
-            after_step = page.next_after_step
+        return self._c._pages(lambda after: ops.list_metrics(job_id, after or str(after_step)))
 
     def samples(self, job_id: ops.Id) -> Iterator[m.SampleRow]:
-        return self._rows(ops.list_samples, job_id)
+        return self._c._pages(lambda after: ops.list_samples(job_id, after))
 
     def training_set(self, job_id: ops.Id) -> Iterator[m.TrainingRow]:
-        return self._rows(ops.list_training_set, job_id)
-
-    def _rows(self, builder: Callable[..., ops.Call[Any]], job_id: ops.Id) -> Iterator[Any]:
-        offset = 0
-        while True:
-            page = self._c.request(builder(job_id, offset))
-            yield from page.data
-            offset += len(page.data)
-            if not page.has_more or not page.data:
-                return
+        return self._c._pages(lambda after: ops.list_training_set(job_id, after))
 
     def evaluation(self, job_id: ops.Id) -> m.JobEvaluation:
         return self._c.request(ops.get_evaluation(job_id))
@@ -657,23 +638,11 @@ class AsyncJobs:
             if failures > self._c.max_retries:
                 raise StreamEnded(f"the stream of job {job_id} closed {failures} times without its end")
 
-    async def events(self, job_id: ops.Id, *, after_seq: int = 0) -> AsyncIterator[m.Event]:
-        while True:
-            page = await self._c.request(ops.list_events(job_id, after_seq))
-            for event in page.data:
-                yield event
-            if not page.data:
-                return
-            after_seq = page.next_after_seq
+    def events(self, job_id: ops.Id, *, after_seq: int = 0) -> AsyncIterator[m.Event]:
+        return self._c._pages(lambda after: ops.list_events(job_id, after or str(after_seq)))
 
-    async def metrics(self, job_id: ops.Id, *, after_step: int = 0) -> AsyncIterator[m.Metric]:
-        while True:
-            page = await self._c.request(ops.list_metrics(job_id, after_step))
-            for metric in page.data:
-                yield metric
-            if not page.data:
-                return
-            after_step = page.next_after_step
+    def metrics(self, job_id: ops.Id, *, after_step: int = 0) -> AsyncIterator[m.Metric]:
+        return self._c._pages(lambda after: ops.list_metrics(job_id, after or str(after_step)))
 
     async def evaluation(self, job_id: ops.Id) -> m.JobEvaluation:
         return await self._c.request(ops.get_evaluation(job_id))

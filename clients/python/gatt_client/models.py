@@ -617,12 +617,26 @@ class Event(BaseModel):
 class EventList(BaseModel):
     data: Annotated[
         list[Event],
-        Field(description='Events after `after_seq`, oldest first.', title='Data'),
+        Field(description='Events after the cursor, oldest first.', title='Data'),
+    ]
+    has_more: Annotated[
+        bool,
+        Field(
+            description='Whether more events were already written after this page.',
+            title='Has More',
+        ),
+    ]
+    next_after: Annotated[
+        str,
+        Field(
+            description='Pass as `after` for the next page, or later to poll for new events.',
+            title='Next After',
+        ),
     ]
     next_after_seq: Annotated[
         int,
         Field(
-            description='Pass as `after_seq` to poll for newer events.',
+            description='`next_after` as a number (for `after_seq`, the older name).',
             title='Next After Seq',
         ),
     ]
@@ -1104,12 +1118,26 @@ class Metric(BaseModel):
 class MetricList(BaseModel):
     data: Annotated[
         list[Metric],
-        Field(description='Steps after `after_step`, in order.', title='Data'),
+        Field(description='Steps after the cursor, in order.', title='Data'),
+    ]
+    has_more: Annotated[
+        bool,
+        Field(
+            description='Whether more steps were already recorded after this page.',
+            title='Has More',
+        ),
+    ]
+    next_after: Annotated[
+        str,
+        Field(
+            description='Pass as `after` for the next page, or later to poll for new steps.',
+            title='Next After',
+        ),
     ]
     next_after_step: Annotated[
         int,
         Field(
-            description='Pass as `after_step` to poll for newer steps.',
+            description='`next_after` as a number (for `after_step`, the older name).',
             title='Next After Step',
         ),
     ]
@@ -1957,10 +1985,13 @@ class TrainingRows(BaseModel):
         ),
     ]
     has_more: Annotated[
-        bool,
+        bool, Field(description='Whether rows follow.', title='Has More')
+    ]
+    next_after: Annotated[
+        str | None,
         Field(
-            description='Whether rows follow; pass offset + len(data) to continue.',
-            title='Has More',
+            description='Pass as `after` for the next page; null when `has_more` is false.',
+            title='Next After',
         ),
     ]
     offset: Annotated[
@@ -2252,8 +2283,19 @@ class CandidateRow(BaseModel):
 class CheckpointList(BaseModel):
     data: Annotated[
         list[CheckpointOut],
-        Field(description="The job's checkpoints, oldest first.", title='Data'),
+        Field(
+            description="The job's checkpoints, oldest first: all of them (a job keeps `training.keep_checkpoints`).",
+            title='Data',
+        ),
     ]
+    has_more: Annotated[
+        bool | None,
+        Field(description='Always false: one page holds them all.', title='Has More'),
+    ] = False
+    next_after: Annotated[
+        str | None,
+        Field(description='Always null: one page holds them all.', title='Next After'),
+    ] = None
 
 
 class CompareRate(BaseModel):
@@ -3327,10 +3369,13 @@ class SampleRows(BaseModel):
         ),
     ]
     has_more: Annotated[
-        bool,
+        bool, Field(description='Whether rows follow.', title='Has More')
+    ]
+    next_after: Annotated[
+        str | None,
         Field(
-            description='Whether rows follow; pass offset + len(data) to continue.',
-            title='Has More',
+            description='Pass as `after` for the next page; null when `has_more` is false.',
+            title='Next After',
         ),
     ]
     offset: Annotated[
