@@ -11,7 +11,8 @@ own earlier replies as context, so that a turn measures memory of the instructio
 imitation of the model's earlier replies) for the base model and, if given, the checkpoint (a LoRA
 checkpoint loads its base through `load_model`). Writes into --out:
 
-    adherence.json   {"base": report, "gatt": report, "compare": ..., "overlap": ..., "table": ...}
+    adherence.json   {"base": report, "gatt": report, "compare": ..., "overlap": ..., "table": ...,
+                      "validation_loss": {"base": ..., "gatt": ...}}
     attention.json   {"base": report, "gatt": report}              (with --attention)
     attention.png    share of attention on the instruction per turn  (with --attention)
 
@@ -89,6 +90,12 @@ def _parser() -> argparse.ArgumentParser:
         "--keep", choices=("first_user", "system"), default="first_user", help="the job's placement.keep"
     )
     p.add_argument("--attention", action="store_true", help="also measure attention on the instruction")
+    p.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=2048,
+        help="longest held-out dialogue the validation loss counts (workers/engine/validation.py)",
+    )
     p.add_argument(
         "--train-corpus", help="the job's training corpus, to report overlaps with the held-out set"
     )
@@ -229,6 +236,7 @@ def _evaluate_models(
     from workers.engine.attention import attention_report
     from workers.engine.evaluation import evaluate_adherence
     from workers.engine.models import load_model
+    from workers.engine.validation import validation_loss
     from workers.run import printing_hooks
 
     hooks = printing_hooks()
@@ -240,6 +248,9 @@ def _evaluate_models(
         loaded = load_model(source, device=args.device, dtype=args.dtype)
         report = evaluate_adherence(loaded, heldout, instructions, config, placement=placement, hooks=hooks)
         adherence[label] = report
+        adherence.setdefault("validation_loss", {})[label] = validation_loss(
+            loaded, heldout, args.max_seq_len
+        )
         if args.attention:
             attention[label] = attention_report(
                 loaded,
@@ -268,6 +279,13 @@ def _write_and_print(
         plot_attention(attention, written[2])
     print()
     print(adherence["table"])
+    losses = ", ".join(
+        f"{label} {v['loss']:.4f}"
+        for label, v in adherence.get("validation_loss", {}).items()
+        if v["loss"] is not None
+    )
+    if losses:
+        print(f"validation loss (the held-out dialogues' own replies, no instruction): {losses}")
     if overlap is not None:
         users, texts = overlap["user_messages"], overlap["instruction_texts"]
         print(

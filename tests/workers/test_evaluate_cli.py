@@ -35,6 +35,15 @@ def test_evaluates_base_and_checkpoint_and_writes_the_comparison(tmp_path, capsy
     Comparison.model_validate(report["compare"])
     printed = capsys.readouterr().out
     assert report["table"] in printed and "held-out overlap with training" in printed
+    # The same model twice: the same validation loss, over the same replies.
+    losses = report["validation_loss"]
+    assert (
+        losses["base"] == losses["gatt"] and losses["base"]["tokens"] > 0 and losses["base"]["dialogues"] == 2
+    )
+    assert (
+        f"validation loss (the held-out dialogues' own replies, no instruction): base {losses['base']['loss']:.4f}"
+        in printed
+    )
 
 
 def test_bad_arguments_are_refused_before_any_model_loads(tmp_path, capsys):
