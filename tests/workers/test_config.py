@@ -103,8 +103,10 @@ def test_a_list_reports_its_bad_item_only():
 
 
 def test_a_request_may_not_set_what_the_server_decides():
-    assert {"model", "output_dir", "device", "dtype", "data.corpus", "data.instructions"} == SERVER_FIELDS
+    expected = {"model", "base_model", "lineage", "output_dir", "device", "dtype"}
+    assert expected | {"data.corpus", "data.validation", "data.instructions"} == SERVER_FIELDS
     raw = {"output_dir": "/etc", "data": {"corpus": "/etc/passwd", "max_turns": 2}, "model": "x"}
+    assert problems({"lineage": {"base_model": "x"}}, parse_options) == [("lineage", "server_field")]
     assert sorted(problems(raw, parse_options)) == [
         ("data.corpus", "server_field"),
         ("model", "server_field"),
