@@ -69,18 +69,34 @@ def upload_checkpoint(store: ArtifactStore, directory: Path, key: str) -> None:
 
 def fetch_checkpoint(store: ArtifactStore, key: str, job_directory: Path) -> Path:
     """A local copy of the stored checkpoint `key` (another job's, which this one continues) under
-    `<job_directory>/.parent/`: kept from an earlier attempt when complete, else downloaded, the
-    manifest last. Raises `ArtifactMissing` when the store holds no complete copy."""
-    target = job_directory / PARENT / key.rsplit("/", 1)[-1]
-    files = store.list(key)
-    if not any(f.key == f"{key}/{MANIFEST}" for f in files):
+    `<job_directory>/.parent/`, kept from an earlier attempt when it is the same. Raises
+    `ArtifactMissing` when the store holds no complete copy."""
+    name = key.rsplit("/", 1)[-1]
+    target = job_directory / PARENT / name
+    if _place_checkpoint(store, key, store.list(key), target, job_directory / RESTORE / name) is None:
         raise ArtifactMissing(key)
-    if (target / MANIFEST).is_file():
-        return target
-    shutil.rmtree(target, ignore_errors=True)
-    for f in sorted(files, key=lambda f: f.key.endswith(f"/{MANIFEST}")):
-        store.download(f.key, target / f.key[len(key) + 1 :])
     return target
+
+
+def _place_checkpoint(
+    store: ArtifactStore, key: str, files: list[StoredFile], final: Path, staging: Path
+) -> bool | None:
+    """Bring the stored checkpoint `key` (its `files`) to `final` whole: downloaded into `staging`,
+    then renamed into place, so no reader ever sees half of one. True when it was downloaded, False
+    when `final` holds it already, None when the store has no manifest (an upload cut short)."""
+    manifest = store.read_bytes(f"{key}/{MANIFEST}")
+    if manifest is None:
+        return None
+    if (final / MANIFEST).is_file() and (final / MANIFEST).read_bytes() == manifest:
+        return False
+    shutil.rmtree(staging, ignore_errors=True)
+    for f in files:
+        store.download(f.key, staging / f.key[len(key) + 1 :])
+    if final.exists():
+        shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(staging, final)
+    return True
 
 
 def delete_checkpoint(store: ArtifactStore, key: str) -> None:
@@ -167,20 +183,10 @@ class ScratchSync:
             self._sent[rel] = (st.st_size, st.st_mtime_ns)  # the store has it: no need to send it back
         for name, files in sorted(checkpoints.items()):
             prefix = f"{self.job_key}/{CHECKPOINTS}/{name}"
-            manifest = self.store.read_bytes(f"{prefix}/{MANIFEST}")
-            if manifest is None:
-                continue  # an upload cut short: not a checkpoint
             final = self.directory / CHECKPOINTS / name
-            if (final / MANIFEST).is_file() and (final / MANIFEST).read_bytes() == manifest:
-                continue  # this machine has it already
-            staging = self.directory / RESTORE / name
-            for f in files:
-                self.store.download(f.key, staging / f.key[len(prefix) + 1 :])
-            if final.exists():
-                shutil.rmtree(final)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(staging, final)
-            restored.append(f"{CHECKPOINTS}/{name}")
+            # Not restored: an upload cut short (no manifest), or one this machine has already.
+            if _place_checkpoint(self.store, prefix, files, final, self.directory / RESTORE / name):
+                restored.append(f"{CHECKPOINTS}/{name}")
         shutil.rmtree(self.directory / RESTORE, ignore_errors=True)
         return restored
 
