@@ -30,7 +30,9 @@ from service.repositories import jobs, webhooks
 from service.settings import Settings
 from workers import metrics as counters
 from workers.artifact_sync import ScratchSync, artifact_bytes
+from workers.engine.config import JobOptions
 from workers.engine.hooks import Hooks, Stage, Stopped
+from workers.engine.progress import JobProgress, plan
 from workers.redact import server_paths
 from workers.tracking import Tracker
 
@@ -121,6 +123,7 @@ class JobRun:
         self._stop_heartbeat = threading.Event()
         self._stage: str | None = None  # the stage in progress and when it began, for its duration
         self._stage_started = 0.0
+        self.overall: JobProgress | None = None  # set by plan() once the job's config is known
 
     def _tx(self, body: Callable[[Session], T]) -> T:
         return transaction(self.sessions, self.settings.lease_s, body, what=f"job {self.job_id}")
@@ -192,12 +195,28 @@ class JobRun:
             self.lost.set()
         self._stop_if_lost()
 
+    def plan(self, options: JobOptions, estimate: dict[str, Any] | None) -> None:
+        """Weigh the job's stages for its overall progress (workers/engine/progress.py)."""
+        self.overall = JobProgress(options, plan(options, estimate))
+
+    def _overall(self) -> dict[str, Any]:
+        if self.overall is None:
+            return {}
+        return {"overall_progress": self.overall.fraction, "overall_eta_s": self.overall.eta_s}
+
     def progress(self, stage: str, done: int, total: int) -> None:
         now = self._last_call = time.monotonic()
+        if self.overall is not None:
+            self.overall.report(stage, done, total)
         if done != total and now - self._last_progress < 1.0:  # at most one write a second
             return
         self._last_progress = now
-        self.renew(progress=done / total if total else 0.0, progress_done=done, progress_total=total)
+        self.renew(
+            progress=done / total if total else 0.0,
+            progress_done=done,
+            progress_total=total,
+            **self._overall(),
+        )
         self._stop_if_lost()
 
     def event(self, level: str, kind: str, message: str, data: dict[str, Any]) -> None:
@@ -214,6 +233,8 @@ class JobRun:
         if self._stage is not None:
             counters.STAGE_DURATION.labels(self._stage).observe(now - self._stage_started)
         self._stage, self._stage_started = (stage.value if stage.value in _STAGES else None), now
+        if self.overall is not None:
+            self.overall.stage(stage.value)
         if stage.value in _STAGES:  # `done` is no stage of the row: it keeps the last one reached
             self.renew(
                 stage=JobStage(stage.value),
@@ -221,6 +242,7 @@ class JobRun:
                 progress_done=0,
                 progress_total=0,
                 eta_s=None,
+                **self._overall(),
                 **self._stored(),
             )
         else:

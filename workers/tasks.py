@@ -273,6 +273,7 @@ def _run_job(
                 if sync is not None:  # the last attempt may have run on another machine
                     sync.restore()
             config = prepare_config(job, settings, out, factory)
+            run.plan(config, job.estimate)
             # Confined again here, not only at creation: a symlink inside a root, or the base model
             # an adapter names, is only seen when the files are read. A parent checkpoint is ours.
             roots = [*settings.model_roots, *([Path(config.model)] if job.parent_job_id else [])]
@@ -319,7 +320,7 @@ def _run_job(
         # Tokens that carried loss, summed over the recorded steps as while running (a step trained
         # again after a takeover counts once); result.trained_tokens counts the training set only once.
         trained = jobs.trained_tokens(s, jid)
-        done = {"progress": 1.0, "trained_tokens": trained, "artifact_bytes": stored}
+        done = {"progress": 1.0, "overall_progress": 1.0, "trained_tokens": trained, "artifact_bytes": stored}
         if not jobs.finish(s, jid, owner, JobStatus.SUCCEEDED, **done):
             return False
         jobs.add_event(s, jid, "info", "succeeded", "job succeeded", {"selection": result.selection})

@@ -105,6 +105,18 @@ class Job(BaseModel):
         description="While running: synthesize, sample (sampling and reward ranking, turn by turn), train, "
         "evaluate. The last stage reached once finished."
     )
+    overall_progress: float = Field(
+        default=0.0,
+        description="Progress of the whole job, 0 to 1: its stages weighed by the work each is bounded to "
+        "(generated tokens; training's examples at a measured cost per example). It does not go back "
+        "within an attempt; 1 once succeeded.",
+    )
+    overall_eta_s: float | None = Field(
+        default=None,
+        description="Estimated seconds until the whole job ends, from the rates this attempt has measured "
+        "(the current stage's own, the attempt's for later stages); null until some work was timed, "
+        "and once the job is not running.",
+    )
     progress: float = Field(description="Progress of the current stage, 0 to 1.")
     progress_done: int = Field(description="Units done in the current stage (dialogues, steps).")
     progress_total: int = Field(description="Units in the current stage.")
@@ -157,10 +169,12 @@ class Job(BaseModel):
             id=row.id,
             status=row.status,
             stage=row.stage,
+            overall_progress=row.overall_progress,
+            overall_eta_s=row.overall_eta_s if row.status == JobStatus.RUNNING else None,
             progress=row.progress,
             progress_done=row.progress_done,
             progress_total=row.progress_total,
-            eta_s=row.eta_s,
+            eta_s=row.eta_s if row.status == JobStatus.RUNNING else None,
             model=row.model,
             parent_checkpoint=(
                 CheckpointRef(job_id=row.parent_job_id, step=row.parent_step) if row.parent_job_id else None

@@ -77,6 +77,9 @@ class Job(UUIDPrimaryKey, Timestamps, Base):
     progress_done: Mapped[int] = mapped_column(default=0, server_default=text("0"))
     progress_total: Mapped[int] = mapped_column(default=0, server_default=text("0"))
     eta_s: Mapped[float | None]
+    # The whole job's progress and ETA (workers/engine/progress.py); the four above are the stage's.
+    overall_progress: Mapped[float] = mapped_column(default=0.0, server_default=text("0"))
+    overall_eta_s: Mapped[float | None]
     config: Mapped[dict[str, Any]]
     model: Mapped[str] = mapped_column(String(1024))
     # RESTRICT: corpora and instruction sets are only soft-deleted, so these never dangle.

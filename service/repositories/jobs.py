@@ -189,7 +189,15 @@ def finish(session: Session, id: uuid.UUID, owner: str, status: JobStatus, **fie
     result = session.execute(
         update(Job)
         .where(Job.id == id, Job.lease_owner == owner, Job.status == JobStatus.RUNNING)
-        .values(status=status, finished_at=t, updated_at=t, lease_expires_at=None, eta_s=None, **fields)
+        .values(
+            status=status,
+            finished_at=t,
+            updated_at=t,
+            lease_expires_at=None,
+            eta_s=None,
+            overall_eta_s=None,
+            **fields,
+        )
     )
     if result.rowcount != 1:  # type: ignore[attr-defined]
         return False

@@ -84,6 +84,7 @@ def test_embedded_mode_runs_a_job_to_success_on_sqlite(tmp_path: Path, one_threa
         events = client.get(f"/v1/jobs/{job_id}/events", headers=headers).json()["data"]
         assert job["status"] == "succeeded", (job, events)
         assert job["stage"] in ("train", "evaluate") and job["progress"] == 1.0 and job["attempts"] == 1
+        assert (job["overall_progress"], job["overall_eta_s"]) == (1.0, None)
         assert job["trained_tokens"] > 0 and job["finished_at"] is not None
 
         kinds = [e["kind"] for e in events]

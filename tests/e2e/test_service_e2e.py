@@ -173,9 +173,16 @@ def test_job_runs_to_success_through_the_client_and_its_checkpoint_loads(stack, 
         config=config,
         idempotency_key="e2e-success",
     )
-    job = client.jobs.wait(created.id, timeout=900, interval=1)
+    seen: list = []
+    job = client.jobs.wait(created.id, timeout=900, interval=1, on_change=seen.append)
     assert job.status.value == "succeeded", job
     assert job.progress == 1.0 and job.trained_tokens > 0 and job.finished_at
+    # One figure for the whole job: it only grows, and an ETA comes once some work was timed.
+    running = [j for j in seen if j.status.value == "running"]
+    overall = [j.overall_progress for j in running]
+    assert overall == sorted(overall) and any(0 < p < 1 for p in overall), overall
+    assert any(j.overall_eta_s is not None and j.overall_eta_s >= 0 for j in running), running
+    assert (job.overall_progress, job.overall_eta_s, job.eta_s) == (1.0, None, None)
     assert job.latest_metrics["step"] == 2
 
     events = list(client.jobs.events(job.id))

@@ -3162,6 +3162,20 @@ class Job(BaseModel):
     name: Annotated[
         str | None, Field(description='Your label for the job.', title='Name')
     ] = None
+    overall_eta_s: Annotated[
+        float | None,
+        Field(
+            description="Estimated seconds until the whole job ends, from the rates this attempt has measured (the current stage's own, the attempt's for later stages); null until some work was timed, and once the job is not running.",
+            title='Overall Eta S',
+        ),
+    ] = None
+    overall_progress: Annotated[
+        float | None,
+        Field(
+            description="Progress of the whole job, 0 to 1: its stages weighed by the work each is bounded to (generated tokens; training's examples at a measured cost per example). It does not go back within an attempt; 1 once succeeded.",
+            title='Overall Progress',
+        ),
+    ] = 0.0
     parent_checkpoint: Annotated[
         CheckpointRef | None,
         Field(

@@ -1,5 +1,5 @@
 """What `gatt jobs create --follow` and `gatt jobs follow` show while a job runs: a progress bar
-per stage, each event as it is written, then the job's results (last metrics, the evaluation's
+for the whole job with the server's ETA and one per stage, each event as it is written, then the job's results (last metrics, the evaluation's
 adherence table, the final checkpoint). With `--json`, one JSON object per line instead: each
 event, then the final job.
 
@@ -64,7 +64,7 @@ class _Lines:
         if job.status.value != "running" or not job.stage or not job.progress_total:
             return
         eta = f", eta {job.eta_s:.0f} s" if job.eta_s else ""
-        line = f"  {job.stage.value}: {job.progress_done}/{job.progress_total}{eta}"
+        line = f"  {job.stage.value}: {job.progress_done}/{job.progress_total}{eta}  [{_overall(job)}]"
         if line != self.last:
             self.echo(line)
             self.last = line
@@ -87,16 +87,23 @@ class _Lines:
             self.echo(f"final checkpoint: step {checkpoints[-1].step} (gatt checkpoints download {job.id})")
 
 
+def _overall(job: m.Job) -> str:
+    eta = f", {job.overall_eta_s:.0f} s left" if job.overall_eta_s is not None else ""
+    return f"job {job.overall_progress:.0%}{eta}"
+
+
 class _Bars(_Lines):
     """A rich progress bar per stage, events printed above them."""
 
     def __init__(self) -> None:
         super().__init__()
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        from rich.progress import BarColumn, Progress, TextColumn
 
+        # The server's figures, not rich's: it knows how the stages weigh and how fast they went.
         self.progress = Progress(
-            TextColumn("{task.description:<10}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+            TextColumn("{task.description:<10}"), BarColumn(), TextColumn("{task.fields[detail]}")
         )
+        self.whole = self.progress.add_task("job", total=1.0, detail="")
         self.tasks: dict[str, Any] = {}
 
     def __enter__(self) -> _Bars:
@@ -110,16 +117,24 @@ class _Bars(_Lines):
         self.progress.console.print(text, markup=False, highlight=False)
 
     def job(self, job: m.Job) -> None:
+        self.progress.update(
+            self.whole, completed=job.overall_progress, detail=_overall(job).removeprefix("job ")
+        )
         if not job.stage or not job.progress_total:
             return
         stage = job.stage.value
         if stage not in self.tasks:
             for task, total in self.tasks.values():  # an earlier stage has ended
-                self.progress.update(task, completed=total)
-            self.tasks[stage] = (self.progress.add_task(stage, total=job.progress_total), job.progress_total)
+                self.progress.update(task, completed=total, detail=f"{total}/{total}")
+            self.tasks[stage] = (
+                self.progress.add_task(stage, total=job.progress_total, detail=""),
+                job.progress_total,
+            )
         task, _ = self.tasks[stage]
         self.tasks[stage] = (task, job.progress_total)
-        self.progress.update(task, completed=job.progress_done, total=job.progress_total)
+        eta = f", {job.eta_s:.0f} s left" if job.eta_s else ""
+        detail = f"{job.progress_done}/{job.progress_total}{eta}"
+        self.progress.update(task, completed=job.progress_done, total=job.progress_total, detail=detail)
 
 
 class _JsonView(_Lines):
