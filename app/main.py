@@ -27,6 +27,7 @@ from app.health import endpoints as health
 from app.instruction_sets.spec_schema import InstructionSetSpec
 from app.jobs.stream import EventFeed
 from app.reaper import reaping
+from app.ui import install_ui
 from service.db import make_engine, make_sessionmaker
 from service.logs import configure_logging
 from service.queue import send_job, send_webhook, waiting_jobs
@@ -162,6 +163,7 @@ def create_app(
     app.include_router(readiness if readiness is not None else health.readiness)
     app.include_router(api_router)
     install_docs(app)
+    install_ui(app)
     publish_schemas(app, [SampleRow, TrainingRow, JobEvaluation, InstructionSetSpec])
     return app
 

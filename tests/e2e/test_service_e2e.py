@@ -29,6 +29,7 @@ from standardwebhooks import Webhook
 from app.main import create_app
 from service.settings import Settings
 from tests.app.factories import make_tenant
+from tests.browser import chromium, screenshot
 from tests.servers import free_port, serving
 from workers.engine.eval_schema import JobEvaluation
 
@@ -328,6 +329,104 @@ def test_the_cli_runs_a_job_and_downloads_its_checkpoint(stack):
         timeout=60,
     )
     assert missing.returncode == 1 and "404 not_found" in missing.stderr
+
+
+def test_the_job_page_follows_a_job_and_shows_its_results_in_a_browser(stack):
+    """Headless Chromium on /ui: a key typed in, the jobs list, one job followed from running to
+    succeeded, then its curves, reward table, adherence table, attention plot, and the samples and
+    training-set browsers, each checked against what the API returns; screenshots kept."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    url, app, _ = stack
+    tenant = make_tenant(app.state.sessionmaker)
+    client = Client(url, tenant.key)
+    config = {
+        "data": {"max_turns": 2},
+        "evaluation": {"enabled": True, "heldout_dialogues": 1, "turns": 2, "max_new_tokens": 16},
+        "sampling": {"k": 2, "max_new_tokens": 24, "batch_prompts": 2},
+        "reward": {"min_reward": 0.0},
+        "training": {"max_steps": 3, "micro_batch_size": 2},
+    }
+    # A name a careless page would run as markup.
+    name = '<img src=x onerror="document.title=1">run'
+    job = client.jobs.create(_corpus(client, 4), config=config, name=name)
+
+    with chromium() as driver:
+        wait = WebDriverWait(
+            driver, 30, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
+        )
+        driver.get(f"{url}/ui")
+        key = wait.until(lambda d: d.find_element(By.NAME, "key"))
+        key.send_keys("gatt_wrong_key")
+        key.submit()
+        wait.until(lambda d: "does not work" in d.find_element(By.CSS_SELECTOR, "form .error").text)
+        key = driver.find_element(By.NAME, "key")
+        key.clear()
+        key.send_keys(tenant.key)
+        key.submit()
+        link = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f'tr[data-job="{job.id}"] a'))
+        assert link.text == name  # shown as text, not run
+        screenshot(driver, "ui-jobs")
+        link.click()
+
+        # While it runs: the whole job's bar, then its end, as the page polls.
+        statuses = set()
+
+        def ended(d):  # read in the page: the view re-renders under a held element reference
+            shown = d.execute_script(
+                "return document.querySelector('#summary [data-status]')?.dataset.status"
+            )
+            if shown == "running" and "running" not in statuses:
+                screenshot(d, "ui-job-running")
+            statuses.add(shown)
+            return shown in ("succeeded", "failed", "cancelled") and shown
+
+        assert WebDriverWait(driver, 900, poll_frequency=0.5).until(ended) == "succeeded", statuses
+        assert "running" in statuses or "queued" in statuses
+        assert driver.title == "GAtt jobs" and not driver.find_elements(By.CSS_SELECTOR, "h1 img")
+        job_bar = driver.find_element(By.CSS_SELECTOR, '[data-progress="job"] [role=progressbar]')
+        assert job_bar.get_attribute("aria-valuenow") == "100"
+
+        metrics = list(client.jobs.metrics(job.id))
+        wait.until(lambda d: d.find_element(By.ID, "attention-plot"))
+        loss = driver.find_element(By.CSS_SELECTOR, 'svg[data-chart="loss"]')
+        assert loss.get_attribute("data-points") == str(len(metrics)) == "3"
+        lr = driver.find_element(By.CSS_SELECTOR, 'svg[data-chart="learning_rate"]')
+        assert lr.get_attribute("data-points") == "3"
+        evaluation = client.jobs.evaluation(job.id)
+        shown = driver.execute_script("return document.getElementById('adherence-table').textContent")
+        assert shown == evaluation.table
+        assert driver.execute_script("return document.getElementById('attention-plot').naturalWidth") > 100
+        samples = list(client.jobs.samples(job.id))
+        batches = driver.find_elements(By.CSS_SELECTOR, "#reward-table tbody tr")
+        assert len(batches) == len({s.index // 2 for s in samples})  # batch_prompts: 2
+
+        # The samples browser: the first dialogue's candidates, the chosen one marked.
+        first = samples[0]
+        shown = driver.find_elements(By.CSS_SELECTOR, "#samples .candidate .text")
+        assert [e.text for e in shown] == [c.text.strip() for t in first.turns for c in t.candidates]
+        chosen = driver.find_elements(By.CSS_SELECTOR, '#samples .candidate[data-chosen="true"] .text')
+        assert [e.text for e in chosen] == [t.candidates[t.chosen].text.strip() for t in first.turns]
+        driver.find_element(By.XPATH, "//section[@id='samples']//button[contains(., 'Next')]").click()
+        wait.until(
+            lambda d: (
+                d.find_element(By.CSS_SELECTOR, "#samples .sample").get_attribute("data-dialogue")
+                == str(samples[1].index)
+            )
+        )
+        # The training set: exactly its trained messages highlighted.
+        row = next(iter(client.jobs.training_set(job.id)))
+        trained = driver.find_elements(By.CSS_SELECTOR, '#training-set .msg[data-trained="true"]')
+        assert [e.text.split("\n", 1)[1] for e in trained] == [
+            m.content.strip() for m, t in zip(row.messages, row.trained, strict=True) if t
+        ]
+        assert trained and all("trained" in e.get_attribute("class") for e in trained)
+        screenshot(driver, "ui-job")
+        # No script error and no Content-Security-Policy violation on the way.
+        severe = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+        assert [e for e in severe if "401" not in e["message"]] == [], severe
 
 
 def test_cancel_stops_a_training_job_within_one_step(stack):
