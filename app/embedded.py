@@ -50,6 +50,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from app.core.errors import AppError, ServiceUnavailable, error_response
 from app.core.headers import ResponseHeaders
 from app.core.ratelimit import LocalRateLimiter
+from app.jobs.chat import CHAT_BURST
 from app.main import TITLE, create_app
 from service.db import make_sessionmaker, session_scope
 from service.logs import configure_logging
@@ -223,6 +224,27 @@ class EmbeddedReadiness(BaseModel):
     checks: dict[str, str] = Field(description='"sqlite" and "worker", each "ok".')
 
 
+class LocalChat:
+    """The playground in this process (no broker): each reply in a thread of its own, the models in
+    `workers.chat`'s cache (its lock lets one reply generate at a time)."""
+
+    def __init__(self, settings: Settings, factory: sessionmaker[Session]):
+        self.settings, self.factory = settings, factory
+
+    async def ask(self, request: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
+        from workers.chat import answer  # torch loads on the first reply
+
+        with anyio.move_on_after(timeout_s):
+            # The thread runs on when the wait ends; its answer is then dropped, as the service's is.
+            return await anyio.to_thread.run_sync(
+                answer, request, self.settings, self.factory, abandon_on_cancel=True
+            )
+        return None
+
+    async def close(self) -> None:
+        return None
+
+
 def create_embedded_app(data_dir: Path) -> FastAPI:
     """The service on SQLite under `data_dir`, running its jobs in this process, one at a time."""
     data_dir = Path(data_dir)
@@ -253,6 +275,12 @@ def create_embedded_app(data_dir: Path) -> FastAPI:
         rate_limiter=(
             LocalRateLimiter(settings.rate_limit_per_s, settings.rate_limit_burst)
             if settings.rate_limit_per_s > 0
+            else None
+        ),
+        chat=LocalChat(settings, factory),
+        chat_limiter=(
+            LocalRateLimiter(settings.chat_per_minute / 60, CHAT_BURST)
+            if settings.chat_per_minute > 0
             else None
         ),
         title=f"{TITLE} (embedded mode)",

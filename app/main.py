@@ -25,12 +25,13 @@ from app.core.ratelimit import Limiter, RateLimiter
 from app.corpora.upload import MULTIPART_OVERHEAD_BYTES
 from app.health import endpoints as health
 from app.instruction_sets.spec_schema import InstructionSetSpec
+from app.jobs.chat import CHAT_BURST, Chat, RedisChat, Waiting
 from app.jobs.stream import EventFeed
 from app.reaper import reaping
 from app.ui import install_ui
 from service.db import make_engine, make_sessionmaker
 from service.logs import configure_logging
-from service.queue import send_job, send_webhook, waiting_jobs
+from service.queue import send_chat, send_job, send_webhook, waiting_jobs
 from service.settings import Settings, get_settings
 from service.webhooks import send_after_commit
 from workers.engine.eval_schema import JobEvaluation
@@ -72,6 +73,8 @@ def create_app(
     lifespan: Callable[[FastAPI], AbstractAsyncContextManager[None]] | None = None,
     rate_limiter: Limiter | None = None,
     send_webhook_delivery: Callable[[UUID], None] | None = None,
+    chat: Chat | None = None,
+    chat_limiter: Limiter | None = None,
     title: str = TITLE,
 ) -> FastAPI:
     """The app, composed of what it runs on.
@@ -83,7 +86,9 @@ def create_app(
     (the embedded mode's worker thread). `rate_limiter` checks each key's rate (default: buckets in
     Redis when `GATT_RATE_LIMIT_PER_S` > 0). `send_webhook_delivery` hands a committed webhook
     delivery to the workers (default: a `webhooks.deliver` message when `enqueue` is the default too;
-    else none, and the reaper's sweeps or the embedded worker deliver).
+    else none, and the reaper's sweeps or the embedded worker deliver). `chat` answers the playground
+    (default: a `chat.reply` message, the answer read from Redis); `chat_limiter` checks each team's
+    chat rate (default: buckets in Redis when `GATT_CHAT_PER_MINUTE` > 0).
     """
     settings = settings or get_settings()
     engine = engine if engine is not None else make_engine(settings)
@@ -92,6 +97,10 @@ def create_app(
         limiter = RateLimiter.from_url(
             settings.redis_url, settings.rate_limit_per_s, settings.rate_limit_burst
         )
+
+    chat = chat if chat is not None else RedisChat(settings.redis_url, send_chat)
+    if chat_limiter is None and settings.chat_per_minute > 0:
+        chat_limiter = RateLimiter.from_url(settings.redis_url, settings.chat_per_minute / 60, CHAT_BURST)
 
     @asynccontextmanager
     async def app_lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -106,6 +115,9 @@ def create_app(
             engine.dispose()
             if limiter is not None:
                 limiter.close()
+            if chat_limiter is not None:
+                chat_limiter.close()
+            await chat.close()
 
     app = FastAPI(
         title=title,
@@ -150,6 +162,7 @@ def create_app(
     # Wakes the job event streams of this process (app/jobs/stream.py); started by the first one.
     app.state.event_feed = EventFeed(app.state.sessionmaker, settings.database_url)
     app.state.rate_limiter = limiter  # per API key, checked in app.auth.dependencies.current_team
+    app.state.chat, app.state.chat_limiter, app.state.chat_waiting = chat, chat_limiter, Waiting()
 
     # /metrics: this app's request metrics and, read at each scrape, the jobs (app/core/observe.py).
     registry = CollectorRegistry()

@@ -12,6 +12,9 @@ Why these settings:
   longer than any sensible timeout, so a redelivery can reach a job that is still running. That is
   harmless: a run starts only by taking the job's lease in Postgres (`service.repositories.jobs.claim`),
   which succeeds only for a queued job or one whose lease expired. Postgres, not the broker, decides.
+- The playground's `chat.reply` is the one task that carries content (the conversation, bounded
+  by the API, never stored) and the one a client waits on: it expires when the API stops waiting,
+  and is acknowledged on receipt, so a lost worker means a 504, not a reply nobody reads.
 """
 
 from __future__ import annotations
@@ -28,11 +31,13 @@ JOB_TASK = "jobs.run"
 REAP_TASK = "jobs.reap"
 # Its own queue (`GATT_WEBHOOK_QUEUE`): a delivery must not wait behind a job on a busy GPU worker.
 WEBHOOK_TASK = "webhooks.deliver"
+# The playground (app/jobs/chat.py, workers/chat.py): its own queue, `GATT_CHAT_QUEUE`.
+CHAT_TASK = "chat.reply"
 
 
 def make_celery(broker_url: str | None = None) -> Celery:
     settings = get_settings()
-    app = Celery("gatt", broker=broker_url or settings.redis_url, include=["workers.tasks"])
+    app = Celery("gatt", broker=broker_url or settings.redis_url, include=["workers.tasks", "workers.chat"])
     app.conf.update(
         task_acks_late=True,
         task_reject_on_worker_lost=True,
@@ -42,6 +47,7 @@ def make_celery(broker_url: str | None = None) -> Celery:
             JOB_TASK: {"queue": settings.job_queue},
             REAP_TASK: {"queue": "default"},
             WEBHOOK_TASK: {"queue": settings.webhook_queue},
+            CHAT_TASK: {"queue": settings.chat_queue},
         },
         broker_transport_options={"visibility_timeout": 6 * 3600},
         broker_connection_retry_on_startup=True,
@@ -66,6 +72,12 @@ def waiting_jobs() -> int:
 def send_job(job_id: UUID) -> None:
     """Hand a committed job to the workers: a `jobs.run` message holding its id."""
     client().send_task(JOB_TASK, args=[str(job_id)])
+
+
+def send_chat(request: dict) -> None:
+    """Ask a chat worker for a reply (`workers.chat.reply_task`); it pushes the answer to
+    `request["reply_to"]` in Redis. Dropped unread once the API has stopped waiting."""
+    client().send_task(CHAT_TASK, args=[request], expires=get_settings().chat_timeout_s)
 
 
 def send_webhook(delivery_id: UUID) -> None:

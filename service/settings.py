@@ -185,6 +185,23 @@ class Settings(BaseSettings):
         description="Celery queue of `webhooks.deliver`: its own, so that deliveries do not wait behind "
         "a job on a busy GPU worker.",
     )
+    chat_queue: str = Field(
+        default="chat",
+        description="Celery queue of `chat.reply` (the playground, `POST /v1/jobs/{id}/chat`): its own, "
+        "so that a reply does not wait behind a job; run a worker with `-Q chat`.",
+    )
+    chat_timeout_s: float = Field(
+        default=60.0, gt=0, le=600, description="How long the API waits for a chat reply before 504."
+    )
+    chat_max_models: int = Field(
+        default=2, gt=0, le=16, description="Models a chat worker keeps loaded (least recently used goes)."
+    )
+    chat_per_minute: float = Field(
+        default=20.0,
+        ge=0,
+        le=6000,
+        description="Chat replies one team may ask for per minute (a burst of 5); 0: no limit.",
+    )
     webhook_timeout_s: float = Field(
         default=10.0, gt=0, le=60, description="Connect, write and read timeout of one delivery attempt."
     )

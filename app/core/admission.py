@@ -47,6 +47,10 @@ class AdmissionLimit:
                 held = False
                 semaphore.release()
 
+        # A request that waits without a thread or a connection (a chat reply, app/jobs/chat.py) gives
+        # its slot back once its session has closed.
+        scope["gatt.admission.release"] = release
+
         async def send_and_release(message: Message) -> None:
             if message["type"] == "http.response.start":
                 release()

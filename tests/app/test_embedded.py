@@ -107,11 +107,57 @@ def test_embedded_mode_runs_a_job_to_success_on_sqlite(tmp_path: Path, one_threa
         assert len(samples) == 1 and len(samples[0]["turns"][0]["candidates"]) == 2
         assert (data_dir / "artifacts").is_dir()
 
+        # The playground, answered in this process: each greedy reply is what stock transformers and
+        # peft say with the downloaded checkpoint (and without it, for the base model).
+        with tarfile.open(fileobj=io.BytesIO(archive.content), mode="r:gz") as tar:
+            tar.extractall(tmp_path / "download", filter="data")
+        checkpoint = next((tmp_path / "download").rglob("adapter_config.json")).parent
+        conversation = [
+            {"role": "user", "content": "Always answer in French.\n\nWhat is the capital of Italy?"},
+            {"role": "assistant", "content": "Rome."},
+            {"role": "user", "content": "And of Spain?"},
+        ]
+        for model, adapter in (("checkpoint", checkpoint), ("base", None)):
+            body = {"messages": conversation, "model": model, "max_new_tokens": 16}
+            r = client.post(f"/v1/jobs/{job_id}/chat", json=body, headers=headers)
+            assert r.status_code == 200, r.text
+            reply = r.json()
+            assert reply["model"] == model and reply["step"] == (1 if model == "checkpoint" else None)
+            assert reply["message"]["role"] == "assistant" and reply["usage"]["completion_tokens"] > 0
+            assert reply["message"]["content"] == stock_reply(conversation, 16, adapter)
+        missing = client.post(
+            f"/v1/jobs/{job_id}/chat", json={"messages": conversation, "step": 9}, headers=headers
+        )
+        assert (missing.status_code, missing.json()["error"]["code"]) == (409, "no_checkpoint")
+
     # The data directory outlives the process: a new app finds the key, the job and its files.
     with TestClient(create_embedded_app(data_dir)) as client:
         job = client.get(f"/v1/jobs/{job_id}", headers=headers).json()
         assert job["status"] == "succeeded"
         assert client.get(f"/v1/jobs/{job_id}/checkpoints", headers=headers).json()["data"]
+
+
+def stock_reply(messages: list[dict[str, str]], max_new_tokens: int, adapter: Path | None) -> str:
+    """The greedy reply of the embedded model (with `adapter`, a LoRA checkpoint) by stock
+    transformers and peft, stopping at the template's end of turn."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from workers.engine.models import default_model_dir
+
+    base = default_model_dir()
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, adapter)
+    ids = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    stops = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")]
+    with torch.inference_mode():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stops)
+    return tokenizer.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip()
 
 
 def test_an_older_embedded_database_gets_the_new_columns(tmp_path: Path) -> None:

@@ -54,6 +54,17 @@ async function api(path, { etag, blob } = {}) {
   return { changed: true, etag: response.headers.get("ETag"), body };
 }
 
+async function post(path, body) {
+  const response = await fetch(path, {
+    method: "POST",
+    headers: { Authorization: `Bearer ${sessionStorage.getItem(KEY)}`, "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  const answer = await response.json().catch(() => null);
+  if (!response.ok) throw new ApiError(response.status, answer && answer.error);
+  return answer;
+}
+
 async function everyPage(path, limit, after = null, most = Infinity) {
   const rows = [];
   while (rows.length < most) {
@@ -225,6 +236,7 @@ function renderSummary(card, job) {
   const stageLeft = job.status === "running" && job.eta_s ? `, ${duration(job.eta_s)} left` : "";
   card.replaceChildren(...[
     h("h1", {}, job.name || `Job ${job.id}`, " ", status(job)),
+    job.status === "succeeded" ? h("p", {}, h("a", { href: `#/jobs/${job.id}/chat`, id: "chat-link" }, "Chat with its checkpoint and base model, side by side →")) : null,
     progress("Job", job.overall_progress, `${Math.round(job.overall_progress * 100)}%${overallLeft}`, "job"),
     job.stage && job.status === "running"
       ? progress(job.stage, job.progress, `${job.progress_done}/${job.progress_total}${stageLeft}`, "stage") : null,
@@ -328,6 +340,63 @@ function trainingRow(row) {
       h("span", { class: "role" }, m.role), m.content)));
 }
 
+// --- the playground --------------------------------------------------------------------------
+
+// The same conversation with the base model and the checkpoint, side by side: the instruction is
+// given once, attached to the first user turn as GAtt trains it (gatt/augment.py, `attach`), and
+// each model keeps its own replies as its history. Greedy, so a reply can be reproduced.
+function chatView(id) {
+  const instruction = h("input", { type: "text", id: "instruction", placeholder: "An instruction to keep, e.g. Always answer in French." });
+  const message = h("textarea", { id: "message", rows: 2, placeholder: "Your message", required: true });
+  const send = h("button", { class: "primary", type: "submit", id: "send" }, "Send to both");
+  const columns = {
+    base: { log: h("div", { class: "chat-log", id: "chat-base" }), messages: [] },
+    checkpoint: { log: h("div", { class: "chat-log", id: "chat-checkpoint" }), messages: [] },
+  };
+  const problem = h("p", { class: "error", id: "chat-error" });
+  const form = h("form", { class: "chat-form", onsubmit: async (e) => {
+      e.preventDefault();
+      const text = message.value.trim();
+      if (!text) return;
+      const first = columns.base.messages.length === 0;
+      const content = first && instruction.value.trim() ? `${instruction.value.trim()}\n\n${text}` : text;
+      instruction.disabled = true;
+      send.disabled = true;
+      problem.textContent = "";
+      message.value = "";
+      try {
+        await Promise.all(Object.entries(columns).map(async ([model, column]) => {
+          column.messages.push({ role: "user", content });
+          column.log.append(h("div", { class: "msg", "data-role": "user" }, h("span", { class: "role" }, "user"), content));
+          const answer = await post(`/v1/jobs/${id}/chat`, { model, messages: column.messages });
+          column.messages.push(answer.message);
+          column.log.append(h("div", { class: "msg reply", "data-role": "assistant" },
+            h("span", { class: "role" }, `${model}${answer.step ? ` (step ${answer.step})` : ""}${answer.finish_reason === "length" ? ", cut" : ""}`),
+            answer.message.content));
+        }));
+      } catch (err) {
+        problem.textContent = err.message;
+        for (const column of Object.values(columns)) { // keep both histories the same length
+          if (column.messages.length % 2) column.messages.pop();
+        }
+      } finally {
+        send.disabled = false;
+        message.focus();
+      }
+    } },
+    h("label", {}, "Instruction, given once in the first turn", instruction),
+    h("label", {}, "Message", message), send, problem);
+  main.replaceChildren(
+    h("p", {}, h("a", { href: `#/jobs/${id}` }, "← The job")),
+    h("h1", {}, "Playground"),
+    h("section", { class: "card" }, form),
+    h("div", { class: "grid" },
+      h("section", { class: "card" }, h("h2", {}, "Base model"), columns.base.log),
+      h("section", { class: "card" }, h("h2", {}, "Checkpoint (after GAtt)"), columns.checkpoint.log)));
+  message.focus();
+  return { stop() {} };
+}
+
 // --- routing ---------------------------------------------------------------------------------
 
 function showError(err) {
@@ -347,8 +416,8 @@ function route(message) {
     return keyForm(message);
   }
   forget.hidden = false;
-  const match = location.hash.match(/^#\/jobs\/([0-9a-f-]{36})$/);
-  view = match ? jobView(match[1]) : jobsView();
+  const match = location.hash.match(/^#\/jobs\/([0-9a-f-]{36})(\/chat)?$/);
+  view = !match ? jobsView() : match[2] ? chatView(match[1]) : jobView(match[1]);
 }
 
 window.addEventListener("hashchange", () => route());

@@ -189,6 +189,11 @@ def cancel_job(job_id: Id) -> Call[m.Job]:
 
 
 @operation
+def chat_with_job(job_id: Id, body: Mapping[str, Any]) -> Call[m.ChatReply]:
+    return Call("POST", f"/v1/jobs/{job_id}/chat", _model(m.ChatReply), json=dict(body))
+
+
+@operation
 def delete_job(job_id: Id) -> Call[None]:
     return Call("DELETE", f"/v1/jobs/{job_id}", _none)
 

@@ -14,7 +14,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -251,6 +251,23 @@ class Jobs:
 
     def cancel(self, job_id: ops.Id) -> m.Job:
         return self._c.request(ops.cancel_job(job_id))
+
+    def chat(
+        self,
+        job_id: ops.Id,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        model: str = "checkpoint",
+        step: int | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
+    ) -> m.ChatReply:
+        """The next assistant turn of `messages` from the job's checkpoint (the last unless `step`)
+        or, with `model="base"`, its base model. Greedy unless `temperature` > 0."""
+        return self._c.request(
+            ops.chat_with_job(job_id, _chat_body(messages, model, step, max_new_tokens, temperature, seed))
+        )
 
     def delete(self, job_id: ops.Id) -> None:
         """Delete a finished job and all it wrote (frees the team's artifact quota)."""
@@ -580,6 +597,20 @@ class AsyncJobs:
     async def cancel(self, job_id: ops.Id) -> m.Job:
         return await self._c.request(ops.cancel_job(job_id))
 
+    async def chat(
+        self,
+        job_id: ops.Id,
+        messages: Sequence[Mapping[str, str]],
+        *,
+        model: str = "checkpoint",
+        step: int | None = None,
+        max_new_tokens: int | None = None,
+        temperature: float | None = None,
+        seed: int | None = None,
+    ) -> m.ChatReply:
+        body = _chat_body(messages, model, step, max_new_tokens, temperature, seed)
+        return await self._c.request(ops.chat_with_job(job_id, body))
+
     async def delete(self, job_id: ops.Id) -> None:
         await self._c.request(ops.delete_job(job_id))
 
@@ -720,3 +751,16 @@ class AsyncModels:
 
     async def get(self, model_id: str) -> m.ModelInfo:
         return await self._c.request(ops.get_model(model_id))
+
+
+def _chat_body(
+    messages: Sequence[Mapping[str, str]],
+    model: str,
+    step: int | None,
+    max_new_tokens: int | None,
+    temperature: float | None,
+    seed: int | None,
+) -> dict[str, Any]:
+    body = {"messages": [dict(m) for m in messages], "model": model, "step": step}
+    extra = {"max_new_tokens": max_new_tokens, "temperature": temperature, "seed": seed}
+    return {**body, **{k: v for k, v in extra.items() if v is not None}}

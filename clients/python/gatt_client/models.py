@@ -67,6 +67,163 @@ class AdherenceRate(BaseModel):
     rate: Annotated[float | None, Field(description='adhered / n.', title='Rate')]
 
 
+class Role(StrEnum):
+    """
+    Who speaks.
+    """
+
+    system = 'system'
+    user = 'user'
+    assistant = 'assistant'
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(
+        extra='forbid',
+    )
+    content: Annotated[
+        str,
+        Field(
+            description='What is said, at most 8,000 characters.',
+            max_length=8000,
+            title='Content',
+        ),
+    ]
+    role: Annotated[Role, Field(description='Who speaks.', title='Role')]
+
+
+class FinishReason(StrEnum):
+    """
+    `stop`: the model ended its turn; `length`: cut at max_new_tokens.
+    """
+
+    stop = 'stop'
+    length = 'length'
+
+
+class Model(StrEnum):
+    """
+    Which model replied.
+    """
+
+    checkpoint = 'checkpoint'
+    base = 'base'
+
+
+class Model1(StrEnum):
+    """
+    The job's fine-tuned checkpoint, or the base model it started from.
+    """
+
+    checkpoint = 'checkpoint'
+    base = 'base'
+
+
+Seed = TypeAliasType(
+    "Seed",
+    Annotated[
+        int,
+        Field(
+            description='Seeds the sampling, when temperature > 0.',
+            ge=0,
+            le=2147483647,
+            title='Seed',
+        ),
+    ],
+)
+
+
+Step = TypeAliasType(
+    "Step",
+    Annotated[
+        int,
+        Field(
+            description="Which checkpoint; null: the job's last. Ignored for `base`.",
+            ge=1,
+            le=2147483647,
+            title='Step',
+        ),
+    ],
+)
+
+
+class ChatRequest(BaseModel):
+    model_config = ConfigDict(
+        extra='forbid',
+    )
+    max_new_tokens: Annotated[
+        int | None,
+        Field(
+            description='Tokens the reply may have at most.',
+            ge=1,
+            le=512,
+            title='Max New Tokens',
+        ),
+    ] = 128
+    messages: Annotated[
+        list[ChatMessage],
+        Field(
+            description="The conversation so far, ending with a user turn; a system message only first. At most 64 messages and 32,000 characters in all. To see GAtt at work, give the instruction once, in the first user turn, and keep the model's replies as they came.",
+            max_length=64,
+            min_length=1,
+            title='Messages',
+        ),
+    ]
+    model: Annotated[
+        Model1 | None,
+        Field(
+            description="The job's fine-tuned checkpoint, or the base model it started from.",
+            title='Model',
+        ),
+    ] = 'checkpoint'
+    seed: Annotated[
+        Seed | None,
+        Field(description='Seeds the sampling, when temperature > 0.', title='Seed'),
+    ] = None
+    step: Annotated[
+        Step | None,
+        Field(
+            description="Which checkpoint; null: the job's last. Ignored for `base`.",
+            title='Step',
+        ),
+    ] = None
+    temperature: Annotated[
+        float | None,
+        Field(
+            description='0: greedy, the same reply every time.',
+            ge=0.0,
+            le=2.0,
+            title='Temperature',
+        ),
+    ] = 0.0
+    top_p: Annotated[
+        float | None,
+        Field(
+            description='Nucleus sampling, when temperature > 0.',
+            gt=0.0,
+            le=1.0,
+            title='Top P',
+        ),
+    ] = 1.0
+
+
+class ChatUsage(BaseModel):
+    completion_tokens: Annotated[
+        int,
+        Field(
+            description='Tokens generated (the end-of-turn token included).',
+            title='Completion Tokens',
+        ),
+    ]
+    prompt_tokens: Annotated[
+        int,
+        Field(
+            description="Tokens of the conversation, as the model's template renders it.",
+            title='Prompt Tokens',
+        ),
+    ]
+
+
 class CheckpointOut(BaseModel):
     created_at: Annotated[
         AwareDatetime, Field(description='When it was recorded.', title='Created At')
@@ -94,8 +251,8 @@ class CheckpointOut(BaseModel):
     ]
 
 
-Step = TypeAliasType(
-    "Step",
+Step1 = TypeAliasType(
+    "Step1",
     Annotated[
         int,
         Field(
@@ -121,7 +278,7 @@ class CheckpointRef(BaseModel):
         Field(description='A job of this team that has succeeded.', title='Job Id'),
     ]
     step: Annotated[
-        Step | None,
+        Step1 | None,
         Field(
             description="Its checkpoint's step; null: its latest checkpoint.",
             title='Step',
@@ -925,8 +1082,8 @@ MetadataAdditionalProperty = TypeAliasType(
 )
 
 
-Model = TypeAliasType(
-    "Model",
+Model2 = TypeAliasType(
+    "Model2",
     Annotated[
         str,
         Field(
@@ -1081,16 +1238,6 @@ class KeyList(BaseModel):
             title='Data',
         ),
     ]
-
-
-class Role(StrEnum):
-    """
-    Who speaks.
-    """
-
-    system = 'system'
-    user = 'user'
-    assistant = 'assistant'
 
 
 class MessageRow(BaseModel):
@@ -2280,6 +2427,27 @@ class CandidateRow(BaseModel):
     tokens: Annotated[int, Field(description='Tokens generated.', title='Tokens')]
 
 
+class ChatReply(BaseModel):
+    finish_reason: Annotated[
+        FinishReason,
+        Field(
+            description='`stop`: the model ended its turn; `length`: cut at max_new_tokens.',
+            title='Finish Reason',
+        ),
+    ]
+    message: Annotated[
+        ChatMessage, Field(description="The model's reply, role `assistant`.")
+    ]
+    model: Annotated[Model, Field(description='Which model replied.', title='Model')]
+    step: Annotated[
+        int | None,
+        Field(
+            description="The checkpoint's step; null for the base model.", title='Step'
+        ),
+    ]
+    usage: ChatUsage
+
+
 class CheckpointList(BaseModel):
     data: Annotated[
         list[CheckpointOut],
@@ -3267,7 +3435,7 @@ class JobCreate(BaseModel):
         ),
     ] = None
     model: Annotated[
-        Model | CheckpointRef | None,
+        Model2 | CheckpointRef | None,
         Field(
             description='A model id from `GET /v1/models` ("default": the embedded SmolLM2-135M-Instruct), or `{"job_id": ..., "step": ...}` to continue from a checkpoint of one of the team\'s own jobs: a LoRA checkpoint goes on training its adapter (same rank, alpha and targets), and a job with `training.method: full` starts from its merged weights.',
             title='Model id or checkpoint',
