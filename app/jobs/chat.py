@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import threading
 import uuid
 from collections import Counter
@@ -36,6 +37,7 @@ from app.jobs import service
 from service.models import JobStatus
 from service.repositories import jobs
 
+log = logging.getLogger(__name__)
 MAX_MESSAGES = 64
 MAX_MESSAGE_CHARS = 8_000
 MAX_CHARS = 32_000
@@ -119,12 +121,20 @@ class RedisChat:
 
     async def ask(self, request: dict[str, Any], timeout_s: float) -> dict[str, Any] | None:
         import redis.asyncio as aioredis
+        from redis.exceptions import RedisError
 
         if self._client is None:
-            self._client = aioredis.Redis.from_url(self.redis_url)
+            # BLPOP waits on the server's clock; the socket must outwait it.
+            self._client = aioredis.Redis.from_url(
+                self.redis_url, socket_connect_timeout=5, socket_timeout=timeout_s + 5
+            )
         key = f"{REPLY_KEY}{uuid.uuid4().hex}"
-        await asyncio.to_thread(self.send, {**request, "reply_to": key})
-        answer = await self._client.blpop([key], timeout=timeout_s)
+        try:
+            await asyncio.to_thread(self.send, {**request, "reply_to": key})
+            answer = await self._client.blpop([key], timeout=timeout_s)
+        except (RedisError, OSError) as exc:
+            log.warning("chat: the broker is unreachable: %s", exc)
+            return {"ok": False, "code": "chat_unavailable", "message": "The chat queue cannot be reached."}
         return None if answer is None else json.loads(answer[1])
 
     async def close(self) -> None:
@@ -203,6 +213,7 @@ class ChatResponse(Response):
         **error_response(
             502, "`chat_failed` (or the model's own code): the worker could not load it or reply."
         ),
+        **error_response(503, "`chat_unavailable`: the chat queue (Redis) cannot be reached."),
         **error_response(504, "`chat_timeout`: no chat worker answered within `GATT_CHAT_TIMEOUT_S`."),
     },
 )
@@ -263,7 +274,7 @@ def chat_with_job(
                 f"'{settings.chat_queue}' queue?",
             )
         if not answer["ok"]:
-            status = 422 if answer["code"] == "context_too_long" else 502
+            status = {"context_too_long": 422, "chat_unavailable": 503}.get(answer["code"], 502)
             return _error(status, answer["code"], answer["message"])
         reply = ChatReply(
             message=ChatMessage(role="assistant", content=answer["content"]),

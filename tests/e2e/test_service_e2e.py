@@ -26,7 +26,9 @@ from gatt_client import Client
 from gatt_client.errors import NotFound
 from standardwebhooks import Webhook
 
+from app.jobs.chat import RedisChat
 from app.main import create_app
+from service.queue import CHAT_TASK
 from service.settings import Settings
 from tests.app.factories import make_tenant
 from tests.browser import chromium, screenshot
@@ -101,6 +103,7 @@ def stack(database_url, tmp_path_factory):
         settings,
         enqueue=lambda job_id: broker.send_task("jobs.run", args=[str(job_id)], queue=queue),
         send_webhook_delivery=lambda id: broker.send_task("webhooks.deliver", args=[str(id)], queue=queue),
+        chat=RedisChat(REDIS_URL, lambda request: broker.send_task(CHAT_TASK, args=[request], queue=queue)),
     )
     app.state.worker_metrics_url = f"http://127.0.0.1:{metrics_port}/metrics"  # for the tests below
     with open(tmp / "worker.log", "w") as log:
@@ -424,6 +427,39 @@ def test_the_job_page_follows_a_job_and_shows_its_results_in_a_browser(stack):
         ]
         assert trained and all("trained" in e.get_attribute("class") for e in trained)
         screenshot(driver, "ui-job")
+
+        # The playground: three turns, the instruction given once, base and checkpoint side by side.
+        driver.find_element(By.ID, "chat-link").click()
+        wait.until(lambda d: d.find_element(By.ID, "instruction")).send_keys("Always answer in French.")
+        asked = ["What is the capital of Italy?", "And of Spain?", "Which one is bigger?"]
+        for turn, text in enumerate(asked, start=1):
+            driver.find_element(By.ID, "message").send_keys(text)
+            driver.find_element(By.ID, "send").click()
+            WebDriverWait(driver, 300).until(
+                lambda d, n=turn: (
+                    all(
+                        len(d.find_elements(By.CSS_SELECTOR, f"#chat-{m} .msg[data-role=assistant]")) == n
+                        for m in ("base", "checkpoint")
+                    )
+                    or d.find_element(By.ID, "chat-error").text
+                )
+            )
+            assert driver.find_element(By.ID, "chat-error").text == ""
+        assert not driver.find_element(By.ID, "instruction").is_enabled()  # given once
+        for model in ("base", "checkpoint"):
+            shown = driver.execute_script(
+                "return [...document.querySelectorAll(arguments[0])].map(e => [e.dataset.role, e.lastChild.textContent])",
+                f"#chat-{model} .msg",
+            )
+            assert [role for role, _ in shown] == ["user", "assistant"] * 3
+            users = [content for role, content in shown if role == "user"]
+            assert users == ["Always answer in French.\n\n" + asked[0], *asked[1:]]
+            # Each reply is what the API gives for the conversation before it (greedy: the same).
+            history = [{"role": role, "content": content} for role, content in shown]
+            last = client.jobs.chat(job.id, history[:-1], model=model)
+            assert last.message.content == history[-1]["content"]
+            assert last.step == (3 if model == "checkpoint" else None)
+        screenshot(driver, "ui-playground")
         # No script error and no Content-Security-Policy violation on the way.
         severe = [entry for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
         assert [e for e in severe if "401" not in e["message"]] == [], severe
