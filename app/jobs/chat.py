@@ -200,6 +200,7 @@ class ChatResponse(Response):
             "`no_checkpoint`: the job has no checkpoint (yet), or none at `step`; chat with `model: base`, "
             "or wait for the job.",
         ),
+        **error_response(413, "The body is larger than the JSON body limit (`payload_too_large`)."),
         **error_response(
             422,
             "`invalid_request`: the conversation's shape or sizes; `context_too_long`: the conversation "

@@ -24,12 +24,16 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import redis
+from celery import Celery
 from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, settings
 
+from app.jobs.chat import RedisChat
 from app.main import create_app
 from service.db import session_scope
 from service.models import Checkpoint
+from service.queue import CHAT_TASK
 from service.settings import Settings
 from tests.app.factories import dialogue, jsonl, make_tenant
 from tests.model_dirs import write_model
@@ -44,6 +48,7 @@ from schemathesis.specs.openapi.checks import (  # noqa: E402
     status_code_conformance,
 )
 
+REDIS_URL = os.environ.get("GATT_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 MAX_JSON = 64 * 1024
 MAX_CORPUS = 256 * 1024
 EXAMPLES = int(os.environ.get("GATT_FUZZ_EXAMPLES", "25"))
@@ -83,8 +88,16 @@ def fuzz(database_url: str, tmp_path_factory) -> Iterator[SimpleNamespace]:
         rate_limit_per_s=0,
         max_json_body_bytes=MAX_JSON,
         max_corpus_bytes=MAX_CORPUS,
+        # No chat worker here: a chat the fuzzer gets through is sent, unread, to a queue of its own
+        # and answered 504 at once, not after a minute.
+        redis_url=REDIS_URL,
+        chat_timeout_s=0.05,
+        chat_per_minute=0,
     )
-    app = create_app(settings_, enqueue=lambda _: None)
+    chat_queue = f"fuzz-chat-{uuid.uuid4().hex[:8]}"
+    broker = Celery(broker=REDIS_URL)
+    chat = RedisChat(REDIS_URL, lambda request: broker.send_task(CHAT_TASK, args=[request], queue=chat_queue))
+    app = create_app(settings_, enqueue=lambda _: None, chat=chat)
     factory = app.state.sessionmaker
     tenant = make_tenant(factory)
     with TestClient(app, raise_server_exceptions=False) as client:
@@ -126,6 +139,7 @@ def fuzz(database_url: str, tmp_path_factory) -> Iterator[SimpleNamespace]:
             outside=outside,
             ids={"corpus_id": corpus, "instruction_set_id": iset.json()["id"], "job_id": job, "step": 1},
         )
+    redis.Redis.from_url(REDIS_URL).delete(chat_queue)
     if COUNTS:
         print(f"\nfuzz: {sum(COUNTS.values())} requests, by status: {dict(sorted(COUNTS.items()))}")
 
