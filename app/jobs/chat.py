@@ -235,14 +235,13 @@ def chat_with_job(
         listed = [c.step for c in jobs.checkpoints(session, job.id)]
         step = body.step if body.step is not None else (listed[-1] if listed else None)
         if step is None or step not in listed:
-            state = (
-                "has no checkpoint yet" if job.status != JobStatus.SUCCEEDED and not listed else "has none"
-            )
-            raise Conflict(
-                f"The job {state} at {'that step' if body.step else 'any step'}; checkpoints: {listed or 'none'}.",
-                code="no_checkpoint",
-                param="step" if body.step else "model",
-            )
+            if body.step is not None and listed:
+                message = f"The job has no checkpoint at step {body.step}; its checkpoints: {listed}."
+            elif job.status in (JobStatus.QUEUED, JobStatus.RUNNING):
+                message = "The job has no checkpoint yet; chat with `model: base` meanwhile."
+            else:
+                message = "The job has no checkpoint; chat with `model: base`."
+            raise Conflict(message, code="no_checkpoint", param="step" if body.step is not None else "model")
     limiter = request.app.state.chat_limiter
     if limiter is not None:
         decision = limiter.check(f"chat:{team.id}")
