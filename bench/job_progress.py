@@ -10,7 +10,8 @@ counts). It prints:
 
 - each phase's wall time, its weight in the plan, and the measured cost of its units: seconds
   per bound generated token for sampling and the evaluations, seconds per example-epoch for
-  training, and their ratio (the measured `TRAIN_EXAMPLE_TOKENS`);
+  training, and their ratios to sampling's (the measured `TRAIN_EXAMPLE_TOKENS` and
+  `EVAL_TOKEN_COST`; an evaluation's time includes its attention pass and validation loss);
 - the ETA's error at 10, 25, 50 and 75% of the job's wall time: (predicted - actual time left) /
   actual time left, from the last ETA reported by then;
 - the shown progress at the same moments, against the share of the wall time gone.
@@ -33,7 +34,7 @@ sys.path.insert(0, str(ROOT))
 from workers.engine.config import load_config, parse_config  # noqa: E402
 from workers.engine.cost import estimate  # noqa: E402
 from workers.engine.hooks import Hooks  # noqa: E402
-from workers.engine.progress import TRAIN_EXAMPLE_TOKENS, JobProgress, plan  # noqa: E402
+from workers.engine.progress import EVAL_TOKEN_COST, TRAIN_EXAMPLE_TOKENS, JobProgress, plan  # noqa: E402
 from workers.run import _apply_override  # noqa: E402
 
 
@@ -79,6 +80,8 @@ def main() -> int:
     example_epochs = steps["total"] * t.micro_batch_size * t.grad_accum
     per_token = durations["sample"] / cost["sampling_tokens"]
     per_example = durations["train"] / example_epochs
+    evaluations = [v for k, v in durations.items() if k.startswith("evaluate")]
+    per_eval_token = sum(evaluations) / cost["evaluation_tokens"] if evaluations else None
     report = {
         "config": args.config,
         "overrides": args.set,
@@ -90,6 +93,8 @@ def main() -> int:
         "train_s_per_example_epoch": per_example,
         "train_example_tokens_measured": per_example / per_token,
         "train_example_tokens_used": TRAIN_EXAMPLE_TOKENS,
+        "eval_token_cost_measured": per_eval_token / per_token if per_eval_token else None,
+        "eval_token_cost_used": EVAL_TOKEN_COST,
         "examples": result.examples,
         "steps": steps["total"],
         "at": {},

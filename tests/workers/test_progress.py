@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 
 from workers.engine.config import parse_options
-from workers.engine.progress import TRAIN_EXAMPLE_TOKENS, JobProgress, plan
+from workers.engine.progress import EVAL_TOKEN_COST, TRAIN_EXAMPLE_TOKENS, JobProgress, plan
 
 # 10 sampled turns, K=4 x 48 tokens each; the evaluation's 800 tokens are both models'.
 ESTIMATE = {"sampled_turns": 10, "sampling_tokens": 1920, "evaluation_tokens": 800, "values_tokens": 0}
@@ -21,7 +21,8 @@ OPTIONS = parse_options(
     }
 )
 TRAIN = 10 * 2 * TRAIN_EXAMPLE_TOKENS  # 10 examples, 2 epochs
-TOTAL = 1 + 1920 + 400 + TRAIN + 400  # synthesis bounds nothing and weighs one token
+EVAL = 400 * EVAL_TOKEN_COST  # half of the 800 evaluation tokens each time
+TOTAL = 1 + 1920 + EVAL + TRAIN + EVAL  # synthesis bounds nothing and weighs one token
 
 
 class Clock:
@@ -42,9 +43,9 @@ def test_the_plan_weighs_each_stage_by_its_bound():
     assert [(p.stage, p.units) for p in phases] == [
         ("synthesize", 1),
         ("sample", 1920),
-        ("evaluate", 400),
+        ("evaluate", EVAL),
         ("train", TRAIN),
-        ("evaluate", 400),
+        ("evaluate", EVAL),
     ]
     # Replay and both histories train more examples; no evaluation, no evaluate phases.
     more = parse_options(
@@ -79,19 +80,19 @@ def test_fraction_and_eta_follow_the_measured_rates():
     clock.t += 10
     p.report("sample", 5, 10)
     assert p.fraction == pytest.approx((1 + 960) / TOTAL)
-    # 960 units in 10 s: the other half of sampling takes 10 s, the 400 + 800 + 400 after it 16.67 s.
-    assert p.eta_s == pytest.approx(10 + 1600 * 10 / 960)
+    # 960 units in 10 s: the other half of sampling takes 10 s, the phases after it at that rate.
+    assert p.eta_s == pytest.approx(10 + (EVAL + TRAIN + EVAL) * 10 / 960)
 
     p.report("sample", 10, 10)
     p.stage("evaluate")
     clock.t += 5  # loading and ranking between stages count in the attempt's rate, not the phase's
     p.report("evaluate", 0, 4)
     clock.t += 2
-    p.report("evaluate", 2, 4)  # 200 units in 2 s: this phase's rate
-    attempt_rate = 17 / 2120
-    assert p.eta_s == pytest.approx(200 * 2 / 200 + (TRAIN + 400) * attempt_rate)
+    p.report("evaluate", 2, 4)  # half the phase in 2 s: this phase's rate
+    attempt_rate = 17 / (1920 + EVAL / 2)
+    assert p.eta_s == pytest.approx(2 + (TRAIN + EVAL) * attempt_rate)
     p.report("attention", 1, 8)  # another stage's units: the bar does not move
-    assert p.fraction == pytest.approx((1 + 1920 + 200) / TOTAL)
+    assert p.fraction == pytest.approx((1 + 1920 + EVAL / 2) / TOTAL)
 
 
 def test_training_is_reweighed_from_its_steps_and_the_bar_never_goes_back():
@@ -105,7 +106,7 @@ def test_training_is_reweighed_from_its_steps_and_the_bar_never_goes_back():
     assert p.fraction >= before  # the heavier phase lowers the computed figure; the shown one holds
     clock.t += 30
     p.report("train", 10, 20)
-    assert p.eta_s == pytest.approx(30 + 400 * 30 / (10 * 4 * TRAIN_EXAMPLE_TOKENS))
+    assert p.eta_s == pytest.approx(30 + EVAL * 30 / (10 * 4 * TRAIN_EXAMPLE_TOKENS))
     p.stage("evaluate")  # the second evaluation, after training
     assert p.index == 4
     p.stage("done")
@@ -121,4 +122,4 @@ def test_a_resumed_attempt_counts_skipped_work_as_done_but_not_as_timed():
     assert p.eta_s is None
     clock.t += 4
     p.report("sample", 9, 10)  # 192 units in 4 s
-    assert p.eta_s == pytest.approx(192 * 4 / 192 + 1600 * 4 / 192)
+    assert p.eta_s == pytest.approx(4 + (EVAL + TRAIN + EVAL) * 4 / 192)

@@ -3,10 +3,12 @@
 Each stage reports progress in its own units: dialogues sampled, evaluation turns, optimiser
 steps. To add them up, the job is planned as phases (synthesize, sample, evaluate the base model,
 train, evaluate the trained one) weighed in one unit: a generated token at its longest, as
-`workers/engine/cost.py` bounds them before the job is queued. Sampling weighs its bound, each
-evaluation half of the evaluation's, and training its examples times what one example costs to
-train relative to generating a token (`TRAIN_EXAMPLE_TOKENS`, measured on the embedded model; see
-docs/benchmarks.md). Training's weight is refined when it starts and its steps are known.
+`workers/engine/cost.py` bounds them before the job is queued, at sampling's cost per token.
+Sampling weighs its bound; each evaluation half of the evaluation's, times what an evaluation token
+costs against a sampling one (`EVAL_TOKEN_COST`: one reply per prompt, not K sharing a prefill);
+training its examples times what one example costs to train (`TRAIN_EXAMPLE_TOKENS`). Both are
+measured on the embedded model (docs/benchmarks.md, "Whole-job progress"). Training's weight is
+refined when it starts and its steps are known.
 
 The ETA is measured, not guessed: the current phase's remaining units at the rate that phase has
 shown, plus the later phases' units at the rate the whole attempt has shown (time since its first
@@ -27,10 +29,12 @@ from typing import Any
 from workers.engine.config import JobOptions
 
 # Training one example for one epoch (forward and backward over a dialogue of a few hundred tokens)
-# costs about as much time as generating this many tokens at the sampling stage's bound. Measured on
-# the embedded model on 2 CPU cores (docs/benchmarks.md, "Whole-job progress"); a GPU's ratio
-# differs, which moves the bar's split between phases but not the measured ETA of the phase in hand.
-TRAIN_EXAMPLE_TOKENS = 40.0
+# costs about as much time as sampling this many tokens at their bound; an evaluation token about
+# this many sampling tokens. Measured on the embedded model on 2 CPU cores (docs/benchmarks.md,
+# "Whole-job progress": 175-260 and 4-6 on two job sizes); a GPU's ratios differ, which moves the
+# bar's split between phases but not the measured rate of the phase in hand.
+TRAIN_EXAMPLE_TOKENS = 200.0
+EVAL_TOKEN_COST = 5.0
 # A phase that bounds no generated tokens (synthesis without the model's own value lists) still
 # takes some time; this keeps it on the bar.
 MIN_PHASE_TOKENS = 1.0
@@ -46,7 +50,7 @@ def plan(options: JobOptions, estimate: Mapping[str, Any] | None) -> list[Phase]
     """The phases of a job with `options`, weighed from its `estimate` (`Cost.to_json()`; None
     for a job stored before estimates: the phases then weigh the same)."""
     e = estimate or {}
-    evaluation = e.get("evaluation_tokens", 0) / 2
+    evaluation = e.get("evaluation_tokens", 0) / 2 * EVAL_TOKEN_COST
     phases = [
         Phase("synthesize", e.get("values_tokens", 0)),
         Phase("sample", e.get("sampling_tokens", 0)),
