@@ -34,6 +34,7 @@ from app.core.db import SessionDep, SettingsDep
 from app.core.errors import AUTH_RESPONSES, AppError, Conflict, RateLimited, error_response
 from app.core.safe_json import check_text
 from app.jobs import service
+from app.jobs.endpoints import JobId
 from service.models import JobStatus
 from service.repositories import jobs
 
@@ -102,7 +103,7 @@ class ChatReply(BaseModel):
     finish_reason: Literal["stop", "length"] = Field(
         description="`stop`: the model ended its turn; `length`: cut at max_new_tokens."
     )
-    usage: ChatUsage
+    usage: ChatUsage = Field(description="Tokens in and out.")
 
 
 class Chat(Protocol):
@@ -223,7 +224,7 @@ def chat_with_job(
     session: SessionDep,
     team: CurrentTeam,
     settings: SettingsDep,
-    job_id: uuid.UUID,
+    job_id: JobId,
     body: ChatRequest,
 ) -> Response:
     """The next assistant turn of the conversation, from the job's checkpoint (the last by default)

@@ -2445,7 +2445,7 @@ class ChatReply(BaseModel):
             description="The checkpoint's step; null for the base model.", title='Step'
         ),
     ]
-    usage: ChatUsage
+    usage: Annotated[ChatUsage, Field(description='Tokens in and out.')]
 
 
 class CheckpointList(BaseModel):
