@@ -28,7 +28,8 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
-from service.storage import ArtifactMissing, ArtifactStore, StoredFile
+from service.settings import Settings
+from service.storage import ArtifactMissing, ArtifactStore, LocalStore, StoredFile, remote_store
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +77,15 @@ def fetch_checkpoint(store: ArtifactStore, key: str, job_directory: Path) -> Pat
     if _place_checkpoint(store, key, store.list(key), target, job_directory / RESTORE / name) is None:
         raise ArtifactMissing(key)
     return target
+
+
+def stored_checkpoint(settings: Settings, key: str, job_directory: Path) -> Path:
+    """The directory of the stored checkpoint `key`: read in place from a local store, fetched
+    under `job_directory` from S3 (`fetch_checkpoint`). Raises `ArtifactMissing` when it is gone."""
+    store = remote_store(settings)
+    return (
+        fetch_checkpoint(store, key, job_directory) if store else LocalStore(settings.artifact_dir).path(key)
+    )
 
 
 def _place_checkpoint(

@@ -28,8 +28,7 @@ from service.db import session_scope
 from service.queue import CHAT_TASK
 from service.repositories import jobs
 from service.settings import Settings, get_settings
-from service.storage import LocalStore, remote_store
-from workers.artifact_sync import fetch_checkpoint
+from workers.artifact_sync import stored_checkpoint
 from workers.celery_app import celery
 from workers.redact import server_paths
 from workers.tasks import JobFailure, _model_dir, sessions
@@ -99,11 +98,7 @@ def _model_source(
         return base, base, roots
     if key is None:
         raise ChatFailure("checkpoint_not_found", f"The job has no checkpoint at step {request['step']}.")
-    store = remote_store(settings)
-    if store is None:
-        directory = LocalStore(settings.artifact_dir).path(key)
-    else:
-        directory = fetch_checkpoint(store, key, settings.artifact_dir / ".chat" / request["job_id"])
+    directory = stored_checkpoint(settings, key, settings.artifact_dir / ".chat" / request["job_id"])
     return str(directory), base, [*roots, directory]
 
 

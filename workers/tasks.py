@@ -38,9 +38,9 @@ from service.queue import waiting_messages
 from service.reaper import reap
 from service.repositories import corpora, instruction_sets, jobs
 from service.settings import Settings, get_settings
-from service.storage import ArtifactMissing, LocalStore, StoreError, job_dir, job_key, remote_store
+from service.storage import ArtifactMissing, StoreError, job_dir, job_key, remote_store
 from workers import metrics as counters
-from workers.artifact_sync import ScratchSync, artifact_bytes, fetch_checkpoint
+from workers.artifact_sync import ScratchSync, artifact_bytes, stored_checkpoint
 from workers.celery_app import JOB_TASK, REAP_TASK, WEBHOOK_TASK, celery
 from workers.engine.hooks import Stopped
 from workers.job_run import JobRun, end_run, transaction, transient_db_error
@@ -134,11 +134,8 @@ def _parent_checkpoint(job: Job, settings: Settings, out: Path, factory: session
     )
     if key is None:
         raise missing
-    store = remote_store(settings)
     try:
-        directory = (
-            fetch_checkpoint(store, key, out) if store else LocalStore(settings.artifact_dir).path(key)
-        )
+        directory = stored_checkpoint(settings, key, out)
     except ArtifactMissing:
         raise missing from None
     from workers.engine.checkpoints import verify_checkpoint  # torch loads here, in the worker
