@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.server
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -615,3 +616,50 @@ def _metric(text: str, name: str, **labels: str) -> float:
         for s in family.samples
         if s.name == name and labels.items() <= s.labels.items()
     )
+
+
+def test_a_gatt_job_trains_with_dpo_on_its_own_candidates(stack):
+    """objective sft+dpo over REST: pairs of a turn's kept reply and a candidate it beat, in the
+    training set with the reason each was rejected, and a LoRA checkpoint trained on them."""
+    url, app, _ = stack
+    client = Client(url, make_tenant(app.state.sessionmaker).key)
+    short = {
+        "custom": [
+            {
+                "name": "short",
+                "text": "Answer in at most 15 words.",
+                "verifiers": [{"type": "max_words", "n": 15}],
+            }
+        ]
+    }
+    config = {
+        "data": {"max_turns": 2, "replay": 0.5},
+        "sampling": {"k": 4, "max_new_tokens": 32, "batch_prompts": 3},
+        "reward": {"min_reward": 0.0},
+        "training": {
+            "objective": "sft+dpo",
+            "dpo": {"rejected": "repeats", "beta": 0.2},
+            "max_steps": 2,
+            "micro_batch_size": 2,
+        },
+    }
+    job = client.jobs.create(
+        _corpus(client, 3), instruction_set_id=client.instruction_sets.create("short", short).id, config=config
+    )
+    job = client.jobs.wait(job.id, timeout=900, interval=1)
+    assert job.status.value == "succeeded", job
+    assert job.latest_metrics["step"] == 2 and math.isfinite(job.latest_metrics["loss"])
+    assert job.trained_tokens > 0
+
+    rows = list(client.jobs.training_set(job.id))
+    pairs = [r for r in rows if r.history.value != "replay"]
+    assert pairs and [r.history.value for r in rows[len(pairs) :]] == ["replay"] * (len(rows) - len(pairs))
+    samples = {s.index: s for s in client.jobs.samples(job.id)}
+    for row in pairs:
+        kept = row.messages[-1].content
+        assert row.rejected.text != kept and row.rejected.margin > 0.1
+        assert row.rejected.reason.value in ("copy", "echo", "ranked lower")
+        # Both replies are candidates of the same sampled turn: the kept one and the rejected one.
+        turn = next(t for t in samples[row.index].turns if t.chosen is not None and t.candidates[t.chosen].text == kept)
+        assert turn.candidates[row.rejected.candidate].text == row.rejected.text
+        assert turn.ranked[turn.chosen] - turn.ranked[row.rejected.candidate] == row.rejected.margin

@@ -39,6 +39,8 @@ STEP_DIR = re.compile(r"^step-(\d{6,})$")
 # Config fields that fix the data order or the shape of what is trained: a resume must not change
 # them, or the checkpoint's step would point at different data / different parameters.
 _RESUME_FIXED = (
+    "objective",
+    "dpo",
     "method",
     "lora_r",
     "lora_alpha",

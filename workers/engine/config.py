@@ -159,9 +159,36 @@ class RewardConfig(Section):
         return self.relevance_weight > 0 or self.min_relevance is not None or self.prefer == "relevant"
 
 
+class DpoConfig(Section):
+    """Preference pairs from each sampled turn's ranked candidates, and the DPO loss on them
+    (workers/engine/preferences.py, objectives.py `DPO`)."""
+
+    beta: Float = Field(0.1, gt=0.0, le=LIMITS["weight"])
+    """DPO's beta: how far from the reference model a log-probability margin may move the loss."""
+    sft_weight: Float = Field(1.0, ge=0.0, le=LIMITS["weight"])
+    """objective "sft+dpo": weight of the chosen reply's mean token cross-entropy beside each pair's
+    DPO loss (TRL's rpo_alpha), and of each replayed corpus dialogue's."""
+    rejected: Literal["worst", "repeats"] = "worst"
+    """Which candidate of the turn is the rejected reply: the lowest-ranked ("worst"; refused
+    candidates rank 0), or first a candidate refused for copying an earlier reply or echoing the
+    question ("repeats"), then the lowest-ranked."""
+    min_margin: Float = Field(0.1, ge=0.0, le=LIMITS["weight"])
+    """A pair needs the chosen reply's ranked reward above the rejected one's by more than this
+    (a verifier's confidence, as the language verifier's, may differ by 1e-5 between two replies
+    that both pass)."""
+
+
 class TrainConfig(Section):
     """Masked fine-tuning (workers/engine/training.py)."""
 
+    objective: Literal["sft", "dpo", "sft+dpo"] = "sft"
+    """"sft": GAtt's cross-entropy on the kept replies. "dpo": DPO on pairs of a turn's kept reply
+    and a rejected candidate of the same turn, in the same training view (instruction only in the
+    first turn), loss on the reply tokens only; the reference is the model as training starts (for
+    a new LoRA adapter, the base model). "sft+dpo": DPO plus `dpo.sft_weight` times the kept reply's
+    cross-entropy."""
+    dpo: DpoConfig = DpoConfig()
+    """Pair selection and the DPO loss (objective "dpo" or "sft+dpo")."""
     method: Method = "lora"
     """"lora" (adapters; the checkpoint holds only them) or "full" (every weight)."""
     lora_r: Int = Field(16, ge=1, le=LIMITS["lora_r"])
@@ -360,6 +387,15 @@ class JobOptions(Section):
     values: ValuesConfig = ValuesConfig()
     """Family values listed by the model itself (off by default)."""
 
+    @model_validator(mode="after")
+    def _replay_needs_sft(self) -> JobOptions:
+        if self.training.objective == "dpo" and self.data.replay > 0:
+            raise ValueError(
+                "training.objective dpo trains on preference pairs only, so data.replay (plain corpus "
+                "dialogues, trained by cross-entropy) would train nothing: use sft+dpo or data.replay 0"
+            )
+        return self
+
 
 class JobConfig(JobOptions):
     """A whole job: the options and what only the server (or the CLI) decides."""
@@ -458,7 +494,7 @@ def _problem(model: type[BaseModel], error: Any) -> Problem:
         return Problem("invalid_value", f"{name} must not be blank", path)
     message = str(error["msg"]).removeprefix("Value error, ")
     first = message.split(" ", 1)[0]
-    if at_section and first in known:  # a section's own check names the field it is about
+    if at_section and first.split(".")[0] in known:  # a section's own check names the field it is about
         path = f"{path}.{first}" if path else first
     return Problem("invalid_value", message, path or "config")
 

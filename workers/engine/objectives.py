@@ -3,14 +3,15 @@ loss summed over its units; the loop divides by the step's units, counted before
 pass, so that every unit weighs the same however the micro-batches fall.
 
 `MaskedSFT` is GAtt's objective: cross-entropy on the tokens of the trained replies only (the
-loss mask of `gatt.masks`), its unit one trained token. A preference objective (DPO) is the next
-one: its batches hold pairs of replies and its unit is a pair.
+loss mask of `gatt.masks`), its unit one trained token. `workers.engine.dpo.DPO` is the
+preference objective: its batches hold pairs of replies and its unit is a pair.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -21,15 +22,20 @@ from workers.engine.models import unwrap
 
 
 class Objective(Protocol):
-    def collate(self, examples: Sequence[TokenizedExample]) -> Batch:
+    def begin(self, model: Any, data: Sequence[Any], out_dir: Path, *, resuming: bool) -> Sequence[Any]:
+        """Before the first step of this call, with the model ready to train: the data the steps
+        take their micro-batches from (DPO attaches the reference model's log-probabilities)."""
+        ...
+
+    def collate(self, examples: Sequence[Any]) -> Any:
         """One micro-batch of examples, on the CPU."""
         ...
 
-    def units(self, batch: Batch) -> int:
+    def units(self, batch: Any) -> int:
         """What the step's loss is averaged over (trained tokens, pairs, ...)."""
         ...
 
-    def loss(self, model: Any, batch: Batch) -> torch.Tensor:
+    def loss(self, model: Any, batch: Any) -> torch.Tensor:
         """The loss summed (not averaged) over the batch's units, as a 0-d fp32 tensor."""
         ...
 
@@ -41,6 +47,9 @@ class MaskedSFT:
 
     pad_id: int
     row_len: int | None = None
+
+    def begin(self, model: Any, data: Sequence[Any], out_dir: Path, *, resuming: bool) -> Sequence[Any]:
+        return data
 
     def collate(self, examples: Sequence[TokenizedExample]) -> Batch:
         if self.row_len is not None:
@@ -200,9 +209,29 @@ def summed_loss(model: Any, batch: Batch, position_ids: torch.Tensor | None = No
     Logits at position t predict the token at t+1. Most positions of a GAtt example train nothing
     (the instruction, the user turns, the earlier context), and the vocabulary projection, its fp32
     copy and the softmax are the costliest per-position work of a small model's step; so logits are
-    computed only where a token trains. For plain causal LMs the output head runs on exactly those
-    hidden states; for others the model is asked for logits at the columns that train in some row
-    (`logits_to_keep` with indices: the model's own head, softcapping or scaling included).
+    computed only where a token trains (`trained_logits`).
+    """
+    logits, targets, _rows = trained_logits(model, batch, position_ids)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def sequence_logps(model: Any, batch: Batch) -> torch.Tensor:
+    """Each row's summed log-probability of its trained tokens, fp32, shape (rows,): what DPO
+    compares. Rows with no trained token get 0."""
+    logits, targets, rows = trained_logits(model, batch)
+    token_logps = -F.cross_entropy(logits.float(), targets, reduction="none")
+    summed = torch.zeros(batch.input_ids.shape[0], dtype=torch.float32, device=token_logps.device)
+    return summed.index_add(0, rows, token_logps)
+
+
+def trained_logits(
+    model: Any, batch: Batch, position_ids: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits at the positions whose next token trains, those tokens, and each one's row.
+
+    For plain causal LMs the output head runs on exactly those hidden states; for others the model
+    is asked for logits at the columns that train in some row (`logits_to_keep` with indices: the
+    model's own head, softcapping or scaling included).
 
     A packed batch (`pack`, or `position_ids` restarting at 0 for each example) has several
     examples end to end in a row and attends within each: under flex attention through a block
@@ -224,10 +253,9 @@ def summed_loss(model: Any, batch: Batch, position_ids: torch.Tensor | None = No
     if parts is not None:
         decoder, head = parts
         hidden = decoder(**inputs).last_hidden_state
-        logits = head(hidden[:, :-1][keep])
-        return F.cross_entropy(logits.float(), targets[keep], reduction="sum")
+        return head(hidden[:, :-1][keep]), targets[keep], keep.nonzero()[:, 0]
     columns = keep.any(dim=0).nonzero().squeeze(1)
     logits = model(**inputs, logits_to_keep=columns).logits
     targets = targets[:, columns]
     keep = targets != IGNORE_INDEX
-    return F.cross_entropy(logits[keep].float(), targets[keep], reduction="sum")
+    return logits[keep], targets[keep], keep.nonzero()[:, 0]

@@ -54,8 +54,10 @@ from gatt.masks import (
 from gatt.repetition import Repeat, closest_earlier, echo_share
 from gatt.selection import Selection, select_best, summarize
 from workers.engine.config import JobConfig, RewardConfig
+from workers.engine.dpo import PreferencePair
 from workers.engine.hooks import Hooks, Stage, Stopped
 from workers.engine.models import LoadedModel, ModelError, load_model
+from workers.engine.pairs import preference_pairs
 from workers.engine.rewards import Reward, RewardScorer
 from workers.engine.rollout import Rollout
 from workers.engine.sampling import Candidate
@@ -121,8 +123,9 @@ def run_job(
     )
     if not examples:
         raise NoAcceptedSamples(
-            "no accepted samples to train on: no candidate reached reward.min_reward; lower the "
-            "threshold, raise sampling.k, or choose instructions the model can follow"
+            "no accepted samples to train on: no candidate reached reward.min_reward (or, for a DPO "
+            "objective, no turn had a candidate ranked below its kept one); lower the threshold, "
+            "raise sampling.k, or choose instructions the model can follow"
         )
     evaluation = None
     if config.evaluation.enabled:
@@ -608,12 +611,21 @@ def build_training_set(
     hooks: Hooks,
     *,
     dialogues: Sequence[Dialogue] = (),
-) -> list[TokenizedExample]:
-    """Turn sampled dialogues into loss-masked examples and write them in readable form.
+) -> list[TokenizedExample] | list[PreferencePair]:
+    """Turn sampled dialogues into loss-masked examples (or, for a DPO objective, preference pairs:
+    `pairs.py`) and write them in readable form.
 
     `dialogues` (indexed by each record's `index`) supplies the corpus's replies that
     `data.train_history` "corpus" and "both" put before each sampled reply, and the plain
     dialogues `data.replay` adds."""
+    if config.training.objective != "sft":
+        pairs, rows = preference_pairs(config, tokenizer, records, dialogues, hooks)
+        replayed: list[TokenizedExample] = []
+        rows += _replay(config, tokenizer, dialogues, len(rows), hooks, replayed)  # none without pairs
+        hooks.fence()
+        _write_jsonl(path, rows)
+        # A replayed dialogue has no rejected reply: under sft+dpo it trains by cross-entropy alone.
+        return [*pairs, *(PreferencePair(e, None) for e in replayed)]
     examples: list[TokenizedExample] = []
     rows = []
     history = config.data.train_history
@@ -635,15 +647,30 @@ def build_training_set(
             row = _training_example(config, tokenizer, record, replies, trained, hooks, examples)
             if row is not None:
                 rows.append({"history": view, **row})
-    for record in _replay_records(config, dialogues, round(config.data.replay * len(rows))):
+    rows += _replay(config, tokenizer, dialogues, len(rows), hooks, examples)
+    hooks.fence()
+    _write_jsonl(path, rows)
+    return examples
+
+
+def _replay(
+    config: JobConfig,
+    tokenizer: Any,
+    dialogues: Sequence[Dialogue],
+    n_rows: int,
+    hooks: Hooks,
+    examples: list[TokenizedExample],
+) -> list[dict[str, Any]]:
+    """`data.replay` plain corpus dialogues per training row: their examples appended to
+    `examples`, their rows returned."""
+    rows = []
+    for record in _replay_records(config, dialogues, round(config.data.replay * n_rows)):
         row = _training_example(
             config, tokenizer, record, record["replies"], record["trained"], hooks, examples
         )
         if row is not None:
             rows.append({"history": "replay", **row})
-    hooks.fence()
-    _write_jsonl(path, rows)
-    return examples
+    return rows
 
 
 def _replay_records(config: JobConfig, dialogues: Sequence[Dialogue], n: int) -> list[dict[str, Any]]:

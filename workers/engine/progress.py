@@ -34,6 +34,7 @@ from workers.engine.config import JobOptions
 # "Whole-job progress": 175-260 and 4-6 on two job sizes); a GPU's ratios differ, which moves the
 # bar's split between phases but not the measured rate of the phase in hand.
 TRAIN_EXAMPLE_TOKENS = 200.0
+DPO_PAIR_EXAMPLES = 2.5  # examples' worth of training per DPO pair (`_item_cost`)
 EVAL_TOKEN_COST = 5.0
 # A phase that bounds no generated tokens (synthesis without the model's own value lists) still
 # takes some time; this keeps it on the bar.
@@ -57,7 +58,8 @@ def plan(options: JobOptions, estimate: Mapping[str, Any] | None) -> list[Phase]
     ]
     if options.evaluation.enabled:
         phases.append(Phase("evaluate", evaluation))
-    phases.append(Phase("train", _train_examples(options, e.get("sampled_turns", 0)) * TRAIN_EXAMPLE_TOKENS))
+    train_units = _train_examples(options, e.get("sampled_turns", 0)) * _item_cost(options.training.objective)
+    phases.append(Phase("train", train_units))
     if options.evaluation.enabled:
         phases.append(Phase("evaluate", evaluation))
     if not estimate:
@@ -77,6 +79,13 @@ def _train_examples(options: JobOptions, sampled_turns: int) -> float:
     if training.max_steps is not None:
         return training.max_steps * training.micro_batch_size * training.grad_accum
     return examples * training.epochs
+
+
+def _item_cost(objective: str) -> float:
+    """What one training item (an example, or a DPO pair) costs, in sampling tokens."""
+    # A DPO pair trains two replies, after one forward pass of both for the reference: about 2.5
+    # examples by the count of passes (not measured).
+    return TRAIN_EXAMPLE_TOKENS * (1.0 if objective == "sft" else DPO_PAIR_EXAMPLES)
 
 
 class JobProgress:
@@ -123,7 +132,7 @@ class JobProgress:
 
     def _steps_units(self, steps: int) -> float:
         training = self.options.training
-        return steps * training.micro_batch_size * training.grad_accum * TRAIN_EXAMPLE_TOKENS
+        return steps * training.micro_batch_size * training.grad_accum * _item_cost(training.objective)
 
     @property
     def fraction(self) -> float:

@@ -147,6 +147,17 @@ class MessageRow(Row):
     """What is said."""
 
 
+class RejectedRow(Row):
+    candidate: int
+    """Its position among the turn's candidates in `samples.jsonl`."""
+    text: str
+    """The rejected reply."""
+    reason: Literal["copy", "echo", "ranked lower"]
+    """Why it was picked: it copies an earlier reply, echoes the question, or ranked lowest."""
+    margin: float
+    """The kept reply's ranked reward minus this one's."""
+
+
 class TrainingRow(Row):
     """One training dialogue of `training_set.jsonl`, as the model sees it."""
 
@@ -171,3 +182,6 @@ class TrainingRow(Row):
     """Tokens of the dialogue's examples."""
     trained_tokens: int
     """Tokens that carry loss."""
+    rejected: RejectedRow | None = None
+    """A preference pair (training.objective "dpo" or "sft+dpo"): the candidate of the same turn
+    trained against the kept reply, in the same context; null: an SFT row."""

@@ -10,9 +10,9 @@ minimises (`objectives.py`) and the checkpoints (`checkpoints.py`).
   micro-batches of `micro_batch_size`; an optimiser step takes the next `grad_accum`
   micro-batches of that endless stream, so resume needs no sampler state: only the step number.
 - Loss: for each optimiser step, the objective's summed loss over all its micro-batches divided by
-  the step's units (trained tokens for GAtt's masked SFT), counted before any forward pass. Each
-  micro-batch backpropagates `summed / step_units`, so the accumulated gradient is exactly the
-  gradient of that loss: long replies weigh per token, not per example.
+  the step's units (trained tokens for GAtt's masked SFT, pairs for DPO: `dpo.py`), counted before
+  any forward pass. Each micro-batch backpropagates `summed / step_units`, so the accumulated
+  gradient is exactly the gradient of that loss: long replies weigh per token, not per example.
 - Layout: on a GPU a micro-batch's examples are packed end to end into rows (no padding), attend
   through flex attention's block mask, and each decoder layer runs compiled: 42% MFU against 11.5%
   padded on an H200 (docs/benchmarks.md). The CPU pads (`config.packing`, `config.compile`).
@@ -41,6 +41,7 @@ import torch
 from gatt.masks import IGNORE_INDEX, TokenizedExample, fit_to_length
 from workers.engine.checkpoints import CHECKPOINTS, STATE_VERSION, CheckpointStore, restore, rng_state
 from workers.engine.config import TrainConfig
+from workers.engine.dpo import DPO, PreferencePair
 from workers.engine.hooks import Hooks, Stopped
 from workers.engine.models import unwrap
 from workers.engine.objectives import MaskedSFT, Objective, decoder_and_head, trained_labels
@@ -91,7 +92,7 @@ class _Run:
 def train(
     model: Any,
     tokenizer: Any,
-    examples: Sequence[TokenizedExample],
+    examples: Sequence[TokenizedExample | PreferencePair],
     config: TrainConfig,
     out_dir: Path,
     *,
@@ -105,7 +106,8 @@ def train(
     For LoRA the model passed in is wrapped by peft (its modules get adapter layers), or, if it is
     a peft model already (a LoRA checkpoint continued), its own adapter trains further; the trained
     model is `TrainResult.model`. `base_model` names the base weights in every checkpoint and
-    `lineage` is recorded in each manifest as given. `objective` defaults to GAtt's masked SFT.
+    `lineage` is recorded in each manifest as given. `objective` defaults to `config.objective`'s:
+    GAtt's masked SFT on TokenizedExamples, or DPO on PreferencePairs (`dpo.py`).
     Seeds python, numpy and torch's global RNGs with `config.seed`. Raises `Stopped` when
     `hooks.should_stop()` says so (checkpoints already written stay), and ValueError when `out_dir`
     holds a run this call cannot continue (other data, base model, or a config field that fixes data
@@ -118,8 +120,11 @@ def train(
     run = _Run(total_steps=total_steps_for(n_batches, config), n_batches=n_batches)
     fingerprint = _fingerprint(data)
     on_gpu = next(model.parameters()).device.type == "cuda"
-    packed = config.packing == "packed" or (config.packing == "auto" and on_gpu)
-    objective = objective or MaskedSFT(_pad_id(tokenizer), _row_len(data) if packed else None)
+    # Packing lays out GAtt's single examples; DPO's pairs are padded, one reply per row.
+    packed = config.objective == "sft" and (
+        config.packing == "packed" or (config.packing == "auto" and on_gpu)
+    )
+    objective = objective or _objective(config, tokenizer, data, packed)
 
     # Seed first: LoRA's initialisation draws from the global RNG.
     random.seed(config.seed)
@@ -131,6 +136,8 @@ def train(
     optimizer = _optimizer(trainable, config)
 
     latest = store.latest()
+    # Before a checkpoint's weights are loaded: DPO's reference is the model as training starts.
+    data = objective.begin(model, data, out_dir, resuming=latest is not None)
     if latest is not None:
         state = restore(latest, model, optimizer, config, base_model, fingerprint, hooks)
         run.start_step, run.history = state["step"], state["metrics"]
@@ -232,7 +239,8 @@ def _step(
     optimizer.zero_grad(set_to_none=True)
 
     done = step + 1
-    run.trained_total += step_units
+    step_trained = sum(b.n_trained for b in batches)
+    run.trained_total += step_trained
     now = time.perf_counter()
     step_tokens = sum(b.n_tokens for b in batches)
     return {
@@ -240,7 +248,7 @@ def _step(
         "loss": loss,
         "learning_rate": lr,
         "grad_norm": grad_norm,
-        "trained_tokens": step_units,
+        "trained_tokens": step_trained,
         "tokens": step_tokens,
         "tokens_per_s": step_tokens / max(now - step_start, 1e-9),
         "elapsed_s": run.prior_elapsed + (now - run.session_start),
@@ -313,9 +321,16 @@ def _announce(
 # --- setup ------------------------------------------------------------------------------------
 
 
+def _objective(config: TrainConfig, tokenizer: Any, data: Sequence[Any], packed: bool) -> Objective:
+    if config.objective == "sft":
+        return MaskedSFT(_pad_id(tokenizer), _row_len(data) if packed else None)
+    sft_weight = config.dpo.sft_weight if config.objective == "sft+dpo" else 0.0
+    return DPO(_pad_id(tokenizer), config.dpo.beta, sft_weight, batch_size=config.micro_batch_size)
+
+
 def _trainable(
-    examples: Sequence[TokenizedExample], max_seq_len: int, hooks: Hooks
-) -> tuple[list[TokenizedExample], int]:
+    examples: Sequence[TokenizedExample | PreferencePair], max_seq_len: int, hooks: Hooks
+) -> tuple[list[Any], int]:
     """The examples fitted to `max_seq_len`, and how many were dropped (reported as an event)."""
     data, too_long, shortened, untrained = _prepare(examples, max_seq_len)
     if too_long or shortened or untrained:
@@ -333,27 +348,38 @@ def _trainable(
 
 
 def _prepare(
-    examples: Sequence[TokenizedExample], max_seq_len: int
-) -> tuple[list[TokenizedExample], int, int, int]:
-    data: list[TokenizedExample] = []
+    examples: Sequence[TokenizedExample | PreferencePair], max_seq_len: int
+) -> tuple[list[Any], int, int, int]:
+    """Each example cut to fit (`fit_to_length`); a preference pair is kept only whole: its two
+    replies must stand after the same context."""
+    data: list[Any] = []
     too_long = shortened = untrained = 0
-    for i, example in enumerate(examples):
-        if not isinstance(example, TokenizedExample):
-            raise TypeError(f"examples[{i}] is a {type(example).__name__}, not a TokenizedExample")
-        n = len(example.input_ids)
-        for start, end in example.spans:
-            if not 0 <= start < end <= n:
-                raise ValueError(f"examples[{i}] has span ({start}, {end}) outside its {n} tokens")
-        fitted = fit_to_length(example, max_seq_len)
-        if fitted is None:
+    for i, item in enumerate(examples):
+        if isinstance(item, PreferencePair):
+            parts = item.examples
+        elif isinstance(item, TokenizedExample):
+            parts = (item,)
+        else:
+            raise TypeError(f"examples[{i}] is a {type(item).__name__}, not a TokenizedExample")
+        fitted = []
+        for example in parts:
+            n = len(example.input_ids)
+            for start, end in example.spans:
+                if not 0 <= start < end <= n:
+                    raise ValueError(f"examples[{i}] has span ({start}, {end}) outside its {n} tokens")
+            fitted.append(fit_to_length(example, max_seq_len))
+        if any(f is None for f in fitted) or (len(parts) > 1 and fitted != list(parts)):
             too_long += 1
             continue
-        if len(fitted.input_ids) < n:
-            shortened += 1
-        if not any(label != IGNORE_INDEX for label in trained_labels(fitted)[1:]):
+        if not all(any(label != IGNORE_INDEX for label in trained_labels(f)[1:]) for f in fitted):
             untrained += 1
             continue
-        data.append(fitted)
+        if isinstance(item, PreferencePair):
+            data.append(item)
+            continue
+        if len(fitted[0].input_ids) < len(item.input_ids):
+            shortened += 1
+        data.append(fitted[0])
     return data, too_long, shortened, untrained
 
 
@@ -387,10 +413,11 @@ def _fast_kernels(model: Any, config: TrainConfig, *, packed: bool, on_gpu: bool
             base.set_attn_implementation(attention)
 
 
-def _fingerprint(data: Sequence[TokenizedExample]) -> str:
+def _fingerprint(data: Sequence[Any]) -> str:
     digest = hashlib.sha256()
-    for example in data:
-        digest.update(json.dumps([example.input_ids, trained_labels(example)]).encode())
+    for item in data:
+        for example in item.examples if isinstance(item, PreferencePair) else (item,):
+            digest.update(json.dumps([example.input_ids, trained_labels(example)]).encode())
     return digest.hexdigest()
 
 

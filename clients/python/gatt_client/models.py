@@ -555,6 +555,62 @@ class DeliveryStatus(StrEnum):
     failed = 'failed'
 
 
+class Rejected(StrEnum):
+    """
+    Which candidate of the turn is the rejected reply: the lowest-ranked ("worst"; refused
+    candidates rank 0), or first a candidate refused for copying an earlier reply or echoing the
+    question ("repeats"), then the lowest-ranked.
+    """
+
+    worst = 'worst'
+    repeats = 'repeats'
+
+
+class DpoConfig(BaseModel):
+    """
+    Preference pairs from each sampled turn's ranked candidates, and the DPO loss on them
+    (workers/engine/preferences.py, objectives.py `DPO`).
+    """
+
+    model_config = ConfigDict(
+        extra='forbid',
+    )
+    beta: Annotated[
+        float | None,
+        Field(
+            description="DPO's beta: how far from the reference model a log-probability margin may move the loss.",
+            gt=0.0,
+            le=100.0,
+            title='Beta',
+        ),
+    ] = 0.1
+    min_margin: Annotated[
+        float | None,
+        Field(
+            description="A pair needs the chosen reply's ranked reward above the rejected one's by more than this\n(a verifier's confidence, as the language verifier's, may differ by 1e-5 between two replies\nthat both pass).",
+            ge=0.0,
+            le=100.0,
+            title='Min Margin',
+        ),
+    ] = 0.1
+    rejected: Annotated[
+        Rejected | None,
+        Field(
+            description='Which candidate of the turn is the rejected reply: the lowest-ranked ("worst"; refused\ncandidates rank 0), or first a candidate refused for copying an earlier reply or echoing the\nquestion ("repeats"), then the lowest-ranked.',
+            title='Rejected',
+        ),
+    ] = 'worst'
+    sft_weight: Annotated[
+        float | None,
+        Field(
+            description='objective "sft+dpo": weight of the chosen reply\'s mean token cross-entropy beside each pair\'s\nDPO loss (TRL\'s rpo_alpha), and of each replayed corpus dialogue\'s.',
+            ge=0.0,
+            le=100.0,
+            title='Sft Weight',
+        ),
+    ] = 1.0
+
+
 class EchoRow(BaseModel):
     model_config = ConfigDict(
         extra='forbid',
@@ -1440,6 +1496,44 @@ class Readiness(BaseModel):
     ] = 'ok'
 
 
+class Reason(StrEnum):
+    """
+    Why it was picked: it copies an earlier reply, echoes the question, or ranked lowest.
+    """
+
+    copy = 'copy'
+    echo = 'echo'
+    ranked_lower = 'ranked lower'
+
+
+class RejectedRow(BaseModel):
+    model_config = ConfigDict(
+        extra='forbid',
+    )
+    candidate: Annotated[
+        int,
+        Field(
+            description="Its position among the turn's candidates in `samples.jsonl`.",
+            title='Candidate',
+        ),
+    ]
+    margin: Annotated[
+        float,
+        Field(
+            description="The kept reply's ranked reward minus this one's.",
+            title='Margin',
+        ),
+    ]
+    reason: Annotated[
+        Reason,
+        Field(
+            description='Why it was picked: it copies an earlier reply, echoes the question, or ranked lowest.',
+            title='Reason',
+        ),
+    ]
+    text: Annotated[str, Field(description='The rejected reply.', title='Text')]
+
+
 class Relevance(BaseModel):
     """
     Question-reply relevance: the cosine of their sentence embeddings.
@@ -1851,6 +1945,20 @@ class Method(StrEnum):
     full = 'full'
 
 
+class Objective(StrEnum):
+    """
+    "sft": GAtt's cross-entropy on the kept replies. "dpo": DPO on pairs of a turn's kept reply
+    and a rejected candidate of the same turn, in the same training view (instruction only in the
+    first turn), loss on the reply tokens only; the reference is the model as training starts (for
+    a new LoRA adapter, the base model). "sft+dpo": DPO plus `dpo.sft_weight` times the kept reply's
+    cross-entropy.
+    """
+
+    sft = 'sft'
+    dpo = 'dpo'
+    sft_dpo = 'sft+dpo'
+
+
 class Packing(StrEnum):
     """
     How a micro-batch's examples are laid out: "packed" end to end in rows as long as the longest
@@ -1902,6 +2010,12 @@ class TrainConfig(BaseModel):
             title='Compile',
         ),
     ] = 'auto'
+    dpo: Annotated[DpoConfig | None, Field(description='Pair selection and the DPO loss (objective "dpo" or "sft+dpo").', validate_default=True)] = {
+        'beta': 0.1,
+        'min_margin': 0.1,
+        'rejected': 'worst',
+        'sft_weight': 1.0,
+    }
     epochs: Annotated[
         float | None,
         Field(
@@ -2012,6 +2126,13 @@ class TrainConfig(BaseModel):
             title='Micro Batch Size',
         ),
     ] = 4
+    objective: Annotated[
+        Objective | None,
+        Field(
+            description='"sft": GAtt\'s cross-entropy on the kept replies. "dpo": DPO on pairs of a turn\'s kept reply\nand a rejected candidate of the same turn, in the same training view (instruction only in the\nfirst turn), loss on the reply tokens only; the reference is the model as training starts (for\na new LoRA adapter, the base model). "sft+dpo": DPO plus `dpo.sft_weight` times the kept reply\'s\ncross-entropy.',
+            title='Objective',
+        ),
+    ] = 'sft'
     packing: Annotated[
         Packing | None,
         Field(
@@ -2097,6 +2218,12 @@ class TrainingRow(BaseModel):
             title='Messages',
         ),
     ]
+    rejected: Annotated[
+        RejectedRow | None,
+        Field(
+            description='A preference pair (training.objective "dpo" or "sft+dpo"): the candidate of the same turn\ntrained against the kept reply, in the same context; null: an SFT row.'
+        ),
+    ] = None
     scope: Annotated[
         str,
         Field(
@@ -2905,6 +3032,7 @@ class JobOptions(BaseModel):
         'betas': [0.9, 0.999],
         'checkpoint_every': 0,
         'compile': 'auto',
+        'dpo': {'beta': 0.1, 'min_margin': 0.1, 'rejected': 'worst', 'sft_weight': 1.0},
         'epochs': 1.0,
         'grad_accum': 1,
         'keep_checkpoints': 2,
@@ -2918,6 +3046,7 @@ class JobOptions(BaseModel):
         'merge_on_save': False,
         'method': 'lora',
         'micro_batch_size': 4,
+        'objective': 'sft',
         'packing': 'auto',
         'schedule': 'cosine',
         'seed': 0,

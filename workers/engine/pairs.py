@@ -1,0 +1,153 @@
+"""Preference pairs from a job's ranked candidates (training.objective "dpo" or "sft+dpo").
+
+Every sampled turn that kept a reply also holds the candidates it beat, sampled from the same
+context: the kept reply is the chosen one, and one candidate that ranked lower by more than
+`dpo.min_margin` is the rejected one (`rejected_candidate`). Both are put in the training view
+that SFT would train the kept reply in (`data.train_history`: the instruction only in the first
+turn, after the dialogue's own sampled replies or the corpus's), loss on the reply only.
+
+"repeats" prefers, as the rejected reply, a candidate refused for copying an earlier reply of its
+dialogue or echoing the question: what a GAtt model does when it "keeps" the instruction by
+repeating itself, which ranking can refuse while sampling but SFT on the kept replies never
+teaches against.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from gatt.augment import training_dialogue
+from gatt.dialogues import Dialogue, leading_replies
+from gatt.instructions import Instruction
+from gatt.masks import TemplateError, TokenizedExample, build_examples, trained_text
+from workers.engine.config import JobConfig
+from workers.engine.dpo import PreferencePair
+from workers.engine.hooks import Hooks
+
+
+def rejected_candidate(turn: dict[str, Any], config: JobConfig) -> tuple[int, str] | None:
+    """The candidate of a `samples.jsonl` turn to pair against its chosen one, and why ("copy",
+    "echo" or "ranked lower"); None when the turn kept nothing or no candidate qualifies.
+
+    A candidate qualifies when it has text (not cut before its first sentence ended), differs from
+    the chosen text, and ranked more than `dpo.min_margin` below it (refused candidates rank 0).
+    Among those, the lowest-ranked, then the lowest raw reward, then the least relevant, then the
+    first; with `dpo.rejected` "repeats", among the copies and echoes first."""
+    chosen = turn["chosen"]
+    if chosen is None:
+        return None
+    candidates, ranked = turn["candidates"], turn["ranked"]
+    margin = config.training.dpo.min_margin
+    options = [
+        i
+        for i, c in enumerate(candidates)
+        if c["text"] and c["text"] != candidates[chosen]["text"] and ranked[chosen] - ranked[i] > margin
+    ]
+    if not options:
+        return None
+    reasons = {i: _repeat_reason(candidates[i], config) for i in options}
+    if config.training.dpo.rejected == "repeats" and any(reasons.values()):
+        options = [i for i in options if reasons[i]]
+
+    def worst_first(i: int) -> tuple[float, float, float, int]:
+        reward = candidates[i]["reward"]
+        relevance = reward.get("relevance")
+        return (ranked[i], reward["total"], relevance if relevance is not None else 0.0, i)
+
+    best = min(options, key=worst_first)
+    return best, reasons[best] or "ranked lower"
+
+
+def _repeat_reason(candidate: dict[str, Any], config: JobConfig) -> str | None:
+    limit = config.reward.max_repeat_similarity
+    repeat = candidate["repeat"]
+    if limit is not None and repeat["turn"] is not None and repeat["similarity"] >= limit:
+        return "copy"
+    return "echo" if candidate["echo"]["is_echo"] else None
+
+
+def preference_pairs(
+    config: JobConfig,
+    tokenizer: Any,
+    records: Sequence[dict[str, Any]],
+    dialogues: Sequence[Dialogue],
+    hooks: Hooks,
+) -> tuple[list[PreferencePair], list[dict[str, Any]]]:
+    """The pairs of every sampled turn in each training view, and their `training_set.jsonl` rows."""
+    pairs: list[PreferencePair] = []
+    rows: list[dict[str, Any]] = []
+    history = config.data.train_history
+    for record in records:
+        corpus = leading_replies([reply for _, reply in dialogues[record["index"]].turns])
+        for turn in record["turns"]:
+            rejected = rejected_candidate(turn, config)
+            if rejected is None:
+                continue
+            k = turn["turn"]
+            views = []
+            if history in ("sampled", "both"):
+                views.append(("sampled", record["replies"][:k]))
+            if (history == "corpus" or (history == "both" and k > 0)) and k <= len(corpus):
+                views.append(("corpus", corpus[:k]))
+            for view, earlier in views:
+                made = _pair(config, tokenizer, record, turn, rejected, earlier, hooks)
+                if made is not None:
+                    pairs.append(made[0])
+                    rows.append({"history": view, **made[1]})
+    return pairs, rows
+
+
+def _pair(
+    config: JobConfig,
+    tokenizer: Any,
+    record: dict[str, Any],
+    turn: dict[str, Any],
+    rejected: tuple[int, str],
+    earlier: Sequence[str],
+    hooks: Hooks,
+) -> tuple[PreferencePair, dict[str, Any]] | None:
+    candidates = turn["candidates"]
+    chosen_text, rejected_text = candidates[turn["chosen"]]["text"], candidates[rejected[0]]["text"]
+    try:
+        chosen, dialogue = _reply_example(config, tokenizer, record, earlier, chosen_text)
+        other, _ = _reply_example(config, tokenizer, record, earlier, rejected_text)
+    except TemplateError as exc:
+        hooks.event("warning", "template", f"dialogue {record['index']} pair skipped: {exc}", {})
+        return None
+    ranked = turn["ranked"]
+    row = {
+        "index": record["index"],
+        "dialogue_id": record["dialogue_id"],
+        "scope": "last_turn",
+        "fallback_reason": None,
+        "messages": list(dialogue.messages),
+        "trained": list(dialogue.trained),
+        "trained_spans": [trained_text(tokenizer, chosen)],
+        "tokens": len(chosen.input_ids) + len(other.input_ids),
+        "trained_tokens": chosen.n_trained + other.n_trained,
+        "rejected": {
+            "candidate": rejected[0],
+            "text": rejected_text,
+            "reason": rejected[1],
+            "margin": ranked[turn["chosen"]] - ranked[rejected[0]],
+        },
+    }
+    return PreferencePair(chosen, other), row
+
+
+def _reply_example(
+    config: JobConfig, tokenizer: Any, record: dict[str, Any], earlier: Sequence[str], reply: str
+) -> tuple[TokenizedExample, Any]:
+    """`reply` after the `earlier` replies, the instruction (its training wording) in the first turn
+    only; loss on `reply` alone."""
+    dialogue = training_dialogue(
+        Instruction.from_json(record["instruction"]).text,
+        record["users"][: len(earlier) + 1],
+        [*earlier, reply],
+        [False] * len(earlier) + [True],
+        system=record["system"],
+        placement=config.placement,
+    )
+    (example,) = build_examples(tokenizer, dialogue, "last_turn").examples
+    return example, dialogue
