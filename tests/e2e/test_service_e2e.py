@@ -620,9 +620,15 @@ def _metric(text: str, name: str, **labels: str) -> float:
 
 def test_a_gatt_job_trains_with_dpo_on_its_own_candidates(stack):
     """objective sft+dpo over REST: pairs of a turn's kept reply and a candidate it beat, in the
-    training set with the reason each was rejected, and a LoRA checkpoint trained on them."""
+    training set with the reason each was rejected, and a LoRA checkpoint trained on them; the job
+    page shows the rejected reply beside the kept one."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
     url, app, _ = stack
-    client = Client(url, make_tenant(app.state.sessionmaker).key)
+    tenant = make_tenant(app.state.sessionmaker)
+    client = Client(url, tenant.key)
     short = {
         "custom": [
             {
@@ -644,7 +650,9 @@ def test_a_gatt_job_trains_with_dpo_on_its_own_candidates(stack):
         },
     }
     job = client.jobs.create(
-        _corpus(client, 3), instruction_set_id=client.instruction_sets.create("short", short).id, config=config
+        _corpus(client, 3),
+        instruction_set_id=client.instruction_sets.create("short", short).id,
+        config=config,
     )
     job = client.jobs.wait(job.id, timeout=900, interval=1)
     assert job.status.value == "succeeded", job
@@ -660,6 +668,27 @@ def test_a_gatt_job_trains_with_dpo_on_its_own_candidates(stack):
         assert row.rejected.text != kept and row.rejected.margin > 0.1
         assert row.rejected.reason.value in ("copy", "echo", "ranked lower")
         # Both replies are candidates of the same sampled turn: the kept one and the rejected one.
-        turn = next(t for t in samples[row.index].turns if t.chosen is not None and t.candidates[t.chosen].text == kept)
+        turn = next(
+            t
+            for t in samples[row.index].turns
+            if t.chosen is not None and t.candidates[t.chosen].text == kept
+        )
         assert turn.candidates[row.rejected.candidate].text == row.rejected.text
         assert turn.ranked[turn.chosen] - turn.ranked[row.rejected.candidate] == row.rejected.margin
+
+    with chromium() as driver:
+        wait = WebDriverWait(
+            driver, 30, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
+        )
+        driver.get(f"{url}/ui")
+        key = wait.until(lambda d: d.find_element(By.NAME, "key"))
+        key.send_keys(tenant.key)
+        key.submit()
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f'tr[data-job="{job.id}"] a')).click()
+        shown = wait.until(
+            lambda d: d.find_elements(By.CSS_SELECTOR, '#training-set .msg[data-rejected="true"]')
+        )
+        assert shown[0].text.split("\n", 1)[1] == pairs[0].rejected.text.strip()
+        kept = driver.find_elements(By.CSS_SELECTOR, '#training-set .msg[data-trained="true"]')
+        assert kept[0].text.split("\n", 1)[1] == pairs[0].messages[-1].content.strip()
+        screenshot(driver, "ui-dpo-pair")

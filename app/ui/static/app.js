@@ -334,10 +334,14 @@ function sampleRow(row) {
 }
 
 function trainingRow(row) {
+  // A DPO pair (training.objective dpo or sft+dpo) also shows the candidate trained against the kept reply.
+  const rejected = row.rejected && h("div", { class: "msg rejected", "data-rejected": "true" },
+    h("span", { class: "role" }, `rejected (${row.rejected.reason}, candidate ${row.rejected.candidate})`), row.rejected.text);
   return h("div", { class: "training" },
     h("p", { class: "muted" }, `Dialogue ${row.index}, history: ${row.history}, scope: ${row.scope}, ${row.trained_tokens} of ${row.tokens} tokens trained (highlighted).`),
     row.messages.map((m, i) => h("div", { class: `msg${row.trained[i] ? " trained" : ""}`, "data-trained": row.trained[i] ? "true" : "false" },
-      h("span", { class: "role" }, m.role), m.content)));
+      h("span", { class: "role" }, m.role), m.content)),
+    rejected);
 }
 
 // --- the playground --------------------------------------------------------------------------
