@@ -286,3 +286,26 @@ def test_a_resumed_run_uses_the_stored_reference_and_needs_it(tmp_path, pairs):
             tmp_path / "cut",
             base_model="tiny",
         )
+
+
+def test_max_seq_len_drops_a_pair_that_does_not_fit_and_cuts_a_replay(tmp_path, pairs):
+    from tests.workers.test_training import handmade
+
+    tok = llama3()
+    replay = handmade(60, [(10, 20), (40, 55)], seed=3)  # cut after its first reply at max_seq_len 30
+    longest = max(len(e.input_ids) for p in pairs for e in p.examples)
+    config = DPO_RUN.model_copy(update={"objective": "sft+dpo", "max_seq_len": 30, "max_steps": 1})
+    recorder = Recorder()
+    result = train(
+        tiny_llama(len(tok)),
+        tok,
+        [*pairs, PreferencePair(replay, None)],
+        config,
+        tmp_path,
+        hooks=recorder.hooks(),
+        base_model="tiny",
+    )
+    assert longest > 30  # so both pairs are too long
+    (dropped,) = [e[3] for e in recorder.events if e[1] == "examples_dropped"]
+    assert (dropped["too_long"], dropped["shortened"]) == (2, 1)
+    assert result.metrics[0]["trained_tokens"] == 10  # the replay's first reply only

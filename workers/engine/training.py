@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import hashlib
 import json
 import math
@@ -374,12 +375,12 @@ def _prepare(
         if not all(any(label != IGNORE_INDEX for label in trained_labels(f)[1:]) for f in fitted):
             untrained += 1
             continue
-        if isinstance(item, PreferencePair):
-            data.append(item)
-            continue
-        if len(fitted[0].input_ids) < len(item.input_ids):
+        if len(fitted[0].input_ids) < len(parts[0].input_ids):  # never a pair's: kept whole above
             shortened += 1
-        data.append(fitted[0])
+        # A replayed dialogue under sft+dpo is a "pair" without a rejected reply, cut like an example.
+        data.append(
+            dataclasses.replace(item, chosen=fitted[0]) if isinstance(item, PreferencePair) else fitted[0]
+        )
     return data, too_long, shortened, untrained
 
 
