@@ -196,7 +196,7 @@ def loss_at_step_0(checkpoint: str, pairs: list[Any], beta: float, micro_batch: 
     with_ref = [PreferencePair(p.chosen, p.rejected, r) for p, r in zip(pairs, reference, strict=True)]
     model.eval()
     with torch.no_grad():
-        ours = float(DPO(pad, beta).loss(model, collate_pairs(with_ref, pad))) / len(pairs)
+        ours = float(DPO(pad, beta).loss(model, collate_pairs(with_ref, pad)).summed) / len(pairs)
 
     config = _dpo_config_for_loss(beta, micro_batch)
     with tempfile.TemporaryDirectory() as out:

@@ -225,7 +225,10 @@ class EventList(BaseModel):
 class Metric(BaseModel):
     step: int = Field(description="Optimiser step, from 1.")
     values: dict[str, float] = Field(
-        description="loss, learning_rate, grad_norm, trained_tokens, tokens, tokens_per_s, elapsed_s, eta_s, epoch."
+        description="loss, learning_rate, grad_norm, trained_tokens, tokens, tokens_per_s, elapsed_s, eta_s, epoch; "
+        "with training.objective dpo or sft+dpo also preference_accuracy (the share of the step's pairs whose "
+        "chosen reply the model prefers more than the reference does) and preference_margin (beta times "
+        "that log-ratio margin, averaged)."
     )
     created_at: datetime = Field(description="When it was recorded.")
 

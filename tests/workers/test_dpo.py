@@ -203,16 +203,23 @@ def test_loss_is_the_sigmoid_dpo_loss_of_reply_log_probabilities(pairs):
     ref = [(_logps_by_hand(reference, p.chosen), _logps_by_hand(reference, p.rejected)) for p in pairs]
     data = [PreferencePair(p.chosen, p.rejected, r) for p, r in zip(pairs, ref, strict=True)]
     expected_dpo = expected_sft = 0.0
+    margins = []
     for p, (ref_c, ref_r) in zip(pairs, ref, strict=True):
         c, r = _logps_by_hand(policy, p.chosen), _logps_by_hand(policy, p.rejected)
-        expected_dpo += math.log1p(math.exp(-beta * ((c - ref_c) - (r - ref_r))))
+        margins.append(beta * ((c - ref_c) - (r - ref_r)))
+        expected_dpo += math.log1p(math.exp(-margins[-1]))
         expected_sft += -c / p.chosen.n_trained
     batch = collate_pairs(data, pad_id=0)
     assert DPO(0, beta).units(batch) == 2
     with torch.no_grad():
-        assert DPO(0, beta).loss(policy, batch).item() == pytest.approx(expected_dpo, abs=1e-5)
-        mixed = DPO(0, beta, sft_weight=weight).loss(policy, batch).item()
+        out = DPO(0, beta).loss(policy, batch)
+        mixed = DPO(0, beta, sft_weight=weight).loss(policy, batch).summed.item()
+    assert out.summed.item() == pytest.approx(expected_dpo, abs=1e-5)
     assert mixed == pytest.approx(expected_dpo + weight * expected_sft, abs=1e-4)
+    # What the metrics row reports: how often, and by how much, the policy prefers the chosen reply.
+    accuracy, margin = out.tallies["preference_accuracy"], out.tallies["preference_margin"]
+    assert accuracy == (sum(m > 0 for m in margins), 2)
+    assert margin[1] == 2 and margin[0] == pytest.approx(sum(margins), abs=1e-5)
 
 
 def test_a_replayed_dialogue_trains_by_cross_entropy_alone(pairs):
@@ -220,8 +227,9 @@ def test_a_replayed_dialogue_trains_by_cross_entropy_alone(pairs):
     model = tiny_llama(len(tok))
     replay = PreferencePair(pairs[0].chosen, None, (0.0, None))
     with torch.no_grad():
-        alone = DPO(0, 0.1, sft_weight=2.0).loss(model, collate_pairs([replay], 0)).item()
-        assert DPO(0, 0.1).loss(model, collate_pairs([replay], 0)).item() == 0.0
+        alone = DPO(0, 0.1, sft_weight=2.0).loss(model, collate_pairs([replay], 0)).summed.item()
+        only_dpo = DPO(0, 0.1).loss(model, collate_pairs([replay], 0))
+    assert only_dpo.summed.item() == 0.0 and only_dpo.tallies == {}
     assert alone == pytest.approx(
         -2.0 * _logps_by_hand(model, pairs[0].chosen) / pairs[0].chosen.n_trained, abs=1e-5
     )
@@ -247,6 +255,8 @@ def test_training_starts_at_log_2_and_moves_the_margin(tmp_path, pairs):
     # margin is 0 at step 1 and its loss log 2.
     assert result.metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert result.metrics[-1]["loss"] < math.log(2) - 0.01
+    assert result.metrics[0]["preference_margin"] == pytest.approx(0.0, abs=1e-5)
+    assert result.metrics[-1]["preference_accuracy"] == 1.0 and result.metrics[-1]["preference_margin"] > 0
     assert result.metrics[0]["trained_tokens"] in {p.n_trained for p in pairs}
     stored = json.loads((tmp_path / REFERENCE_FILE).read_text())
     assert stored["logps"][1] == pytest.approx(

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from gatt.masks import IGNORE_INDEX, TokenizedExample
-from workers.engine.objectives import Batch, collate, sequence_logps
+from workers.engine.objectives import Batch, Loss, collate, sequence_logps
 
 REFERENCE_FILE = "reference_logps.json"
 
@@ -120,17 +120,28 @@ class DPO:
     def units(self, batch: PairBatch) -> int:
         return batch.n_pairs
 
-    def loss(self, model: Any, batch: PairBatch) -> torch.Tensor:
+    def loss(self, model: Any, batch: PairBatch) -> Loss:
+        """Also tallies, over the pairs with a rejected reply, how often the policy prefers the
+        chosen reply more than the reference does (`preference_accuracy`) and by how much
+        (`preference_margin`: beta times the log-ratio margin; TRL's rewards/accuracies and margins)."""
         logps = sequence_logps(model, batch.rows)
         chosen, rejected = logps[: batch.n_pairs], logps[batch.n_pairs :]
         ref = batch.reference
         total = torch.zeros((), dtype=torch.float32, device=logps.device)
+        tallies = {}
         if len(rejected):
-            margin = (chosen[batch.paired] - ref[batch.paired, 0]) - (rejected - ref[batch.paired, 1])
-            total = total - F.logsigmoid(self.beta * margin).sum()
+            margin = self.beta * (
+                (chosen[batch.paired] - ref[batch.paired, 0]) - (rejected - ref[batch.paired, 1])
+            )
+            total = total - F.logsigmoid(margin).sum()
+            n = len(rejected)
+            tallies = {
+                "preference_accuracy": (float((margin > 0).sum()), n),
+                "preference_margin": (float(margin.detach().sum()), n),
+            }
         if self.sft_weight > 0:
             total = total + self.sft_weight * (-chosen / batch.chosen_tokens).sum()
-        return total
+        return Loss(total, tallies)
 
 
 def collate_pairs(pairs: Sequence[PreferencePair], pad_id: int) -> PairBatch:

@@ -10,7 +10,7 @@ preference objective: its batches hold pairs of replies and its unit is a pair.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -35,9 +35,16 @@ class Objective(Protocol):
         """What the step's loss is averaged over (trained tokens, pairs, ...)."""
         ...
 
-    def loss(self, model: Any, batch: Any) -> torch.Tensor:
-        """The loss summed (not averaged) over the batch's units, as a 0-d fp32 tensor."""
+    def loss(self, model: Any, batch: Any) -> Loss:
+        """The loss summed (not averaged) over the batch's units, and the objective's own tallies."""
         ...
+
+
+@dataclass(frozen=True)
+class Loss:
+    summed: torch.Tensor  # 0-d fp32: the batch's loss summed over its units
+    # Metric name -> (sum, count) over the batch: the step's metrics row gets sum / count of each.
+    tallies: dict[str, tuple[float, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -59,8 +66,8 @@ class MaskedSFT:
     def units(self, batch: Batch) -> int:
         return batch.n_trained
 
-    def loss(self, model: Any, batch: Batch) -> torch.Tensor:
-        return summed_loss(model, batch)
+    def loss(self, model: Any, batch: Batch) -> Loss:
+        return Loss(summed_loss(model, batch))
 
 
 def trained_labels(example: TokenizedExample) -> list[int]:

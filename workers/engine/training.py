@@ -62,6 +62,8 @@ METRIC_FIELDS = (
     "eta_s",
     "epoch",
 )
+# Written by the DPO objectives only (`dpo.py`); blank in an SFT run's metrics.csv.
+PREFERENCE_FIELDS = ("preference_accuracy", "preference_margin")
 
 
 @dataclass
@@ -159,7 +161,7 @@ def train(
         files.enter_context(_fast_kernels(model, config, packed=packed, on_gpu=on_gpu))
         jsonl = files.enter_context(open(out_dir / METRICS_JSONL, "a", encoding="utf-8"))
         csv_file = files.enter_context(open(out_dir / METRICS_CSV, "a", encoding="utf-8", newline=""))
-        csv_writer = csv.DictWriter(csv_file, fieldnames=METRIC_FIELDS)
+        csv_writer = csv.DictWriter(csv_file, fieldnames=METRIC_FIELDS + PREFERENCE_FIELDS)
 
         for step in range(run.start_step, run.total_steps):
             row = _step(step, model, objective, data, optimizer, trainable, config, run, hooks)
@@ -220,13 +222,17 @@ def _step(
         group["lr"] = lr
 
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
+    tallies: dict[str, tuple[float, int]] = {}
     for batch in batches:
         if hooks.should_stop():
             optimizer.zero_grad(set_to_none=True)
             raise Stopped(f"stopped during step {step + 1}; last checkpoint kept")
-        summed = objective.loss(model, batch.to(device))
-        (summed / step_units).backward()
-        loss_sum += summed.detach()
+        out = objective.loss(model, batch.to(device))
+        (out.summed / step_units).backward()
+        loss_sum += out.summed.detach()
+        for name, (value, count) in out.tallies.items():
+            before = tallies.get(name, (0.0, 0))
+            tallies[name] = (before[0] + value, before[1] + count)
 
     clip_to = config.max_grad_norm if config.max_grad_norm is not None else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip_to))
@@ -255,6 +261,7 @@ def _step(
         "elapsed_s": run.prior_elapsed + (now - run.session_start),
         "eta_s": (now - run.session_start) / (done - run.start_step) * (run.total_steps - done),
         "epoch": (first_mb + config.grad_accum) / run.n_batches,
+        **{name: value / count for name, (value, count) in tallies.items() if count},
     }
 
 
@@ -501,7 +508,7 @@ def _rewrite_metrics(out_dir: Path, history: list[dict[str, float]]) -> None:
     os.replace(tmp, out_dir / METRICS_JSONL)
     tmp = out_dir / (METRICS_CSV + ".tmp")
     with open(tmp, "w", encoding="utf-8", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=METRIC_FIELDS + PREFERENCE_FIELDS)
         writer.writeheader()
         writer.writerows(history)
     os.replace(tmp, out_dir / METRICS_CSV)

@@ -1312,7 +1312,7 @@ class Metric(BaseModel):
     values: Annotated[
         dict[str, float],
         Field(
-            description='loss, learning_rate, grad_norm, trained_tokens, tokens, tokens_per_s, elapsed_s, eta_s, epoch.',
+            description="loss, learning_rate, grad_norm, trained_tokens, tokens, tokens_per_s, elapsed_s, eta_s, epoch; with training.objective dpo or sft+dpo also preference_accuracy (the share of the step's pairs whose chosen reply the model prefers more than the reference does) and preference_margin (beta times that log-ratio margin, averaged).",
             title='Values',
         ),
     ]
