@@ -46,10 +46,13 @@ def printing_hooks() -> Hooks:
         print(f"[{time.monotonic() - started:7.1f}s] {level} {kind}: {message}", flush=True)
 
     def metrics(step: int, m: dict[str, float]) -> None:
+        preference = ""
+        if "preference_accuracy" in m:  # a DPO objective
+            preference = f" pref_acc {m['preference_accuracy']:.2f} pref_margin {m['preference_margin']:.3f}"
         print(
             f"[{time.monotonic() - started:7.1f}s] step {step}: loss {m['loss']:.4f} lr {m['learning_rate']:.2e} "
             f"grad_norm {m['grad_norm']:.3f} trained_tokens {int(m['trained_tokens'])} "
-            f"tok/s {m['tokens_per_s']:.0f} eta {m['eta_s']:.0f}s",
+            f"tok/s {m['tokens_per_s']:.0f} eta {m['eta_s']:.0f}s{preference}",
             flush=True,
         )
 
