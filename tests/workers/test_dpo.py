@@ -319,3 +319,11 @@ def test_max_seq_len_drops_a_pair_that_does_not_fit_and_cuts_a_replay(tmp_path, 
     (dropped,) = [e[3] for e in recorder.events if e[1] == "examples_dropped"]
     assert (dropped["too_long"], dropped["shortened"]) == (2, 1)
     assert result.metrics[0]["trained_tokens"] == 10  # the replay's first reply only
+
+
+def test_a_fresh_run_recomputes_a_reference_stored_for_other_pairs(tmp_path, pairs):
+    tok = llama3()
+    (tmp_path / REFERENCE_FILE).write_text(json.dumps({"pairs": "other", "logps": [[0.0, 0.0]] * len(pairs)}))
+    result = train(tiny_llama(len(tok)), tok, pairs, DPO_RUN.model_copy(update={"max_steps": 1}), tmp_path)
+    assert result.metrics[0]["loss"] == pytest.approx(math.log(2), abs=1e-5)
+    assert json.loads((tmp_path / REFERENCE_FILE).read_text())["pairs"] != "other"

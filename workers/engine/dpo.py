@@ -21,6 +21,7 @@ LoRA disabled; for a continued adapter it is the parent checkpoint.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -98,9 +99,9 @@ class DPO:
     ) -> list[PreferencePair]:
         pairs = _pairs(data)
         path = Path(out_dir) / REFERENCE_FILE
-        key = [[len(e.input_ids) for e in p.examples] for p in pairs]
+        key = _fingerprint(pairs)
         stored = json.loads(path.read_text()) if path.exists() else None
-        if stored is not None and stored["lengths"] == key:
+        if stored is not None and stored["pairs"] == key:
             values = stored["logps"]
         elif resuming:
             raise ValueError(
@@ -110,7 +111,7 @@ class DPO:
         else:
             values = reference_logps(model, pairs, self.pad_id, self.batch_size)
             tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"lengths": key, "logps": values}), encoding="utf-8")
+            tmp.write_text(json.dumps({"pairs": key, "logps": values}), encoding="utf-8")
             os.replace(tmp, path)
         return [replace(p, reference=(c, r)) for p, (c, r) in zip(pairs, values, strict=True)]
 
@@ -181,6 +182,14 @@ def reference_logps(
         return values
     finally:
         model.train(was_training)
+
+
+def _fingerprint(pairs: Sequence[PreferencePair]) -> str:
+    """What the stored reference values were computed for: every pair's tokens and trained spans."""
+    digest = hashlib.sha256()
+    for pair in pairs:
+        digest.update(json.dumps([[e.input_ids, e.spans] for e in pair.examples]).encode())
+    return digest.hexdigest()
 
 
 def _pairs(data: Sequence[Any]) -> list[PreferencePair]:
