@@ -99,6 +99,8 @@ def stack(database_url, tmp_path_factory):
         webhook_queue=queue,
         webhook_allow_hosts=ALLOW,
         model_roots=[tmp / "models"],
+        # The one worker loads both models for the first chat turn: on 2 busy cores that can pass 60 s.
+        chat_timeout_s=300,
     )
     app = create_app(
         settings,
