@@ -62,7 +62,7 @@ def main() -> None:
     )
     check_tokenization(tokenizer, args.job_dir, pairs)
 
-    ours, theirs = loss_at_step_0(checkpoint, pairs, beta, args.micro_batch)
+    ours, theirs = loss_at_step_0(checkpoint, pairs, config, args.micro_batch)
     print(f"loss at step 0: ours {ours:.8f}, TRL {theirs:.8f}, difference {abs(ours - theirs):.2e}")
 
     timed = {side: run(side, pairs, config, args.steps, args.micro_batch) for side in ("ours", "trl")}
@@ -182,7 +182,7 @@ def _dpo_args(out_dir: str, beta: float, micro_batch: int, steps: int, config: A
     )
 
 
-def loss_at_step_0(checkpoint: str, pairs: list[Any], beta: float, micro_batch: int) -> tuple[float, float]:
+def loss_at_step_0(checkpoint: str, pairs: list[Any], config: Any, micro_batch: int) -> tuple[float, float]:
     import torch
 
     from workers.engine.dpo import DPO, PreferencePair, collate_pairs, reference_logps
@@ -190,7 +190,7 @@ def loss_at_step_0(checkpoint: str, pairs: list[Any], beta: float, micro_batch: 
 
     loaded = load_model(checkpoint)
     model, tokenizer = loaded.model, loaded.tokenizer
-    pad = tokenizer.pad_token_id
+    pad, beta = tokenizer.pad_token_id, config.training.dpo.beta
     with model.disable_adapter():
         reference = reference_logps(model, pairs, pad, micro_batch)
     with_ref = [PreferencePair(p.chosen, p.rejected, r) for p, r in zip(pairs, reference, strict=True)]
@@ -198,11 +198,10 @@ def loss_at_step_0(checkpoint: str, pairs: list[Any], beta: float, micro_batch: 
     with torch.no_grad():
         ours = float(DPO(pad, beta).loss(model, collate_pairs(with_ref, pad)).summed) / len(pairs)
 
-    config = _dpo_config_for_loss(beta, micro_batch)
     with tempfile.TemporaryDirectory() as out:
-        config.output_dir = out
+        args = _dpo_args(out, beta, micro_batch, 1, config)
         # TRL takes a peft model's trained adapter, copied, as its reference; the base is given here.
-        trainer = _trainer(model, tokenizer, pairs, config, ref_model=load_model("default").model)
+        trainer = _trainer(model, tokenizer, pairs, args, ref_model=load_model("default").model)
         trainer.model.eval()
         losses = []
         collator = trainer.data_collator
@@ -212,12 +211,6 @@ def loss_at_step_0(checkpoint: str, pairs: list[Any], beta: float, micro_batch: 
                 batch = collator([dataset[i] for i in range(start, min(start + micro_batch, len(pairs)))])
                 losses.append(float(trainer.compute_loss(trainer.model, batch)) * len(batch["input_ids"]) / 2)
     return ours, sum(losses) / len(pairs)
-
-
-def _dpo_config_for_loss(beta: float, micro_batch: int) -> Any:
-    from workers.engine.config import parse_config
-
-    return _dpo_args("unused", beta, micro_batch, 1, parse_config({}))
 
 
 def run(side: str, pairs: list[Any], config: Any, steps: int, micro_batch: int) -> tuple[float, float]:

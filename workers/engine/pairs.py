@@ -21,6 +21,7 @@ from gatt.augment import training_dialogue
 from gatt.dialogues import Dialogue, leading_replies
 from gatt.instructions import Instruction
 from gatt.masks import TemplateError, TokenizedExample, build_examples, trained_text
+from gatt.repetition import Repeat
 from workers.engine.config import JobConfig
 from workers.engine.dpo import PreferencePair
 from workers.engine.hooks import Hooks
@@ -60,9 +61,7 @@ def rejected_candidate(turn: dict[str, Any], config: JobConfig) -> tuple[int, st
 
 
 def _repeat_reason(candidate: dict[str, Any], config: JobConfig) -> str | None:
-    limit = config.reward.max_repeat_similarity
-    repeat = candidate["repeat"]
-    if limit is not None and repeat["turn"] is not None and repeat["similarity"] >= limit:
+    if Repeat(**candidate["repeat"]).is_copy(config.reward.max_repeat_similarity):
         return "copy"
     return "echo" if candidate["echo"]["is_echo"] else None
 
