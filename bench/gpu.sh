@@ -16,7 +16,7 @@ step() {  # step NAME SECONDS COMMAND...
   timeout "$limit" "$@" > "$out/$name.txt" 2>&1
   echo "$name: exit $? after $((SECONDS - start)) s" >> "$out/steps.txt"
 }
-steps=${STEPS:-training training-compiled training-flex training-flex-compiled engine-padded engine-packed liger sampling sampling-32}
+steps=${STEPS:-training training-compiled training-flex training-flex-compiled engine-padded engine-packed engine-tokens engine-tokens-32k engine-tokens-2k liger sampling sampling-32}
 for name in $steps; do
   case $name in
     training) step training 120 python bench/gpu_training.py ;;
@@ -26,6 +26,10 @@ for name in $steps; do
     # The job's own training stage, train(): as the CPU lays out micro-batches, and as a GPU job does.
     engine-padded) step engine-padded 150 python bench/gpu_training.py --engine --modes padded ;;
     engine-packed) step engine-packed 240 env TORCH_LOGS=recompiles python bench/gpu_training.py --engine --modes packed --compile ;;
+    # The same with micro_batch_tokens: every micro-batch in the same rows, one compiled shape.
+    engine-tokens) step engine-tokens 150 env TORCH_LOGS=recompiles python bench/gpu_training.py --engine --modes tokens --compile ;;
+    engine-tokens-32k) step engine-tokens-32k 150 python bench/gpu_training.py --engine --modes tokens --compile --tokens-per-step 32768 ;;
+    engine-tokens-2k) step engine-tokens-2k 150 python bench/gpu_training.py --engine --modes tokens --compile --row-tokens 2048 ;;
     # Liger's fused linear cross-entropy against ours (needs liger-kernel: see docs/benchmarks.md).
     liger) step liger 200 python bench/gpu_training.py --attn flex_attention --compile --modes packed --losses summed,liger ;;
     sampling) step sampling 270 python bench/sampling.py --size 1b --lengths 512,1024 ;;

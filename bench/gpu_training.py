@@ -30,9 +30,11 @@ on the same hidden states.
 
 `--engine` runs the same examples through the job's training stage instead of this loop:
 `workers.engine.training.train` (full fine-tuning, `micro_batch_size` examples of about
-`--tokens-per-step` real tokens, constant learning rate), `--modes` naming its `packing`, and
-`--compile` its `compile` ("on", else "off"); what a GPU job gets by default is `packed` with
-`--compile`. Throughput comes from the metrics rows it writes; its final checkpoint is written
+`--tokens-per-step` real tokens, constant learning rate), `--modes` naming its `packing` (or
+`tokens`: packed with `micro_batch_tokens` = `--tokens-per-step`, so every micro-batch has the
+same rows), and `--compile` its `compile` ("on", else "off"); what a GPU job gets by default is
+`packed` with `--compile`. `--row-tokens` sets the least row length of `tokens` micro-batches
+(`workers.engine.training.ROW_TOKENS`, 4,096): an experiment, no config field. Throughput comes from the metrics rows it writes; its final checkpoint is written
 to a temporary folder and deleted.
 
 `--size tiny` runs a 2-layer model on the CPU in seconds: a smoke test of the script, not a figure.
@@ -176,16 +178,20 @@ def run_engine(args: argparse.Namespace, mode: str) -> dict:
     import shutil
     import tempfile
 
+    from workers.engine import training
     from workers.engine.config import TrainConfig
     from workers.engine.training import train
 
+    if args.row_tokens:  # an experiment: another least row length for micro_batch_tokens
+        training.ROW_TOKENS = args.row_tokens
     model = build_model(args)
     n_params = sum(p.numel() for p in model.parameters())
     examples = gatt_examples(args.examples, model.config.vocab_size, args.min_len, args.max_len, seed=0)
     mean_len = sum(len(e.input_ids) for e in examples) / len(examples)
     config = TrainConfig(
         method="full",
-        packing=mode,
+        packing="packed" if mode == "tokens" else mode,
+        micro_batch_tokens=args.tokens_per_step if mode == "tokens" else None,
         compile="on" if args.compile else "off",
         micro_batch_size=max(1, round(args.tokens_per_step / mean_len)),
         max_steps=args.warmup + args.steps,
@@ -206,9 +212,10 @@ def run_engine(args: argparse.Namespace, mode: str) -> dict:
     seconds = sum(row["tokens"] / row["tokens_per_s"] for row in timed)
     tokens_per_s = sum(row["tokens"] for row in timed) / seconds
     return {
-        "mode": f"train(packing={mode}, compile={config.compile})",
+        "mode": f"train(packing={config.packing}, micro_batch_tokens={config.micro_batch_tokens}, "
+        f"compile={config.compile})",
         "params": n_params,
-        "micro_batch_size": config.micro_batch_size,
+        "micro_batch_size": None if mode == "tokens" else config.micro_batch_size,
         "real_tokens_per_s": round(tokens_per_s),
         "trained_tokens_per_s": round(sum(row["trained_tokens"] for row in timed) / seconds),
         "mfu": round(6 * n_params * tokens_per_s / (args.peak_tflops * 1e12), 4),
@@ -216,12 +223,25 @@ def run_engine(args: argparse.Namespace, mode: str) -> dict:
         if args.device.startswith("cuda")
         else None,
         "step_s": round(seconds / len(timed), 4),
+        # Of a tokens run's fixed rows (the longest example rounded up to 128, as train() does).
+        "real_share_of_positions": round(
+            sum(row["tokens"] for row in timed) / len(timed) / _token_positions(examples, config), 3
+        )
+        if mode == "tokens"
+        else None,
         "first_steps_s": [
             round(row["tokens"] / row["tokens_per_s"], 2) for row in result.metrics[: args.warmup]
         ],
         "wall_s_with_checkpoint": round(wall, 1),
         "loss_first_last": [round(result.metrics[0]["loss"], 4), round(result.metrics[-1]["loss"], 4)],
     }
+
+
+def _token_positions(examples: list[TokenizedExample], config) -> int:
+    from workers.engine import training
+
+    rows, row_len = training._token_rows(examples, config)
+    return rows * row_len
 
 
 def run(args: argparse.Namespace, mode: str, loss: str = "summed") -> dict:
@@ -307,6 +327,7 @@ def main() -> None:
     p.add_argument("--attn", choices=("sdpa", "flex_attention", "eager"), default="sdpa")
     p.add_argument("--losses", default="summed", help="summed (ours) and/or liger, comma-separated")
     p.add_argument("--engine", action="store_true", help="through train(); --modes names its packing")
+    p.add_argument("--row-tokens", type=int, default=0, help="with --engine: training.ROW_TOKENS")
     p.add_argument("--peak-tflops", type=float, default=989.0)
     args = p.parse_args()
     if args.size == "tiny":

@@ -25,7 +25,7 @@ from workers.engine.checkpoints import MANIFEST, verify_checkpoint
 from workers.engine.config import TrainConfig
 from workers.engine.hooks import Hooks, Stopped
 from workers.engine.objectives import Batch, collate, pack, summed_loss
-from workers.engine.schedule import epoch_permutation, lr_at
+from workers.engine.schedule import LOOKAHEAD, TokenBatches, epoch_permutation, first_fit, lr_at
 from workers.engine.training import METRIC_FIELDS, train
 
 VOCAB = 300
@@ -152,6 +152,10 @@ def jsonl_steps(out_dir: Path) -> list[int]:
         {"keep_checkpoints": 0},
         {"merge_on_save": "yes"},
         {"seed": True},
+        {"micro_batch_tokens": 0},
+        {"micro_batch_tokens": 2**21},
+        {"micro_batch_tokens": 4096, "packing": "padded"},
+        {"micro_batch_tokens": 4096, "objective": "dpo"},
     ],
 )
 def test_config_rejects_bad_values(bad):
@@ -329,6 +333,85 @@ def test_training_packed_or_compiled_follows_the_padded_curve(tmp_path):
             assert got[0] == pytest.approx(want[0], rel=1e-5), name
             assert got[1] == pytest.approx(want[1], rel=1e-4), name
             assert got[2] == want[2]
+
+
+def test_token_micro_batches_fill_their_rows_from_each_epochs_order():
+    lengths = [30, 17, 44, 12, 25, 60, 21, 9, 33, 50, 5, 40] * 3
+    config = TrainConfig(micro_batch_tokens=128, seed=3)
+    batches = TokenBatches(lengths, config, rows=2, row_len=64)
+    for epoch in range(3):
+        count = batches.per_epoch(epoch)
+        start = sum(batches.per_epoch(e) for e in range(epoch))
+        cut = [batches.indices(start + i) for i in range(count)]
+        line = epoch_permutation(len(lengths), 3, epoch)
+        assert sorted(i for piece in cut for i in piece) == sorted(line)
+        for piece in cut:
+            # Packs into two rows in the order taken (what pack(rows=2) does with it) ...
+            assert first_fit([lengths[i] for i in piece], 64, rows=2) is not None
+            # ... and takes from the front of the line: its first example is the first in line,
+            # and none of the next LOOKAHEAD examples left in line would have fitted too.
+            assert piece[0] == line[0]
+            line = [i for i in line if i not in piece]
+            for waiting in line[:LOOKAHEAD]:
+                assert first_fit([lengths[i] for i in [*piece, waiting]], 64, rows=2) is None
+        assert batches.position(start + count - 1) == (epoch, count - 1)
+        assert batches.epochs_done(start + count) == epoch + 1
+    assert batches.for_epochs(2.0) == batches.per_epoch(0) + batches.per_epoch(1)
+    assert batches.for_epochs(0.5) == math.ceil(batches.per_epoch(0) / 2)
+    with pytest.raises(ValueError, match="does not fit"):
+        TokenBatches([65], config, rows=2, row_len=64)
+
+
+def test_pack_into_fixed_rows_keeps_the_order_and_adds_empty_rows():
+    examples = _uneven_examples()  # 30, 17, 44, 12, 25 tokens
+    batch = pack(examples, pad_id=0, row_len=64, rows=4)
+    # First fit in the order given: 30+17+12 | 44 | 25, then an empty row.
+    assert batch.lengths == ((30, 17, 12), (44,), (25,), ())
+    assert batch.input_ids.shape == (4, 64)
+    assert batch.attention_mask[3].sum().item() == 0
+    assert (batch.labels[3] == IGNORE_INDEX).all()
+    padded = collate(examples, pad_id=0)
+    assert (batch.n_trained, batch.n_tokens) == (padded.n_trained, padded.n_tokens)
+    with pytest.raises(ValueError, match="do not fit 2 rows"):
+        pack(examples, pad_id=0, row_len=64, rows=2)
+
+
+def test_token_micro_batches_packed_follow_the_same_micro_batches_padded(tmp_path):
+    # micro_batch_tokens always packs; the objective given here pads the very same micro-batches.
+    examples = [*_uneven_examples(), handmade(60, [(40, 52)], seed=40), handmade(21, [(3, 9)], seed=41)]
+    config = TrainConfig(
+        method="full", micro_batch_tokens=128, micro_batch_size=1, max_steps=4, learning_rate=1e-2
+    )
+    curves = {}
+    for name, objective in {"packed": None, "padded": objectives.MaskedSFT(pad_id=0)}.items():
+        result = train(tiny_llama(), None, examples, config, tmp_path / name, objective=objective)
+        curves[name] = [(row["loss"], row["grad_norm"], row["trained_tokens"]) for row in result.metrics]
+    for got, want in zip(curves["packed"], curves["padded"], strict=True):
+        assert got[0] == pytest.approx(want[0], rel=1e-5)
+        assert got[1] == pytest.approx(want[1], rel=1e-4)
+        assert got[2] == want[2]
+    # Cut by tokens, not by micro_batch_size (1 here): one row of 128, several examples in some.
+    tokens = [row["tokens"] for row in result.metrics]
+    assert max(tokens) <= 128 and max(tokens) > max(len(e.input_ids) for e in examples)
+
+
+def test_token_micro_batches_resume_on_the_same_curve(tmp_path):
+    examples = [*_uneven_examples(), handmade(60, [(40, 52)], seed=40), handmade(21, [(3, 9)], seed=41)]
+    config = TrainConfig(
+        method="full", micro_batch_tokens=64, epochs=3, learning_rate=1e-2, checkpoint_every=2, seed=1
+    )
+    reference = train(tiny_llama(), None, examples, config, tmp_path / "whole")
+    first = Recorder(stop_after_calls=5)
+    with pytest.raises(Stopped):
+        train(tiny_llama(), None, examples, config, tmp_path / "split", hooks=first.hooks())
+    resumed = train(tiny_llama(), None, examples, config, tmp_path / "split")
+    assert resumed.resumed_from == 4
+    assert losses(resumed) == pytest.approx(losses(reference), abs=1e-5)
+    # Three epochs of unequal micro-batch counts: the metrics' epoch ends at exactly 3.
+    assert reference.metrics[-1]["epoch"] == 3.0
+    assert len(reference.metrics) == sum(
+        TokenBatches([len(e.input_ids) for e in examples], config, 1, 128).per_epoch(e) for e in range(3)
+    )
 
 
 def _perturbed(example: TokenizedExample, seed: int) -> TokenizedExample:

@@ -46,6 +46,7 @@ _RESUME_FIXED = (
     "lora_alpha",
     "lora_targets",
     "micro_batch_size",
+    "micro_batch_tokens",
     "grad_accum",
     "max_seq_len",
     "seed",

@@ -49,6 +49,7 @@ LIMITS: dict[str, int] = {
     "steps": 1_000_000,  # max_steps, warmup_steps, checkpoint_every
     "epochs": 100,
     "micro_batch_size": 512,
+    "micro_batch_tokens": 1_048_576,
     "grad_accum": 1024,
     "max_seq_len": 131_072,
     "keep_checkpoints": 50,
@@ -215,7 +216,16 @@ class TrainConfig(Section):
     epochs: Float = Field(1.0, gt=0.0, le=LIMITS["epochs"])
     """Passes over the training set (fractions allowed) when max_steps is null."""
     micro_batch_size: Int = Field(4, ge=1, le=LIMITS["micro_batch_size"])
-    """Sequences per forward pass."""
+    """Sequences per forward pass (unless micro_batch_tokens is set)."""
+    micro_batch_tokens: Int | None = Field(None, ge=1, le=LIMITS["micro_batch_tokens"])
+    """Fill micro-batches by tokens instead of micro_batch_size: packed rows of 4,096 tokens (as
+    long as the longest example, rounded up to 128, where that is longer; the budget's length
+    where that is shorter), micro_batch_tokens // that many rows (at least one), taking each
+    epoch's examples in about their order until none of the next 16 fits. Every micro-batch then
+    has one shape, which compiled layers on a GPU need to run at full speed: 45.6% MFU against
+    41.9% by micro_batch_size on an H200 (docs/benchmarks.md, "GPU training"). Packs on any
+    device; SFT only (DPO's pairs are padded). Another data order than micro_batch_size's, so a
+    run resumes only with the same value."""
     grad_accum: Int = Field(1, ge=1, le=LIMITS["grad_accum"])
     """Micro-batches per optimiser step."""
     max_grad_norm: Float | None = Field(1.0, gt=0.0, le=1e6)
@@ -238,6 +248,15 @@ class TrainConfig(Section):
     compile: Switch = "auto"
     """torch.compile each decoder layer for training (the first steps pay for the compilation).
     "auto": on a GPU when packed."""
+
+    @model_validator(mode="after")
+    def _tokens_need_packing(self) -> TrainConfig:
+        if self.micro_batch_tokens is not None and (self.packing == "padded" or self.objective != "sft"):
+            raise ValueError(
+                "micro_batch_tokens packs examples into rows: it needs packing auto or packed and "
+                "objective sft (DPO's pairs are padded); use micro_batch_size instead"
+            )
+        return self
 
     @field_validator("lora_targets")
     @classmethod

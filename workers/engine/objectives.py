@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from gatt.masks import IGNORE_INDEX, TokenizedExample
 from workers.engine.models import unwrap
+from workers.engine.schedule import first_fit
 
 
 class Objective(Protocol):
@@ -50,17 +51,19 @@ class Loss:
 @dataclass(frozen=True)
 class MaskedSFT:
     """Cross-entropy on trained tokens only: GAtt's loss mask. With `row_len`, each micro-batch's
-    examples are packed end to end into rows of that many tokens instead of padded (`pack`)."""
+    examples are packed end to end into rows of that many tokens instead of padded (`pack`); with
+    `rows` too, into exactly that many rows."""
 
     pad_id: int
     row_len: int | None = None
+    rows: int | None = None
 
     def begin(self, model: Any, data: Sequence[Any], out_dir: Path, *, resuming: bool) -> Sequence[Any]:
         return data
 
     def collate(self, examples: Sequence[TokenizedExample]) -> Batch:
         if self.row_len is not None:
-            return pack(examples, self.pad_id, self.row_len)
+            return pack(examples, self.pad_id, self.row_len, self.rows)
         return collate(examples, self.pad_id)
 
     def units(self, batch: Batch) -> int:
@@ -132,32 +135,31 @@ def collate(examples: Sequence[TokenizedExample], pad_id: int) -> Batch:
     return Batch(input_ids, attention_mask, labels)
 
 
-def pack(examples: Sequence[TokenizedExample], pad_id: int, row_len: int) -> Batch:
+def pack(examples: Sequence[TokenizedExample], pad_id: int, row_len: int, rows: int | None = None) -> Batch:
     """The examples end to end in rows of `row_len` tokens, padded only at each row's end.
 
     First fit, longest first (ties by position), so the rows are a function of the examples alone:
-    a resumed run packs its micro-batches as before. The first token of each example trains
-    nothing, as in a padded row, so a packed micro-batch carries exactly the loss of the padded
-    one; attention must stay within each example (`summed_loss` sees to it).
+    a resumed run packs its micro-batches as before. With `rows`: first fit in the order given
+    (how `schedule.TokenBatches` cut them, so they fit), and empty rows up to `rows`, so that every
+    micro-batch has one shape. The first token of each example trains nothing, as in a padded row,
+    so a packed micro-batch carries exactly the loss of the padded one; attention must stay within
+    each example (`summed_loss` sees to it).
     """
-    order = sorted(range(len(examples)), key=lambda i: (-len(examples[i].input_ids), i))
-    rows: list[list[int]] = []
-    room: list[int] = []
-    for i in order:
-        n = len(examples[i].input_ids)
-        if n > row_len:
-            raise ValueError(f"an example of {n} tokens does not fit a row of {row_len}")
-        fits = next((r for r, free in enumerate(room) if free >= n), None)
-        if fits is None:
-            rows.append([])
-            room.append(row_len)
-            fits = len(rows) - 1
-        rows[fits].append(i)
-        room[fits] -= n
-    input_ids = torch.full((len(rows), row_len), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((len(rows), row_len), dtype=torch.long)
-    labels = torch.full((len(rows), row_len), IGNORE_INDEX, dtype=torch.long)
-    for r, row in enumerate(rows):
+    lengths = [len(e.input_ids) for e in examples]
+    if rows is None:
+        order = sorted(range(len(examples)), key=lambda i: (-lengths[i], i))
+        placed = first_fit([lengths[i] for i in order], row_len)
+        assert placed is not None  # no row limit
+        layout = [[order[p] for p in row] for row in placed]
+    else:
+        fitted = first_fit(lengths, row_len, rows)
+        if fitted is None:
+            raise ValueError(f"{len(examples)} examples of {sum(lengths)} tokens do not fit {rows} rows")
+        layout = fitted + [[] for _ in range(rows - len(fitted))]
+    input_ids = torch.full((len(layout), row_len), pad_id, dtype=torch.long)
+    attention_mask = torch.zeros((len(layout), row_len), dtype=torch.long)
+    labels = torch.full((len(layout), row_len), IGNORE_INDEX, dtype=torch.long)
+    for r, row in enumerate(layout):
         offset = 0
         for i in row:
             example = examples[i]
@@ -168,8 +170,7 @@ def pack(examples: Sequence[TokenizedExample], pad_id: int, row_len: int) -> Bat
             attention_mask[r, offset : offset + n] = 1
             labels[r, offset : offset + n] = torch.tensor(example_labels, dtype=torch.long)
             offset += n
-    lengths = tuple(tuple(len(examples[i].input_ids) for i in row) for row in rows)
-    return Batch(input_ids, attention_mask, labels, lengths)
+    return Batch(input_ids, attention_mask, labels, tuple(tuple(lengths[i] for i in row) for row in layout))
 
 
 def _document_mask(document: torch.Tensor) -> Any:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from workers.engine.config import JobOptions
+from workers.engine.config import JobOptions, TrainConfig
 
 # Training one example for one epoch (forward and backward over a dialogue of a few hundred tokens)
 # costs about as much time as sampling this many tokens at their bound; an evaluation token about
@@ -35,6 +35,7 @@ from workers.engine.config import JobOptions
 # bar's split between phases but not the measured rate of the phase in hand.
 TRAIN_EXAMPLE_TOKENS = 200.0
 DPO_PAIR_EXAMPLES = 2.5  # examples' worth of training per DPO pair (`_item_cost`)
+EXAMPLE_LENGTH = 400  # tokens of a GAtt example, to count the examples of `micro_batch_tokens`
 EVAL_TOKEN_COST = 5.0
 # A phase that bounds no generated tokens (synthesis without the model's own value lists) still
 # takes some time; this keeps it on the bar.
@@ -77,8 +78,14 @@ def _train_examples(options: JobOptions, sampled_turns: int) -> float:
     examples = sampled_turns * views * (1 + options.data.replay)
     training = options.training
     if training.max_steps is not None:
-        return training.max_steps * training.micro_batch_size * training.grad_accum
+        return training.max_steps * _micro_batch_examples(training) * training.grad_accum
     return examples * training.epochs
+
+
+def _micro_batch_examples(training: TrainConfig) -> float:
+    if training.micro_batch_tokens is None:
+        return training.micro_batch_size
+    return max(1.0, training.micro_batch_tokens / EXAMPLE_LENGTH)
 
 
 def _item_cost(objective: str) -> float:
@@ -132,7 +139,7 @@ class JobProgress:
 
     def _steps_units(self, steps: int) -> float:
         training = self.options.training
-        return steps * training.micro_batch_size * training.grad_accum * _item_cost(training.objective)
+        return steps * _micro_batch_examples(training) * training.grad_accum * _item_cost(training.objective)
 
     @property
     def fraction(self) -> float:

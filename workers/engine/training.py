@@ -7,15 +7,18 @@ minimises (`objectives.py`) and the checkpoints (`checkpoints.py`).
 
 - Data: examples longer than `max_seq_len` are cut by `gatt.masks.fit_to_length` (never inside a
   reply) or dropped. Each epoch visits them in a seeded permutation (`seed + epoch`) in
-  micro-batches of `micro_batch_size`; an optimiser step takes the next `grad_accum`
-  micro-batches of that endless stream, so resume needs no sampler state: only the step number.
+  micro-batches of `micro_batch_size` examples or of `micro_batch_tokens` (`schedule.py`); an
+  optimiser step takes the next `grad_accum` micro-batches of that endless stream, so resume needs
+  no sampler state: only the step number.
 - Loss: for each optimiser step, the objective's summed loss over all its micro-batches divided by
   the step's units (trained tokens for GAtt's masked SFT, pairs for DPO: `dpo.py`), counted before
   any forward pass. Each micro-batch backpropagates `summed / step_units`, so the accumulated
   gradient is exactly the gradient of that loss: long replies weigh per token, not per example.
 - Layout: on a GPU a micro-batch's examples are packed end to end into rows (no padding), attend
-  through flex attention's block mask, and each decoder layer runs compiled: 42% MFU against 11.5%
-  padded on an H200 (docs/benchmarks.md). The CPU pads (`config.packing`, `config.compile`).
+  through flex attention's block mask, and each decoder layer runs compiled; the CPU pads
+  (`config.packing`, `config.compile`). `micro_batch_tokens` gives every micro-batch the same rows,
+  so the compiled layers keep one shape: 45.9% MFU on an H200, against 41.9% with micro-batches
+  of `micro_batch_size` examples and 11.5% padded (docs/benchmarks.md, "GPU training").
 - Resume: `train` on an out_dir with checkpoints continues from the newest valid one: weights,
   optimiser, step (hence data position and learning rate), RNG states, metrics history.
 """
@@ -46,7 +49,7 @@ from workers.engine.dpo import DPO, PreferencePair
 from workers.engine.hooks import Hooks, Stopped
 from workers.engine.models import unwrap
 from workers.engine.objectives import MaskedSFT, Objective, decoder_and_head, trained_labels
-from workers.engine.schedule import lr_at, micro_batch_indices, total_steps_for
+from workers.engine.schedule import Batches, TokenBatches, lr_at, total_steps_for
 
 METRICS_JSONL = "metrics.jsonl"
 METRICS_CSV = "metrics.csv"
@@ -62,6 +65,10 @@ METRIC_FIELDS = (
     "eta_s",
     "epoch",
 )
+# Packed rows of micro_batch_tokens are at least this long. On an H200 (docs/benchmarks.md, "GPU
+# training"), GAtt-shaped examples of 256-2,048 tokens filled rows of 4,096 to 95% (45.6% MFU) and
+# rows of 2,048 to 86% (42.8%); one row of 16,384 did not finish its first steps in 150 s.
+ROW_TOKENS = 4096
 # Written by the DPO objectives only (`dpo.py`); blank in an SFT run's metrics.csv.
 PREFERENCE_FIELDS = ("preference_accuracy", "preference_margin")
 
@@ -84,7 +91,7 @@ class _Run:
     """Where the run stands: what a checkpoint restores, and what the metrics rows need."""
 
     total_steps: int
-    n_batches: int
+    batches: Batches
     start_step: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
     prior_elapsed: float = 0.0  # seconds trained before this call (earlier attempts)
@@ -119,14 +126,16 @@ def train(
     out_dir = Path(out_dir)
     store = CheckpointStore(out_dir / CHECKPOINTS, hooks)
     data, dropped = _trainable(examples, config.max_seq_len, hooks)
-    n_batches = math.ceil(len(data) / config.micro_batch_size)
-    run = _Run(total_steps=total_steps_for(n_batches, config), n_batches=n_batches)
-    fingerprint = _fingerprint(data)
     on_gpu = next(model.parameters()).device.type == "cuda"
     # Packing lays out GAtt's single examples; DPO's pairs are padded, one reply per row.
     packed = config.objective == "sft" and (
-        config.packing == "packed" or (config.packing == "auto" and on_gpu)
+        config.packing == "packed"
+        or config.micro_batch_tokens is not None
+        or (config.packing == "auto" and on_gpu)
     )
+    batches = _batches(data, config)
+    run = _Run(total_steps=total_steps_for(batches.for_epochs(config.epochs), config), batches=batches)
+    fingerprint = _fingerprint(data)
     objective = objective or _objective(config, tokenizer, data, packed)
 
     # Seed first: LoRA's initialisation draws from the global RNG.
@@ -212,7 +221,7 @@ def _step(
     device = next(model.parameters()).device
     first_mb = step * config.grad_accum
     batches = [
-        objective.collate([data[i] for i in micro_batch_indices(len(data), config, mb)])
+        objective.collate([data[i] for i in run.batches.indices(mb)])
         for mb in range(first_mb, first_mb + config.grad_accum)
     ]
     # The normaliser of this step, known before any forward pass.
@@ -260,7 +269,7 @@ def _step(
         "tokens_per_s": step_tokens / max(now - step_start, 1e-9),
         "elapsed_s": run.prior_elapsed + (now - run.session_start),
         "eta_s": (now - run.session_start) / (done - run.start_step) * (run.total_steps - done),
-        "epoch": (first_mb + config.grad_accum) / run.n_batches,
+        "epoch": run.batches.epochs_done(first_mb + config.grad_accum),
         **{name: value / count for name, (value, count) in tallies.items() if count},
     }
 
@@ -284,8 +293,8 @@ def _trainer_state(
         "epoch": row["epoch"],
         "data": {
             "micro_batches_consumed": consumed,
-            "micro_batches_per_epoch": run.n_batches,
-            "next_epoch_index": list(divmod(consumed, run.n_batches)),
+            "micro_batches_per_epoch": run.batches.per_epoch(0),
+            "next_epoch_index": list(run.batches.position(consumed)),
             "examples": n_examples,
             "fingerprint": fingerprint,
         },
@@ -309,7 +318,7 @@ def _announce(
         {
             "method": config.method,
             "examples": n_examples,
-            "micro_batches_per_epoch": run.n_batches,
+            "micro_batches_per_epoch": run.batches.per_epoch(0),
             "total_steps": run.total_steps,
             "start_step": run.start_step,
             "trainable_parameters": sum(p.numel() for p in trainable),
@@ -329,9 +338,28 @@ def _announce(
 # --- setup ------------------------------------------------------------------------------------
 
 
+def _batches(data: Sequence[Any], config: TrainConfig) -> Batches:
+    if config.micro_batch_tokens is None:
+        return Batches(len(data), config)
+    return TokenBatches([len(e.input_ids) for e in data], config, *_token_rows(data, config))
+
+
+def _token_rows(data: Sequence[TokenizedExample], config: TrainConfig) -> tuple[int, int]:
+    """(rows, row length) of a micro-batch of `micro_batch_tokens`: rows of at least ROW_TOKENS
+    (within the budget), so that short examples fill the room a long one leaves."""
+    budget = config.micro_batch_tokens or 0
+    row_len = max(_row_len(data), min(ROW_TOKENS, budget // 128 * 128))
+    return max(1, budget // row_len), row_len
+
+
 def _objective(config: TrainConfig, tokenizer: Any, data: Sequence[Any], packed: bool) -> Objective:
     if config.objective == "sft":
-        return MaskedSFT(_pad_id(tokenizer), _row_len(data) if packed else None)
+        if not packed:
+            return MaskedSFT(_pad_id(tokenizer))
+        if config.micro_batch_tokens is None:
+            return MaskedSFT(_pad_id(tokenizer), _row_len(data))
+        rows, row_len = _token_rows(data, config)
+        return MaskedSFT(_pad_id(tokenizer), row_len, rows)
     sft_weight = config.dpo.sft_weight if config.objective == "sft+dpo" else 0.0
     return DPO(_pad_id(tokenizer), config.dpo.beta, sft_weight, batch_size=config.micro_batch_size)
 

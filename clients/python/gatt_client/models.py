@@ -1945,6 +1945,20 @@ class Method(StrEnum):
     full = 'full'
 
 
+MicroBatchTokens = TypeAliasType(
+    "MicroBatchTokens",
+    Annotated[
+        int,
+        Field(
+            description='Fill micro-batches by tokens instead of micro_batch_size: packed rows of 4,096 tokens (as\nlong as the longest example, rounded up to 128, where that is longer; the budget\'s length\nwhere that is shorter), micro_batch_tokens // that many rows (at least one), taking each\nepoch\'s examples in about their order until none of the next 16 fits. Every micro-batch then\nhas one shape, which compiled layers on a GPU need to run at full speed: 45.6% MFU against\n41.9% by micro_batch_size on an H200 (docs/benchmarks.md, "GPU training"). Packs on any\ndevice; SFT only (DPO\'s pairs are padded). Another data order than micro_batch_size\'s, so a\nrun resumes only with the same value.',
+            ge=1,
+            le=1048576,
+            title='Micro Batch Tokens',
+        ),
+    ],
+)
+
+
 class Objective(StrEnum):
     """
     "sft": GAtt's cross-entropy on the kept replies. "dpo": DPO on pairs of a turn's kept reply
@@ -2120,12 +2134,19 @@ class TrainConfig(BaseModel):
     micro_batch_size: Annotated[
         int | None,
         Field(
-            description='Sequences per forward pass.',
+            description='Sequences per forward pass (unless micro_batch_tokens is set).',
             ge=1,
             le=512,
             title='Micro Batch Size',
         ),
     ] = 4
+    micro_batch_tokens: Annotated[
+        MicroBatchTokens | None,
+        Field(
+            description='Fill micro-batches by tokens instead of micro_batch_size: packed rows of 4,096 tokens (as\nlong as the longest example, rounded up to 128, where that is longer; the budget\'s length\nwhere that is shorter), micro_batch_tokens // that many rows (at least one), taking each\nepoch\'s examples in about their order until none of the next 16 fits. Every micro-batch then\nhas one shape, which compiled layers on a GPU need to run at full speed: 45.6% MFU against\n41.9% by micro_batch_size on an H200 (docs/benchmarks.md, "GPU training"). Packs on any\ndevice; SFT only (DPO\'s pairs are padded). Another data order than micro_batch_size\'s, so a\nrun resumes only with the same value.',
+            title='Micro Batch Tokens',
+        ),
+    ] = None
     objective: Annotated[
         Objective | None,
         Field(
