@@ -36,6 +36,9 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = "train/checkpoints"  # the pipeline trains into out/"train"; checkpoints.CHECKPOINTS below it
 MANIFEST = "manifest.json"  # checkpoints.MANIFEST
 STEP_DIR = re.compile(r"^step-(\d{6,})$")  # checkpoints.STEP_DIR: finished checkpoints only, not *.tmp
+# Where a job's checkpoint directories are, relative to it: round 1's and those of later rounds
+# (`workers/engine/rounds.py`: rounds/<r>/train), then the checkpoint's name.
+CHECKPOINT_DIR = re.compile(rf"^((?:rounds/\d+/)?{CHECKPOINTS})/([^/]+)(?:/|$)")
 RESTORE = ".restore"  # staging for downloaded checkpoints, inside the job directory
 PARENT = ".parent"  # the checkpoint a job continues from, downloaded; never uploaded again
 
@@ -131,8 +134,10 @@ class ScratchSync:
         sent = 0
         for path in _files(self.directory):
             rel = path.relative_to(self.directory).as_posix()
-            if rel.startswith((f"{CHECKPOINTS}/", f"{RESTORE}/", f"{PARENT}/")) or any(
-                part.endswith(".tmp") for part in rel.split("/")
+            if (
+                CHECKPOINT_DIR.match(rel)
+                or rel.startswith((f"{RESTORE}/", f"{PARENT}/"))
+                or any(part.endswith(".tmp") for part in rel.split("/"))
             ):
                 continue  # whole checkpoints go through upload_checkpoint; *.tmp are being written
             st = path.stat()
@@ -157,11 +162,10 @@ class ScratchSync:
     def prune_checkpoints(self) -> list[str]:
         """Delete the store's checkpoints that are not on local disk any more (the trainer keeps only
         the newest few); returns their keys. Also removes copies whose upload was cut short."""
-        local = self.directory / CHECKPOINTS
         pruned = []
-        for name in _checkpoint_files(self.store, self.job_key):
-            if not (local / name / MANIFEST).is_file():
-                key = f"{self.job_key}/{CHECKPOINTS}/{name}"
+        for checkpoint in _checkpoint_files(self.store, self.job_key):
+            if not (self.directory / checkpoint / MANIFEST).is_file():
+                key = f"{self.job_key}/{checkpoint}"
                 try:
                     delete_checkpoint(self.store, key)
                     pruned.append(key)
@@ -183,7 +187,7 @@ class ScratchSync:
         checkpoints = _checkpoint_files(self.store, self.job_key)
         for f in self.store.list(self.job_key):
             rel = f.key[len(self.job_key) + 1 :]
-            if rel.startswith(f"{CHECKPOINTS}/"):
+            if CHECKPOINT_DIR.match(rel):
                 continue
             local = self.directory / rel
             if not (local.is_file() and local.stat().st_size == f.size):
@@ -191,22 +195,22 @@ class ScratchSync:
                 restored.append(rel)
             st = local.stat()
             self._sent[rel] = (st.st_size, st.st_mtime_ns)  # the store has it: no need to send it back
-        for name, files in sorted(checkpoints.items()):
-            prefix = f"{self.job_key}/{CHECKPOINTS}/{name}"
-            final = self.directory / CHECKPOINTS / name
+        for checkpoint, files in sorted(checkpoints.items()):
+            final = self.directory / checkpoint
+            staging = self.directory / RESTORE / checkpoint
             # Not restored: an upload cut short (no manifest), or one this machine has already.
-            if _place_checkpoint(self.store, prefix, files, final, self.directory / RESTORE / name):
-                restored.append(f"{CHECKPOINTS}/{name}")
+            if _place_checkpoint(self.store, f"{self.job_key}/{checkpoint}", files, final, staging):
+                restored.append(checkpoint)
         shutil.rmtree(self.directory / RESTORE, ignore_errors=True)
         return restored
 
 
 def _checkpoint_files(store: ArtifactStore, job_key: str) -> dict[str, list[StoredFile]]:
-    """The store's checkpoint directories of a job (`step-XXXXXX`), each with its files."""
-    prefix = f"{job_key}/{CHECKPOINTS}"
+    """The store's checkpoint directories of a job (`[rounds/<r>/]train/checkpoints/step-XXXXXX`,
+    relative to the job), each with its files."""
     found: dict[str, list[StoredFile]] = defaultdict(list)
-    for f in store.list(prefix):
-        name = f.key[len(prefix) + 1 :].split("/", 1)[0]
-        if STEP_DIR.match(name):
-            found[name].append(f)
+    for f in store.list(job_key):
+        match = CHECKPOINT_DIR.match(f.key[len(job_key) + 1 :])
+        if match and STEP_DIR.match(match.group(2)):
+            found[f"{match.group(1)}/{match.group(2)}"].append(f)
     return dict(found)

@@ -26,6 +26,7 @@ from app.jobs.schemas import (
     JobList,
     Metric,
     MetricList,
+    RoundList,
     SampleRows,
     TrainingRows,
 )
@@ -402,6 +403,19 @@ def list_training_set(
     """The training dialogues (instruction in the first turn only), which messages train, and the
     trained spans decoded from tokens: each sampled reply plus its end-of-turn token."""
     return _rows(session, settings, team, job_id, "training_set.jsonl", _position(after, offset), limit)
+
+
+@router.get(
+    "/{job_id}/rounds", response_model=RoundList, summary="List a job's rounds", responses=ERROR_RESPONSES
+)
+def list_rounds(
+    session: SessionDep, team: CurrentTeam, settings: SettingsDep, job_id: JobId
+) -> dict[str, Any]:
+    """Each finished round of sampling, ranking and training (`rounds.count`; 1 for a plain job):
+    the reward of the candidates it kept, over the round and by batch of dialogues sampled
+    together (the paper's appendix plots it falling as rounds go on), what it trained and the
+    steps it took. Empty until the first round has trained."""
+    return service.rounds(session, settings, team, job_id)
 
 
 @router.get(

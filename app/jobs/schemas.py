@@ -88,7 +88,9 @@ class JobError(BaseModel):
 class JobEstimate(BaseModel):
     """Bounds computed before the job was queued, counting every reply at its longest."""
 
-    sampled_turns: int = Field(description="Turns sampled at most (each with `sampling.k` candidates).")
+    sampled_turns: int = Field(
+        description="Turns sampled at most, over all rounds (each with `sampling.k` candidates)."
+    )
     sampling_tokens: int = Field(description="Tokens sampling can generate.")
     evaluation_tokens: int = Field(description="Tokens the evaluation can generate (both models).")
     values_tokens: int = Field(description="Tokens the model's own value lists can take (`values`).")
@@ -223,7 +225,7 @@ class EventList(BaseModel):
 
 
 class Metric(BaseModel):
-    step: int = Field(description="Optimiser step, from 1.")
+    step: int = Field(description="Optimiser step, from 1 (numbered across rounds when `rounds.count` > 1).")
     values: dict[str, float] = Field(
         description="loss, learning_rate, grad_norm, trained_tokens, tokens, tokens_per_s, elapsed_s, eta_s, epoch; "
         "with training.objective dpo or sft+dpo also preference_accuracy (the share of the step's pairs whose "
@@ -257,6 +259,37 @@ class CheckpointList(BaseModel):
     )
     has_more: bool = Field(default=False, description="Always false: one page holds them all.")
     next_after: str | None = Field(default=None, description="Always null: one page holds them all.")
+
+
+class RoundSteps(BaseModel):
+    first: int = Field(description="The round's first optimiser step (steps are numbered across rounds).")
+    last: int = Field(description="Its last: the step of the checkpoint the round ended with.")
+
+
+class RoundBatch(BaseModel):
+    batch: int = Field(description="Dialogues `batch * sampling.batch_prompts` onwards, sampled together.")
+    turns: int = Field(description="Turns sampled in the batch.")
+    max_reward: float | None = Field(description="The highest kept-candidate reward of its turns.")
+    median_reward: float | None = Field(description="The median over its turns of each turn's best reward.")
+    pass_rate: float | None = Field(description="Share of its candidates that passed `reward.min_reward`.")
+
+
+class Round(BaseModel):
+    round: int = Field(description="From 1.")
+    selection: dict[str, float | int] = Field(
+        description="Over the round's sampled turns: turns, accepted, mean_reward (all candidates), "
+        "mean_best_reward, pass_rate, mean_gain (best minus mean)."
+    )
+    batches: list[RoundBatch] = Field(description="The reward by batch of sampled dialogues, in order.")
+    examples: int = Field(description="Training examples (or preference pairs) the round trained on.")
+    trained_tokens: int = Field(description="Tokens that carried loss in them.")
+    steps: RoundSteps
+    final_loss: float | None = Field(description="The loss at the round's last step.")
+
+
+class RoundList(BaseModel):
+    count: int = Field(description="`rounds.count`: the rounds the job runs.")
+    data: list[Round] = Field(description="The rounds finished so far, in order.")
 
 
 class ArtifactRows(BaseModel):

@@ -456,6 +456,15 @@ def _evaluation_file(settings: Settings, job: Job, name: str) -> bytes:
     return data
 
 
+def rounds(session: Session, settings: Settings, team: Team, id: uuid.UUID) -> dict[str, Any]:
+    """The job's finished rounds (`workers/engine/rounds.py`) and how many it runs."""
+    job = get(session, team, id)
+    data = artifact_store(settings).read_bytes(f"{job_key(job)}/rounds.json")
+    # Jobs stored before rounds existed have no rounds section and no file: one round.
+    count = job.config.get("rounds", {}).get("count", 1)
+    return {"count": count, "data": json.loads(data) if data is not None else []}
+
+
 def evaluation(session: Session, settings: Settings, team: Team, id: uuid.UUID) -> dict[str, Any]:
     job = get(session, team, id)
     # The report without its transcripts (every reply of every run: megabytes), written for this;

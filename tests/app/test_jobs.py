@@ -145,7 +145,7 @@ def test_idempotency_key_returns_the_same_job(client, tenant, corpus_id, enqueue
 
 def test_other_teams_cannot_see_or_use(client, tenant, other_tenant, corpus_id):
     job = create(client, tenant, {"corpus_id": corpus_id}).json()
-    for path in ("", "/events", "/metrics", "/checkpoints", "/samples", "/training-set"):
+    for path in ("", "/events", "/metrics", "/checkpoints", "/samples", "/training-set", "/rounds"):
         r = client.get(f"{URL}/{job['id']}{path}", headers=other_tenant.headers)
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", path
     assert client.post(f"{URL}/{job['id']}/cancel", headers=other_tenant.headers).status_code == 404
@@ -424,6 +424,30 @@ def test_the_evaluation_is_served_from_its_summary_without_transcripts(
     summary = {m: {"conditions": {}} for m in ("base", "gatt")}
     (evaluation / "adherence_summary.json").write_text(json.dumps({**summary, "table": "summary"}))
     assert served()["table"] == "summary"
+
+
+def test_rounds_are_listed_as_the_worker_finishes_them(client, tenant, corpus_id, db, settings):
+    from service.storage import job_dir
+
+    job_id = create(client, tenant, {"corpus_id": corpus_id, "config": {"rounds": {"count": 3}}}).json()["id"]
+    r = client.get(f"{URL}/{job_id}/rounds", headers=tenant.headers)
+    assert r.status_code == 200 and r.json() == {"count": 3, "data": []}  # none finished yet
+    with db() as s:
+        directory = job_dir(settings, s.get(Job, uuid.UUID(job_id)))
+    directory.mkdir(parents=True, exist_ok=True)
+    finished = {
+        "round": 1,
+        "selection": {"turns": 4, "accepted": 4, "mean_reward": 0.5, "mean_best_reward": 0.75},
+        "batches": [{"batch": 0, "turns": 4, "max_reward": 1.0, "median_reward": 0.75, "pass_rate": 0.5}],
+        "examples": 4,
+        "trained_tokens": 120,
+        "steps": {"first": 1, "last": 2},
+        "final_loss": 2.5,
+    }
+    (directory / "rounds.json").write_text(json.dumps([finished]))
+    got = client.get(f"{URL}/{job_id}/rounds", headers=tenant.headers).json()
+    assert got == {"count": 3, "data": [finished]}
+    assert client.get(f"{URL}/{uuid.uuid4()}/rounds", headers=tenant.headers).status_code == 404
 
 
 def test_the_default_instruction_set_can_be_named_by_its_id(client, tenant, corpus_id):

@@ -291,6 +291,35 @@ def test_restore_brings_back_the_store_copy_on_another_machine(tmp_path: Path) -
     assert ScratchSync(store, second, "t/j").restore() == []
 
 
+def test_later_rounds_checkpoints_go_whole_are_pruned_and_come_back(tmp_path: Path) -> None:
+    # rounds.count > 1: round r's training run is rounds/<r>/train (workers/engine/rounds.py).
+    first = tmp_path / "machine1"
+    job = first / "t" / "j"
+    round_two = job / "rounds" / "2"
+    (round_two / "train").mkdir(parents=True)
+    (round_two / "samples.jsonl").write_text('{"i": 0}\n')
+    store = Recording(tmp_path / "store")
+    sync = ScratchSync(store, first, "t/j")
+    for step in (1, 2):
+        sync.upload_checkpoint(_checkpoint(round_two, step), f"t/j/rounds/2/{CHECKPOINTS}/step-{step:06d}")
+    (round_two / CHECKPOINTS / "step-000002.tmp").mkdir()
+    (round_two / CHECKPOINTS / "step-000002.tmp" / "half").write_text("x")
+    store.calls.clear()
+    assert sync.sync() == 1  # the samples; the checkpoints go whole through upload_checkpoint
+    assert store.calls == [("upload", "t/j/rounds/2/samples.jsonl")]
+
+    shutil.rmtree(round_two / CHECKPOINTS / "step-000001")  # the trainer rotated it out
+    store.calls.clear()
+    assert sync.prune_checkpoints() == [f"t/j/rounds/2/{CHECKPOINTS}/step-000001"]
+    assert store.calls[0] == ("delete", f"t/j/rounds/2/{CHECKPOINTS}/step-000001/{MANIFEST}")
+
+    second = tmp_path / "machine2"
+    restored = ScratchSync(store, second, "t/j").restore()
+    assert sorted(restored) == ["rounds/2/samples.jsonl", f"rounds/2/{CHECKPOINTS}/step-000002"]
+    ckpt = second / "t" / "j" / "rounds" / "2" / CHECKPOINTS / "step-000002"
+    assert (ckpt / MANIFEST).read_bytes() == (round_two / CHECKPOINTS / "step-000002" / MANIFEST).read_bytes()
+
+
 def test_a_worker_that_lost_its_lease_records_no_checkpoint(client, tenant, db, settings, tmp_path) -> None:
     """A checkpoint row means "the lease holder put these files in the store": the row is written in
     the same transaction as a lease renewal, so a worker that was taken over stops instead."""

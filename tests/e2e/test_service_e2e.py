@@ -694,3 +694,61 @@ def test_a_gatt_job_trains_with_dpo_on_its_own_candidates(stack):
         kept = driver.find_elements(By.CSS_SELECTOR, '#training-set .msg[data-trained="true"]')
         assert kept[0].text.split("\n", 1)[1] == pairs[0].messages[-1].content.strip()
         screenshot(driver, "ui-dpo-pair")
+
+
+def test_a_gatt_job_runs_two_rounds_each_sampling_with_the_last_ones_model(stack, tmp_path):
+    """rounds.count 2 over REST: the second round samples with the first round's model and trains
+    it further; metrics and checkpoints are numbered across rounds, and the rounds endpoint gives
+    each round's reward and steps."""
+    url, app, _ = stack
+    tenant = make_tenant(app.state.sessionmaker)
+    client = Client(url, tenant.key)
+    config = {
+        "data": {"max_turns": 2},
+        "sampling": {"k": 3, "max_new_tokens": 24, "batch_prompts": 2},
+        "reward": {"min_reward": 0.0},
+        "training": {"max_steps": 2, "micro_batch_size": 2, "checkpoint_every": 1},
+        "rounds": {"count": 2, "instructions": "fresh"},
+    }
+    job = client.jobs.create(_corpus(client, 3), config=config)
+    job = client.jobs.wait(job.id, timeout=900, interval=1)
+    assert job.status.value == "succeeded", job
+    assert [m.step for m in client.jobs.metrics(job.id)] == [1, 2, 3, 4]
+    assert [c.step for c in client.jobs.checkpoints(job.id)] == [1, 2, 3, 4]
+
+    rounds = client.jobs.rounds(job.id)
+    assert rounds.count == 2
+    assert [(r.round, r.steps.first, r.steps.last) for r in rounds.data] == [(1, 1, 2), (2, 3, 4)]
+    # Round 1's figures are those of the samples the API serves (round 1's).
+    samples = list(client.jobs.samples(job.id))
+    turns = [t for s in samples for t in s.turns]
+    assert rounds.data[0].selection["turns"] == len(turns)
+    first_batch = [t.stats.max_reward for s in samples if s.index < 2 for t in s.turns]
+    assert rounds.data[0].batches[0].max_reward == max(first_batch)
+    for r in rounds.data:
+        assert r.examples > 0 and r.trained_tokens > 0 and math.isfinite(r.final_loss)
+    # The last checkpoint is round 2's own step 2, which its manifest places in the job's numbering.
+    final = client.jobs.download_checkpoint(job.id, 4, tmp_path / "round2")
+    manifest = json.loads((final / "manifest.json").read_text())
+    assert manifest["step"] == 2 and manifest["lineage"]["round"] == {"round": 2, "first_step": 3}
+    assert "adapter_model.safetensors" in manifest["files"]
+
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with chromium() as driver:
+        wait = WebDriverWait(
+            driver, 30, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
+        )
+        driver.get(f"{url}/ui")
+        key = wait.until(lambda d: d.find_element(By.NAME, "key"))
+        key.send_keys(tenant.key)
+        key.submit()
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f'tr[data-job="{job.id}"] a')).click()
+        shown = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#rounds-table tbody tr"))
+        assert [row.get_attribute("data-round") for row in shown] == ["1", "2"]
+        assert shown[1].find_elements(By.TAG_NAME, "td")[1].text == "3–4"
+        plot = driver.find_element(By.CSS_SELECTOR, '#rounds svg[data-chart="round_reward"]')
+        assert plot.get_attribute("data-points") == str(sum(len(r.batches) for r in rounds.data))
+        screenshot(driver, "ui-rounds")

@@ -15,6 +15,12 @@ def test_sampling_counts_k_replies_of_max_length_per_sampled_turn() -> None:
     # "last" samples one turn per dialogue; max_dialogues caps the dialogues.
     last = parse_options({"data": {"max_turns": 4, "sample_turns": "last", "max_dialogues": 100}})
     assert estimate(last, dialogues=208, user_turns=800).sampled_turns == 100
+    # Every round samples them all again: a tenant's quota sees three rounds' tokens.
+    rounds = parse_options(
+        {"data": {"max_turns": 4}, "sampling": {"k": 4, "max_new_tokens": 48}, "rounds": {"count": 3}}
+    )
+    cost = estimate(rounds, dialogues=208, user_turns=800)
+    assert (cost.sampled_turns, cost.sampling_tokens) == (2400, 3 * 800 * 4 * 48)
 
 
 def test_evaluation_and_value_lists_count_too() -> None:

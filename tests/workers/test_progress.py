@@ -69,6 +69,29 @@ def test_the_plan_weighs_each_stage_by_its_bound():
     assert {p.units for p in plan(OPTIONS, None)} == {1.0}
 
 
+def test_each_round_samples_and_trains_its_share_and_the_base_is_evaluated_once():
+    # The estimate counts both rounds' sampled turns (cost.py): 10 per round here.
+    rounds = parse_options({**OPTIONS.to_json(), "rounds": {"count": 2}})
+    estimate = {**ESTIMATE, "sampled_turns": 20, "sampling_tokens": 3840}
+    assert [(p.stage, p.units) for p in plan(rounds, estimate)] == [
+        ("synthesize", 1),
+        ("sample", 1920),
+        ("evaluate", EVAL),
+        ("train", TRAIN),
+        ("sample", 1920),
+        ("train", TRAIN),
+        ("evaluate", EVAL),
+    ]
+    # max_steps is per round: each round trains them.
+    steps = parse_options({"training": {"max_steps": 3, "micro_batch_size": 2}, "rounds": {"count": 2}})
+    assert [p.units for p in plan(steps, estimate) if p.stage == "train"] == [
+        3 * 2 * TRAIN_EXAMPLE_TOKENS
+    ] * 2
+    # Tokens instead of examples: micro_batch_tokens over a GAtt example's assumed length.
+    tokens = parse_options({"training": {"max_steps": 3, "micro_batch_tokens": 4000}})
+    assert [p.units for p in plan(tokens, estimate) if p.stage == "train"] == [3 * 10 * TRAIN_EXAMPLE_TOKENS]
+
+
 def test_fraction_and_eta_follow_the_measured_rates():
     p, clock = progress()
     assert (p.fraction, p.eta_s) == (0.0, None)

@@ -59,6 +59,7 @@ LIMITS: dict[str, int] = {
     "dialogues": 1_000_000,  # data.max_dialogues
     "turns": 64,  # data.max_turns: a corpus dialogue has at most 64 turns
     "replay": 10,  # plain corpus dialogues per GAtt example
+    "rounds": 10,
     "name_chars": 1024,  # paths and module names
 }
 # Evaluation: own context (the model's earlier replies), then fixed context (the corpus's earlier
@@ -380,6 +381,17 @@ class ValuesConfig(Section):
     """Replies sampled per family; their lists are merged."""
 
 
+class RoundsConfig(Section):
+    """Multi-round GAtt: round r samples with the model round r-1 trained, ranks, and trains it
+    further (the paper's iterated rejection sampling)."""
+
+    count: Int = Field(1, ge=1, le=LIMITS["rounds"])
+    """Rounds of sample, rank and train; 1: a plain GAtt job."""
+    instructions: Literal["fixed", "fresh"] = "fixed"
+    """"fixed": every round attaches the same instruction to each dialogue (what changes is the
+    model that samples); "fresh": each round synthesises its own (seeded by the round)."""
+
+
 class JobOptions(Section):
     """A job's hyperparameters, by section; every field is optional and has a default. Unknown
     fields are errors (422 `invalid_config`, every problem with its path in `details`); every size
@@ -405,6 +417,8 @@ class JobOptions(Section):
     """Adherence by turn before and after training, on held-out dialogues."""
     values: ValuesConfig = ValuesConfig()
     """Family values listed by the model itself (off by default)."""
+    rounds: RoundsConfig = RoundsConfig()
+    """Rounds of sampling with the model trained so far (1 by default)."""
 
     @model_validator(mode="after")
     def _replay_needs_sft(self) -> JobOptions:

@@ -3,7 +3,7 @@ its corpus's counts. The service refuses a job whose bound passes its limit befo
 (`GATT_MAX_JOB_GENERATED_TOKENS`) and keeps the figure on the job.
 
 Generation dominates a GAtt job: K candidates of up to `sampling.max_new_tokens` for every sampled
-turn, the evaluation's replies for both models, and the model's own lists of values when asked for.
+turn of every round, the evaluation's replies for both models, and the model's own lists of values when asked for.
 Every reply is counted at its longest, so real jobs generate less. Training is bounded by what
 sampling keeps, and its time by the job time limit. Torch-free: the API imports it.
 """
@@ -43,7 +43,8 @@ def estimate(
         sampled = min(sampled, options.data.max_dialogues)
     # "all" samples every user turn of the first max_turns; "last" one turn per dialogue.
     per_dialogue = options.data.max_turns if options.data.sample_turns == "all" else 1
-    turns = min(sampled * per_dialogue, user_turns)
+    # Each round samples them all again.
+    turns = min(sampled * per_dialogue, user_turns) * options.rounds.count
     sampling = turns * options.sampling.k * options.sampling.max_new_tokens
     # Both models, each held-out dialogue, turn and condition: one reply each.
     replies = 2 * heldout * evaluation.turns * len(evaluation.conditions) if evaluation.enabled else 0

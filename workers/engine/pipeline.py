@@ -15,6 +15,9 @@ last checkpoint. Artifacts in `output_dir`:
     samples.jsonl         every candidate with its reward, and the choice, per turn
     training_set.jsonl    the training dialogues with their trained spans in readable form
     train/                metrics.jsonl, metrics.csv, checkpoints/step-XXXXXX/
+    rounds/<r>/           rounds.count > 1: round r's instructions.jsonl ("fresh"), samples.jsonl,
+                          training_set.jsonl and train/ (`rounds.py`)
+    rounds.json           each finished round's reward statistics and training
     summary.json          what the job did, at the end
 """
 
@@ -60,6 +63,7 @@ from workers.engine.models import LoadedModel, ModelError, load_model
 from workers.engine.pairs import preference_pairs
 from workers.engine.rewards import Reward, RewardScorer
 from workers.engine.rollout import Rollout
+from workers.engine.rounds import offset_hooks, round_dir, round_report, round_seed, write_rounds
 from workers.engine.sampling import Candidate
 from workers.engine.training import train
 from workers.engine.values import VALUES_FILE, values_for_job
@@ -82,6 +86,7 @@ class JobResult:
     final_checkpoint: Path | None
     final_metrics: dict[str, float]
     wall_s: float
+    rounds: int = 1  # of sample, rank and train (`rounds.py`); the counts above are the last round's
 
 
 def run_job(
@@ -112,67 +117,111 @@ def run_job(
     _write_jsonl(out / "instructions.jsonl", [i.to_json() for i in instructions])
 
     loaded = _job_model(config, loaded, allowed_roots)
-    _stage(hooks, Stage.SAMPLE)
-    records = sample_dialogues(
-        config, loaded, dialogues, instructions, out / "samples.jsonl", hooks, allowed_roots=allowed_roots
-    )
-    selections = [_selection(turn) for record in records for turn in record["turns"]]
-
-    examples = build_training_set(
-        config, loaded.tokenizer, records, out / "training_set.jsonl", hooks, dialogues=dialogues
-    )
-    if not examples:
-        raise NoAcceptedSamples(
-            "no accepted samples to train on: no candidate reached reward.min_reward (or, for a DPO "
-            "objective, no turn had a candidate ranked below its kept one); lower the threshold, "
-            "raise sampling.k, or choose instructions the model can follow"
-        )
     evaluation = None
-    if config.evaluation.enabled:
-        # Before training: train() turns the model into the trained one in place.
-        _stage(hooks, Stage.EVALUATE)
-        evaluation = Evaluation(config, instruction_set, dialogues, instructions, heldout, out / "evaluation")
-        evaluation.run("base", loaded, hooks)
+    reports: list[dict[str, Any]] = []
+    all_selections: list[Selection] = []
+    for r in range(1, config.rounds.count + 1):
+        where = round_dir(out, r)
+        where.mkdir(parents=True, exist_ok=True)
+        if r > 1 and config.rounds.instructions == "fresh":
+            instructions = synthesize(instruction_set, len(dialogues), seed=round_seed(config.seed, r))
+            hooks.fence()
+            _write_jsonl(where / "instructions.jsonl", [i.to_json() for i in instructions])
+        _stage(hooks, Stage.SAMPLE)
+        records = sample_dialogues(
+            config,
+            loaded,
+            dialogues,
+            instructions,
+            where / "samples.jsonl",
+            hooks,
+            allowed_roots=allowed_roots,
+            round_=r,
+        )
+        selections = [_selection(turn) for record in records for turn in record["turns"]]
+        all_selections += selections
+        examples = build_training_set(
+            config, loaded.tokenizer, records, where / "training_set.jsonl", hooks, dialogues=dialogues
+        )
+        if not examples:
+            raise NoAcceptedSamples(
+                f"no accepted samples to train on{f' in round {r}' if r > 1 else ''}: no candidate "
+                "reached reward.min_reward (or, for a DPO objective, no turn had a candidate ranked "
+                "below its kept one); lower the threshold, raise sampling.k, or choose instructions "
+                "the model can follow"
+            )
+        if r == 1 and config.evaluation.enabled:
+            # Before training: train() turns the model into the trained one in place.
+            _stage(hooks, Stage.EVALUATE)
+            evaluation = Evaluation(
+                config, instruction_set, dialogues, instructions, heldout, out / "evaluation"
+            )
+            evaluation.run("base", loaded, hooks)
 
-    _stage(hooks, Stage.TRAIN)
-    # The adapter records the base weights it applies to: by the service's name where the job has
-    # one (a model id, or the full checkpoint it continues), else the embedded default by name and
-    # anything else by its directory.
-    lineage = config.lineage
-    if lineage:
-        base_model = lineage.get("adapter_base") or lineage["base_model"]
-    else:
-        base_model = loaded.base_name or str(loaded.base_dir)
-    result = train(
-        loaded.model,
-        loaded.tokenizer,
-        examples,
-        config.training,
-        out / "train",
-        hooks=hooks,
-        base_model=base_model,
-        lineage=lineage,
-    )
+        _stage(hooks, Stage.TRAIN)
+        first_step = sum(report["steps"]["last"] - report["steps"]["first"] + 1 for report in reports) + 1
+        result = train(
+            loaded.model,
+            loaded.tokenizer,
+            examples,
+            config.training,
+            where / "train",
+            hooks=offset_hooks(hooks, first_step - 1),
+            base_model=_adapter_base(config, loaded),
+            # A later round's manifests count their steps from 1: say where the job's numbering starts.
+            lineage={**(config.lineage or {}), "round": {"round": r, "first_step": first_step}}
+            if config.rounds.count > 1
+            else config.lineage,
+        )
+        # The next round samples with the trained model (for LoRA the peft model train() made).
+        loaded = dataclasses.replace(loaded, model=result.model)
+        trained_tokens = sum(e.n_trained for e in examples)
+        final_metrics = result.metrics[-1] if result.metrics else {}
+        reports.append(
+            round_report(
+                r,
+                records,
+                selections,
+                config.sampling.batch_prompts,
+                examples=len(examples),
+                trained_tokens=trained_tokens,
+                first_step=first_step,
+                steps=result.steps,
+                final_loss=final_metrics.get("loss"),
+            )
+        )
+        write_rounds(out, reports, hooks)
+
     if evaluation is not None:
         _stage(hooks, Stage.EVALUATE)
-        evaluation.run("gatt", dataclasses.replace(loaded, model=result.model), hooks)
+        evaluation.run("gatt", loaded, hooks)
         evaluation.finish(hooks)
-    final_metrics = result.metrics[-1] if result.metrics else {}
     job = JobResult(
         output_dir=out,
         dialogues=len(dialogues),
         sampled_dialogues=len(records),
         examples=len(examples),
-        trained_tokens=sum(e.n_trained for e in examples),
-        selection=summarize(selections).to_json(),
+        trained_tokens=trained_tokens,
+        selection=summarize(all_selections).to_json(),
         final_checkpoint=Path(result.checkpoint) if result.checkpoint else None,
         final_metrics=dict(final_metrics),
         wall_s=time.monotonic() - started,
+        rounds=len(reports),
     )
     hooks.fence()
     _write_json(out / "summary.json", _jsonable(job.__dict__))
     _stage(hooks, Stage.DONE)
     return job
+
+
+def _adapter_base(config: JobConfig, loaded: LoadedModel) -> str:
+    """The base weights a checkpoint applies to: by the service's name where the job has one (a
+    model id, or the full checkpoint it continues), else the embedded default by name and anything
+    else by its directory."""
+    lineage = config.lineage
+    if lineage:
+        return lineage.get("adapter_base") or lineage["base_model"]
+    return loaded.base_name or str(loaded.base_dir)
 
 
 def load_dialogues(config: JobConfig) -> list[Dialogue]:
@@ -257,8 +306,10 @@ def sample_dialogues(
     hooks: Hooks,
     *,
     allowed_roots: list[Path] | None = None,
+    round_: int = 1,
 ) -> list[dict[str, Any]]:
-    """Sample every dialogue not yet in `path`, chunk by chunk; return all records in order."""
+    """Sample every dialogue not yet in `path`, chunk by chunk; return all records in order.
+    `round_` > 1 (`rounds.py`) draws other random numbers than round 1."""
     done = {record["index"]: record for record in _read_records(path)}
     scorer = RewardScorer(config.reward, device=loaded.device, allowed_roots=allowed_roots)
     rollout = Rollout.of(loaded)
@@ -272,9 +323,10 @@ def sample_dialogues(
             raise Stopped("cancelled during sampling")
         # One generator per chunk, on the model's device (sampling draws there), seeded by its
         # position: a resumed job samples the remaining chunks exactly as an uninterrupted one would.
-        generator = torch.Generator(device=loaded.device).manual_seed(
-            ((config.seed * 1_000_003 + config.sampling.seed) * 1_000_003 + start) % 2**63
-        )
+        seed = ((config.seed * 1_000_003 + config.sampling.seed) * 1_000_003 + start) % 2**63
+        if round_ > 1:
+            seed = (seed * 1_000_003 + round_) % 2**63
+        generator = torch.Generator(device=loaded.device).manual_seed(seed)
         chunk = _sample_chunk(config, rollout, scorer, dialogues, instructions, todo, generator, hooks)
         hooks.fence()  # a run taken over while it sampled must not append what the new one samples too
         with open(path, "a", encoding="utf-8") as f:

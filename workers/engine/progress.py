@@ -53,14 +53,15 @@ def plan(options: JobOptions, estimate: Mapping[str, Any] | None) -> list[Phase]
     for a job stored before estimates: the phases then weigh the same)."""
     e = estimate or {}
     evaluation = e.get("evaluation_tokens", 0) / 2 * EVAL_TOKEN_COST
-    phases = [
-        Phase("synthesize", e.get("values_tokens", 0)),
-        Phase("sample", e.get("sampling_tokens", 0)),
-    ]
-    if options.evaluation.enabled:
-        phases.append(Phase("evaluate", evaluation))
+    rounds = options.rounds.count
+    phases = [Phase("synthesize", e.get("values_tokens", 0))]
+    # The estimate counts every round's sampling; each round trains on what it sampled.
     train_units = _train_examples(options, e.get("sampled_turns", 0)) * _item_cost(options.training.objective)
-    phases.append(Phase("train", train_units))
+    for r in range(rounds):
+        phases.append(Phase("sample", e.get("sampling_tokens", 0) / rounds))
+        if r == 0 and options.evaluation.enabled:
+            phases.append(Phase("evaluate", evaluation))  # the base model, before the first training
+        phases.append(Phase("train", train_units / rounds))
     if options.evaluation.enabled:
         phases.append(Phase("evaluate", evaluation))
     if not estimate:
@@ -72,13 +73,15 @@ def plan(options: JobOptions, estimate: Mapping[str, Any] | None) -> list[Phase]
 
 
 def _train_examples(options: JobOptions, sampled_turns: int) -> float:
-    """Example-epochs training will do, bounded as the estimate bounds tokens: every sampled turn
-    kept, as often as `data.train_history` and `data.replay` repeat it."""
+    """Example-epochs training will do over all rounds, bounded as the estimate bounds tokens: every
+    sampled turn kept, as often as `data.train_history` and `data.replay` repeat it."""
     views = 2 if options.data.train_history == "both" else 1
     examples = sampled_turns * views * (1 + options.data.replay)
     training = options.training
     if training.max_steps is not None:
-        return training.max_steps * _micro_batch_examples(training) * training.grad_accum
+        return (
+            training.max_steps * _micro_batch_examples(training) * training.grad_accum * options.rounds.count
+        )
     return examples * training.epochs
 
 

@@ -194,10 +194,11 @@ function jobView(id) {
   const summary = h("section", { class: "card", id: "summary" });
   const curves = h("div", { class: "grid", id: "curves" });
   const rewards = h("section", { class: "card", id: "rewards" }, h("h2", {}, "Reward per sampling batch"), h("p", { class: "muted" }, "After sampling."));
+  const rounds = h("section", { class: "card", id: "rounds", hidden: true });
   const evaluation = h("section", { class: "card", id: "evaluation" }, h("h2", {}, "Evaluation"), h("p", { class: "muted" }, "After the job."));
   const samples = h("section", { class: "card", id: "samples" });
   const training = h("section", { class: "card", id: "training-set" });
-  main.replaceChildren(h("p", {}, h("a", { href: "#/" }, "← Jobs")), summary, curves, rewards, evaluation, samples, training);
+  main.replaceChildren(h("p", {}, h("a", { href: "#/" }, "← Jobs")), summary, curves, rewards, rounds, evaluation, samples, training);
 
   let etag = null, timer = null, stopped = false, metrics = [], loaded = new Set();
   async function poll() {
@@ -219,6 +220,10 @@ function jobView(id) {
       renderRewards(rewards, job, await everyPage(`/v1/jobs/${id}/samples`, 500, null, STATS_DIALOGUES).catch(() => []));
       browser(samples, "Samples", `/v1/jobs/${id}/samples`, sampleRow);
       browser(training, "Training set", `/v1/jobs/${id}/training-set`, trainingRow);
+    }
+    if ((job.config.rounds?.count ?? 1) > 1) {
+      const { body } = await api(`/v1/jobs/${id}/rounds`);
+      renderRounds(rounds, body);
     }
     if (job.status === "succeeded" && !loaded.has("evaluation") && job.config.evaluation.enabled) {
       loaded.add("evaluation");
@@ -275,6 +280,24 @@ function renderRewards(card, job, rows) {
     rows.length ? h("table", { id: "reward-table" }, h("thead", {}, h("tr", {},
       ...["Batch", "Turns", "Mean max", "Median", "Pass rate", "Kept"].map((t) => h("th", { class: "num" }, t)))),
     h("tbody", {}, body)) : h("p", { class: "muted" }, "No samples."));
+}
+
+// Multi-round jobs: the kept reward batch by batch, round after round (the paper's appendix plot).
+function renderRounds(card, list) {
+  card.hidden = false;
+  const points = list.data.flatMap((r) => r.batches).map((b, i) => [i + 1, b.median_reward]).filter(([, y]) => y !== null);
+  card.replaceChildren(h("h2", {}, `Rounds (${list.data.length} of ${list.count} done)`),
+    h("p", { class: "muted" }, "Median over turns of the best candidate's reward, per sampling batch, the rounds one after another."),
+    chart("round_reward", points, "batch, rounds in order"),
+    h("table", { id: "rounds-table" }, h("thead", {}, h("tr", {},
+      ...["Round", "Steps", "Mean best reward", "Pass rate", "Examples", "Final loss"].map((t) => h("th", { class: "num" }, t)))),
+    h("tbody", {}, ...list.data.map((r) => h("tr", { "data-round": r.round },
+      h("td", { class: "num" }, r.round),
+      h("td", { class: "num" }, `${r.steps.first}–${r.steps.last}`),
+      h("td", { class: "num" }, fmt(r.selection.mean_best_reward)),
+      h("td", { class: "num" }, fmt(r.selection.pass_rate)),
+      h("td", { class: "num" }, r.examples),
+      h("td", { class: "num" }, r.final_loss === null ? "–" : fmt(r.final_loss)))))));
 }
 
 async function renderEvaluation(card, id) {

@@ -235,6 +235,11 @@ def get_evaluation(job_id: Id) -> Call[m.JobEvaluation]:
 
 
 @operation
+def list_rounds(job_id: Id) -> Call[m.RoundList]:
+    return Call("GET", f"/v1/jobs/{job_id}/rounds", _model(m.RoundList))
+
+
+@operation
 def get_attention_plot(job_id: Id) -> Call[bytes]:
     return Call("GET", f"/v1/jobs/{job_id}/evaluation/attention.png", _bytes)
 

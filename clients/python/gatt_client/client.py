@@ -349,6 +349,10 @@ class Jobs:
     def evaluation(self, job_id: ops.Id) -> m.JobEvaluation:
         return self._c.request(ops.get_evaluation(job_id))
 
+    def rounds(self, job_id: ops.Id) -> m.RoundList:
+        """The job's finished rounds of sampling, ranking and training, with their reward."""
+        return self._c.request(ops.list_rounds(job_id))
+
     def attention_plot(self, job_id: ops.Id) -> bytes:
         return self._c.request(ops.get_attention_plot(job_id))
 
@@ -677,6 +681,9 @@ class AsyncJobs:
 
     async def evaluation(self, job_id: ops.Id) -> m.JobEvaluation:
         return await self._c.request(ops.get_evaluation(job_id))
+
+    async def rounds(self, job_id: ops.Id) -> m.RoundList:
+        return await self._c.request(ops.list_rounds(job_id))
 
     async def checkpoints(self, job_id: ops.Id) -> list[m.CheckpointOut]:
         return list((await self._c.request(ops.list_checkpoints(job_id))).data)

@@ -1201,7 +1201,7 @@ class JobEstimate(BaseModel):
     sampled_turns: Annotated[
         int,
         Field(
-            description='Turns sampled at most (each with `sampling.k` candidates).',
+            description='Turns sampled at most, over all rounds (each with `sampling.k` candidates).',
             title='Sampled Turns',
         ),
     ]
@@ -1308,7 +1308,13 @@ class Metric(BaseModel):
     created_at: Annotated[
         AwareDatetime, Field(description='When it was recorded.', title='Created At')
     ]
-    step: Annotated[int, Field(description='Optimiser step, from 1.', title='Step')]
+    step: Annotated[
+        int,
+        Field(
+            description='Optimiser step, from 1 (numbered across rounds when `rounds.count` > 1).',
+            title='Step',
+        ),
+    ]
     values: Annotated[
         dict[str, float],
         Field(
@@ -1774,6 +1780,94 @@ class RewardRow(BaseModel):
             description="The instruction's verifier score, 0 to 1.", title='Verifier'
         ),
     ]
+
+
+class RoundBatch(BaseModel):
+    batch: Annotated[
+        int,
+        Field(
+            description='Dialogues `batch * sampling.batch_prompts` onwards, sampled together.',
+            title='Batch',
+        ),
+    ]
+    max_reward: Annotated[
+        float | None,
+        Field(
+            description='The highest kept-candidate reward of its turns.',
+            title='Max Reward',
+        ),
+    ]
+    median_reward: Annotated[
+        float | None,
+        Field(
+            description="The median over its turns of each turn's best reward.",
+            title='Median Reward',
+        ),
+    ]
+    pass_rate: Annotated[
+        float | None,
+        Field(
+            description='Share of its candidates that passed `reward.min_reward`.',
+            title='Pass Rate',
+        ),
+    ]
+    turns: Annotated[
+        int, Field(description='Turns sampled in the batch.', title='Turns')
+    ]
+
+
+class RoundSteps(BaseModel):
+    first: Annotated[
+        int,
+        Field(
+            description="The round's first optimiser step (steps are numbered across rounds).",
+            title='First',
+        ),
+    ]
+    last: Annotated[
+        int,
+        Field(
+            description='Its last: the step of the checkpoint the round ended with.',
+            title='Last',
+        ),
+    ]
+
+
+class Instructions(StrEnum):
+    """
+    "fixed": every round attaches the same instruction to each dialogue (what changes is the
+    model that samples); "fresh": each round synthesises its own (seeded by the round).
+    """
+
+    fixed = 'fixed'
+    fresh = 'fresh'
+
+
+class RoundsConfig(BaseModel):
+    """
+    Multi-round GAtt: round r samples with the model round r-1 trained, ranks, and trains it
+    further (the paper's iterated rejection sampling).
+    """
+
+    model_config = ConfigDict(
+        extra='forbid',
+    )
+    count: Annotated[
+        int | None,
+        Field(
+            description='Rounds of sample, rank and train; 1: a plain GAtt job.',
+            ge=1,
+            le=10,
+            title='Count',
+        ),
+    ] = 1
+    instructions: Annotated[
+        Instructions | None,
+        Field(
+            description='"fixed": every round attaches the same instruction to each dialogue (what changes is the\nmodel that samples); "fresh": each round synthesises its own (seeded by the round).',
+            title='Instructions',
+        ),
+    ] = 'fixed'
 
 
 class SampleReply(BaseModel):
@@ -3031,6 +3125,10 @@ class JobOptions(BaseModel):
         'reward_model_weight': 0.0,
         'verifier_weight': 1.0,
     }
+    rounds: Annotated[RoundsConfig | None, Field(description='Rounds of sampling with the model trained so far (1 by default).', validate_default=True)] = {
+        'count': 1,
+        'instructions': 'fixed',
+    }
     sampling: Annotated[SamplingConfig | None, Field(description='K candidates per sampled turn, the instruction on every user turn.', validate_default=True)] = {
         'batch_prompts': 8,
         'compile': False,
@@ -3159,6 +3257,51 @@ class ModelList(BaseModel):
             description='`default` first, then the models under each root in the order the roots are configured, by id. Models that cannot be trained are listed too, with the reason.',
             title='Data',
         ),
+    ]
+
+
+class Round(BaseModel):
+    batches: Annotated[
+        list[RoundBatch],
+        Field(
+            description='The reward by batch of sampled dialogues, in order.',
+            title='Batches',
+        ),
+    ]
+    examples: Annotated[
+        int,
+        Field(
+            description='Training examples (or preference pairs) the round trained on.',
+            title='Examples',
+        ),
+    ]
+    final_loss: Annotated[
+        float | None,
+        Field(description="The loss at the round's last step.", title='Final Loss'),
+    ]
+    round: Annotated[int, Field(description='From 1.', title='Round')]
+    selection: Annotated[
+        dict[str, float | int],
+        Field(
+            description="Over the round's sampled turns: turns, accepted, mean_reward (all candidates), mean_best_reward, pass_rate, mean_gain (best minus mean).",
+            title='Selection',
+        ),
+    ]
+    steps: RoundSteps
+    trained_tokens: Annotated[
+        int,
+        Field(description='Tokens that carried loss in them.', title='Trained Tokens'),
+    ]
+
+
+class RoundList(BaseModel):
+    count: Annotated[
+        int,
+        Field(description='`rounds.count`: the rounds the job runs.', title='Count'),
+    ]
+    data: Annotated[
+        list[Round],
+        Field(description='The rounds finished so far, in order.', title='Data'),
     ]
 
 
