@@ -8,6 +8,7 @@ job's LoRA checkpoint; the result loads with stock transformers/peft."""
 
 from __future__ import annotations
 
+import contextlib
 import http.server
 import json
 import math
@@ -20,6 +21,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from celery import Celery
@@ -620,13 +622,30 @@ def _metric(text: str, name: str, **labels: str) -> float:
     )
 
 
+@contextlib.contextmanager
+def _job_page(url: str, key: str, job_id) -> Iterator[tuple[Any, Any]]:
+    """Chromium on a job's page, signed in with `key`: the driver and a 30-second wait."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    with chromium() as driver:
+        wait = WebDriverWait(
+            driver, 30, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
+        )
+        driver.get(f"{url}/ui")
+        field = wait.until(lambda d: d.find_element(By.NAME, "key"))
+        field.send_keys(key)
+        field.submit()
+        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f'tr[data-job="{job_id}"] a')).click()
+        yield driver, wait
+
+
 def test_a_gatt_job_trains_with_dpo_on_its_own_candidates(stack):
     """objective sft+dpo over REST: pairs of a turn's kept reply and a candidate it beat, in the
     training set with the reason each was rejected, and a LoRA checkpoint trained on them; the job
     page shows the rejected reply beside the kept one."""
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     url, app, _ = stack
     tenant = make_tenant(app.state.sessionmaker)
@@ -678,15 +697,7 @@ def test_a_gatt_job_trains_with_dpo_on_its_own_candidates(stack):
         assert turn.candidates[row.rejected.candidate].text == row.rejected.text
         assert turn.ranked[turn.chosen] - turn.ranked[row.rejected.candidate] == row.rejected.margin
 
-    with chromium() as driver:
-        wait = WebDriverWait(
-            driver, 30, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
-        )
-        driver.get(f"{url}/ui")
-        key = wait.until(lambda d: d.find_element(By.NAME, "key"))
-        key.send_keys(tenant.key)
-        key.submit()
-        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f'tr[data-job="{job.id}"] a')).click()
+    with _job_page(url, tenant.key, job.id) as (driver, wait):
         shown = wait.until(
             lambda d: d.find_elements(By.CSS_SELECTOR, '#training-set .msg[data-rejected="true"]')
         )
@@ -733,19 +744,9 @@ def test_a_gatt_job_runs_two_rounds_each_sampling_with_the_last_ones_model(stack
     assert manifest["step"] == 2 and manifest["lineage"]["round"] == {"round": 2, "first_step": 3}
     assert "adapter_model.safetensors" in manifest["files"]
 
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
-    with chromium() as driver:
-        wait = WebDriverWait(
-            driver, 30, ignored_exceptions=(NoSuchElementException, StaleElementReferenceException)
-        )
-        driver.get(f"{url}/ui")
-        key = wait.until(lambda d: d.find_element(By.NAME, "key"))
-        key.send_keys(tenant.key)
-        key.submit()
-        wait.until(lambda d: d.find_element(By.CSS_SELECTOR, f'tr[data-job="{job.id}"] a')).click()
+    with _job_page(url, tenant.key, job.id) as (driver, wait):
         shown = wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#rounds-table tbody tr"))
         assert [row.get_attribute("data-round") for row in shown] == ["1", "2"]
         assert shown[1].find_elements(By.TAG_NAME, "td")[1].text == "3–4"
