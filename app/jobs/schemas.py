@@ -283,7 +283,7 @@ class Round(BaseModel):
     batches: list[RoundBatch] = Field(description="The reward by batch of sampled dialogues, in order.")
     examples: int = Field(description="Training examples (or preference pairs) the round trained on.")
     trained_tokens: int = Field(description="Tokens that carried loss in them.")
-    steps: RoundSteps
+    steps: RoundSteps = Field(description="The optimiser steps the round took, in the job's numbering.")
     final_loss: float | None = Field(description="The loss at the round's last step.")
 
 

@@ -3287,7 +3287,12 @@ class Round(BaseModel):
             title='Selection',
         ),
     ]
-    steps: RoundSteps
+    steps: Annotated[
+        RoundSteps,
+        Field(
+            description="The optimiser steps the round took, in the job's numbering."
+        ),
+    ]
     trained_tokens: Annotated[
         int,
         Field(description='Tokens that carried loss in them.', title='Trained Tokens'),
