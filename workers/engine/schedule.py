@@ -66,16 +66,26 @@ def first_fit(lengths: Sequence[int], row_len: int, rows: int | None = None) -> 
     for position, n in enumerate(lengths):
         if n > row_len:
             raise ValueError(f"an example of {n} tokens does not fit a row of {row_len}")
-        fits = next((r for r, free in enumerate(room) if free >= n), None)
-        if fits is None:
-            if rows is not None and len(placed) == rows:
-                return None
+        row = _place(room, n, row_len, rows)
+        if row is None:
+            return None
+        if row == len(placed):
             placed.append([])
-            room.append(row_len)
-            fits = len(placed) - 1
-        placed[fits].append(position)
-        room[fits] -= n
+        placed[row].append(position)
     return placed
+
+
+def _place(room: list[int], n: int, row_len: int, rows: int | None) -> int | None:
+    """Put `n` tokens in the first row of `room` (free tokens per row) with space, opening a row
+    while there are fewer than `rows`; the row, or None when it fits nowhere."""
+    row = next((r for r, free in enumerate(room) if free >= n), None)
+    if row is None:
+        if rows is not None and len(room) == rows:
+            return None
+        room.append(row_len)
+        row = len(room) - 1
+    room[row] -= n
+    return row
 
 
 class Batches:
@@ -146,12 +156,7 @@ class TokenBatches(Batches):
                 room: list[int] = []  # the free tokens of the piece's rows, as first_fit fills them
                 while (taken := self._next_fitting(line, room)) is not None:
                     i = line.pop(taken)
-                    n = self.lengths[i]
-                    row = next((r for r, free in enumerate(room) if free >= n), None)
-                    if row is None:
-                        room.append(self.row_len)
-                        row = len(room) - 1
-                    room[row] -= n
+                    _place(room, self.lengths[i], self.row_len, self.rows)
                     piece.append(i)
                 batches.append(piece)
             self._cuts = {epoch: batches}
