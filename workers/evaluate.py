@@ -16,6 +16,12 @@ checkpoint loads its base through `load_model`). Writes into --out:
     attention.json   {"base": report, "gatt": report}              (with --attention)
     attention.png    share of attention on the instruction per turn  (with --attention)
 
+adherence.json also records the run's `settings` (the held-out and instruction files' hashes,
+seeds, every evaluation setting, the torch and transformers versions). `--base-from` takes the
+base model's report from an earlier adherence.json instead of evaluating the base model again
+(half the evaluation's time), and refuses one whose settings differ: the paired comparison is
+only sound over the same runs.
+
 and prints the adherence tables ("adherent", and "adherent and useful": not a copy of an earlier
 reply, not an echo of the question), with two models the paired differences and the ceiling ratio
 (once after / every_turn before). Evaluation instructions are synthesized from the instruction set
@@ -26,12 +32,15 @@ from __future__ import annotations
 
 import argparse
 import gc
+import hashlib
 import json
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from dataclasses import asdict
 
 from gatt.augment import Placement
 from gatt.dialogues import Dialogue
@@ -46,6 +55,11 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m workers.evaluate", description=__doc__.split("\n")[0])
     p.add_argument("--model", default="default", help='base model: "default" or a local model directory')
     p.add_argument("--checkpoint", help="a checkpoint directory written by a job (LoRA or full weights)")
+    p.add_argument(
+        "--base-from",
+        help="an earlier adherence.json: reuse its base-model report (same settings only) instead of "
+        "evaluating the base model again",
+    )
     p.add_argument("--heldout", default="examples/heldout.jsonl", help="held-out dialogues (JSONL corpus)")
     p.add_argument("--instructions", default="default", help='"default" or an instruction-set JSON file')
     p.add_argument("--out", required=True, help="output directory")
@@ -168,7 +182,14 @@ def main(argv: list[str] | None = None) -> int:
         "heldout": args.heldout,
         "instructions": args.instructions,
         "instruction_seed": instruction_seed,
+        "settings": _settings(args, config, placement, instruction_seed),
     }
+    try:
+        if args.base_from:
+            _reuse_base(Path(args.base_from), adherence)
+    except (OSError, ValueError) as exc:
+        print(f"error: --base-from: {exc}", file=sys.stderr)
+        return 1
     try:
         attention = _evaluate_models(args, config, placement, heldout, instructions, adherence)
     except (ModelError, TemplateError, ValidationFailed, OSError) as exc:
@@ -185,7 +206,54 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _settings(
+    args: argparse.Namespace, config: EvalConfig, placement: Placement, instruction_seed: int
+) -> dict[str, Any]:
+    """Everything the base model's report depends on, as JSON: equal settings, the same runs."""
+    import torch
+    import transformers
+
+    def digest(path: str) -> str:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+    settings = {
+        "model": args.model,
+        "heldout_sha256": digest(args.heldout),
+        "instructions_sha256": "default" if args.instructions == "default" else digest(args.instructions),
+        "instruction_seed": instruction_seed,
+        "eval": asdict(config),
+        "placement": {"attach": placement.attach, "keep": placement.keep},
+        "max_seq_len": args.max_seq_len,
+        "device": args.device,
+        "dtype": args.dtype,
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
+    }
+    return json.loads(json.dumps(settings))  # tuples as lists, as a reloaded file has them
+
+
+def _reuse_base(path: Path, adherence: dict[str, Any]) -> None:
+    """The base model's report and validation loss from `path`, if it was run with these settings."""
+    if path.is_dir():
+        path = path / "adherence.json"
+    earlier = json.loads(path.read_text(encoding="utf-8"))
+    if not isinstance(earlier, dict) or "base" not in earlier:
+        raise ValueError(f"{path} has no base-model report")
+    theirs, ours = earlier.get("settings"), adherence["settings"]
+    if theirs != ours:
+        differing = sorted(
+            key for key in set(ours) | set(theirs or {}) if (theirs or {}).get(key) != ours.get(key)
+        )
+        raise ValueError(f"{path} was evaluated with other settings ({', '.join(differing)})")
+    adherence["base"] = earlier["base"]
+    loss = earlier.get("validation_loss", {}).get("base")
+    if loss is not None:
+        adherence["validation_loss"] = {"base": loss}
+    adherence["base_from"] = str(path)
+
+
 def _config(args: argparse.Namespace) -> EvalConfig:
+    if args.base_from and args.attention:
+        raise ValueError("--attention needs the base model itself; it cannot come with --base-from")
     return EvalConfig(
         turns=args.turns,
         dialogues=args.dialogues or None,
@@ -240,7 +308,11 @@ def _evaluate_models(
     from workers.run import printing_hooks
 
     hooks = printing_hooks()
-    models = [("base", args.model)] + ([("gatt", args.checkpoint)] if args.checkpoint else [])
+    models = [] if "base" in adherence else [("base", args.model)]
+    if "base" in adherence:
+        print(f"base: reused from {adherence['base_from']}", flush=True)
+    if args.checkpoint:
+        models.append(("gatt", args.checkpoint))
     attention: dict[str, Any] = {}
     started = time.monotonic()
     for label, source in models:

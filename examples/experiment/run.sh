@@ -6,6 +6,9 @@
 #   FAMILY=emoji (examples/experiment/<FAMILY>_train.json and <FAMILY>_heldout.json)
 #   HISTORY=corpus|sampled|both (data.train_history: what each sampled reply is trained after)
 #   SETS="--set reward.max_echo=0.5 ..." (more job overrides; say them where the run is documented)
+#   BASE=var/experiment/<earlier run>/eval (reuse that run's base-model evaluation: the base model's
+#     replies do not depend on the job, and they are half the evaluation's time; refused unless it
+#     was run with the same evaluation settings)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 scripts/setup.sh >/dev/null
@@ -32,6 +35,6 @@ checkpoint=$(.venv/bin/python -c "import json; print(json.load(open('$OUT/job/su
   --conditions none,once,every_turn,once_fixed,every_turn_fixed \
   --max-new-tokens 24 --temperature 0.7 --batch-prompts 32 --threads "$OMP_NUM_THREADS" \
   --train-corpus "$OUT/corpus.jsonl" --train-instructions "$OUT/job/instructions.jsonl" \
-  --out "$OUT/eval"
+  ${BASE:+--base-from "$BASE"} --out "$OUT/eval"
 end=$(date +%s)
 echo "wall time: job $((trained - start)) s, evaluation $((end - trained)) s"
