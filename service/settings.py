@@ -72,6 +72,12 @@ class Settings(BaseSettings):
             "or the process does not start."
         ),
     )
+    vllm_url: str | None = Field(
+        default=None,
+        description="This worker's vLLM server (`http://127.0.0.1:8000`, an OpenAI-compatible `vllm serve` "
+        "serving the job's model under its model id, started with `--generation-config vllm`); jobs "
+        "with `sampling.backend` auto (on a GPU) or vllm sample through it. Unset: the engine's loop.",
+    )
     lease_s: float = Field(
         default=60.0,
         gt=0,

@@ -37,10 +37,9 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
-
-from dataclasses import asdict
 
 from gatt.augment import Placement
 from gatt.dialogues import Dialogue

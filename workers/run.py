@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any
@@ -66,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m workers.run", description=__doc__.split("\n")[0])
     parser.add_argument("config", help="job config (YAML or JSON)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a field")
+    parser.add_argument(
+        "--vllm-url",
+        default=os.environ.get("GATT_VLLM_URL"),
+        help="a vLLM server serving the job's model under its name (sampling.backend; default: $GATT_VLLM_URL)",
+    )
     args = parser.parse_args(argv)
 
     from workers.engine.pipeline import run_job  # torch is imported only once the config is valid
@@ -84,10 +90,18 @@ def main(argv: list[str] | None = None) -> int:
     from gatt.masks import TemplateError
     from workers.engine.models import ModelError
     from workers.engine.pipeline import NoAcceptedSamples
+    from workers.engine.vllm import SamplerUnavailable
 
     try:
-        result = run_job(config, printing_hooks())
-    except (ModelError, NoAcceptedSamples, TemplateError, ValidationFailed, FileNotFoundError) as exc:
+        result = run_job(config, printing_hooks(), vllm_url=args.vllm_url)
+    except (
+        ModelError,
+        NoAcceptedSamples,
+        SamplerUnavailable,
+        TemplateError,
+        ValidationFailed,
+        FileNotFoundError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps({k: str(v) if hasattr(v, "parts") else v for k, v in result.__dict__.items()}, indent=2))

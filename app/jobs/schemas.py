@@ -80,7 +80,8 @@ class JobCreate(BaseModel):
 class JobError(BaseModel):
     code: str = Field(
         description="Stable code, e.g. `no_accepted_samples`, `model_<reason>` (such as `model_no_chat_template`), "
-        "`chat_template`, `corpus_deleted`, `out_of_memory`, `worker_lost`, `time_limit`, `internal_error`."
+        "`chat_template`, `corpus_deleted`, `out_of_memory`, `worker_lost`, `time_limit`, `sampler_unavailable`, "
+        "`internal_error`."
     )
     message: str = Field(description="What went wrong and what to do about it.")
 

@@ -129,3 +129,28 @@ def test_non_finite_numbers_and_non_mappings_are_refused(tmp_path):
 
 def test_the_condition_type_lists_the_evaluation_conditions():
     assert typing.get_args(Condition) == CONDITIONS
+
+
+def test_the_sampling_backend_is_chosen_per_round_and_refused_where_it_cannot_sample():
+    import torch
+
+    from workers.engine.models import LoadedModel
+    from workers.engine.vllm import SamplerUnavailable, job_sampler
+
+    # A served model holds the untrained weights: a second round would sample the wrong model.
+    assert problems({"sampling": {"backend": "vllm"}, "rounds": {"count": 2}}) == [
+        ("sampling.backend", "invalid_value")
+    ]
+    cpu = LoadedModel(None, None, torch.device("cpu"), torch.float32, source="default", base_dir=None)
+    url = "http://127.0.0.1:9"  # never asked: these choices are made before any request
+    assert job_sampler(parse_config({"sampling": {"backend": "loop"}}), cpu, url, 1) is None
+    assert job_sampler(parse_config({}), cpu, url, 1) is None  # auto: the loop on CPU
+    assert job_sampler(parse_config({}), cpu, None, 1) is None
+    with pytest.raises(SamplerUnavailable, match="GATT_VLLM_URL"):
+        job_sampler(parse_config({"sampling": {"backend": "vllm"}}), cpu, None, 1)
+    continued = {"sampling": {"backend": "vllm"}, "lineage": {"parent_job_id": "j", "base_model": "default"}}
+    with pytest.raises(SamplerUnavailable, match="parent job's checkpoint"):
+        job_sampler(parse_config(continued), cpu, url, 1)
+    # With a server, vllm asks it for its models first: a dead address fails before any sampling.
+    with pytest.raises(SamplerUnavailable, match="cannot be asked"):
+        job_sampler(parse_config({"sampling": {"backend": "vllm"}}), cpu, url, 1)

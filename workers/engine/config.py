@@ -108,6 +108,11 @@ class SamplingConfig(Section):
     """Prompts per prefill; the decode batch is batch_prompts * k rows."""
     seed: Seed = 0
     """Mixed with the job's seed for sampling."""
+    backend: Literal["auto", "loop", "vllm"] = "auto"
+    """Who samples: `loop`, the engine's own loop on the job's model (workers/engine/sampling.py);
+    `vllm`, the worker's vLLM server (workers/engine/vllm.py: GATT_VLLM_URL, serving the job's
+    model under its name; one round only, since it holds the untrained weights); `auto`, the vLLM
+    server for round 1 of a job on a GPU worker that has one, else the loop."""
     compile: Bool = False
     """Decode steps through torch.compile (CUDA graphs on a GPU, about 3x faster there): launch
     overhead dominates GPU decoding of small batches. Costs a compilation of 20-30 s per prompt
@@ -419,6 +424,15 @@ class JobOptions(Section):
     """Family values listed by the model itself (off by default)."""
     rounds: RoundsConfig = RoundsConfig()
     """Rounds of sampling with the model trained so far (1 by default)."""
+
+    @model_validator(mode="after")
+    def _vllm_samples_one_round(self) -> JobOptions:
+        if self.sampling.backend == "vllm" and self.rounds.count > 1:
+            raise ValueError(
+                "sampling.backend vllm samples with the served (untrained) weights, so rounds.count "
+                "must be 1; use auto, which samples later rounds with the loop"
+            )
+        return self
 
     @model_validator(mode="after")
     def _replay_needs_sft(self) -> JobOptions:

@@ -64,9 +64,10 @@ from workers.engine.pairs import preference_pairs
 from workers.engine.rewards import Reward, RewardScorer
 from workers.engine.rollout import Rollout
 from workers.engine.rounds import offset_hooks, round_dir, round_report, round_seed, write_rounds
-from workers.engine.sampling import Candidate
+from workers.engine.sampling import Candidate, Sampler
 from workers.engine.training import train
 from workers.engine.values import VALUES_FILE, values_for_job
+from workers.engine.vllm import job_sampler
 
 
 class NoAcceptedSamples(GattError, RuntimeError):
@@ -95,10 +96,11 @@ def run_job(
     *,
     loaded: LoadedModel | None = None,
     allowed_roots: list[Path] | None = None,
+    vllm_url: str | None = None,
 ) -> JobResult:
     """Run (or resume) a whole job. `loaded` lets a caller reuse a model it already holds (it must
     not have been trained yet); `allowed_roots` confines model paths (the service passes its
-    configured model roots)."""
+    configured model roots); `vllm_url` is the worker's vLLM server (`sampling.backend`)."""
     hooks = hooks or Hooks()
     started = time.monotonic()
     out = Path(config.output_dir)
@@ -137,6 +139,7 @@ def run_job(
             hooks,
             allowed_roots=allowed_roots,
             round_=r,
+            sampler=job_sampler(config, loaded, vllm_url, r),
         )
         selections = [_selection(turn) for record in records for turn in record["turns"]]
         all_selections += selections
@@ -307,12 +310,14 @@ def sample_dialogues(
     *,
     allowed_roots: list[Path] | None = None,
     round_: int = 1,
+    sampler: Sampler | None = None,
 ) -> list[dict[str, Any]]:
     """Sample every dialogue not yet in `path`, chunk by chunk; return all records in order.
-    `round_` > 1 (`rounds.py`) draws other random numbers than round 1."""
+    `round_` > 1 (`rounds.py`) draws other random numbers than round 1. `sampler` replaces the
+    loop on `loaded` (a vLLM server, `vllm.py`); `loaded` still renders, ranks and trains."""
     done = {record["index"]: record for record in _read_records(path)}
     scorer = RewardScorer(config.reward, device=loaded.device, allowed_roots=allowed_roots)
-    rollout = Rollout.of(loaded)
+    rollout = Rollout.of(loaded, sampler=sampler)
     chunk_size = config.sampling.batch_prompts
     hooks.progress("sample", len(done), len(dialogues))
     for start in range(0, len(dialogues), chunk_size):

@@ -5,8 +5,7 @@ every user turn while sampling; given once, never or every turn in evaluation) a
 to the candidates (ranked and appended, or scored). In between, the same things must happen in
 the same way everywhere: render the messages with the model's chat template and generation
 prompt, leave out any context that would not fit the model's window with the reply, and ask the
-`Sampler` for candidates. A second sampler (a vLLM server) plugs in here without touching the
-callers.
+`Sampler` for candidates: the loop on the model in this process, or a vLLM server (`vllm.py`).
 """
 
 from __future__ import annotations
@@ -32,12 +31,16 @@ class Rollout:
     limit: int  # the context window in tokens: prompt plus max_new_tokens must fit
 
     @classmethod
-    def of(cls, loaded: LoadedModel, *, max_context: int | None = None) -> Rollout:
-        """The rollout of a loaded model, sampled in this process; `max_context` lowers its window."""
+    def of(
+        cls, loaded: LoadedModel, *, max_context: int | None = None, sampler: Sampler | None = None
+    ) -> Rollout:
+        """The rollout of a loaded model, sampled in this process unless `sampler` says otherwise;
+        `max_context` lowers its window."""
         limit = getattr(loaded.model.config, "max_position_embeddings", None) or 1 << 30
         if max_context is not None:
             limit = min(limit, max_context)
-        sampler = SharedPrefillSampler(loaded.model, loaded.tokenizer, end_of_turn_ids(loaded.tokenizer))
+        if sampler is None:
+            sampler = SharedPrefillSampler(loaded.model, loaded.tokenizer, end_of_turn_ids(loaded.tokenizer))
         return cls(sampler, loaded.tokenizer, limit)
 
     def prompt(self, messages: Messages) -> list[int]:

@@ -1904,6 +1904,19 @@ class Stopped(StrEnum):
     no_acceptable_candidate = 'no_acceptable_candidate'
 
 
+class Backend(StrEnum):
+    """
+    Who samples: `loop`, the engine's own loop on the job's model (workers/engine/sampling.py);
+    `vllm`, the worker's vLLM server (workers/engine/vllm.py: GATT_VLLM_URL, serving the job's
+    model under its name; one round only, since it holds the untrained weights); `auto`, the vLLM
+    server for round 1 of a job on a GPU worker that has one, else the loop.
+    """
+
+    auto = 'auto'
+    loop = 'loop'
+    vllm = 'vllm'
+
+
 class SamplingConfig(BaseModel):
     """
     Sampling K candidate replies for every sampled assistant turn (workers/engine/sampling.py).
@@ -1912,6 +1925,13 @@ class SamplingConfig(BaseModel):
     model_config = ConfigDict(
         extra='forbid',
     )
+    backend: Annotated[
+        Backend | None,
+        Field(
+            description="Who samples: `loop`, the engine's own loop on the job's model (workers/engine/sampling.py);\n`vllm`, the worker's vLLM server (workers/engine/vllm.py: GATT_VLLM_URL, serving the job's\nmodel under its name; one round only, since it holds the untrained weights); `auto`, the vLLM\nserver for round 1 of a job on a GPU worker that has one, else the loop.",
+            title='Backend',
+        ),
+    ] = 'auto'
     batch_prompts: Annotated[
         int | None,
         Field(
@@ -3130,6 +3150,7 @@ class JobOptions(BaseModel):
         'instructions': 'fixed',
     }
     sampling: Annotated[SamplingConfig | None, Field(description='K candidates per sampled turn, the instruction on every user turn.', validate_default=True)] = {
+        'backend': 'auto',
         'batch_prompts': 8,
         'compile': False,
         'k': 4,
