@@ -6,6 +6,8 @@
 #   FAMILY=emoji (examples/experiment/<FAMILY>_train.json and <FAMILY>_heldout.json)
 #   HISTORY=corpus|sampled|both (data.train_history: what each sampled reply is trained after)
 #   SETS="--set reward.max_echo=0.5 ..." (more job overrides; say them where the run is documented)
+#   CONDITIONS=none,once (fewer conditions, faster; all runs share one random stream, so the base
+#     model's replies then differ from a five-condition evaluation's)
 #   BASE=var/experiment/<earlier run>/eval (reuse that run's base-model evaluation: the base model's
 #     replies do not depend on the job, and they are half the evaluation's time; refused unless it
 #     was run with the same evaluation settings)
@@ -32,7 +34,7 @@ checkpoint=$(.venv/bin/python -c "import json; print(json.load(open('$OUT/job/su
 .venv/bin/python -m workers.evaluate --model default --checkpoint "$checkpoint" \
   --heldout examples/heldout.jsonl --dialogues "${DIALOGUES:-64}" --turns "${TURNS:-8}" \
   --instructions-per-dialogue "${PER_DIALOGUE:-1}" --instructions "examples/experiment/${FAMILY}_heldout.json" \
-  --conditions none,once,every_turn,once_fixed,every_turn_fixed \
+  --conditions "${CONDITIONS:-none,once,every_turn,once_fixed,every_turn_fixed}" \
   --max-new-tokens 24 --temperature 0.7 --batch-prompts 32 --threads "$OMP_NUM_THREADS" \
   --train-corpus "$OUT/corpus.jsonl" --train-instructions "$OUT/job/instructions.jsonl" \
   ${BASE:+--base-from "$BASE"} --out "$OUT/eval"
