@@ -1169,7 +1169,7 @@ class JobError(BaseModel):
     code: Annotated[
         str,
         Field(
-            description='Stable code, e.g. `no_accepted_samples`, `model_<reason>` (such as `model_no_chat_template`), `chat_template`, `corpus_deleted`, `out_of_memory`, `worker_lost`, `time_limit`, `internal_error`.',
+            description='Stable code, e.g. `no_accepted_samples`, `model_<reason>` (such as `model_no_chat_template`), `chat_template`, `corpus_deleted`, `out_of_memory`, `worker_lost`, `time_limit`, `sampler_unavailable`, `internal_error`.',
             title='Code',
         ),
     ]
