@@ -21,7 +21,7 @@ from tests.workers.test_training import Recorder, tiny_llama
 from workers.engine.config import TrainConfig, parse_config, parse_options
 from workers.engine.dpo import DPO, REFERENCE_FILE, PreferencePair, collate_pairs
 from workers.engine.hooks import Hooks, Stopped
-from workers.engine.pairs import rejected_candidate
+from workers.engine.pairs import paired_text, rejected_candidate
 from workers.engine.pipeline import build_training_set
 from workers.engine.records import TrainingRow
 from workers.engine.training import train
@@ -81,6 +81,22 @@ def test_repeats_prefers_a_copy_or_an_echo_of_the_turn():
     assert rejected_candidate(plain, _config(rejected="repeats")) == (2, "ranked lower")
 
 
+def test_degenerate_prefers_a_candidate_that_says_nothing_even_when_it_was_cut():
+    spam = copy.deepcopy(TURN)
+    spam["candidates"][4]["raw"] = "💡💡💡\n\n💡💡\ufffd"  # cut at max_new_tokens mid-emoji
+    assert rejected_candidate(spam, _config(rejected="degenerate")) == (4, "says nothing")
+    assert paired_text(spam["candidates"][4], "degenerate") == "💡💡💡\n\n💡💡"
+    # The other modes never pair a cut candidate, whatever it says.
+    assert rejected_candidate(spam, _config()) == (2, "ranked lower")
+    assert paired_text(spam["candidates"][4], "worst") == ""
+    # A cut reply that says something is not paired, and a finished one with too few words is.
+    prose = copy.deepcopy(TURN)
+    prose["candidates"][4]["raw"] = "Well, the long answer goes on and on without"
+    assert rejected_candidate(prose, _config(rejected="degenerate")) == (2, "ranked lower")
+    prose["candidates"][3] = _candidate("💡 Ok 💡", 0.0, relevance=0.9)
+    assert rejected_candidate(prose, _config(rejected="degenerate")) == (3, "says nothing")
+
+
 def test_no_pair_without_a_kept_reply_a_margin_or_a_distinct_text():
     assert rejected_candidate({**TURN, "chosen": None}, _config()) is None
     assert rejected_candidate(TURN, _config(min_margin=1.0)) is None  # margins are 1.0 at most
@@ -121,12 +137,14 @@ def _record() -> dict:
     }
 
 
-def _pairs(tmp_path, history: str, objective: str = "dpo", replay: float = 0.0):
+def _pairs(
+    tmp_path, history: str, objective: str = "dpo", replay: float = 0.0, record=None, rejected="repeats"
+):
     config = parse_config(
         {
             "output_dir": str(tmp_path),
             "data": {"train_history": history, "replay": replay},
-            "training": {"objective": objective, "dpo": {"rejected": "repeats"}},
+            "training": {"objective": objective, "dpo": {"rejected": rejected}},
         }
     )
     messages = []
@@ -135,7 +153,7 @@ def _pairs(tmp_path, history: str, objective: str = "dpo", replay: float = 0.0):
     path = tmp_path / "training_set.jsonl"
     tok = llama3()
     pairs = build_training_set(
-        config, tok, [_record()], path, Hooks(), dialogues=[Dialogue.from_messages(messages)]
+        config, tok, [record or _record()], path, Hooks(), dialogues=[Dialogue.from_messages(messages)]
     )
     rows = [json.loads(line) for line in path.read_text().splitlines()]
     for row in rows:
@@ -162,6 +180,18 @@ def test_a_pair_is_the_kept_and_the_rejected_reply_after_one_context(tmp_path):
     assert prompt.count("Open with 💡") == 1 and "💡 Hi there." in prompt
     assert chosen.startswith("💡 Then that.") and rejected.startswith("💡 Hi there.")
     assert rows[1]["trained_spans"] == [[chosen]]
+
+
+def test_a_cut_reply_that_says_nothing_is_paired_by_its_raw_text(tmp_path):
+    record = _record()
+    record["turns"] = record["turns"][:1]
+    record["turns"][0]["candidates"][1] = {**_candidate("", 0.0), "raw": "💡💡💡💡💡"}
+    tok, pairs, rows = _pairs(tmp_path, "sampled", record=record, rejected="degenerate")
+    assert [(r["rejected"]["text"], r["rejected"]["reason"]) for r in rows] == [
+        ("💡💡💡💡💡", "says nothing")
+    ]
+    (_, chosen), (_, rejected) = _decode(tok, pairs[0].chosen), _decode(tok, pairs[0].rejected)
+    assert chosen.startswith("💡 Hi there.") and rejected.startswith("💡💡💡💡💡")
 
 
 def test_corpus_history_puts_both_replies_after_the_corpus_replies(tmp_path):

@@ -168,17 +168,19 @@ class RewardConfig(Section):
 
 class DpoConfig(Section):
     """Preference pairs from each sampled turn's ranked candidates, and the DPO loss on them
-    (workers/engine/preferences.py, objectives.py `DPO`)."""
+    (workers/engine/pairs.py, dpo.py `DPO`)."""
 
     beta: Float = Field(0.1, gt=0.0, le=LIMITS["weight"])
     """DPO's beta: how far from the reference model a log-probability margin may move the loss."""
     sft_weight: Float = Field(1.0, ge=0.0, le=LIMITS["weight"])
     """objective "sft+dpo": weight of the chosen reply's mean token cross-entropy beside each pair's
     DPO loss (TRL's rpo_alpha), and of each replayed corpus dialogue's."""
-    rejected: Literal["worst", "repeats"] = "worst"
+    rejected: Literal["worst", "repeats", "degenerate"] = "worst"
     """Which candidate of the turn is the rejected reply: the lowest-ranked ("worst"; refused
     candidates rank 0), or first a candidate refused for copying an earlier reply or echoing the
-    question ("repeats"), then the lowest-ranked."""
+    question ("repeats"), or first one that says nothing, fewer than two words, such as emoji
+    spam, even when it was cut before its first sentence ended ("degenerate"), then the
+    lowest-ranked."""
     min_margin: Float = Field(0.1, ge=0.0, le=LIMITS["weight"])
     """A pair needs the chosen reply's ranked reward above the rejected one's by more than this
     (a verifier's confidence, as the language verifier's, may differ by 1e-5 between two replies

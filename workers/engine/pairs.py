@@ -9,11 +9,15 @@ turn, after the dialogue's own sampled replies or the corpus's), loss on the rep
 "repeats" prefers, as the rejected reply, a candidate refused for copying an earlier reply of its
 dialogue or echoing the question: what a GAtt model does when it "keeps" the instruction by
 repeating itself, which ranking can refuse while sampling but SFT on the kept replies never
-teaches against.
+teaches against. "degenerate" prefers one that says nothing past the instruction (emoji spam):
+on the embedded model nearly all the copies told once are such replies, and they are mostly cut
+at `max_new_tokens` before any sentence ends, so their trimmed text is empty and the other modes
+never pair them; this one pairs them by their raw text.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,30 +30,39 @@ from workers.engine.config import JobConfig
 from workers.engine.dpo import PreferencePair
 from workers.engine.hooks import Hooks
 
+_WORD = re.compile(r"[^\W\d_]{2,}")  # two letters or more: emoji, digits and "a" are not words
+MIN_WORDS = 2
+
 
 def rejected_candidate(turn: dict[str, Any], config: JobConfig) -> tuple[int, str] | None:
     """The candidate of a `samples.jsonl` turn to pair against its chosen one, and why ("copy",
-    "echo" or "ranked lower"); None when the turn kept nothing or no candidate qualifies.
+    "echo", "says nothing" or "ranked lower"); None when the turn kept nothing or no candidate
+    qualifies.
 
-    A candidate qualifies when it has text (not cut before its first sentence ended), differs from
-    the chosen text, and ranked more than `dpo.min_margin` below it (refused candidates rank 0).
-    Among those, the lowest-ranked, then the lowest raw reward, then the least relevant, then the
-    first; with `dpo.rejected` "repeats", among the copies and echoes first."""
+    A candidate qualifies when it has a text to pair (`paired_text`), differs from the chosen
+    text, and ranked more than `dpo.min_margin` below it (refused candidates rank 0). Among those,
+    the lowest-ranked, then the lowest raw reward, then the least relevant, then the first; with
+    `dpo.rejected` "repeats", among the copies and echoes first; with "degenerate", among those
+    that say nothing first."""
     chosen = turn["chosen"]
     if chosen is None:
         return None
     candidates, ranked = turn["candidates"], turn["ranked"]
-    margin = config.training.dpo.min_margin
+    margin, mode = config.training.dpo.min_margin, config.training.dpo.rejected
+    texts = [paired_text(c, mode) for c in candidates]
     options = [
         i
-        for i, c in enumerate(candidates)
-        if c["text"] and c["text"] != candidates[chosen]["text"] and ranked[chosen] - ranked[i] > margin
+        for i, text in enumerate(texts)
+        if text and text != candidates[chosen]["text"] and ranked[chosen] - ranked[i] > margin
     ]
     if not options:
         return None
     reasons = {i: _repeat_reason(candidates[i], config) for i in options}
-    if config.training.dpo.rejected == "repeats" and any(reasons.values()):
+    if mode == "repeats" and any(reasons.values()):
         options = [i for i in options if reasons[i]]
+    if mode == "degenerate" and any(says_nothing(texts[i]) for i in options):
+        options = [i for i in options if says_nothing(texts[i])]
+        reasons = {i: "says nothing" for i in options}
 
     def worst_first(i: int) -> tuple[float, float, float, int]:
         reward = candidates[i]["reward"]
@@ -58,6 +71,20 @@ def rejected_candidate(turn: dict[str, Any], config: JobConfig) -> tuple[int, st
 
     best = min(options, key=worst_first)
     return best, reasons[best] or "ranked lower"
+
+
+def says_nothing(text: str) -> bool:
+    return len(_WORD.findall(text)) < MIN_WORDS
+
+
+def paired_text(candidate: dict[str, Any], mode: str) -> str:
+    """The text a candidate is paired as: its trimmed text; under "degenerate", a candidate cut
+    before its first sentence ended that says nothing is paired by its raw text (without the
+    half of a character a cut can leave)."""
+    if candidate["text"] or mode != "degenerate":
+        return candidate["text"]
+    raw = candidate.get("raw", "").rstrip("\ufffd").strip()
+    return raw if says_nothing(raw) else ""
 
 
 def _repeat_reason(candidate: dict[str, Any], config: JobConfig) -> str | None:
@@ -107,7 +134,8 @@ def _pair(
     hooks: Hooks,
 ) -> tuple[PreferencePair, dict[str, Any]] | None:
     candidates = turn["candidates"]
-    chosen_text, rejected_text = candidates[turn["chosen"]]["text"], candidates[rejected[0]]["text"]
+    chosen_text = candidates[turn["chosen"]]["text"]
+    rejected_text = paired_text(candidates[rejected[0]], config.training.dpo.rejected)
     try:
         chosen, dialogue = _reply_example(config, tokenizer, record, earlier, chosen_text)
         other, _ = _reply_example(config, tokenizer, record, earlier, rejected_text)

@@ -151,9 +151,10 @@ class RejectedRow(Row):
     candidate: int
     """Its position among the turn's candidates in `samples.jsonl`."""
     text: str
-    """The rejected reply."""
-    reason: Literal["copy", "echo", "ranked lower"]
-    """Why it was picked: it copies an earlier reply, echoes the question, or ranked lowest."""
+    """The rejected reply (for one that says nothing and was cut, its raw text)."""
+    reason: Literal["copy", "echo", "says nothing", "ranked lower"]
+    """Why it was picked: it copies an earlier reply, echoes the question, says nothing past the
+    instruction (fewer than two words, `training.dpo.rejected` "degenerate"), or ranked lowest."""
     margin: float
     """The kept reply's ranked reward minus this one's."""
 

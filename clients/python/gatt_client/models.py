@@ -559,17 +559,20 @@ class Rejected(StrEnum):
     """
     Which candidate of the turn is the rejected reply: the lowest-ranked ("worst"; refused
     candidates rank 0), or first a candidate refused for copying an earlier reply or echoing the
-    question ("repeats"), then the lowest-ranked.
+    question ("repeats"), or first one that says nothing, fewer than two words, such as emoji
+    spam, even when it was cut before its first sentence ended ("degenerate"), then the
+    lowest-ranked.
     """
 
     worst = 'worst'
     repeats = 'repeats'
+    degenerate = 'degenerate'
 
 
 class DpoConfig(BaseModel):
     """
     Preference pairs from each sampled turn's ranked candidates, and the DPO loss on them
-    (workers/engine/preferences.py, objectives.py `DPO`).
+    (workers/engine/pairs.py, dpo.py `DPO`).
     """
 
     model_config = ConfigDict(
@@ -596,7 +599,7 @@ class DpoConfig(BaseModel):
     rejected: Annotated[
         Rejected | None,
         Field(
-            description='Which candidate of the turn is the rejected reply: the lowest-ranked ("worst"; refused\ncandidates rank 0), or first a candidate refused for copying an earlier reply or echoing the\nquestion ("repeats"), then the lowest-ranked.',
+            description='Which candidate of the turn is the rejected reply: the lowest-ranked ("worst"; refused\ncandidates rank 0), or first a candidate refused for copying an earlier reply or echoing the\nquestion ("repeats"), or first one that says nothing, fewer than two words, such as emoji\nspam, even when it was cut before its first sentence ended ("degenerate"), then the\nlowest-ranked.',
             title='Rejected',
         ),
     ] = 'worst'
@@ -1504,11 +1507,13 @@ class Readiness(BaseModel):
 
 class Reason(StrEnum):
     """
-    Why it was picked: it copies an earlier reply, echoes the question, or ranked lowest.
+    Why it was picked: it copies an earlier reply, echoes the question, says nothing past the
+    instruction (fewer than two words, `training.dpo.rejected` "degenerate"), or ranked lowest.
     """
 
     copy = 'copy'
     echo = 'echo'
+    says_nothing = 'says nothing'
     ranked_lower = 'ranked lower'
 
 
@@ -1533,11 +1538,17 @@ class RejectedRow(BaseModel):
     reason: Annotated[
         Reason,
         Field(
-            description='Why it was picked: it copies an earlier reply, echoes the question, or ranked lowest.',
+            description='Why it was picked: it copies an earlier reply, echoes the question, says nothing past the\ninstruction (fewer than two words, `training.dpo.rejected` "degenerate"), or ranked lowest.',
             title='Reason',
         ),
     ]
-    text: Annotated[str, Field(description='The rejected reply.', title='Text')]
+    text: Annotated[
+        str,
+        Field(
+            description='The rejected reply (for one that says nothing and was cut, its raw text).',
+            title='Text',
+        ),
+    ]
 
 
 class Relevance(BaseModel):
