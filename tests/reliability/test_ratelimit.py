@@ -79,9 +79,12 @@ def test_bad_keys_are_401_and_spend_nothing(limited: TestClient, tenant: Tenant)
 
 def test_the_bucket_is_shared_by_api_processes(limited_settings: Settings, tenant: Tenant) -> None:
     """Two app instances (as two API processes would) draw from the same bucket in Redis."""
+    # A token per 100 s: the first requests of two fresh apps can take over a second on a busy CI
+    # machine, and at 1/s a token refilled in between let the fourth request through.
+    slow = limited_settings.model_copy(update={"rate_limit_per_s": 0.01})
     with (
-        TestClient(create_app(limited_settings, enqueue=lambda _: None)) as a,
-        TestClient(create_app(limited_settings, enqueue=lambda _: None)) as b,
+        TestClient(create_app(slow, enqueue=lambda _: None)) as a,
+        TestClient(create_app(slow, enqueue=lambda _: None)) as b,
     ):
         assert [_get(a, tenant).status_code, _get(b, tenant).status_code, _get(a, tenant).status_code] == [
             200
