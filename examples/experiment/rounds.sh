@@ -12,7 +12,6 @@
 #   DIALOGUES=64 TURNS=8 (the held-out evaluation's size)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-scripts/setup.sh >/dev/null
 OBJECTIVE=${OBJECTIVE:-sft}
 ROUNDS=${ROUNDS:-3}
 SEED=${SEED:-0}
@@ -24,30 +23,6 @@ if [ "$OBJECTIVE" = dpo ]; then
 else
   SETS=${SETS:-"--set reward.max_echo=0.5 --set data.replay=1"}
 fi
-OUT=${OUT:-var/experiment/rounds-$OBJECTIVE-$SEED}
-export OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
-start=$(date +%s)
-rm -rf "$OUT"
-mkdir -p "$OUT"
-cat examples/dialogues.jsonl examples/train_large.jsonl > "$OUT/corpus.jsonl"
-# shellcheck disable=SC2086  # SETS is a list of arguments
-.venv/bin/python -m workers.run examples/experiment/job.yaml --set "seed=$SEED" --set "output_dir=$OUT/job" \
-  --set "data.corpus=$OUT/corpus.jsonl" --set "data.instructions=examples/experiment/${FAMILY}_train.json" \
-  --set "data.train_history=$HISTORY" --set "training.objective=$OBJECTIVE" --set "rounds.count=$ROUNDS" $SETS
-trained=$(date +%s)
-base=${BASE:-}
-for r in $(seq 1 "$ROUNDS"); do
-  if [ "$r" = 1 ]; then dir="$OUT/job"; else dir="$OUT/job/rounds/$r"; fi
-  # The round's model: the last checkpoint its training wrote (steps are numbered across rounds).
-  checkpoint=$(find "$dir/train/checkpoints" -maxdepth 1 -name 'step-*' | sort | tail -1)
-  [ -n "$checkpoint" ] || { echo "round $r wrote no checkpoint under $dir" >&2; exit 1; }
-  .venv/bin/python -m workers.evaluate --model default --checkpoint "$checkpoint" \
-    --heldout examples/heldout.jsonl --dialogues "${DIALOGUES:-64}" --turns "${TURNS:-8}" \
-    --instructions "examples/experiment/${FAMILY}_heldout.json" --conditions "$CONDITIONS" \
-    --max-new-tokens 24 --temperature 0.7 --batch-prompts 32 --threads "$OMP_NUM_THREADS" \
-    --train-corpus "$OUT/corpus.jsonl" --train-instructions "$OUT/job/instructions.jsonl" \
-    ${base:+--base-from "$base"} --out "$OUT/eval-round-$r"
-  base=${base:-$OUT/eval-round-1}
-done
-end=$(date +%s)
-echo "wall time: job $((trained - start)) s, evaluations $((end - trained)) s"
+# run.sh with rounds: the same job and evaluation, each round's model evaluated.
+OUT=${OUT:-var/experiment/rounds-$OBJECTIVE-$SEED} ROUNDS=$ROUNDS SEED=$SEED FAMILY=$FAMILY HISTORY=$HISTORY \
+  CONDITIONS=$CONDITIONS SETS="$SETS --set training.objective=$OBJECTIVE" exec examples/experiment/run.sh

@@ -8,6 +8,8 @@
 #   SETS="--set reward.max_echo=0.5 ..." (more job overrides; say them where the run is documented)
 #   CONDITIONS=none,once (fewer conditions, faster; all runs share one random stream, so the base
 #     model's replies then differ from a five-condition evaluation's)
+#   ROUNDS=1 (rounds.count; with more, each round's model is evaluated into eval-round-<r>, the
+#     base model once, in round 1's evaluation: examples/experiment/rounds.sh)
 #   BASE=var/experiment/<earlier run>/eval (reuse that run's base-model evaluation: the base model's
 #     replies do not depend on the job, and they are half the evaluation's time; refused unless it
 #     was run with the same evaluation settings)
@@ -28,15 +30,29 @@ mkdir -p "$OUT"
 cat examples/dialogues.jsonl examples/train_large.jsonl > "$OUT/corpus.jsonl"
 .venv/bin/python -m workers.run examples/experiment/job.yaml --set "seed=$SEED" --set "output_dir=$OUT/job" \
   --set "data.corpus=$OUT/corpus.jsonl" --set "data.instructions=examples/experiment/${FAMILY}_train.json" \
-  --set "data.sample_turns=$MODE" --set "data.train_history=$HISTORY" ${SETS:-}
+  --set "data.sample_turns=$MODE" --set "data.train_history=$HISTORY" --set "rounds.count=${ROUNDS:-1}" ${SETS:-}
 trained=$(date +%s)
-checkpoint=$(.venv/bin/python -c "import json; print(json.load(open('$OUT/job/summary.json'))['final_checkpoint'])")
-.venv/bin/python -m workers.evaluate --model default --checkpoint "$checkpoint" \
-  --heldout examples/heldout.jsonl --dialogues "${DIALOGUES:-64}" --turns "${TURNS:-8}" \
-  --instructions-per-dialogue "${PER_DIALOGUE:-1}" --instructions "examples/experiment/${FAMILY}_heldout.json" \
-  --conditions "${CONDITIONS:-none,once,every_turn,once_fixed,every_turn_fixed}" \
-  --max-new-tokens 24 --temperature 0.7 --batch-prompts 32 --threads "$OMP_NUM_THREADS" \
-  --train-corpus "$OUT/corpus.jsonl" --train-instructions "$OUT/job/instructions.jsonl" \
-  ${BASE:+--base-from "$BASE"} --out "$OUT/eval"
+evaluate() {  # evaluate CHECKPOINT OUT_DIR, with the base model's report from $base when set
+  .venv/bin/python -m workers.evaluate --model default --checkpoint "$1" \
+    --heldout examples/heldout.jsonl --dialogues "${DIALOGUES:-64}" --turns "${TURNS:-8}" \
+    --instructions-per-dialogue "${PER_DIALOGUE:-1}" --instructions "examples/experiment/${FAMILY}_heldout.json" \
+    --conditions "${CONDITIONS:-none,once,every_turn,once_fixed,every_turn_fixed}" \
+    --max-new-tokens 24 --temperature 0.7 --batch-prompts 32 --threads "$OMP_NUM_THREADS" \
+    --train-corpus "$OUT/corpus.jsonl" --train-instructions "$OUT/job/instructions.jsonl" \
+    ${base:+--base-from "$base"} --out "$2"
+}
+base=${BASE:-}
+if [ "${ROUNDS:-1}" = 1 ]; then
+  evaluate "$(.venv/bin/python -c "import json; print(json.load(open('$OUT/job/summary.json'))['final_checkpoint'])")" "$OUT/eval"
+else
+  for r in $(seq 1 "$ROUNDS"); do
+    if [ "$r" = 1 ]; then dir="$OUT/job"; else dir="$OUT/job/rounds/$r"; fi
+    # The round's model: the last checkpoint its training wrote (steps are numbered across rounds).
+    checkpoint=$(find "$dir/train/checkpoints" -maxdepth 1 -name 'step-*' | sort | tail -1)
+    [ -n "$checkpoint" ] || { echo "round $r wrote no checkpoint under $dir" >&2; exit 1; }
+    evaluate "$checkpoint" "$OUT/eval-round-$r"
+    base=${base:-$OUT/eval-round-1}
+  done
+fi
 end=$(date +%s)
 echo "wall time: job $((trained - start)) s, evaluation $((end - trained)) s"
