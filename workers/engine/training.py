@@ -45,6 +45,7 @@ import torch
 from gatt.masks import IGNORE_INDEX, TokenizedExample, fit_to_length
 from workers.engine.checkpoints import CHECKPOINTS, STATE_VERSION, CheckpointStore, restore, rng_state
 from workers.engine.config import TrainConfig
+from workers.engine.distributed import Ranks
 from workers.engine.dpo import DPO, PreferencePair
 from workers.engine.hooks import Hooks, Stopped
 from workers.engine.models import unwrap
@@ -124,6 +125,7 @@ def train(
     order or parameter shapes).
     """
     out_dir = Path(out_dir)
+    ranks = Ranks.current()
     store = CheckpointStore(out_dir / CHECKPOINTS, hooks)
     data, dropped = _trainable(examples, config.max_seq_len, hooks)
     on_gpu = next(model.parameters()).device.type == "cuda"
@@ -145,11 +147,13 @@ def train(
     model = _prepare_model(model, config, base_model)
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
+    ranks.same_start(trainable)
     optimizer = _optimizer(trainable, config)
 
-    latest = store.latest()
-    # Before a checkpoint's weights are loaded: DPO's reference is the model as training starts.
-    data = objective.begin(model, data, out_dir, resuming=latest is not None)
+    with ranks.main_first():
+        latest = store.latest()
+        # Before a checkpoint's weights are loaded: DPO's reference is the model as training starts.
+        data = objective.begin(model, data, out_dir, resuming=latest is not None)
     if latest is not None:
         state = restore(latest, model, optimizer, config, base_model, fingerprint, hooks)
         run.start_step, run.history = state["step"], state["metrics"]
@@ -160,27 +164,25 @@ def train(
             f"resuming from {latest.name} (step {run.start_step} of {run.total_steps})",
             {"step": run.start_step, "path": str(latest), "total_steps": run.total_steps},
         )
-    # The metrics files hold exactly the steps before start_step; the loop appends the rest.
-    _rewrite_metrics(out_dir, run.history)
-    _announce(hooks, config, run, len(data), trainable)
+    if ranks.main:
+        # The metrics files hold exactly the steps before start_step; the loop appends the rest.
+        _rewrite_metrics(out_dir, run.history)
+        _announce(hooks, config, run, len(data), trainable)
 
     final = latest if latest is not None and run.start_step >= run.total_steps else None
     run.session_start = time.perf_counter()
     with contextlib.ExitStack() as files:
         files.enter_context(_fast_kernels(model, config, packed=packed, on_gpu=on_gpu))
-        jsonl = files.enter_context(open(out_dir / METRICS_JSONL, "a", encoding="utf-8"))
-        csv_file = files.enter_context(open(out_dir / METRICS_CSV, "a", encoding="utf-8", newline=""))
-        csv_writer = csv.DictWriter(csv_file, fieldnames=METRIC_FIELDS + PREFERENCE_FIELDS)
+        metrics = files.enter_context(_MetricsFiles(out_dir)) if ranks.main else None
 
         for step in range(run.start_step, run.total_steps):
-            row = _step(step, model, objective, data, optimizer, trainable, config, run, hooks)
+            row = _step(step, model, objective, data, optimizer, trainable, config, run, hooks, ranks)
             run.history.append(row)
-            hooks.fence()  # before the metrics files, a checkpoint and the rotation of older ones
-            jsonl.write(json.dumps(row) + "\n")
-            jsonl.flush()
-            csv_writer.writerow(row)
-            csv_file.flush()
             done = step + 1
+            if metrics is None:  # another rank: rank 0 writes, its copy of the weights is this one's
+                continue
+            hooks.fence()  # before the metrics files, a checkpoint and the rotation of older ones
+            metrics.write(row)
             hooks.metrics(done, {k: v for k, v in row.items() if k != "step"})
             if done == run.total_steps or (config.checkpoint_every and done % config.checkpoint_every == 0):
                 state = _trainer_state(done, row, run, config, base_model, fingerprint, len(data), dropped)
@@ -191,6 +193,7 @@ def train(
                 hooks.checkpoint(done, str(final), manifest)
             hooks.progress("train", done, run.total_steps)
 
+    final = ranks.from_main(final)
     if final is None:  # only when start_step > total_steps with no checkpoint at all: impossible
         raise RuntimeError("training ended without a checkpoint")
     return TrainResult(
@@ -214,9 +217,10 @@ def _step(
     config: TrainConfig,
     run: _Run,
     hooks: Hooks,
+    ranks: Ranks,
 ) -> dict[str, float]:
-    """One optimiser step (0-based `step`): its micro-batches, forward and backward, clip, update;
-    its metrics row."""
+    """One optimiser step (0-based `step`): its micro-batches, forward and backward (this rank's
+    share of them: `distributed.py`), clip, update; its metrics row."""
     step_start = time.perf_counter()
     device = next(model.parameters()).device
     first_mb = step * config.grad_accum
@@ -232,7 +236,8 @@ def _step(
 
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     tallies: dict[str, tuple[float, int]] = {}
-    for batch in batches:
+    for i in ranks.share(range(len(batches))):
+        batch = batches[i]
         if hooks.should_stop():
             optimizer.zero_grad(set_to_none=True)
             raise Stopped(f"stopped during step {step + 1}; last checkpoint kept")
@@ -242,6 +247,9 @@ def _step(
         for name, (value, count) in out.tallies.items():
             before = tallies.get(name, (0.0, 0))
             tallies[name] = (before[0] + value, before[1] + count)
+    ranks.sum_gradients(trainable)
+    ranks.reduce_sum(loss_sum)
+    tallies = ranks.sum_tallies(tallies)
 
     clip_to = config.max_grad_norm if config.max_grad_norm is not None else math.inf
     grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip_to))
@@ -526,6 +534,25 @@ def _optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.o
         return torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.betas, fused=True)
     except RuntimeError:  # a device or dtype the fused kernel does not cover
         return torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.betas, foreach=True)
+
+
+class _MetricsFiles(contextlib.AbstractContextManager):
+    """metrics.jsonl and metrics.csv, a row appended to each per step."""
+
+    def __init__(self, out_dir: Path) -> None:
+        self.jsonl = open(out_dir / METRICS_JSONL, "a", encoding="utf-8")  # noqa: SIM115 (closed in __exit__)
+        self.csv_file = open(out_dir / METRICS_CSV, "a", encoding="utf-8", newline="")  # noqa: SIM115
+        self.csv = csv.DictWriter(self.csv_file, fieldnames=METRIC_FIELDS + PREFERENCE_FIELDS)
+
+    def write(self, row: dict[str, float]) -> None:
+        self.jsonl.write(json.dumps(row) + "\n")
+        self.jsonl.flush()
+        self.csv.writerow(row)
+        self.csv_file.flush()
+
+    def __exit__(self, *exc: object) -> None:
+        self.jsonl.close()
+        self.csv_file.close()
 
 
 def _rewrite_metrics(out_dir: Path, history: list[dict[str, float]]) -> None:
