@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import typing
+from pathlib import Path
 
 import pytest
 
@@ -137,10 +138,11 @@ def test_the_sampling_backend_is_chosen_per_round_and_refused_where_it_cannot_sa
     from workers.engine.models import LoadedModel
     from workers.engine.vllm import SamplerUnavailable, job_sampler
 
-    # A served model holds the untrained weights: a second round would sample the wrong model.
-    assert problems({"sampling": {"backend": "vllm"}, "rounds": {"count": 2}}) == [
-        ("sampling.backend", "invalid_value")
-    ]
+    # A served model holds the base weights: a later round of full fine-tuning would sample the
+    # wrong model; a LoRA round loads the round before's adapter into the server.
+    full_rounds = {"sampling": {"backend": "vllm"}, "rounds": {"count": 2}, "training": {"method": "full"}}
+    assert problems(full_rounds) == [("sampling.backend", "invalid_value")]
+    assert parse_config({**full_rounds, "training": {"method": "lora"}}).rounds.count == 2
     cpu = LoadedModel(None, None, torch.device("cpu"), torch.float32, source="default", base_dir=None)
     url = "http://127.0.0.1:9"  # never asked: these choices are made before any request
     assert job_sampler(parse_config({"sampling": {"backend": "loop"}}), cpu, url, 1) is None
@@ -148,9 +150,18 @@ def test_the_sampling_backend_is_chosen_per_round_and_refused_where_it_cannot_sa
     assert job_sampler(parse_config({}), cpu, None, 1) is None
     with pytest.raises(SamplerUnavailable, match="GATT_VLLM_URL"):
         job_sampler(parse_config({"sampling": {"backend": "vllm"}}), cpu, None, 1)
-    continued = {"sampling": {"backend": "vllm"}, "lineage": {"parent_job_id": "j", "base_model": "default"}}
-    with pytest.raises(SamplerUnavailable, match="parent job's checkpoint"):
+    # A parent's full checkpoint is weights of its own (workers/tasks.py says so in the lineage); a
+    # parent's LoRA checkpoint is an adapter of the served model, loaded into the server.
+    lineage = {"parent_job_id": "j", "base_model": "default", "adapter_base": "job:j@3"}
+    continued = {"sampling": {"backend": "vllm"}, "lineage": lineage}
+    with pytest.raises(SamplerUnavailable, match="parent job's full checkpoint"):
         job_sampler(parse_config(continued), cpu, url, 1)
+    # Round 2 of full fine-tuning: auto takes the loop on any device, vllm refuses.
+    full = {"training": {"method": "full"}}
+    adapter = Path("/nonexistent/step-000001")
+    assert job_sampler(parse_config(full), cpu, url, 2, adapter=adapter) is None
+    with pytest.raises(SamplerUnavailable, match="fully fine-tuned"):
+        job_sampler(parse_config({**full, "sampling": {"backend": "vllm"}}), cpu, url, 2, adapter=adapter)
     # With a server, vllm asks it for its models first: a dead address fails before any sampling.
     with pytest.raises(SamplerUnavailable, match="cannot be asked"):
         job_sampler(parse_config({"sampling": {"backend": "vllm"}}), cpu, url, 1)

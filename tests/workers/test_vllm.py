@@ -25,7 +25,14 @@ from workers.engine.config import SamplingConfig, parse_config
 from workers.engine.models import default_model_dir, end_of_turn_ids, load_model
 from workers.engine.pipeline import run_job
 from workers.engine.sampling import sample_candidates
-from workers.engine.vllm import SamplerUnavailable, VllmSampler, job_sampler
+from workers.engine.vllm import (
+    SamplerUnavailable,
+    VllmSampler,
+    job_sampler,
+    load_adapter,
+    served_models,
+    unload_adapter,
+)
 
 VLLM_PYTHON = os.environ.get("GATT_TEST_VLLM_PYTHON")
 pytestmark = [
@@ -51,6 +58,7 @@ def server(tmp_path_factory):
         "VLLM_CPU_KVCACHE_SPACE": "1",  # GiB: a 135M model needs little
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
         "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True",  # later rounds load their adapter at run time
     }
     # `vllm serve` itself looks up the distribution "vllm", which the CPU build names vllm-cpu;
     # this module is the same server with the same arguments.
@@ -62,6 +70,7 @@ def server(tmp_path_factory):
         # The CPU build crashes on a seeded request whose prefill is split across steps
         # ("CPU Generator does not use offset"); whole prefills avoid it. GPU builds need not.
         "--no-enable-chunked-prefill", "--max-num-batched-tokens", "16384",
+        "--enable-lora", "--max-lora-rank", "16", "--max-loras", "2",
     ]  # fmt: skip
     with open(log, "wb") as out:
         process = subprocess.Popen(
@@ -199,3 +208,66 @@ def test_a_job_samples_through_the_server_and_trains_on_what_it_returned(server,
         job_sampler(parse_config(raw), loaded, None, 1)
     # auto keeps the loop on CPU, where the server is no faster (docs/benchmarks.md).
     assert job_sampler(parse_config({**raw, "sampling": {"backend": "auto"}}), loaded, server, 1) is None
+
+
+def test_a_lora_adapter_loaded_into_the_server_samples_as_the_loop_samples_the_peft_model(server, tmp_path):
+    """Greedy replies of base + adapter: vLLM's LoRA path and peft's forward pass agree token for
+    token, and differ from the base model's (the adapter is applied, not ignored)."""
+    from peft import LoraConfig, get_peft_model
+
+    base = load_model("default", device="cpu")
+    prompts = _prompts(base.tokenizer)
+    config = SamplingConfig(k=1, max_new_tokens=16, temperature=0.0)
+    stop = end_of_turn_ids(base.tokenizer)
+    before = sample_candidates(base.model, base.tokenizer, prompts, config, stop_ids=stop)
+    model = get_peft_model(base.model, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # peft starts B at zero, a no-op adapter: make it change the replies
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    model.save_pretrained(tmp_path / "adapter", safe_serialization=True, save_embedding_layers=False)
+    looped = sample_candidates(model, base.tokenizer, prompts, config, stop_ids=stop)
+    assert [c[0].token_ids for c in looped] != [c[0].token_ids for c in before]
+
+    load_adapter(server, "test-adapter", tmp_path / "adapter")
+    load_adapter(server, "test-adapter", tmp_path / "adapter")  # again: a resumed job reloads its own
+    served = VllmSampler(server, "test-adapter", base.tokenizer, stop).candidates(prompts, config)
+    assert [c[0].token_ids for c in served] == [c[0].token_ids for c in looped]
+    unload_adapter(server, "test-adapter")
+    with pytest.raises(SamplerUnavailable, match="did not load"):
+        load_adapter(server, "missing", tmp_path / "no-such-adapter")
+
+
+def test_a_lora_job_samples_its_second_round_through_the_server_with_the_first_rounds_adapter(
+    server, tmp_path
+):
+    raw = {
+        "model": "default",
+        "output_dir": str(tmp_path / "job"),
+        "device": "cpu",
+        "seed": 0,
+        "data": {"corpus": str(ROOT / "examples" / "dialogues.jsonl"), "max_dialogues": 4, "max_turns": 2},
+        "sampling": {"backend": "vllm", "k": 2, "max_new_tokens": 24, "batch_prompts": 4},
+        "reward": {"min_reward": 0.0, "min_relevance": None},
+        "training": {"method": "lora", "epochs": 1, "micro_batch_size": 2, "max_steps": 1},
+        "rounds": {"count": 2},
+        "evaluation": {"enabled": False},
+    }
+    result = run_job(parse_config(raw), vllm_url=server)
+    assert result.rounds == 2 and result.final_checkpoint
+    assert len((tmp_path / "job" / "rounds" / "2" / "samples.jsonl").read_text().splitlines()) == 4
+    # Each round's adapter is unloaded when its sampling ends: the server holds only the base model.
+    assert served_models(server) == ["default"]
+
+    # A job continued from that LoRA checkpoint samples its first round with it, through the server.
+    continued = {
+        **raw,
+        "model": str(result.final_checkpoint),
+        "lineage": {"parent_job_id": "parent", "parent_step": 2, "base_model": "default"},
+        "output_dir": str(tmp_path / "continued"),
+        "rounds": {"count": 1},
+    }
+    assert run_job(parse_config(continued), vllm_url=server).final_checkpoint
+    assert len((tmp_path / "continued" / "samples.jsonl").read_text().splitlines()) == 4
+    assert served_models(server) == ["default"]

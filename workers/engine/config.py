@@ -111,8 +111,9 @@ class SamplingConfig(Section):
     backend: Literal["auto", "loop", "vllm"] = "auto"
     """Who samples: `loop`, the engine's own loop on the job's model (workers/engine/sampling.py);
     `vllm`, the worker's vLLM server (workers/engine/vllm.py: GATT_VLLM_URL, serving the job's
-    model under its name; one round only, since it holds the untrained weights); `auto`, the vLLM
-    server for round 1 of a job on a GPU worker that has one, else the loop."""
+    model under its name; later rounds of a LoRA job load the previous round's adapter into it);
+    `auto`, the vLLM server on a GPU worker that has one, for every round it can sample (the loop
+    for later rounds of full fine-tuning, or where the server cannot load adapters), else the loop."""
     compile: Bool = False
     """Decode steps through torch.compile (CUDA graphs on a GPU, about 3x faster there): launch
     overhead dominates GPU decoding of small batches. Costs a compilation of 20-30 s per prompt
@@ -428,11 +429,12 @@ class JobOptions(Section):
     """Rounds of sampling with the model trained so far (1 by default)."""
 
     @model_validator(mode="after")
-    def _vllm_samples_one_round(self) -> JobOptions:
-        if self.sampling.backend == "vllm" and self.rounds.count > 1:
+    def _vllm_samples_lora_rounds(self) -> JobOptions:
+        if self.sampling.backend == "vllm" and self.rounds.count > 1 and self.training.method != "lora":
             raise ValueError(
-                "sampling.backend vllm samples with the served (untrained) weights, so rounds.count "
-                "must be 1; use auto, which samples later rounds with the loop"
+                "sampling.backend vllm samples later rounds as LoRA adapters of the served weights, so "
+                "rounds.count above 1 needs training.method lora; use auto, which samples the later "
+                "rounds of full fine-tuning with the loop"
             )
         return self
 

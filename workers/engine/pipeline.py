@@ -122,6 +122,7 @@ def run_job(
     evaluation = None
     reports: list[dict[str, Any]] = []
     all_selections: list[Selection] = []
+    trained: Path | None = None  # the last round's final checkpoint
     for r in range(1, config.rounds.count + 1):
         where = round_dir(out, r)
         where.mkdir(parents=True, exist_ok=True)
@@ -130,17 +131,29 @@ def run_job(
             hooks.fence()
             _write_jsonl(where / "instructions.jsonl", [i.to_json() for i in instructions])
         _stage(hooks, Stage.SAMPLE)
-        records = sample_dialogues(
+        sampler = job_sampler(
             config,
             loaded,
-            dialogues,
-            instructions,
-            where / "samples.jsonl",
-            hooks,
-            allowed_roots=allowed_roots,
-            round_=r,
-            sampler=job_sampler(config, loaded, vllm_url, r),
+            vllm_url,
+            r,
+            adapter=trained,  # the model the round before made; a LoRA one vLLM can load
+            warn=lambda message, r=r: hooks.event("warning", "sampler_fallback", message, {"round": r}),
         )
+        try:
+            records = sample_dialogues(
+                config,
+                loaded,
+                dialogues,
+                instructions,
+                where / "samples.jsonl",
+                hooks,
+                allowed_roots=allowed_roots,
+                round_=r,
+                sampler=sampler,
+            )
+        finally:
+            if sampler is not None:
+                sampler.close()
         selections = [_selection(turn) for record in records for turn in record["turns"]]
         all_selections += selections
         examples = build_training_set(
@@ -178,6 +191,7 @@ def run_job(
         )
         # The next round samples with the trained model (for LoRA the peft model train() made).
         loaded = dataclasses.replace(loaded, model=result.model)
+        trained = Path(result.checkpoint) if result.checkpoint else None
         trained_tokens = sum(e.n_trained for e in examples)
         final_metrics = result.metrics[-1] if result.metrics else {}
         reports.append(

