@@ -78,6 +78,14 @@ class Settings(BaseSettings):
         "serving the job's model under its model id, started with `--generation-config vllm`); jobs "
         "with `sampling.backend` auto (on a GPU) or vllm sample through it. Unset: the engine's loop.",
     )
+    train_processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Training processes per job on this worker, one per GPU: above 1, a job's training "
+        "stage runs in `torchrun --standalone --nproc_per_node=N` children (NCCL on GPUs, gloo on CPUs), "
+        "each taking a share of every step's micro-batches, while the worker keeps the job's lease.",
+    )
     lease_s: float = Field(
         default=60.0,
         gt=0,

@@ -72,7 +72,15 @@ def main(argv: list[str] | None = None) -> int:
         default=os.environ.get("GATT_VLLM_URL"),
         help="a vLLM server serving the job's model under its name (sampling.backend; default: $GATT_VLLM_URL)",
     )
+    parser.add_argument(
+        "--train-processes",
+        type=int,
+        default=int(os.environ.get("GATT_TRAIN_PROCESSES", "1")),
+        help="train in this many torchrun processes, one per GPU (default: $GATT_TRAIN_PROCESSES or 1)",
+    )
     args = parser.parse_args(argv)
+    if not 1 <= args.train_processes <= 64:
+        parser.error("--train-processes must be 1 to 64")
 
     from workers.engine.pipeline import run_job  # torch is imported only once the config is valid
 
@@ -93,7 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     from workers.engine.vllm import SamplerUnavailable
 
     try:
-        result = run_job(config, printing_hooks(), vllm_url=args.vllm_url)
+        result = run_job(
+            config, printing_hooks(), vllm_url=args.vllm_url, train_processes=args.train_processes
+        )
     except (
         ModelError,
         NoAcceptedSamples,

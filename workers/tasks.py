@@ -274,7 +274,13 @@ def _run_job(
             # Confined again here, not only at creation: a symlink inside a root, or the base model
             # an adapter names, is only seen when the files are read. A parent checkpoint is ours.
             roots = [*settings.model_roots, *([Path(config.model)] if job.parent_job_id else [])]
-            result = run_job(config, run.hooks(), allowed_roots=roots, vllm_url=settings.vllm_url)
+            result = run_job(
+                config,
+                run.hooks(),
+                allowed_roots=roots,
+                vllm_url=settings.vllm_url,
+                train_processes=settings.train_processes,
+            )
             record.checkpoint = result.final_checkpoint
             if sync is not None:
                 sync.sync()  # before `succeeded`: a succeeded job's artifacts are all readable

@@ -59,6 +59,7 @@ from gatt.selection import Selection, select_best, summarize
 from workers.engine.config import JobConfig, RewardConfig
 from workers.engine.dpo import PreferencePair
 from workers.engine.hooks import Hooks, Stage, Stopped
+from workers.engine.launch import train_ranks
 from workers.engine.models import LoadedModel, ModelError, load_model
 from workers.engine.pairs import preference_pairs
 from workers.engine.rewards import Reward, RewardScorer
@@ -97,10 +98,12 @@ def run_job(
     loaded: LoadedModel | None = None,
     allowed_roots: list[Path] | None = None,
     vllm_url: str | None = None,
+    train_processes: int = 1,
 ) -> JobResult:
     """Run (or resume) a whole job. `loaded` lets a caller reuse a model it already holds (it must
     not have been trained yet); `allowed_roots` confines model paths (the service passes its
-    configured model roots); `vllm_url` is the worker's vLLM server (`sampling.backend`)."""
+    configured model roots); `vllm_url` is the worker's vLLM server (`sampling.backend`);
+    `train_processes` > 1 trains in that many torchrun ranks, one per GPU (`launch.py`)."""
     hooks = hooks or Hooks()
     started = time.monotonic()
     out = Path(config.output_dir)
@@ -176,19 +179,38 @@ def run_job(
 
         _stage(hooks, Stage.TRAIN)
         first_step = sum(report["steps"]["last"] - report["steps"]["first"] + 1 for report in reports) + 1
-        result = train(
-            loaded.model,
-            loaded.tokenizer,
-            examples,
-            config.training,
-            where / "train",
-            hooks=offset_hooks(hooks, first_step - 1),
-            base_model=_adapter_base(config, loaded),
-            # A later round's manifests count their steps from 1: say where the job's numbering starts.
-            lineage={**(config.lineage or {}), "round": {"round": r, "first_step": first_step}}
+        train_hooks = offset_hooks(hooks, first_step - 1)
+        base_model = _adapter_base(config, loaded)
+        # A later round's manifests count their steps from 1: say where the job's numbering starts.
+        lineage = (
+            {**(config.lineage or {}), "round": {"round": r, "first_step": first_step}}
             if config.rounds.count > 1
-            else config.lineage,
+            else config.lineage
         )
+        if train_processes > 1:
+            result = train_ranks(
+                config,
+                loaded,
+                examples,
+                where / "train",
+                processes=train_processes,
+                start=str(trained) if trained is not None else config.model,
+                hooks=train_hooks,
+                base_model=base_model,
+                lineage=lineage,
+                allowed_roots=allowed_roots,
+            )
+        else:
+            result = train(
+                loaded.model,
+                loaded.tokenizer,
+                examples,
+                config.training,
+                where / "train",
+                hooks=train_hooks,
+                base_model=base_model,
+                lineage=lineage,
+            )
         # The next round samples with the trained model (for LoRA the peft model train() made).
         loaded = dataclasses.replace(loaded, model=result.model)
         trained = Path(result.checkpoint) if result.checkpoint else None

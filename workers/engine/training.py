@@ -43,7 +43,14 @@ import numpy as np
 import torch
 
 from gatt.masks import IGNORE_INDEX, TokenizedExample, fit_to_length
-from workers.engine.checkpoints import CHECKPOINTS, STATE_VERSION, CheckpointStore, restore, rng_state
+from workers.engine.checkpoints import (
+    CHECKPOINTS,
+    STATE_VERSION,
+    CheckpointStore,
+    load_weights,
+    restore,
+    rng_state,
+)
 from workers.engine.config import TrainConfig
 from workers.engine.distributed import Ranks
 from workers.engine.dpo import DPO, PreferencePair
@@ -205,6 +212,14 @@ def train(
         resumed_from=run.start_step if latest is not None else None,
         model=model,
     )
+
+
+def trained_model(model: Any, config: TrainConfig, checkpoint: Path, base_model: str = "default") -> Any:
+    """The model `train()` would have returned, from `model` as it was passed in and the final
+    checkpoint a run trained elsewhere wrote (`launch.py`: the ranks' run)."""
+    model = _prepare_model(model, config, base_model)
+    load_weights(model, checkpoint, config)
+    return model
 
 
 def _step(

@@ -1,0 +1,246 @@
+"""A job's training stage over several processes: `torchrun` children, one per GPU.
+
+The worker (`GATT_TRAIN_PROCESSES` > 1) hands `train()` to `torchrun --standalone
+--nproc_per_node=N`, started as a process group of its own; each rank loads the round's starting
+model itself and trains its share of every step (`distributed.py`: NCCL on GPUs, gloo on CPUs).
+The worker stays the job's owner: it keeps its lease and heartbeat, and every poll it
+- forwards what rank 0's hooks said (events, metrics, checkpoints, progress), which rank 0 writes
+  one JSON line each to `ranks-hooks.jsonl`, to the job's own hooks, in order;
+- fences (a job another worker took over stops here) and asks `should_stop`; either ends the
+  process group with SIGTERM, then SIGKILL.
+A crashed attempt resumes as any other: the ranks continue from the newest checkpoint. The worker
+moves its own copy of the model off the GPU while the ranks train, and afterwards loads the final
+checkpoint's weights into it: the next round and the evaluation sample the trained model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gatt.masks import TokenizedExample
+from workers.engine.config import JobConfig
+from workers.engine.dpo import PreferencePair
+from workers.engine.hooks import Hooks, Stopped
+from workers.engine.models import LoadedModel, load_model
+from workers.engine.training import TrainResult, train, trained_model
+
+SPEC = "ranks.json"  # what each rank needs to start
+EXAMPLES = "ranks-examples.jsonl"
+HOOKS = "ranks-hooks.jsonl"  # rank 0's hook calls, for the worker to forward
+RESULT = "ranks-result.json"
+LOG = "ranks.log"
+POLL_S = 1.0
+FORWARDED = ("event", "metrics", "checkpoint", "progress")
+
+
+class RanksFailed(RuntimeError):
+    """The training processes exited with an error; the message ends with their log's tail."""
+
+
+def train_ranks(
+    config: JobConfig,
+    loaded: LoadedModel,
+    examples: Sequence[TokenizedExample | PreferencePair],
+    out_dir: Path,
+    *,
+    processes: int,
+    start: str,
+    hooks: Hooks,
+    base_model: str,
+    lineage: dict[str, Any] | None,
+    allowed_roots: list[Path] | None,
+) -> TrainResult:
+    """`train()` in `processes` ranks; `start` is the model the round starts from (the job's model,
+    or the round before's final checkpoint), loaded by each rank as `load_model` would."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hooks.fence()
+    # A later round starts from the round before's checkpoint, in the job's own folder.
+    roots = None if allowed_roots is None else [*allowed_roots, Path(start)]
+    spec = {
+        "start": start,
+        # An adapter's base: a parent's full checkpoint (the job's model) or the job's base model.
+        "base": config.model if (config.lineage or {}).get("adapter_base") else config.base_model,
+        "method": config.training.method,
+        "dtype": str(loaded.dtype).removeprefix("torch."),
+        "allowed_roots": None if roots is None else [str(p) for p in roots],
+        "training": config.training.to_json(),
+        "base_model": base_model,
+        "lineage": lineage,
+    }
+    _write(out_dir / SPEC, json.dumps(spec))
+    _write(out_dir / EXAMPLES, "".join(json.dumps(_example_json(e)) + "\n" for e in examples))
+    (out_dir / HOOKS).write_text("")
+    (out_dir / RESULT).unlink(missing_ok=True)
+
+    on_gpu = loaded.device.type == "cuda"
+    if on_gpu:  # the ranks need the GPU's memory; this copy waits on the CPU
+        loaded.model.to("cpu")
+        torch.cuda.empty_cache()
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
+        "-m", "workers.engine.launch", str(out_dir),
+    ]  # fmt: skip
+    env = {**os.environ, "GATT_RANKS_BACKEND": "nccl" if on_gpu else "gloo"}
+    if not on_gpu:  # the worker's cores shared out, not each rank's torch taking them all
+        env["OMP_NUM_THREADS"] = str(max(1, torch.get_num_threads() // processes))
+    with open(out_dir / LOG, "wb") as log:
+        process = subprocess.Popen(
+            command, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True
+        )
+    forwarded = 0
+    try:
+        while True:
+            code = process.poll()
+            forwarded = _forward(out_dir / HOOKS, forwarded, hooks)
+            if code is not None:
+                break
+            hooks.fence()
+            if hooks.should_stop():
+                raise Stopped("stopped while the training processes ran; last checkpoint kept")
+            time.sleep(POLL_S)
+    finally:
+        _stop(process)
+    if code != 0:
+        tail = (out_dir / LOG).read_text(errors="replace")[-3000:]
+        if "OutOfMemoryError" in tail or "out of memory" in tail:
+            raise torch.OutOfMemoryError(f"a training process ran out of memory:\n{tail}")
+        raise RanksFailed(f"the training processes exited with {code}:\n{tail}")
+
+    result = json.loads((out_dir / RESULT).read_text())
+    checkpoint = Path(result["checkpoint"])
+    model = trained_model(loaded.model, config.training, checkpoint, base_model)
+    if on_gpu:
+        model.to(loaded.device)
+    return TrainResult(
+        steps=result["steps"],
+        checkpoint=checkpoint,
+        metrics=result["metrics"],
+        trained_tokens=result["trained_tokens"],
+        dropped_examples=result["dropped_examples"],
+        resumed_from=result["resumed_from"],
+        model=model,
+    )
+
+
+def _forward(path: Path, done: int, hooks: Hooks) -> int:
+    """Forward the hook calls after the first `done` complete lines; returns how many are done."""
+    lines = path.read_text(encoding="utf-8").split("\n")[:-1]  # a line still being written waits
+    for line in lines[done:]:
+        call = json.loads(line)
+        getattr(hooks, call["hook"])(*call["args"])
+    return len(lines)
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """End the process group if it still runs: SIGTERM, then SIGKILL after 30 s."""
+    if process.poll() is not None:
+        return
+    for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
+        try:
+            os.killpg(process.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            process.wait(wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
+def _example_json(example: TokenizedExample | PreferencePair) -> dict[str, Any]:
+    if isinstance(example, PreferencePair):
+        return {
+            "chosen": _example_json(example.chosen),
+            "rejected": None if example.rejected is None else _example_json(example.rejected),
+        }
+    return {"input_ids": example.input_ids, "labels": example.labels, "spans": example.spans}
+
+
+def _example(row: dict[str, Any]) -> TokenizedExample | PreferencePair:
+    if "chosen" in row:
+        chosen, rejected = _example(row["chosen"]), row["rejected"] and _example(row["rejected"])
+        assert isinstance(chosen, TokenizedExample) and not isinstance(rejected, PreferencePair)
+        return PreferencePair(chosen, rejected or None)
+    return TokenizedExample(
+        tuple(row["input_ids"]), tuple(row["labels"]), tuple(tuple(span) for span in row["spans"])
+    )
+
+
+# --- one rank ----------------------------------------------------------------------------------
+
+
+def _rank_hooks(path: Path) -> Hooks:
+    """Rank 0's hooks: each call one JSON line, flushed, for the worker to forward."""
+    file = open(path, "a", encoding="utf-8")  # noqa: SIM115 (open for the process's life)
+
+    def record(hook: str):
+        def call(*args: Any) -> None:
+            file.write(json.dumps({"hook": hook, "args": args}) + "\n")
+            file.flush()
+
+        return call
+
+    return Hooks(**{hook: record(hook) for hook in FORWARDED})
+
+
+def _rank_main(out_dir: Path) -> None:
+    import torch.distributed as dist
+
+    from workers.engine.config import TrainConfig
+
+    spec = json.loads((out_dir / SPEC).read_text())
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = os.environ.get("GATT_RANKS_BACKEND", "gloo")
+    device = f"cuda:{local}" if backend == "nccl" else "cpu"
+    if backend == "nccl":
+        torch.cuda.set_device(local)
+    dist.init_process_group(backend)
+    try:
+        roots = None if spec["allowed_roots"] is None else [Path(p) for p in spec["allowed_roots"]]
+        loaded = load_model(
+            spec["start"], device=device, dtype=spec["dtype"], allowed_roots=roots, base=spec["base"]
+        )
+        model = loaded.model
+        if hasattr(model, "peft_config") and spec["method"] == "full":
+            model = model.merge_and_unload()  # as the job's own model is (pipeline._job_model)
+        with open(out_dir / EXAMPLES, encoding="utf-8") as f:
+            examples = [_example(json.loads(line)) for line in f]
+        main = dist.get_rank() == 0
+        result = train(
+            model,
+            loaded.tokenizer,
+            examples,
+            TrainConfig.model_validate(spec["training"]),
+            out_dir,
+            hooks=_rank_hooks(out_dir / HOOKS) if main else Hooks(),
+            base_model=spec["base_model"],
+            lineage=spec["lineage"],
+        )
+        if main:
+            fields = ("steps", "metrics", "trained_tokens", "dropped_examples", "resumed_from")
+            _write(
+                out_dir / RESULT,
+                json.dumps({"checkpoint": str(result.checkpoint), **{k: getattr(result, k) for k in fields}}),
+            )
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    _rank_main(Path(sys.argv[1]))
