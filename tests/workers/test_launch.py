@@ -84,3 +84,35 @@ def test_a_stop_ends_the_ranks_and_a_rerun_resumes_from_their_checkpoint(tmp_pat
     assert "resumed" in resumed.kinds()
     assert [step for step, _ in resumed.metrics][-1] == 6 and resumed.metrics[0][0] > 1
     assert result.final_checkpoint and result.final_checkpoint.name == "step-000006"
+
+
+def test_a_rank_exits_when_the_worker_that_started_it_is_gone(tmp_path):
+    """The worker dies (the intermediate process here exits at once): its rank follows."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    rank = (
+        "import os, time; from workers.engine.launch import _die_with; "
+        "_die_with(int(os.environ['OWNER'])); time.sleep(120)"
+    )
+    worker = (
+        "import os, subprocess, sys; "
+        f"p = subprocess.Popen([sys.executable, '-c', {rank!r}], env={{**os.environ, 'OWNER': str(os.getpid())}}, "
+        "stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); "
+        "print(p.pid, flush=True)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", worker], capture_output=True, text=True, timeout=60, cwd=ROOT
+    )
+    pid = int(done.stdout.split()[0])
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.2)
+    os.kill(pid, 9)
+    pytest.fail("the rank outlived its worker by 30 s")

@@ -3,11 +3,17 @@
 The worker (`GATT_TRAIN_PROCESSES` > 1) hands `train()` to `torchrun --standalone
 --nproc_per_node=N`, started as a process group of its own; each rank loads the round's starting
 model itself and trains its share of every step (`distributed.py`: NCCL on GPUs, gloo on CPUs).
-The worker stays the job's owner: it keeps its lease and heartbeat, and every poll it
-- forwards what rank 0's hooks said (events, metrics, checkpoints, progress), which rank 0 writes
-  one JSON line each to `ranks-hooks.jsonl`, to the job's own hooks, in order;
-- fences (a job another worker took over stops here) and asks `should_stop`; either ends the
-  process group with SIGTERM, then SIGKILL.
+The worker stays the job's owner: it keeps its lease and heartbeat, and forwards rank 0's hook
+calls, which rank 0 writes one JSON line each to `ranks-hooks.jsonl`, to the job's own hooks, a
+poll's worth at a time (every second): first one `fence` if rank 0 fenced (a job another worker
+took over stops here), then events, metrics, checkpoints and progress in order, then one
+`should_stop` if rank 0 asked. Liveness is the ranks' progress, as in the worker's own process: a
+rank stuck where it asks nothing leaves the job's hooks silent, and the heartbeat's stall limit
+ends the job. A fence or a stop ends the process group (SIGTERM, then SIGKILL); so does the
+worker's death, which each rank watches for. The fence is late by up to a poll: rank 0 has already
+written what it fenced, so a worker that lost its lease stops its ranks within a second of
+learning it, not before their next write.
+
 A crashed attempt resumes as any other: the ranks continue from the newest checkpoint. The worker
 moves its own copy of the model off the GPU while the ranks train, and afterwards loads the final
 checkpoint's weights into it: the next round and the evaluation sample the trained model.
@@ -20,6 +26,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,7 +47,8 @@ HOOKS = "ranks-hooks.jsonl"  # rank 0's hook calls, for the worker to forward
 RESULT = "ranks-result.json"
 LOG = "ranks.log"
 POLL_S = 1.0
-FORWARDED = ("event", "metrics", "checkpoint", "progress")
+FORWARDED = ("event", "metrics", "checkpoint", "progress")  # in order; fence and should_stop: once a poll
+OWNER_POLL_S = 2.0
 
 
 class RanksFailed(RuntimeError):
@@ -90,7 +98,11 @@ def train_ranks(
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={processes}",
         "-m", "workers.engine.launch", str(out_dir),
     ]  # fmt: skip
-    env = {**os.environ, "GATT_RANKS_BACKEND": "nccl" if on_gpu else "gloo"}
+    env = {
+        **os.environ,
+        "GATT_RANKS_BACKEND": "nccl" if on_gpu else "gloo",
+        "GATT_RANKS_OWNER": str(os.getpid()),
+    }
     if not on_gpu:  # the worker's cores shared out, not each rank's torch taking them all
         env["OMP_NUM_THREADS"] = str(max(1, torch.get_num_threads() // processes))
     with open(out_dir / LOG, "wb") as log:
@@ -104,9 +116,6 @@ def train_ranks(
             forwarded = _forward(out_dir / HOOKS, forwarded, hooks)
             if code is not None:
                 break
-            hooks.fence()
-            if hooks.should_stop():
-                raise Stopped("stopped while the training processes ran; last checkpoint kept")
             time.sleep(POLL_S)
     finally:
         _stop(process)
@@ -133,11 +142,18 @@ def train_ranks(
 
 
 def _forward(path: Path, done: int, hooks: Hooks) -> int:
-    """Forward the hook calls after the first `done` complete lines; returns how many are done."""
+    """Forward the hook calls after the first `done` complete lines; returns how many are done.
+    Raises `Stopped` where the job's fence or should_stop says so."""
     lines = path.read_text(encoding="utf-8").split("\n")[:-1]  # a line still being written waits
-    for line in lines[done:]:
-        call = json.loads(line)
-        getattr(hooks, call["hook"])(*call["args"])
+    calls = [json.loads(line) for line in lines[done:]]
+    asked = {call["hook"] for call in calls}
+    if "fence" in asked:
+        hooks.fence()
+    for call in calls:
+        if call["hook"] in FORWARDED:
+            getattr(hooks, call["hook"])(*call["args"])
+    if "should_stop" in asked and hooks.should_stop():
+        raise Stopped("stopped while the training processes ran; last checkpoint kept")
     return len(lines)
 
 
@@ -196,7 +212,24 @@ def _rank_hooks(path: Path) -> Hooks:
 
         return call
 
-    return Hooks(**{hook: record(hook) for hook in FORWARDED})
+    # should_stop answers no (None): the worker answers, and ends the ranks if it is yes.
+    return Hooks(**{hook: record(hook) for hook in (*FORWARDED, "fence", "should_stop")})
+
+
+def _die_with(owner: int) -> None:
+    """Exit when the worker process `owner` is gone: ranks never outlive the job's owner."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(OWNER_POLL_S)
+            try:
+                os.kill(owner, 0)
+            except ProcessLookupError:
+                os._exit(1)
+            except PermissionError:
+                pass  # a process of another user: alive
+
+    threading.Thread(target=watch, name="owner-watch", daemon=True).start()
 
 
 def _rank_main(out_dir: Path) -> None:
@@ -204,6 +237,8 @@ def _rank_main(out_dir: Path) -> None:
 
     from workers.engine.config import TrainConfig
 
+    if "GATT_RANKS_OWNER" in os.environ:
+        _die_with(int(os.environ["GATT_RANKS_OWNER"]))
     spec = json.loads((out_dir / SPEC).read_text())
     local = int(os.environ.get("LOCAL_RANK", "0"))
     backend = os.environ.get("GATT_RANKS_BACKEND", "gloo")
