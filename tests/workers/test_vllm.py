@@ -111,6 +111,21 @@ def _sampler(url, loaded) -> VllmSampler:
     return VllmSampler(url, "default", loaded.tokenizer, end_of_turn_ids(loaded.tokenizer)).check()
 
 
+def _job(tmp_path: Path) -> dict:
+    """A small LoRA job on the embedded model that samples through the server."""
+    return {
+        "model": "default",
+        "output_dir": str(tmp_path / "job"),
+        "device": "cpu",
+        "seed": 0,
+        "data": {"corpus": str(ROOT / "examples" / "dialogues.jsonl"), "max_dialogues": 4, "max_turns": 2},
+        "sampling": {"backend": "vllm", "k": 2, "max_new_tokens": 24, "batch_prompts": 4},
+        "reward": {"min_reward": 0.0, "min_relevance": None},
+        "training": {"method": "lora", "epochs": 1, "micro_batch_size": 2, "max_steps": 1},
+        "evaluation": {"enabled": False},
+    }
+
+
 def test_candidates_come_k_per_prompt_cut_at_our_stop_ids_and_decoded_by_our_tokenizer(server, loaded):
     sampler = _sampler(server, loaded)
     config = SamplingConfig(k=3, max_new_tokens=40, temperature=0.8)
@@ -185,17 +200,7 @@ def test_sampled_first_tokens_follow_the_same_distribution_as_the_loop(server, l
 
 
 def test_a_job_samples_through_the_server_and_trains_on_what_it_returned(server, loaded, tmp_path):
-    raw = {
-        "model": "default",
-        "output_dir": str(tmp_path / "job"),
-        "device": "cpu",
-        "seed": 0,
-        "data": {"corpus": str(ROOT / "examples" / "dialogues.jsonl"), "max_dialogues": 4, "max_turns": 2},
-        "sampling": {"backend": "vllm", "k": 2, "max_new_tokens": 24, "batch_prompts": 4},
-        "reward": {"min_reward": 0.0, "min_relevance": None},
-        "training": {"method": "lora", "epochs": 1, "micro_batch_size": 2, "max_steps": 1},
-        "evaluation": {"enabled": False},
-    }
+    raw = _job(tmp_path)
     result = run_job(parse_config(raw), vllm_url=server)
     assert result.final_checkpoint
     samples = (tmp_path / "job" / "samples.jsonl").read_text().splitlines()
@@ -242,18 +247,7 @@ def test_a_lora_adapter_loaded_into_the_server_samples_as_the_loop_samples_the_p
 def test_a_lora_job_samples_its_second_round_through_the_server_with_the_first_rounds_adapter(
     server, tmp_path
 ):
-    raw = {
-        "model": "default",
-        "output_dir": str(tmp_path / "job"),
-        "device": "cpu",
-        "seed": 0,
-        "data": {"corpus": str(ROOT / "examples" / "dialogues.jsonl"), "max_dialogues": 4, "max_turns": 2},
-        "sampling": {"backend": "vllm", "k": 2, "max_new_tokens": 24, "batch_prompts": 4},
-        "reward": {"min_reward": 0.0, "min_relevance": None},
-        "training": {"method": "lora", "epochs": 1, "micro_batch_size": 2, "max_steps": 1},
-        "rounds": {"count": 2},
-        "evaluation": {"enabled": False},
-    }
+    raw = {**_job(tmp_path), "rounds": {"count": 2}}
     result = run_job(parse_config(raw), vllm_url=server)
     assert result.rounds == 2 and result.final_checkpoint
     assert len((tmp_path / "job" / "rounds" / "2" / "samples.jsonl").read_text().splitlines()) == 4
