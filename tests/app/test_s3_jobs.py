@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy import func, update
 
 import workers.engine.evaluation as evaluation_module
-import workers.engine.pipeline as pipeline
+import workers.engine.sample_stage as sample_stage
 from app.main import create_app
 from service.db import session_scope
 from service.models import Job
@@ -82,7 +82,7 @@ def test_job_artifacts_live_in_s3_and_survive_a_move_to_another_machine(
         job_queue=f"s3-{uuid.uuid4().hex[:8]}",
     )
     calls = {"sample": 0, "evaluate": 0}
-    sample_chunk, evaluate = pipeline._sample_chunk, evaluation_module.evaluate_adherence
+    sample_chunk, evaluate = sample_stage._sample_chunk, evaluation_module.evaluate_adherence
 
     def counting_sample_chunk(*args, **kwargs):
         calls["sample"] += 1
@@ -92,7 +92,7 @@ def test_job_artifacts_live_in_s3_and_survive_a_move_to_another_machine(
         calls["evaluate"] += 1
         return evaluate(*args, **kwargs)
 
-    monkeypatch.setattr(pipeline, "_sample_chunk", counting_sample_chunk)
+    monkeypatch.setattr(sample_stage, "_sample_chunk", counting_sample_chunk)
     monkeypatch.setattr(evaluation_module, "evaluate_adherence", counting_evaluate)
 
     app = create_app(settings, enqueue=lambda job_id: None)

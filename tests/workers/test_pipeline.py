@@ -20,9 +20,10 @@ from gatt.selection import select_best, summarize
 from workers.engine.config import RewardConfig, parse_config
 from workers.engine.hooks import Hooks
 from workers.engine.models import load_model
-from workers.engine.pipeline import _selection, build_training_set, complete_reply, is_eligible, run_job
+from workers.engine.pipeline import build_training_set, run_job
 from workers.engine.records import SampleRow, TrainingRow
 from workers.engine.rewards import Reward
+from workers.engine.sample_stage import complete_reply, is_eligible, turn_selection
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -215,7 +216,7 @@ def test_summary_statistics_use_what_ranking_used():
         "threshold": 0.5,
     }
     assert chosen.chosen == 1 and turn["ranked"] == [0.0, 0.6, 0.2]
-    selection = _selection(turn)
+    selection = turn_selection(turn)
     assert selection == chosen
     assert selection.max_reward == 0.6 and selection.mean_reward == pytest.approx(0.8 / 3)
     assert selection.pass_rate == pytest.approx(1 / 3)
@@ -223,7 +224,7 @@ def test_summary_statistics_use_what_ranking_used():
     assert stats.mean_best_reward == 0.6 and stats.mean_gain == pytest.approx(0.6 - 0.8 / 3)
     # A record without "ranked" (an older run) still counts refused candidates as 0.
     del turn["ranked"]
-    assert _selection(turn) == chosen
+    assert turn_selection(turn) == chosen
 
 
 def test_copies_echoes_and_irrelevant_replies_are_not_eligible():

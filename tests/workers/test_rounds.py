@@ -12,8 +12,9 @@ from gatt.instructions import Instruction
 from workers.engine.config import parse_config
 from workers.engine.hooks import Hooks
 from workers.engine.models import load_model
-from workers.engine.pipeline import load_dialogues, run_job, sample_dialogues, split_heldout
+from workers.engine.pipeline import load_dialogues, run_job, split_heldout
 from workers.engine.rounds import ROUNDS_FILE
+from workers.engine.sample_stage import sample_dialogues
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

@@ -8,6 +8,7 @@ budget does not have (docs/benchmarks.md gives the separate command's time).
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -265,3 +266,36 @@ def test_a_lora_job_samples_its_second_round_through_the_server_with_the_first_r
     assert run_job(parse_config(continued), vllm_url=server).final_checkpoint
     assert len((tmp_path / "continued" / "samples.jsonl").read_text().splitlines()) == 4
     assert served_models(server) == ["default"]
+
+
+def test_dialogues_stream_through_the_server_and_a_stopped_job_resumes_to_the_same_samples(server, tmp_path):
+    """Every dialogue in flight at once, each with its own random stream: what a dialogue samples
+    does not depend on when the others finish, so a job stopped midway and run again ends with
+    the samples of one that ran through."""
+    from workers.engine.hooks import Hooks, Stopped
+
+    def raw(name: str) -> dict:
+        job = _job(tmp_path / name)
+        job["data"] = {**job["data"], "max_dialogues": 8, "max_turns": 3}
+        job["training"] = {**job["training"], "max_steps": 1}
+        return job
+
+    def candidates(name: str) -> dict[int, list[list[str]]]:
+        rows = [
+            json.loads(line) for line in (tmp_path / name / "job" / "samples.jsonl").read_text().splitlines()
+        ]
+        assert len(rows) == len({row["index"] for row in rows})  # each dialogue once
+        return {row["index"]: [[c["raw"] for c in t["candidates"]] for t in row["turns"]] for row in rows}
+
+    run_job(parse_config(raw("through")), vllm_url=server)
+    seen: list[int] = []
+    hooks = Hooks(
+        progress=lambda stage, done, total: seen.append(done),
+        should_stop=lambda: any(done > 0 for done in seen),
+    )
+    with pytest.raises(Stopped):
+        run_job(parse_config(raw("stopped")), hooks, vllm_url=server)
+    assert 0 < len(candidates("stopped")) < 8
+    run_job(parse_config(raw("stopped")), vllm_url=server)
+    assert candidates("stopped") == candidates("through")
+    assert len(candidates("through")) == 8

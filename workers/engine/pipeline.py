@@ -1,9 +1,5 @@
-"""One GAtt job, stage by stage: synthesize -> sample (and rank) -> build the training set -> train.
-
-Sampling and ranking are interleaved turn by turn, because the reply chosen for turn t is the
-context that turn t+1 is sampled from: every turn of a synthetic dialogue follows the
-instruction. A turn where no candidate reaches the minimum reward ends that dialogue there
-(earlier accepted turns are kept).
+"""One GAtt job, stage by stage: synthesize -> sample (and rank: `sample_stage.py`) -> build the
+training set -> train, as many rounds as the job asks (`rounds.py`).
 
 Everything a stage finishes is on disk before the next starts, and a restarted job reuses it:
 each sampled dialogue is one appended line of `samples.jsonl`, and training resumes from its
@@ -25,19 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import random
-import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from gatt.augment import Placement, corpus_history, sampling_messages, training_dialogue
+from gatt.augment import corpus_history, training_dialogue
 from gatt.dialogues import Dialogue, leading_replies, parse_corpus
 from gatt.errors import GattError
 from gatt.instructions import (
@@ -51,21 +43,17 @@ from gatt.masks import (
     TemplateError,
     TokenizedExample,
     build_examples,
-    check_contents,
     trained_text,
 )
-from gatt.repetition import Repeat, closest_earlier, echo_share
-from gatt.selection import Selection, select_best, summarize
-from workers.engine.config import JobConfig, RewardConfig
+from gatt.selection import Selection, summarize
+from workers.engine.config import JobConfig
 from workers.engine.dpo import PreferencePair
-from workers.engine.hooks import Hooks, Stage, Stopped
+from workers.engine.hooks import Hooks, Stage
 from workers.engine.launch import train_ranks
 from workers.engine.models import LoadedModel, ModelError, load_model
 from workers.engine.pairs import preference_pairs
-from workers.engine.rewards import Reward, RewardScorer
-from workers.engine.rollout import Rollout
 from workers.engine.rounds import offset_hooks, round_dir, round_report, round_seed, write_rounds
-from workers.engine.sampling import Candidate, Sampler
+from workers.engine.sample_stage import sample_dialogues, turn_selection
 from workers.engine.training import train
 from workers.engine.values import VALUES_FILE, values_for_job
 from workers.engine.vllm import job_sampler
@@ -157,7 +145,7 @@ def run_job(
         finally:
             if sampler is not None:
                 sampler.close()
-        selections = [_selection(turn) for record in records for turn in record["turns"]]
+        selections = [turn_selection(turn) for record in records for turn in record["turns"]]
         all_selections += selections
         examples = build_training_set(
             config, loaded.tokenizer, records, where / "training_set.jsonl", hooks, dialogues=dialogues
@@ -331,264 +319,6 @@ def _job_model(
                 "continue it with the same training.lora_r and lora_alpha, or use training.method: full",
             )
     return loaded
-
-
-# --- sampling and ranking --------------------------------------------------------------------
-
-
-def sample_dialogues(
-    config: JobConfig,
-    loaded: LoadedModel,
-    dialogues: Sequence[Dialogue],
-    instructions: Sequence[Instruction],
-    path: Path,
-    hooks: Hooks,
-    *,
-    allowed_roots: list[Path] | None = None,
-    round_: int = 1,
-    sampler: Sampler | None = None,
-) -> list[dict[str, Any]]:
-    """Sample every dialogue not yet in `path`, chunk by chunk; return all records in order.
-    `round_` > 1 (`rounds.py`) draws other random numbers than round 1. `sampler` replaces the
-    loop on `loaded` (a vLLM server, `vllm.py`); `loaded` still renders, ranks and trains."""
-    done = {record["index"]: record for record in _read_records(path)}
-    scorer = RewardScorer(config.reward, device=loaded.device, allowed_roots=allowed_roots)
-    rollout = Rollout.of(loaded, sampler=sampler)
-    chunk_size = config.sampling.batch_prompts
-    hooks.progress("sample", len(done), len(dialogues))
-    for start in range(0, len(dialogues), chunk_size):
-        todo = [i for i in range(start, min(start + chunk_size, len(dialogues))) if i not in done]
-        if not todo:
-            continue
-        if hooks.should_stop():
-            raise Stopped("cancelled during sampling")
-        # One generator per chunk, on the model's device (sampling draws there), seeded by its
-        # position: a resumed job samples the remaining chunks exactly as an uninterrupted one would.
-        seed = ((config.seed * 1_000_003 + config.sampling.seed) * 1_000_003 + start) % 2**63
-        if round_ > 1:
-            seed = (seed * 1_000_003 + round_) % 2**63
-        generator = torch.Generator(device=loaded.device).manual_seed(seed)
-        chunk = _sample_chunk(config, rollout, scorer, dialogues, instructions, todo, generator, hooks)
-        hooks.fence()  # a run taken over while it sampled must not append what the new one samples too
-        with open(path, "a", encoding="utf-8") as f:
-            for record in chunk:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        done.update((r["index"], r) for r in chunk)
-        hooks.sampled(sum(c["tokens"] for r in chunk for t in r["turns"] for c in t["candidates"]))
-        hooks.progress("sample", len(done), len(dialogues))
-    return [done[i] for i in sorted(done)]
-
-
-def _sample_chunk(config, rollout, scorer, dialogues, instructions, indices, generator, hooks) -> list[dict]:
-    """Sample the dialogues `indices` turn by turn, all at once; their records."""
-    states = [
-        _new_record(config, rollout.tokenizer, dialogues[i], i, instructions[i], hooks) for i in indices
-    ]
-    while True:
-        active = [s for s in states if s["stopped"] is None and len(s["replies"]) < len(s["users"])]
-        if not active:
-            break
-        if hooks.should_stop():
-            raise Stopped("cancelled during sampling")
-        contexts = [
-            sampling_context(
-                instructions[s["index"]], s["users"], s["replies"], s["system"], config.placement
-            )
-            for s in active
-        ]
-        results = rollout.turn(contexts, config.sampling, generator=generator)
-        for s, candidates in zip(active, results, strict=True):
-            if candidates is None:
-                s["stopped"] = "context_length"
-                hooks.event("warning", "context_length", f"dialogue {s['index']} stopped: context full", {})
-        for s, context, candidates in zip(active, contexts, results, strict=True):
-            if candidates is not None:
-                _rank_turn(config, scorer, s, context, candidates)
-    return states
-
-
-def _new_record(
-    config: JobConfig, tokenizer: Any, dialogue: Dialogue, index: int, instruction: Instruction, hooks: Hooks
-) -> dict[str, Any]:
-    """A dialogue's `samples.jsonl` record before its first sampled turn."""
-    turns = dialogue.turns[: config.data.max_turns]
-    users = [user for user, _ in turns]
-    replies: list[str] = []
-    trained: list[bool] = []
-    if config.data.sample_turns == "last":
-        # Earlier corpus replies stay as context with zero loss; only the last turn is sampled.
-        replies = [reply or "" for _, reply in turns[:-1]]
-        trained = [False] * len(replies)
-    try:  # text that spells a control token would forge turn boundaries in every prompt
-        check_contents(tokenizer, [{"content": text} for text in [*users, *replies, dialogue.system or ""]])
-        stopped = None
-    except TemplateError as exc:
-        stopped = "control_token"
-        hooks.event("warning", "control_token", f"dialogue {index} skipped: {exc}", {"dialogue": index})
-    return {
-        "index": index,
-        "dialogue_id": dialogue.id,
-        "instruction": instruction.to_json(),
-        "system": dialogue.system,
-        "users": users,
-        "replies": replies,
-        "trained": trained,
-        "turns": [],
-        "stopped": stopped,
-    }
-
-
-def _rank_turn(
-    config: JobConfig,
-    scorer: RewardScorer,
-    s: dict[str, Any],
-    context: list[dict[str, str]],
-    candidates: Sequence[Candidate],
-) -> None:
-    """Score one turn's candidates, choose one, and record it all in the dialogue's record `s`:
-    the choice becomes the context of the next turn, or no choice ends the dialogue."""
-    texts = [complete_reply(c.text, c.finished) for c in candidates]
-    instruction = Instruction.from_json(s["instruction"])
-    question = s["users"][len(s["replies"])]
-    (rewards,) = scorer.score(instruction, [context], [texts], questions=[question])
-    repeats = [closest_earlier(t, s["replies"]) for t in texts]
-    # The instruction's words are not an echo: it may demand a phrase the question also has.
-    echoes = [echo_share(t, question, ignore=instruction.sampling_text) for t in texts]
-    eligible = [
-        is_eligible(t, r, rep, echo, config.reward)
-        for t, r, rep, echo in zip(texts, rewards, repeats, echoes, strict=True)
-    ]
-    selection = select_best(
-        [r.total if ok else math.nan for r, ok in zip(rewards, eligible, strict=True)],
-        texts,
-        threshold=config.reward.min_reward,
-        prefer=config.reward.prefer,
-        relevance=_relevances(rewards),
-    )
-    max_echo = config.reward.max_echo
-    s["turns"].append(
-        {
-            "turn": len(s["replies"]),
-            "candidates": [
-                {
-                    "text": t,  # what was scored and may be trained on
-                    "raw": c.text,  # what the model generated
-                    "finished": c.finished,
-                    "tokens": len(c.token_ids),
-                    "reward": r.to_json(),
-                    "repeat": rep.to_json(),  # closest earlier reply of the dialogue
-                    # how much of the question it repeats, and whether that refused it
-                    "echo": {"share": round(echo, 4), "is_echo": max_echo is not None and echo >= max_echo},
-                    "eligible": ok,  # ranked on its reward; False: never chosen, counts 0
-                }
-                for t, c, r, rep, echo, ok in zip(
-                    texts, candidates, rewards, repeats, echoes, eligible, strict=True
-                )
-            ],
-            "chosen": selection.chosen,
-            "best": selection.best,
-            # the rewards the choice and the statistics were computed from
-            "ranked": list(selection.rewards),
-            "stats": {
-                "mean_reward": selection.mean_reward,
-                "max_reward": selection.max_reward,
-                "pass_rate": selection.pass_rate,
-                "gain": selection.gain,
-            },
-            "threshold": selection.threshold,
-        }
-    )
-    if selection.chosen is None:
-        s["stopped"] = "no_acceptable_candidate"
-    else:
-        s["replies"].append(texts[selection.chosen])
-        s["trained"].append(True)
-
-
-def sampling_context(
-    instruction: Instruction,
-    users: Sequence[str],
-    replies: Sequence[str],
-    system: str | None,
-    placement: Placement,
-) -> list[dict[str, str]]:
-    """The messages a reply is sampled from: the instruction's full wording on every user turn.
-
-    A terse instruction (`Instruction.terse`) stays terse only in the training view
-    (`build_training_set`), as in the paper."""
-    return sampling_messages(instruction.sampling_text, users, replies, system=system, placement=placement)
-
-
-_SENTENCE_END = re.compile(r"[.!?…](?=\s|$)|\n")
-
-
-_WORD = re.compile(r"\w+")
-
-
-def complete_reply(text: str, finished: bool) -> str:
-    """The reply as it may be trained on: whole if the model ended it, else cut back to its last
-    complete sentence. "" (never chosen) when no sentence was completed within max_new_tokens, or
-    when the complete sentences hold less than half of the words generated: what is left is then
-    mostly the opening ("Oh, nice!" of "Oh, nice! She loves playing with those"), often the very
-    phrase an instruction asks for, and ranking would keep the phrase with no answer after it."""
-    text = text.strip()
-    if finished:
-        return text
-    ends = [m.end() for m in _SENTENCE_END.finditer(text)]
-    if not ends:
-        return ""
-    kept = text[: ends[-1]].strip()
-    return kept if 2 * len(_WORD.findall(kept)) >= len(_WORD.findall(text)) else ""
-
-
-def is_eligible(text: str, reward: Reward, repeat: Repeat, echo: float, config: RewardConfig) -> bool:
-    """Whether a candidate may be chosen at all; one that may not is ranked as NaN (counts 0).
-
-    Not an empty reply (or one cut by max_new_tokens before its first sentence ended): training on
-    it would teach the model to stop mid-sentence. Not a copy of an earlier reply: it would teach
-    the model to "keep" the instruction by repeating itself. Not an echo of the question, which
-    passes an opening-phrase verifier ("Ahoy! How long can cooked pasta be frozen?") without
-    answering anything. Not a reply less relevant to the question than `min_relevance`.
-    """
-    if not text or repeat.is_copy(config.max_repeat_similarity):
-        return False
-    if config.max_echo is not None and echo >= config.max_echo:
-        return False
-    return config.min_relevance is None or (
-        reward.relevance is not None and reward.relevance >= config.min_relevance
-    )
-
-
-def _relevances(rewards: Sequence[Reward]) -> list[float] | None:
-    """The candidates' relevance for `prefer: relevant`; None when it was not computed."""
-    values = [r.relevance for r in rewards if r.relevance is not None]
-    return values if len(values) == len(rewards) else None
-
-
-def _selection(turn: dict[str, Any]) -> Selection:
-    """The turn's Selection as ranking made it, from the rewards it ranked on (refused candidates
-    count 0), so that summary.json agrees with the turn's `stats`."""
-    if "ranked" in turn:
-        rewards = tuple(float(r) for r in turn["ranked"])
-    else:  # a record written before rankings were recorded: its candidates' totals
-        rewards = tuple(c["reward"]["total"] if c.get("eligible", True) else 0.0 for c in turn["candidates"])
-    return Selection(chosen=turn["chosen"], best=turn["best"], rewards=rewards, threshold=turn["threshold"])
-
-
-def _read_records(path: Path) -> Iterator[dict[str, Any]]:
-    """Finished dialogues of an earlier run. A torn last line (a crash mid-write) is cut off."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end < len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
-    for line in data[:end].splitlines():
-        if line.strip():
-            yield json.loads(line)
 
 
 # --- evaluation ------------------------------------------------------------------------------

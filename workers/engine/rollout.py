@@ -46,6 +46,10 @@ class Rollout:
     def prompt(self, messages: Messages) -> list[int]:
         return encode(self.tokenizer, render(self.tokenizer, messages, generation_prompt=True))
 
+    def fits(self, prompt: list[int], config: SamplingConfig) -> bool:
+        """Whether the prompt and the longest reply fit the context window."""
+        return len(prompt) + config.max_new_tokens <= self.limit
+
     def turn(
         self,
         contexts: Sequence[Messages],
@@ -62,7 +66,7 @@ class Rollout:
         once, since its replies are the same.
         """
         prompts = [self.prompt(messages) for messages in contexts]
-        keep = [i for i, p in enumerate(prompts) if len(p) + config.max_new_tokens <= self.limit]
+        keep = [i for i, p in enumerate(prompts) if self.fits(p, config)]
         out: list[list[Candidate] | None] = [None] * len(prompts)
         if not keep:
             return out

