@@ -220,7 +220,7 @@ def load_adapter(url: str, name: str, checkpoint: Path, *, timeout_s: float = 30
         )
     except httpx.HTTPError as exc:
         raise SamplerUnavailable(f"the vLLM server at {url} did not answer: {exc}") from exc
-    if response.status_code == 404:
+    if response.status_code == 404 and "error" not in _json(response):  # no such route, not no such adapter
         raise SamplerUnavailable(
             f"the vLLM server at {url} does not load LoRA adapters at run time: start it with "
             "--enable-lora (and --max-lora-rank at least the job's training.lora_r) and "
@@ -231,6 +231,14 @@ def load_adapter(url: str, name: str, checkpoint: Path, *, timeout_s: float = 30
             f"the vLLM server at {url} did not load the adapter {checkpoint}: {response.status_code} "
             f"{response.text[:300]} (its --max-lora-rank must be at least the job's training.lora_r)"
         )
+
+
+def _json(response: httpx.Response) -> dict[str, Any]:
+    try:
+        body = response.json()
+    except ValueError:
+        return {}
+    return body if isinstance(body, dict) else {}
 
 
 def unload_adapter(url: str, name: str, *, timeout_s: float = 60.0) -> None:
