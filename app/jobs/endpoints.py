@@ -33,7 +33,7 @@ from app.jobs.schemas import (
 from app.jobs.stream import PING_S, job_events, parse_cursor
 from service import links
 from service.models import JobStatus
-from workers.engine.config import JobOptions
+from workers.engine.config import LIMITS, JobOptions
 
 log = logging.getLogger(__name__)
 # Sequence numbers, steps and offsets are 32-bit in the database; a larger one is a 422, not a
@@ -352,10 +352,11 @@ def list_metrics(
     )
 
 
-def _rows(session, settings, team, job_id, name: str, offset: int, limit: int) -> Response:
+def _rows(session, settings, team, job_id, name: str, round_: int, offset: int, limit: int) -> Response:
     # The stored rows as they are, unparsed (app/jobs/service.py, artifact_page); the response model
     # documents them.
     job = service.get(session, team, job_id)
+    name = service.round_artifact(job, name, round_)
     return Response(service.artifact_page(settings, job, name, offset, limit), media_type="application/json")
 
 
@@ -363,6 +364,16 @@ Offset = Annotated[
     int, Query(ge=0, le=MAX_INT, description="The same as `after` (the index of the first row); older name.")
 ]
 Limit = Annotated[int, Query(ge=1, le=500, description="At most this many rows.")]
+RoundNumber = Annotated[
+    int,
+    Query(
+        alias="round",
+        ge=1,
+        le=LIMITS["rounds"],
+        description="The round (`rounds.count`): each samples with the model the round before trained "
+        "and trains on its own samples; past the job's count: 404 `round_not_found`.",
+    ),
+]
 
 
 @router.get(
@@ -379,10 +390,11 @@ def list_samples(
     after: After = None,
     offset: Offset = 0,
     limit: Limit = 50,
+    round_: RoundNumber = 1,
 ) -> Response:
     """One row per sampled dialogue: its instruction, and per turn every candidate with its reward
     and reason, the chosen index (null when the turn was dropped) and statistics."""
-    return _rows(session, settings, team, job_id, "samples.jsonl", _position(after, offset), limit)
+    return _rows(session, settings, team, job_id, "samples.jsonl", round_, _position(after, offset), limit)
 
 
 @router.get(
@@ -399,10 +411,13 @@ def list_training_set(
     after: After = None,
     offset: Offset = 0,
     limit: Limit = 50,
+    round_: RoundNumber = 1,
 ) -> Response:
     """The training dialogues (instruction in the first turn only), which messages train, and the
     trained spans decoded from tokens: each sampled reply plus its end-of-turn token."""
-    return _rows(session, settings, team, job_id, "training_set.jsonl", _position(after, offset), limit)
+    return _rows(
+        session, settings, team, job_id, "training_set.jsonl", round_, _position(after, offset), limit
+    )
 
 
 @router.get(

@@ -367,6 +367,19 @@ def checkpoints(session: Session, team: Team, id: uuid.UUID) -> list[Checkpoint]
 MAX_PAGE_BYTES = 8 * 1024 * 1024
 
 
+def round_artifact(job: Job, name: str, round_: int) -> str:
+    """Where round `round_` of the job keeps its `name` (`workers/engine/rounds.py`: round 1 in the
+    job's folder, later rounds under rounds/<r>/); a round past the job's `rounds.count` is 404."""
+    count = job.config.get("rounds", {}).get("count", 1)
+    if round_ > count:
+        raise NotFound(
+            f"The job runs {count} round{'s' if count > 1 else ''}; there is no round {round_}.",
+            code="round_not_found",
+            param="round",
+        )
+    return name if round_ == 1 else f"rounds/{round_}/{name}"
+
+
 def artifact_page(settings: Settings, job: Job, name: str, offset: int, limit: int) -> bytes:
     """Rows `offset`.. of one of the job's JSONL artifacts (samples, training set) as the JSON of a
     page, `{"data": [...], "offset": ..., "has_more": ..., "next_after": ...}`, built from the stored lines without

@@ -450,6 +450,33 @@ def test_rounds_are_listed_as_the_worker_finishes_them(client, tenant, corpus_id
     assert client.get(f"{URL}/{uuid.uuid4()}/rounds", headers=tenant.headers).status_code == 404
 
 
+def test_a_later_rounds_samples_and_training_set_are_served_by_round(client, tenant, corpus_id, db, settings):
+    from service.storage import job_dir
+
+    job_id = create(client, tenant, {"corpus_id": corpus_id, "config": {"rounds": {"count": 3}}}).json()["id"]
+    with db() as s:
+        directory = job_dir(settings, s.get(Job, uuid.UUID(job_id)))
+    (directory / "rounds" / "2").mkdir(parents=True)
+    (directory / "samples.jsonl").write_text(json.dumps({"index": 0, "round": 1}) + "\n")
+    (directory / "rounds" / "2" / "samples.jsonl").write_text(json.dumps({"index": 0, "round": 2}) + "\n")
+    (directory / "rounds" / "2" / "training_set.jsonl").write_text(json.dumps({"round": 2}) + "\n")
+
+    def rows(path: str, **params) -> list:
+        r = client.get(f"{URL}/{job_id}/{path}", params=params, headers=tenant.headers)
+        assert r.status_code == 200, r.text
+        return r.json()["data"]
+
+    assert rows("samples") == [{"index": 0, "round": 1}]
+    assert rows("samples", round=2) == [{"index": 0, "round": 2}]
+    assert rows("training-set", round=2) == [{"round": 2}]
+    assert rows("samples", round=3) == []  # not sampled yet
+    r = client.get(f"{URL}/{job_id}/samples", params={"round": 4}, headers=tenant.headers)
+    assert r.status_code == 404 and r.json()["error"]["code"] == "round_not_found"
+    assert r.json()["error"]["param"] == "round"
+    r = client.get(f"{URL}/{job_id}/training-set", params={"round": 0}, headers=tenant.headers)
+    assert r.status_code == 422
+
+
 def test_the_default_instruction_set_can_be_named_by_its_id(client, tenant, corpus_id):
     default_id = client.get("/v1/instruction-sets/default", headers=tenant.headers).json()["id"]
     r = create(client, tenant, {"corpus_id": corpus_id, "instruction_set_id": default_id})

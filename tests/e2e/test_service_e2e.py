@@ -738,6 +738,14 @@ def test_a_gatt_job_runs_two_rounds_each_sampling_with_the_last_ones_model(stack
     assert rounds.data[0].batches[0].max_reward == max(first_batch)
     for r in rounds.data:
         assert r.examples > 0 and r.trained_tokens > 0 and math.isfinite(r.final_loss)
+    # Round 2's own samples and training set, which its figures count.
+    second = list(client.jobs.samples(job.id, round_=2))
+    assert len(second) == len(samples) and second != samples
+    assert rounds.data[1].selection["turns"] == sum(len(s.turns) for s in second)
+    assert len(list(client.jobs.training_set(job.id, round_=2))) == rounds.data[1].examples
+    with pytest.raises(NotFound) as exc:
+        list(client.jobs.samples(job.id, round_=3))
+    assert exc.value.code == "round_not_found"
     # The last checkpoint is round 2's own step 2, which its manifest places in the job's numbering.
     final = client.jobs.download_checkpoint(job.id, 4, tmp_path / "round2")
     manifest = json.loads((final / "manifest.json").read_text())

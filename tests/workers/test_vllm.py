@@ -284,7 +284,7 @@ def test_dialogues_stream_through_the_server_and_a_stopped_job_resumes_to_the_sa
         rows = [
             json.loads(line) for line in (tmp_path / name / "job" / "samples.jsonl").read_text().splitlines()
         ]
-        assert len(rows) == len({row["index"] for row in rows})  # each dialogue once
+        assert [row["index"] for row in rows] == sorted({row["index"] for row in rows})  # once each, in order
         return {row["index"]: [[c["raw"] for c in t["candidates"]] for t in row["turns"]] for row in rows}
 
     run_job(parse_config(raw("through")), vllm_url=server)

@@ -115,8 +115,9 @@ def _sample_streaming(
     """Sample the dialogues `todo` with a sampler that batches on its own (a vLLM server): each
     dialogue runs turn after turn in a thread of its own, sending its next turn as soon as its
     current one is ranked, with a random stream of its own (`seed(index)`), so that what it
-    samples does not depend on when the others finish. A dialogue's record is appended when it
-    finishes, so the file is in the order they finished. Hooks are called from this thread only."""
+    samples does not depend on when the others finish. A finished dialogue's record is appended
+    once every dialogue before it in `todo` is (a crash loses at most what was waiting, which a
+    rerun samples again the same way). Hooks are called from this thread only."""
     states = [_new_record(config, rollout.tokenizer, dialogues[i], i, instructions[i], hooks) for i in todo]
     shared = threading.Lock()  # the tokenizer and the scorer's models are not for concurrent use
     abandoned = threading.Event()
@@ -139,17 +140,28 @@ def _sample_streaming(
 
     with ThreadPoolExecutor(max_workers=max(1, min(MAX_DIALOGUES_IN_FLIGHT, len(states)))) as pool:
         pending = {pool.submit(run, s) for s in states}
+        waiting: dict[int, dict[str, Any]] = {}  # finished, behind an unfinished one in `todo`
+        next_at = 0
         try:
             while pending:
                 finished, pending = wait(pending, timeout=POLL_S, return_when=FIRST_COMPLETED)
-                records = sorted((f.result() for f in finished), key=lambda r: r["index"])
-                for r in records:
-                    if r["stopped"] == "context_length":
+                for future in finished:
+                    record = future.result()
+                    waiting[record["index"]] = record
+                    if record["stopped"] == "context_length":
                         hooks.event(
-                            "warning", "context_length", f"dialogue {r['index']} stopped: context full", {}
+                            "warning",
+                            "context_length",
+                            f"dialogue {record['index']} stopped: context full",
+                            {},
                         )
-                if records:
-                    _append(path, records, done, len(dialogues), hooks)
+                # The file stays in corpus order: a dialogue is appended once all before it are.
+                ready = []
+                while next_at < len(todo) and todo[next_at] in waiting:
+                    ready.append(waiting.pop(todo[next_at]))
+                    next_at += 1
+                if ready:
+                    _append(path, ready, done, len(dialogues), hooks)
                 if pending and hooks.should_stop():
                     raise Stopped("cancelled during sampling")
         finally:

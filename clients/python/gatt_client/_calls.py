@@ -218,14 +218,18 @@ def list_metrics(job_id: Id, after: str | None = None, limit: int | None = None)
 
 
 @operation
-def list_samples(job_id: Id, after: str | None = None, limit: int | None = None) -> Call[m.SampleRows]:
-    params = _params(after=after, limit=limit)
+def list_samples(
+    job_id: Id, after: str | None = None, limit: int | None = None, round_: int | None = None
+) -> Call[m.SampleRows]:
+    params = _params(after=after, limit=limit, round=round_)
     return Call("GET", f"/v1/jobs/{job_id}/samples", _model(m.SampleRows), params)
 
 
 @operation
-def list_training_set(job_id: Id, after: str | None = None, limit: int | None = None) -> Call[m.TrainingRows]:
-    params = _params(after=after, limit=limit)
+def list_training_set(
+    job_id: Id, after: str | None = None, limit: int | None = None, round_: int | None = None
+) -> Call[m.TrainingRows]:
+    params = _params(after=after, limit=limit, round=round_)
     return Call("GET", f"/v1/jobs/{job_id}/training-set", _model(m.TrainingRows), params)
 
 

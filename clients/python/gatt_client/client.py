@@ -340,11 +340,13 @@ class Jobs:
     def metrics(self, job_id: ops.Id, *, after_step: int = 0) -> Iterator[m.Metric]:
         return self._c._pages(lambda after: ops.list_metrics(job_id, after or str(after_step)))
 
-    def samples(self, job_id: ops.Id) -> Iterator[m.SampleRow]:
-        return self._c._pages(lambda after: ops.list_samples(job_id, after))
+    def samples(self, job_id: ops.Id, round_: int | None = None) -> Iterator[m.SampleRow]:
+        """Sampled dialogues, of round 1 or of round `round_` (`rounds.count`)."""
+        return self._c._pages(lambda after: ops.list_samples(job_id, after, round_=round_))
 
-    def training_set(self, job_id: ops.Id) -> Iterator[m.TrainingRow]:
-        return self._c._pages(lambda after: ops.list_training_set(job_id, after))
+    def training_set(self, job_id: ops.Id, round_: int | None = None) -> Iterator[m.TrainingRow]:
+        """Training dialogues, of round 1 or of round `round_`."""
+        return self._c._pages(lambda after: ops.list_training_set(job_id, after, round_=round_))
 
     def evaluation(self, job_id: ops.Id) -> m.JobEvaluation:
         return self._c.request(ops.get_evaluation(job_id))

@@ -1919,8 +1919,9 @@ class Backend(StrEnum):
     """
     Who samples: `loop`, the engine's own loop on the job's model (workers/engine/sampling.py);
     `vllm`, the worker's vLLM server (workers/engine/vllm.py: GATT_VLLM_URL, serving the job's
-    model under its name; one round only, since it holds the untrained weights); `auto`, the vLLM
-    server for round 1 of a job on a GPU worker that has one, else the loop.
+    model under its name; later rounds of a LoRA job load the previous round's adapter into it);
+    `auto`, the vLLM server on a GPU worker that has one, for every round it can sample (the loop
+    for later rounds of full fine-tuning, or where the server cannot load adapters), else the loop.
     """
 
     auto = 'auto'
@@ -1939,7 +1940,7 @@ class SamplingConfig(BaseModel):
     backend: Annotated[
         Backend | None,
         Field(
-            description="Who samples: `loop`, the engine's own loop on the job's model (workers/engine/sampling.py);\n`vllm`, the worker's vLLM server (workers/engine/vllm.py: GATT_VLLM_URL, serving the job's\nmodel under its name; one round only, since it holds the untrained weights); `auto`, the vLLM\nserver for round 1 of a job on a GPU worker that has one, else the loop.",
+            description="Who samples: `loop`, the engine's own loop on the job's model (workers/engine/sampling.py);\n`vllm`, the worker's vLLM server (workers/engine/vllm.py: GATT_VLLM_URL, serving the job's\nmodel under its name; later rounds of a LoRA job load the previous round's adapter into it);\n`auto`, the vLLM server on a GPU worker that has one, for every round it can sample (the loop\nfor later rounds of full fine-tuning, or where the server cannot load adapters), else the loop.",
             title='Backend',
         ),
     ] = 'auto'
