@@ -55,7 +55,8 @@ def sample_dialogues(
     round_: int = 1,
     sampler: Sampler | None = None,
 ) -> list[dict[str, Any]]:
-    """Sample every dialogue not yet in `path`, chunk by chunk; return all records in order.
+    """Sample every dialogue not yet in `path` (chunk by chunk, or all at once with a sampler that
+    `streams`); return all records in order.
     `round_` > 1 (`rounds.py`) draws other random numbers than round 1. `sampler` replaces the
     loop on `loaded` (a vLLM server, `vllm.py`); `loaded` still renders, ranks and trains."""
     done = {record["index"]: record for record in _read_records(path)}
