@@ -17,7 +17,7 @@ from tests.threads import one_torch_thread
 from tests.workers import ranks_train
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")]
 
 
 @pytest.mark.parametrize("method", ["lora", "full"])

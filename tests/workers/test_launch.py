@@ -15,7 +15,7 @@ from workers.engine.hooks import Hooks, Stopped
 from workers.engine.pipeline import run_job
 
 ROOT = Path(__file__).resolve().parents[2]
-pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")]
 
 
 def _config(out: Path, **training) -> dict:
