@@ -370,7 +370,7 @@ MAX_PAGE_BYTES = 8 * 1024 * 1024
 def round_artifact(job: Job, name: str, round_: int) -> str:
     """Where round `round_` of the job keeps its `name` (`workers/engine/rounds.py`: round 1 in the
     job's folder, later rounds under rounds/<r>/); a round past the job's `rounds.count` is 404."""
-    count = job.config.get("rounds", {}).get("count", 1)
+    count = _round_count(job)
     if round_ > count:
         raise NotFound(
             f"The job runs {count} round{'s' if count > 1 else ''}; there is no round {round_}.",
@@ -473,9 +473,12 @@ def rounds(session: Session, settings: Settings, team: Team, id: uuid.UUID) -> d
     """The job's finished rounds (`workers/engine/rounds.py`) and how many it runs."""
     job = get(session, team, id)
     data = artifact_store(settings).read_bytes(f"{job_key(job)}/rounds.json")
-    # Jobs stored before rounds existed have no rounds section and no file: one round.
-    count = job.config.get("rounds", {}).get("count", 1)
-    return {"count": count, "data": json.loads(data) if data is not None else []}
+    return {"count": _round_count(job), "data": json.loads(data) if data is not None else []}
+
+
+def _round_count(job: Job) -> int:
+    # Jobs stored before rounds existed have no rounds section: one round.
+    return job.config.get("rounds", {}).get("count", 1)
 
 
 def evaluation(session: Session, settings: Settings, team: Team, id: uuid.UUID) -> dict[str, Any]:

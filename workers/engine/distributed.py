@@ -26,6 +26,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from workers.engine.objectives import add_tallies
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -73,9 +75,7 @@ class Ranks:
         dist.all_gather_object(gathered, tallies)
         total: dict[str, tuple[float, int]] = {}
         for part in gathered:
-            for name, (value, count) in part.items():
-                before = total.get(name, (0.0, 0))
-                total[name] = (before[0] + value, before[1] + count)
+            add_tallies(total, part)
         return total
 
     def same_start(self, params: Sequence[torch.nn.Parameter]) -> None:

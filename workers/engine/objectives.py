@@ -48,6 +48,13 @@ class Loss:
     tallies: dict[str, tuple[float, int]] = field(default_factory=dict)
 
 
+def add_tallies(total: dict[str, tuple[float, int]], more: dict[str, tuple[float, int]]) -> None:
+    """Add `more`'s (sum, count) tallies into `total`, metric by metric."""
+    for name, (value, count) in more.items():
+        before = total.get(name, (0.0, 0))
+        total[name] = (before[0] + value, before[1] + count)
+
+
 @dataclass(frozen=True)
 class MaskedSFT:
     """Cross-entropy on trained tokens only: GAtt's loss mask. With `row_len`, each micro-batch's

@@ -70,7 +70,7 @@ def sample_dialogues(
         value = ((config.seed * 1_000_003 + config.sampling.seed) * 1_000_003 + position) % 2**63
         return (value * 1_000_003 + round_) % 2**63 if round_ > 1 else value
 
-    if getattr(rollout.sampler, "streams", False):
+    if rollout.sampler.streams:
         todo = [i for i in range(len(dialogues)) if i not in done]
         _sample_streaming(config, rollout, scorer, dialogues, instructions, todo, seed, path, done, hooks)
         return [done[i] for i in sorted(done)]

@@ -34,7 +34,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Protocol
+from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
 from transformers import DynamicCache, StaticCache
@@ -61,7 +61,11 @@ class Candidate:
 
 class Sampler(Protocol):
     """K candidate replies (`config.k`) for each of a batch of prompts, rendered token ids that end
-    with the generation prompt. The same generator state and prompts give the same candidates."""
+    with the generation prompt. The same generator state and prompts give the same candidates.
+    `streams`: the sampler batches requests as they come (a vLLM server), so the sample stage sends
+    each dialogue's turns as they are ready instead of a chunk's turns together (`sample_stage.py`)."""
+
+    streams: ClassVar[bool]
 
     def candidates(
         self,
@@ -76,6 +80,8 @@ class Sampler(Protocol):
 @dataclass(frozen=True)
 class SharedPrefillSampler:
     """`sample_candidates` on a model in this process."""
+
+    streams: ClassVar[bool] = False  # one prefill per chunk: its dialogues go turn by turn together
 
     model: Any
     tokenizer: Any

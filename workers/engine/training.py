@@ -56,7 +56,7 @@ from workers.engine.distributed import Ranks
 from workers.engine.dpo import DPO, PreferencePair
 from workers.engine.hooks import Hooks, Stopped
 from workers.engine.models import unwrap
-from workers.engine.objectives import MaskedSFT, Objective, decoder_and_head, trained_labels
+from workers.engine.objectives import MaskedSFT, Objective, add_tallies, decoder_and_head, trained_labels
 from workers.engine.schedule import Batches, TokenBatches, lr_at, total_steps_for
 
 METRICS_JSONL = "metrics.jsonl"
@@ -259,9 +259,7 @@ def _step(
         out = objective.loss(model, batch.to(device))
         (out.summed / step_units).backward()
         loss_sum += out.summed.detach()
-        for name, (value, count) in out.tallies.items():
-            before = tallies.get(name, (0.0, 0))
-            tallies[name] = (before[0] + value, before[1] + count)
+        add_tallies(tallies, out.tallies)
     ranks.sum_gradients(trainable)
     ranks.reduce_sum(loss_sum)
     tallies = ranks.sum_tallies(tallies)

@@ -83,9 +83,7 @@ class VllmSampler:
     timeout_s: float = 600.0  # one prompt's K candidates
     max_in_flight: int = MAX_IN_FLIGHT
     adapter: bool = False  # `model` names a LoRA adapter this sampler loaded (`job_sampler`)
-    # The server batches requests as they come: the sample stage sends each dialogue's turns as
-    # they are ready instead of a chunk's turns together (`sample_stage.py`).
-    streams: ClassVar[bool] = True
+    streams: ClassVar[bool] = True  # the server batches requests as they come
 
     def check(self) -> VllmSampler:
         """Fail early, before any sampling, if the server does not serve this model."""
