@@ -86,6 +86,12 @@ class Settings(BaseSettings):
         "stage runs in `torchrun --standalone --nproc_per_node=N` children (NCCL on GPUs, gloo on CPUs), "
         "each taking a share of every step's micro-batches, while the worker keeps the job's lease.",
     )
+    train_sharding: Literal["auto", "replicate", "fsdp"] = Field(
+        default="auto",
+        description="With train_processes above 1: `replicate` gives each rank a whole copy of the model, "
+        "`fsdp` shards weights, gradients and optimiser state over the ranks (FSDP2, one unit per decoder "
+        "layer), `auto` shards on GPUs when the training state would take more than half of one GPU.",
+    )
     lease_s: float = Field(
         default=60.0,
         gt=0,

@@ -78,6 +78,13 @@ def main(argv: list[str] | None = None) -> int:
         default=int(os.environ.get("GATT_TRAIN_PROCESSES", "1")),
         help="train in this many torchrun processes, one per GPU (default: $GATT_TRAIN_PROCESSES or 1)",
     )
+    parser.add_argument(
+        "--train-sharding",
+        choices=("auto", "replicate", "fsdp"),
+        default=os.environ.get("GATT_TRAIN_SHARDING", "auto"),
+        help="with several training processes: shard the model over them with FSDP2 (fsdp), never "
+        "(replicate), or when its training state would fill half a GPU (auto; default: $GATT_TRAIN_SHARDING)",
+    )
     args = parser.parse_args(argv)
     if not 1 <= args.train_processes <= 64:
         parser.error("--train-processes must be 1 to 64")
@@ -102,7 +109,11 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         result = run_job(
-            config, printing_hooks(), vllm_url=args.vllm_url, train_processes=args.train_processes
+            config,
+            printing_hooks(),
+            vllm_url=args.vllm_url,
+            train_processes=args.train_processes,
+            train_sharding=args.train_sharding,
         )
     except (
         ModelError,

@@ -280,6 +280,7 @@ def _run_job(
                 allowed_roots=roots,
                 vllm_url=settings.vllm_url,
                 train_processes=settings.train_processes,
+                train_sharding=settings.train_sharding,
             )
             record.checkpoint = result.final_checkpoint
             if sync is not None:

@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from tests.workers.test_training import Recorder
 from workers.engine.config import parse_config
 from workers.engine.hooks import Hooks, Stopped
+from workers.engine.launch import shards
 from workers.engine.pipeline import run_job
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,10 +48,23 @@ def _candidates(out: Path) -> list[list[str]]:
     return [[c["raw"] for c in turn["candidates"]] for row in rows for turn in row["turns"]]
 
 
-def test_two_ranks_train_each_round_as_the_worker_would_and_the_next_round_samples_their_model(tmp_path):
-    alone, ranks = Recorder(), Recorder()
-    run_job(parse_config(_config(tmp_path / "alone")), alone.hooks())
-    run_job(parse_config(_config(tmp_path / "ranks")), ranks.hooks(), train_processes=2)
+@pytest.fixture(scope="module")
+def alone(tmp_path_factory) -> tuple[Path, Recorder]:
+    """The 2-round job trained in the worker's own process."""
+    out, recorder = tmp_path_factory.mktemp("alone"), Recorder()
+    run_job(parse_config(_config(out)), recorder.hooks())
+    return out, recorder
+
+
+# fsdp: SmolLM2's head is tied to its embedding; sharded, both stay one weight.
+@pytest.mark.parametrize("sharding", ["replicate", "fsdp"])
+def test_two_ranks_train_each_round_as_the_worker_would_and_the_next_round_samples_their_model(
+    tmp_path, alone, sharding
+):
+    (alone_out, alone), ranks = alone, Recorder()
+    run_job(
+        parse_config(_config(tmp_path / "ranks")), ranks.hooks(), train_processes=2, train_sharding=sharding
+    )
 
     # Every metrics row and checkpoint reached the job's hooks, steps numbered across rounds.
     assert [step for step, _ in ranks.metrics] == [step for step, _ in alone.metrics] == [1, 2, 3, 4]
@@ -62,7 +78,17 @@ def test_two_ranks_train_each_round_as_the_worker_would_and_the_next_round_sampl
     assert "resumed" not in ranks.kinds()
     # Round 2 sampled with the model the ranks trained, loaded back into the worker's copy: its
     # replies are those of the model trained in the worker's own process.
-    assert _candidates(tmp_path / "ranks") == _candidates(tmp_path / "alone")
+    assert _candidates(tmp_path / "ranks") == _candidates(alone_out)
+    assert json.loads((tmp_path / "ranks" / "train" / "ranks.json").read_text())["shard"] == (
+        sharding == "fsdp"
+    )
+
+
+def test_sharding_is_chosen_by_the_setting_and_auto_never_shards_on_the_cpu():
+    loaded = SimpleNamespace(device=torch.device("cpu"), model=torch.nn.Linear(4, 4))
+    assert [shards(s, loaded, "full") for s in ("auto", "replicate", "fsdp")] == [False, False, True]
+    with pytest.raises(ValueError, match="not one of auto, replicate, fsdp"):
+        shards("zero3", loaded, "full")
 
 
 def test_a_stop_ends_the_ranks_and_a_rerun_resumes_from_their_checkpoint(tmp_path):

@@ -71,13 +71,16 @@ class CheckpointStore:
         step: int,
         model: Any,
         tokenizer: Any,
-        optimizer: torch.optim.Optimizer,
+        weights: dict[str, torch.Tensor],
+        optimizer_state: dict[str, Any],
         config: TrainConfig,
         state: dict[str, Any],
         base_model: str,
         lineage: dict[str, Any] | None = None,
     ) -> tuple[Path, dict[str, Any]]:
-        """Write checkpoint `step` atomically: into step-XXXXXX.tmp, manifest.json last, then renamed."""
+        """Write checkpoint `step` atomically: into step-XXXXXX.tmp, manifest.json last, then renamed.
+        `weights` and `optimizer_state` are the model's and the optimiser's state dicts with whole
+        tensors (`Ranks.full_state`): `model` gives their layout and config, not their values."""
         final = self.root / f"step-{step:06d}"
         tmp = self.root / f"step-{step:06d}.tmp"
         if tmp.exists():
@@ -89,16 +92,18 @@ class CheckpointStore:
         if config.method == "lora":
             # save_embedding_layers=False: the vocabulary is never resized here, and "auto" would look
             # the base model up on the Hub.
-            model.save_pretrained(tmp, safe_serialization=True, save_embedding_layers=False)
+            model.save_pretrained(
+                tmp, safe_serialization=True, save_embedding_layers=False, state_dict=weights
+            )
             if config.merge_on_save:
-                save_merged(model, tmp / MERGED)
+                save_merged(model, tmp / MERGED, weights)
         else:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=weights)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
             if (tmp / MERGED).is_dir():  # merged weights are a complete model: loadable, trainable further
                 tokenizer.save_pretrained(tmp / MERGED)
-        torch.save(optimizer.state_dict(), tmp / OPTIMIZER)
+        torch.save(optimizer_state, tmp / OPTIMIZER)
         (tmp / TRAINER_STATE).write_text(json.dumps(state, indent=1))
         set_rng_state(rng)
 
@@ -148,23 +153,35 @@ class CheckpointStore:
         return None
 
 
-def save_merged(peft_model: Any, directory: Path) -> None:
+def save_merged(peft_model: Any, directory: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
     """Full weights with the adapter folded in, without touching the training model.
 
     `merge_and_unload` would rewrite the base weights in place (and merge/unmerge leaves rounding
     in them); a deepcopy doubles the model's memory. Instead the merged tensors are computed into a
     fresh state dict, under the base model's own key names, and saved with its save_pretrained.
+    They come from `weights`, the peft model's state dict with whole tensors (a sharded run's,
+    gathered), or from the model's own: each adapted weight plus `B @ A * scaling`, as peft's
+    `get_delta_weight` computes it for a Linear layer.
     """
     from peft.tuners.lora import LoraLayer
 
+    weights = peft_model.state_dict() if weights is None else weights
     inner = peft_model.get_base_model()
+    prefix = next(name for name, module in peft_model.named_modules() if module is inner)
+    prefix = f"{prefix}." if prefix else ""
     deltas = {}
     with torch.no_grad():
         for name, module in inner.named_modules():
-            if isinstance(module, LoraLayer) and "default" in module.lora_A:
-                deltas[f"{name}.weight"] = module.get_delta_weight("default")  # type: ignore[attr-defined]
+            if not (isinstance(module, LoraLayer) and "default" in module.lora_A):
+                continue
+            if module.use_dora.get("default") or getattr(module, "fan_in_fan_out", False):
+                raise ValueError(f"cannot merge {name}: DoRA and fan-in-fan-out layers are not supported")
+            a = weights[f"{prefix}{name}.lora_A.default.weight"]
+            b = weights[f"{prefix}{name}.lora_B.default.weight"]
+            deltas[f"{name}.weight"] = (b.float() @ a.float()) * module.scaling["default"]
         merged = {}
-        for key, value in inner.state_dict().items():
+        for key, value in weights.items():
+            key = key.removeprefix(prefix)
             if ".lora_" in key:
                 continue
             key = key.replace(".base_layer.", ".")
@@ -337,25 +354,26 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def restore(
-    path: Path,
-    model: Any,
-    optimizer: torch.optim.Optimizer,
-    config: TrainConfig,
-    base_model: str,
-    fingerprint: str,
-    hooks: Hooks,
+    path: Path, model: Any, config: TrainConfig, base_model: str, fingerprint: str, hooks: Hooks
 ) -> dict[str, Any]:
-    """Load checkpoint `path` into `model` and `optimizer` and restore the RNG states; its
-    trainer state (step, metrics history, ...), or ValueError if this run cannot continue it."""
+    """Load checkpoint `path`'s weights into `model` (before it is sharded); its trainer state (step,
+    metrics history, RNG states, ...), or ValueError if this run cannot continue it. The optimiser's
+    state follows once the optimiser exists (`optimizer_state`), and the RNG states last."""
     state = json.loads((path / TRAINER_STATE).read_text())
     check_resumable(state, config, base_model, fingerprint, hooks)
     load_weights(model, path, config)
-    device = next(model.parameters()).device
+    return state
+
+
+def optimizer_state(path: Path, device: torch.device) -> dict[str, Any]:
+    """Checkpoint `path`'s optimiser state dict, its tensors on `device`."""
     # weights_only=True: torch.load refuses anything but tensors and plain containers, so a
     # tampered optimizer.pt cannot run code on load (a full pickle could).
-    optimizer.load_state_dict(torch.load(path / OPTIMIZER, map_location=device, weights_only=True))
+    return torch.load(path / OPTIMIZER, map_location=device, weights_only=True)
+
+
+def load_optimizer(optimizer: torch.optim.Optimizer, state: dict[str, Any], config: TrainConfig) -> None:
+    optimizer.load_state_dict(state)
     for group in optimizer.param_groups:  # hyperparameters come from this config
         group["betas"] = config.betas
         group["weight_decay"] = config.weight_decay if group["name"] == "decay" else 0.0
-    set_rng_state(state["rng"])
-    return state

@@ -14,6 +14,11 @@ worker's death, which each rank watches for. The fence is late by up to a poll: 
 written what it fenced, so a worker that lost its lease stops its ranks within a second of
 learning it, not before their next write.
 
+Sharding (`GATT_TRAIN_SHARDING`): `replicate` keeps a whole copy of the model on each rank, `fsdp`
+shards it with FSDP2 (`distributed.py`), `auto` shards on GPUs when the training state (the
+weights; for full fine-tuning also their gradients and AdamW's two moments) would take more than
+half of one GPU's memory, the other half left to activations.
+
 A crashed attempt resumes as any other: the ranks continue from the newest checkpoint. The worker
 moves its own copy of the model off the GPU while the ranks train, and afterwards loads the final
 checkpoint's weights into it: the next round and the evaluation sample the trained model.
@@ -47,6 +52,7 @@ HOOKS = "ranks-hooks.jsonl"  # rank 0's hook calls, for the worker to forward
 RESULT = "ranks-result.json"
 LOG = "ranks.log"
 POLL_S = 1.0
+SHARDINGS = ("auto", "replicate", "fsdp")
 FORWARDED = ("event", "metrics", "checkpoint", "progress")  # in order; fence and should_stop: once a poll
 OWNER_POLL_S = 2.0
 
@@ -62,6 +68,7 @@ def train_ranks(
     out_dir: Path,
     *,
     processes: int,
+    sharding: str = "auto",
     start: str,
     hooks: Hooks,
     base_model: str,
@@ -84,6 +91,7 @@ def train_ranks(
         "training": config.training.to_json(),
         "base_model": base_model,
         "lineage": lineage,
+        "shard": shards(sharding, loaded, config.training.method),
     }
     _write(out_dir / SPEC, json.dumps(spec))
     _write(out_dir / EXAMPLES, "".join(json.dumps(_example_json(e)) + "\n" for e in examples))
@@ -139,6 +147,19 @@ def train_ranks(
         resumed_from=result["resumed_from"],
         model=model,
     )
+
+
+def shards(sharding: str, loaded: LoadedModel, method: str) -> bool:
+    """Whether the ranks shard the model (see the module's docstring)."""
+    if sharding not in SHARDINGS:
+        raise ValueError(f"sharding {sharding!r} is not one of {', '.join(SHARDINGS)}")
+    if sharding != "auto":
+        return sharding == "fsdp"
+    if loaded.device.type != "cuda":
+        return False
+    weights = sum(p.numel() * p.element_size() for p in loaded.model.parameters())
+    state = weights * (4 if method == "full" else 1)  # + gradients and two moments, in the weights' dtype
+    return state > torch.cuda.get_device_properties(loaded.device).total_memory / 2
 
 
 def _forward(path: Path, done: int, hooks: Hooks) -> int:
@@ -266,6 +287,7 @@ def _rank_main(out_dir: Path) -> None:
             hooks=_rank_hooks(out_dir / HOOKS) if main else Hooks(),
             base_model=spec["base_model"],
             lineage=spec["lineage"],
+            shard=spec["shard"],
         )
         if main:
             fields = ("steps", "metrics", "trained_tokens", "dropped_examples", "resumed_from")

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.fsdp import FSDPModule
 
 from gatt.masks import IGNORE_INDEX, TokenizedExample
 from workers.engine.models import unwrap
@@ -264,7 +265,9 @@ def trained_logits(
         inputs["attention_mask"] = batch.attention_mask
     else:
         inputs["position_ids"] = position_ids
-    parts = decoder_and_head(model)
+    # Sharded (FSDP2), weights are gathered by the model's own forward: the decoder and the head
+    # called apart would meet the root's shards (and a tied head is the embedding's weight).
+    parts = None if isinstance(model, FSDPModule) else decoder_and_head(model)
     if parts is not None:
         decoder, head = parts
         hidden = decoder(**inputs).last_hidden_state

@@ -87,11 +87,13 @@ def run_job(
     allowed_roots: list[Path] | None = None,
     vllm_url: str | None = None,
     train_processes: int = 1,
+    train_sharding: str = "auto",
 ) -> JobResult:
     """Run (or resume) a whole job. `loaded` lets a caller reuse a model it already holds (it must
     not have been trained yet); `allowed_roots` confines model paths (the service passes its
     configured model roots); `vllm_url` is the worker's vLLM server (`sampling.backend`);
-    `train_processes` > 1 trains in that many torchrun ranks, one per GPU (`launch.py`)."""
+    `train_processes` > 1 trains in that many torchrun ranks, one per GPU, sharding the model over
+    them as `train_sharding` says (`launch.py`)."""
     hooks = hooks or Hooks()
     started = time.monotonic()
     out = Path(config.output_dir)
@@ -182,6 +184,7 @@ def run_job(
                 examples,
                 where / "train",
                 processes=train_processes,
+                sharding=train_sharding,
                 start=str(trained) if trained is not None else config.model,
                 hooks=train_hooks,
                 base_model=base_model,

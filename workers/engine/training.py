@@ -47,9 +47,12 @@ from workers.engine.checkpoints import (
     CHECKPOINTS,
     STATE_VERSION,
     CheckpointStore,
+    load_optimizer,
     load_weights,
+    optimizer_state,
     restore,
     rng_state,
+    set_rng_state,
 )
 from workers.engine.config import TrainConfig
 from workers.engine.distributed import Ranks
@@ -118,6 +121,7 @@ def train(
     base_model: str = "default",
     lineage: dict[str, Any] | None = None,
     objective: Objective | None = None,
+    shard: bool = False,
 ) -> TrainResult:
     """Train `model` on `examples`, or continue the run already in `out_dir`.
 
@@ -125,14 +129,15 @@ def train(
     a peft model already (a LoRA checkpoint continued), its own adapter trains further; the trained
     model is `TrainResult.model`. `base_model` names the base weights in every checkpoint and
     `lineage` is recorded in each manifest as given. `objective` defaults to `config.objective`'s:
-    GAtt's masked SFT on TokenizedExamples, or DPO on PreferencePairs (`dpo.py`).
+    GAtt's masked SFT on TokenizedExamples, or DPO on PreferencePairs (`dpo.py`). `shard` shards
+    the model over torchrun's ranks with FSDP2 (`distributed.py`); alone it does nothing.
     Seeds python, numpy and torch's global RNGs with `config.seed`. Raises `Stopped` when
     `hooks.should_stop()` says so (checkpoints already written stay), and ValueError when `out_dir`
     holds a run this call cannot continue (other data, base model, or a config field that fixes data
     order or parameter shapes).
     """
     out_dir = Path(out_dir)
-    ranks = Ranks.current()
+    ranks = Ranks.current(shard=shard)
     store = CheckpointStore(out_dir / CHECKPOINTS, hooks)
     data, dropped = _trainable(examples, config.max_seq_len, hooks)
     on_gpu = next(model.parameters()).device.type == "cuda"
@@ -153,16 +158,20 @@ def train(
     torch.manual_seed(config.seed)
     model = _prepare_model(model, config, base_model)
     model.train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    ranks.same_start(trainable)
-    optimizer = _optimizer(trainable, config)
+    ranks.same_start(_trainable_params(model))
 
     with ranks.main_first():
         latest = store.latest()
         # Before a checkpoint's weights are loaded: DPO's reference is the model as training starts.
         data = objective.begin(model, data, out_dir, resuming=latest is not None)
-    if latest is not None:
-        state = restore(latest, model, optimizer, config, base_model, fingerprint, hooks)
+    state = None if latest is None else restore(latest, model, config, base_model, fingerprint, hooks)
+    ranks.shard(model)  # the optimiser holds the parameters as sharded
+    trainable = _trainable_params(model)
+    optimizer = _optimizer(trainable, config)
+    if latest is not None and state is not None:
+        saved = optimizer_state(latest, next(model.parameters()).device)
+        load_optimizer(optimizer, ranks.shard_optimizer_state(saved, optimizer), config)
+        set_rng_state(state["rng"])
         run.start_step, run.history = state["step"], state["metrics"]
         run.prior_elapsed, run.trained_total = state["elapsed_s"], state["trained_tokens"]
         hooks.event(
@@ -186,15 +195,20 @@ def train(
             row = _step(step, model, objective, data, optimizer, trainable, config, run, hooks, ranks)
             run.history.append(row)
             done = step + 1
+            saved = None  # whole tensors to write; sharded, every rank takes part in gathering them
+            if (ranks.main or ranks.sharded) and (
+                done == run.total_steps or (config.checkpoint_every and done % config.checkpoint_every == 0)
+            ):
+                saved = ranks.full_state(model), ranks.full_optimizer_state(optimizer)
             if metrics is None:  # another rank: rank 0 writes, its copy of the weights is this one's
                 continue
             hooks.fence()  # before the metrics files, a checkpoint and the rotation of older ones
             metrics.write(row)
             hooks.metrics(done, {k: v for k, v in row.items() if k != "step"})
-            if done == run.total_steps or (config.checkpoint_every and done % config.checkpoint_every == 0):
+            if saved is not None:
                 state = _trainer_state(done, row, run, config, base_model, fingerprint, len(data), dropped)
                 final, manifest = store.save(
-                    done, model, tokenizer, optimizer, config, state, base_model, lineage
+                    done, model, tokenizer, *saved, config, state, base_model, lineage
                 )
                 store.rotate(config.keep_checkpoints)
                 hooks.checkpoint(done, str(final), manifest)
@@ -251,21 +265,24 @@ def _step(
 
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     tallies: dict[str, tuple[float, int]] = {}
-    for i in ranks.share(range(len(batches))):
-        batch = batches[i]
+    mine = ranks.share(range(len(batches)))
+    # Zero-weighted passes (over the step's first micro-batch) keep sharded ranks in step.
+    for n, i in enumerate(mine + [0] * ranks.fillers(len(batches))):
         if hooks.should_stop():
             optimizer.zero_grad(set_to_none=True)
             raise Stopped(f"stopped during step {step + 1}; last checkpoint kept")
-        out = objective.loss(model, batch.to(device))
-        (out.summed / step_units).backward()
-        loss_sum += out.summed.detach()
-        add_tallies(tallies, out.tallies)
+        out = objective.loss(model, batches[i].to(device))
+        weight = 1.0 if n < len(mine) else 0.0
+        (out.summed * weight / step_units).backward()
+        if weight:
+            loss_sum += out.summed.detach()
+            add_tallies(tallies, out.tallies)
     ranks.sum_gradients(trainable)
     ranks.reduce_sum(loss_sum)
     tallies = ranks.sum_tallies(tallies)
 
     clip_to = config.max_grad_norm if config.max_grad_norm is not None else math.inf
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip_to))
+    grad_norm = ranks.grad_norm(trainable, clip_to)
     loss = float(loss_sum) / step_units
     if not (math.isfinite(loss) and math.isfinite(grad_norm)):
         raise FloatingPointError(
@@ -530,6 +547,10 @@ def _continued_adapter(model: Any, config: TrainConfig, base_model: str) -> Any:
     for name, param in model.named_parameters():
         param.requires_grad_("lora_" in name)
     return model
+
+
+def _trainable_params(model: Any) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
 
 
 def _optimizer(params: list[torch.nn.Parameter], config: TrainConfig) -> torch.optim.AdamW:
