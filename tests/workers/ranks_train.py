@@ -1,42 +1,63 @@
 """One rank of the data-parallel training test (tests/workers/test_distributed.py), as torchrun
 starts it: `python -m torch.distributed.run --standalone --nproc_per_node=N tests/workers/ranks_train.py
-OUT_DIR METHOD [fsdp]`. The same setup in one process is `run(OUT_DIR, METHOD)`; `fsdp` shards the
+OUT_DIR METHOD [fsdp]`, METHOD lora, full or dpo (LoRA under sft+dpo, on preference pairs and a
+replayed example). The same setup in one process is `run(OUT_DIR, METHOD)`; `fsdp` shards the
 model over the ranks, and is run on a model whose head is tied to its embedding (as SmolLM2's is),
 which sharding must keep tied."""
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
+from gatt.masks import TokenizedExample
 from tests.workers.test_training import handmade, tiny_llama
 from workers.engine.config import TrainConfig
+from workers.engine.dpo import PreferencePair
 from workers.engine.training import TrainResult, train
 
 EXAMPLES = [handmade(14 + 5 * i, [(4, 9 + i)], seed=i) for i in range(9)]
+
+
+def _rejected(chosen: TokenizedExample, seed: int) -> TokenizedExample:
+    """Another reply in the chosen one's place, after the same context."""
+    other = handmade(len(chosen.input_ids), list(chosen.spans), seed)
+    ((start, end),) = chosen.spans
+    ids = chosen.input_ids[:start] + other.input_ids[start:end] + chosen.input_ids[end:]
+    labels = chosen.labels[:start] + other.labels[start:end] + chosen.labels[end:]
+    return TokenizedExample(ids, labels, chosen.spans)
+
+
+PAIRS = [PreferencePair(e, _rejected(e, 100 + i)) for i, e in enumerate(EXAMPLES[:8])]
+PAIRS.append(PreferencePair(EXAMPLES[8], None))  # a replayed dialogue: cross-entropy only
 
 
 def config(method: str) -> TrainConfig:
     # Three micro-batches per step over two ranks: rank 0 takes two, rank 1 one; the examples'
     # lengths differ, so micro-batches pad and the step's trained tokens are uneven too.
     return TrainConfig(
-        method=method,
+        method="lora" if method == "dpo" else method,
+        objective="sft+dpo" if method == "dpo" else "sft",
         micro_batch_size=2,
         grad_accum=3,
         epochs=2,
         learning_rate=1e-2,
         checkpoint_every=2,
         keep_checkpoints=10,
-        merge_on_save=method == "lora",  # merged from a sharded run's gathered weights too
+        merge_on_save=method != "full",  # merged from a sharded run's gathered weights too
         seed=3,
     )
 
 
 def run(out: Path, method: str, *, tie: bool = False, shard: bool = False) -> TrainResult:
-    return train(tiny_llama(tie=tie), None, EXAMPLES, config(method), out, shard=shard)
+    examples = PAIRS if method == "dpo" else EXAMPLES
+    return train(tiny_llama(tie=tie), None, examples, config(method), out, shard=shard)
 
 
 if __name__ == "__main__":
@@ -44,6 +65,12 @@ if __name__ == "__main__":
     dist.init_process_group("gloo")
     try:
         shard = sys.argv[3:] == ["fsdp"]
-        run(Path(sys.argv[1]), sys.argv[2], tie=shard, shard=shard)
+        result = run(Path(sys.argv[1]), sys.argv[2], tie=shard, shard=shard)
+        # What this rank holds: the test checks that sharding shared the weights out.
+        local = sum(
+            p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in result.model.parameters()
+        )
+        held = {"sharded": isinstance(result.model, FSDPModule), "parameters": local}
+        (Path(sys.argv[1]) / f"rank-{dist.get_rank()}.json").write_text(json.dumps(held))
     finally:
         dist.destroy_process_group()

@@ -46,9 +46,9 @@ def assert_same_curve(rows: list[dict], want: list[dict]) -> None:
 
 def assert_same_weights(theirs: Path, ours: Path, method: str) -> None:
     names = (
-        ["adapter_model.safetensors", "merged/model.safetensors"]
-        if method == "lora"
-        else ["model.safetensors"]
+        ["model.safetensors"]
+        if method == "full"
+        else ["adapter_model.safetensors", "merged/model.safetensors"]
     )
     for name in names:
         got, want = load_file(theirs / name), load_file(ours / name)
@@ -58,7 +58,7 @@ def assert_same_weights(theirs: Path, ours: Path, method: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "shard"), [("lora", False), ("full", False), ("lora", True), ("full", True)]
+    ("method", "shard"), [("lora", False), ("full", False), ("lora", True), ("full", True), ("dpo", True)]
 )
 def test_two_ranks_over_gloo_follow_the_one_process_curve(tmp_path, method, shard):
     with one_torch_thread():
@@ -69,6 +69,13 @@ def test_two_ranks_over_gloo_follow_the_one_process_curve(tmp_path, method, shar
     assert len(rows) >= 3
     assert_same_curve(rows, alone.metrics)
     assert rows[-1]["loss"] < rows[0]["loss"]  # it trains: equal curves of a frozen model prove little
+    held = [json.loads((tmp_path / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    total = sum(p.numel() for p in alone.model.parameters())
+    assert [h["sharded"] for h in held] == [shard, shard]
+    if shard:  # each holds a part, together the whole model once
+        assert sum(h["parameters"] for h in held) == total and max(h["parameters"] for h in held) < total
+    else:
+        assert [h["parameters"] for h in held] == [total, total]
     # The last checkpoint holds the same weights.
     assert_same_weights(tmp_path / "ranks" / "checkpoints" / alone.checkpoint.name, alone.checkpoint, method)
 
