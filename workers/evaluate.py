@@ -34,7 +34,6 @@ import argparse
 import gc
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import asdict
@@ -48,6 +47,7 @@ from gatt.instructions import Instruction, default_instruction_set, parse_instru
 from gatt.repetition import DEFAULT_MAX_ECHO
 from workers.engine.eval_report import compare, format_table
 from workers.engine.evaluation import CONDITIONS, EVAL_SEED_OFFSET, MAX_TURNS, EvalConfig, check_overlap
+from workers.engine.files import write_json
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -143,12 +143,6 @@ def _read_corpus(path: str):
 
     with open(path, "rb") as f:
         return parse_corpus(f)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -343,10 +337,10 @@ def _write_and_print(
     from workers.engine.attention import plot_attention
 
     written = [out / "adherence.json"]
-    _write_json(written[0], adherence)
+    write_json(written[0], adherence)
     if attention:
         written += [out / "attention.json", out / "attention.png"]
-        _write_json(written[1], attention)
+        write_json(written[1], attention)
         plot_attention(attention, written[2])
     print()
     print(adherence["table"])

@@ -22,9 +22,9 @@ from workers.engine.config import TrainConfig, parse_config, parse_options
 from workers.engine.dpo import DPO, REFERENCE_FILE, PreferencePair, collate_pairs
 from workers.engine.hooks import Hooks, Stopped
 from workers.engine.pairs import paired_text, rejected_candidate
-from workers.engine.pipeline import build_training_set
 from workers.engine.records import TrainingRow
 from workers.engine.training import train
+from workers.engine.training_set import build_training_set
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")
 

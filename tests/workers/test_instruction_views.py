@@ -10,8 +10,8 @@ from gatt.instructions import Instruction, parse_instruction_set, synthesize
 from tests.gatt.chat_tokenizers import llama3
 from workers.engine.config import parse_config
 from workers.engine.hooks import Hooks
-from workers.engine.pipeline import build_training_set
 from workers.engine.sample_stage import sampling_context
+from workers.engine.training_set import build_training_set
 
 SET = {
     "families": [

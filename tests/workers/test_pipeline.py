@@ -20,10 +20,11 @@ from gatt.selection import select_best, summarize
 from workers.engine.config import RewardConfig, parse_config
 from workers.engine.hooks import Hooks
 from workers.engine.models import load_model
-from workers.engine.pipeline import build_training_set, run_job
+from workers.engine.pipeline import run_job
 from workers.engine.records import SampleRow, TrainingRow
 from workers.engine.rewards import Reward
 from workers.engine.sample_stage import complete_reply, is_eligible, turn_selection
+from workers.engine.training_set import build_training_set
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]

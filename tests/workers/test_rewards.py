@@ -328,7 +328,8 @@ def test_ranking_settings_are_checked():
 @pytest.mark.slow
 def test_sample_turns_last_keeps_corpus_replies_as_untrained_context(tmp_path):
     from workers.engine.models import load_model
-    from workers.engine.pipeline import build_training_set, load_dialogues, run_job
+    from workers.engine.pipeline import load_dialogues, run_job
+    from workers.engine.training_set import build_training_set
 
     spec = {
         "custom": [

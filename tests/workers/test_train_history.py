@@ -14,8 +14,8 @@ from gatt.instructions import Instruction
 from tests.gatt.chat_tokenizers import llama3
 from workers.engine.config import parse_config
 from workers.engine.hooks import Hooks
-from workers.engine.pipeline import build_training_set
 from workers.engine.records import TrainingRow
+from workers.engine.training_set import build_training_set
 
 USERS = ["Hi?", "And then?", "Why?"]
 CORPUS = ["Hello.", "Then this.", "Because."]

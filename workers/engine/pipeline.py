@@ -21,40 +21,30 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import random
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gatt.augment import corpus_history, training_dialogue
-from gatt.dialogues import Dialogue, leading_replies, parse_corpus
+from gatt.dialogues import Dialogue, parse_corpus
 from gatt.errors import GattError
 from gatt.instructions import (
-    Instruction,
     InstructionSet,
     default_instruction_set,
     parse_instruction_set,
     synthesize,
 )
-from gatt.masks import (
-    TemplateError,
-    TokenizedExample,
-    build_examples,
-    trained_text,
-)
 from gatt.selection import Selection, summarize
 from workers.engine.config import JobConfig
-from workers.engine.dpo import PreferencePair
+from workers.engine.eval_stage import Evaluation
+from workers.engine.files import write_json, write_jsonl
 from workers.engine.hooks import Hooks, Stage
 from workers.engine.launch import train_ranks
 from workers.engine.models import LoadedModel, ModelError, load_model
-from workers.engine.pairs import preference_pairs
 from workers.engine.rounds import offset_hooks, round_dir, round_report, round_seed, write_rounds
 from workers.engine.sample_stage import sample_dialogues, turn_selection
 from workers.engine.training import train
+from workers.engine.training_set import build_training_set
 from workers.engine.values import VALUES_FILE, values_for_job
 from workers.engine.vllm import job_sampler
 
@@ -99,7 +89,7 @@ def run_job(
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     hooks.fence()
-    _write_json(out / "config.json", config.to_json())
+    write_json(out / "config.json", config.to_json())
 
     _stage(hooks, Stage.SYNTHESIZE)
     dialogues, heldout = split_heldout(config, load_dialogues(config))
@@ -109,7 +99,7 @@ def run_job(
     instruction_set = load_instruction_set(config, loaded=loaded, hooks=hooks)
     instructions = synthesize(instruction_set, len(dialogues), seed=config.seed)
     hooks.fence()
-    _write_jsonl(out / "instructions.jsonl", [i.to_json() for i in instructions])
+    write_jsonl(out / "instructions.jsonl", [i.to_json() for i in instructions])
 
     loaded = _job_model(config, loaded, allowed_roots)
     evaluation = None
@@ -122,7 +112,7 @@ def run_job(
         if r > 1 and config.rounds.instructions == "fresh":
             instructions = synthesize(instruction_set, len(dialogues), seed=round_seed(config.seed, r))
             hooks.fence()
-            _write_jsonl(where / "instructions.jsonl", [i.to_json() for i in instructions])
+            write_jsonl(where / "instructions.jsonl", [i.to_json() for i in instructions])
         _stage(hooks, Stage.SAMPLE)
         sampler = job_sampler(
             config,
@@ -239,7 +229,7 @@ def run_job(
         rounds=len(reports),
     )
     hooks.fence()
-    _write_json(out / "summary.json", _jsonable(job.__dict__))
+    write_json(out / "summary.json", _jsonable(job.__dict__))
     _stage(hooks, Stage.DONE)
     return job
 
@@ -324,266 +314,12 @@ def _job_model(
     return loaded
 
 
-# --- evaluation ------------------------------------------------------------------------------
-
-
-class Evaluation:
-    """The evaluate stage, run on the base model before training and on the trained one after.
-
-    Each report is written as soon as it exists, so a resumed job does not evaluate twice.
-    Files in `directory`: base.json, gatt.json, adherence.json ({base, gatt, compare, overlap,
-    table}), adherence_summary.json (adherence.json without the transcripts), attention.json and
-    attention.png.
-    """
-
-    def __init__(
-        self, config, instruction_set, train_dialogues, train_instructions, heldout, directory: Path
-    ):
-        from workers.engine.evaluation import check_overlap, eval_instructions
-
-        self.config = config
-        self.settings = config.evaluation.adherence(seed=config.seed)
-        self.heldout = heldout
-        self.instructions = eval_instructions(
-            instruction_set, len(heldout), self.settings, train_seed=config.seed
-        )
-        self.overlap = check_overlap(train_dialogues, train_instructions, heldout, self.instructions)
-        self.directory = directory
-        directory.mkdir(parents=True, exist_ok=True)
-
-    def run(self, label: str, loaded: LoadedModel, hooks: Hooks) -> None:
-        from workers.engine.attention import attention_report
-        from workers.engine.evaluation import evaluate_adherence
-        from workers.engine.validation import validation_loss
-
-        path = self.directory / f"{label}.json"
-        if path.exists():
-            return
-        placement = self.config.placement
-        adherence = evaluate_adherence(
-            loaded, self.heldout, self.instructions, self.settings, placement=placement, hooks=hooks
-        )
-        attention = None
-        if self.config.evaluation.attention:
-            attention = attention_report(
-                loaded,
-                self.heldout,
-                self.instructions,
-                self.settings,
-                placement=placement,
-                transcripts=adherence["transcripts"].get("once"),
-                hooks=hooks,
-            )
-        validation = validation_loss(loaded, self.heldout, self.config.training.max_seq_len)
-        hooks.fence()
-        _write_json(path, {"adherence": adherence, "attention": attention, "validation": validation})
-
-    def finish(self, hooks: Hooks) -> dict[str, Any]:
-        from workers.engine.attention import plot_attention
-        from workers.engine.eval_report import compare, format_table
-
-        base = json.loads((self.directory / "base.json").read_text())
-        gatt = json.loads((self.directory / "gatt.json").read_text())
-        hooks.fence()
-        report = {
-            "base": base["adherence"],
-            "gatt": gatt["adherence"],
-            "compare": compare(base["adherence"], gatt["adherence"]),
-            "overlap": self.overlap,
-            "table": format_table(base["adherence"], gatt["adherence"]) + _loss_line(base, gatt),
-            # Files of a job evaluated before validation loss existed have none.
-            "validation_loss": {"base": base.get("validation"), "gatt": gatt.get("validation")},
-        }
-        _write_json(self.directory / "adherence.json", report)
-        # The same without the transcripts (every reply of every run), which make it large: what the
-        # API serves as the job's evaluation, read whole, while tools use the full report.
-        summary = {**report, **{m: _without_transcripts(report[m]) for m in ("base", "gatt")}}
-        _write_json(self.directory / SUMMARY, summary)
-        if base["attention"] and gatt["attention"]:
-            _write_json(
-                self.directory / "attention.json", {"base": base["attention"], "gatt": gatt["attention"]}
-            )
-            plot_attention(
-                {"base": base["attention"], "gatt": gatt["attention"]}, self.directory / "attention.png"
-            )
-        return report
-
-
-SUMMARY = "adherence_summary.json"
-
-
-def _loss_line(base: dict[str, Any], gatt: dict[str, Any]) -> str:
-    before, after = (report.get("validation") or {} for report in (base, gatt))
-    if before.get("loss") is None or after.get("loss") is None:
-        return ""
-    return (
-        f"\n\nValidation loss (the held-out dialogues' own replies, no instruction; "
-        f"{after['tokens']} tokens): before {before['loss']:.4f}, after {after['loss']:.4f}\n"
-    )
-
-
-def _without_transcripts(model_report: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in model_report.items() if k != "transcripts"}
-
-
-# --- training set ----------------------------------------------------------------------------
-
-
-def build_training_set(
-    config: JobConfig,
-    tokenizer: Any,
-    records: Sequence[dict[str, Any]],
-    path: Path,
-    hooks: Hooks,
-    *,
-    dialogues: Sequence[Dialogue] = (),
-) -> list[TokenizedExample] | list[PreferencePair]:
-    """Turn sampled dialogues into loss-masked examples (or, for a DPO objective, preference pairs:
-    `pairs.py`) and write them in readable form.
-
-    `dialogues` (indexed by each record's `index`) supplies the corpus's replies that
-    `data.train_history` "corpus" and "both" put before each sampled reply, and the plain
-    dialogues `data.replay` adds."""
-    if config.training.objective != "sft":
-        pairs, rows = preference_pairs(config, tokenizer, records, dialogues, hooks)
-        replayed: list[TokenizedExample] = []
-        rows += _replay(config, tokenizer, dialogues, len(rows), hooks, replayed)  # none without pairs
-        hooks.fence()
-        _write_jsonl(path, rows)
-        # A replayed dialogue has no rejected reply: under sft+dpo it trains by cross-entropy alone.
-        return [*pairs, *(PreferencePair(e, None) for e in replayed)]
-    examples: list[TokenizedExample] = []
-    rows = []
-    history = config.data.train_history
-    for record in records:
-        if not any(record["trained"]):
-            continue
-        views: list[tuple[str, list[str], list[bool]]] = []
-        if history in ("sampled", "both"):
-            views.append(("sampled", record["replies"], record["trained"]))
-        if history in ("corpus", "both"):
-            corpus_replies = [reply for _, reply in dialogues[record["index"]].turns]
-            views.extend(
-                ("corpus", replies, trained)
-                for replies, trained in corpus_history(
-                    record["replies"], record["trained"], corpus_replies, include_first=history == "corpus"
-                )
-            )
-        for view, replies, trained in views:
-            row = _training_example(config, tokenizer, record, replies, trained, hooks, examples)
-            if row is not None:
-                rows.append({"history": view, **row})
-    rows += _replay(config, tokenizer, dialogues, len(rows), hooks, examples)
-    hooks.fence()
-    _write_jsonl(path, rows)
-    return examples
-
-
-def _replay(
-    config: JobConfig,
-    tokenizer: Any,
-    dialogues: Sequence[Dialogue],
-    n_rows: int,
-    hooks: Hooks,
-    examples: list[TokenizedExample],
-) -> list[dict[str, Any]]:
-    """`data.replay` plain corpus dialogues per training row: their examples appended to
-    `examples`, their rows returned."""
-    rows = []
-    for record in _replay_records(config, dialogues, round(config.data.replay * n_rows)):
-        row = _training_example(
-            config, tokenizer, record, record["replies"], record["trained"], hooks, examples
-        )
-        if row is not None:
-            rows.append({"history": "replay", **row})
-    return rows
-
-
-def _replay_records(config: JobConfig, dialogues: Sequence[Dialogue], n: int) -> list[dict[str, Any]]:
-    """`n` corpus dialogues drawn with the job's seed (each at most once), as plain records: no
-    instruction, every corpus reply of the first `data.max_turns` turns trained."""
-    order = random.Random(config.seed).sample(range(len(dialogues)), k=min(n, len(dialogues)))
-    records = []
-    for i in order:
-        turns = dialogues[i].turns[: config.data.max_turns]
-        replies = leading_replies([reply for _, reply in turns])
-        if replies:
-            users = [user for user, _ in turns[: len(replies)]]
-            records.append(
-                {
-                    "index": i,
-                    "dialogue_id": dialogues[i].id,
-                    "instruction": None,
-                    "system": dialogues[i].system,
-                    "users": users,
-                    "replies": replies,
-                    "trained": [True] * len(replies),
-                }
-            )
-    return records
-
-
-def _training_example(
-    config: JobConfig,
-    tokenizer: Any,
-    record: dict[str, Any],
-    replies: Sequence[str],
-    trained: Sequence[bool],
-    hooks: Hooks,
-    examples: list[TokenizedExample],
-) -> dict[str, Any] | None:
-    """Append one training dialogue's masked examples to `examples`; its readable row, or None
-    when its template refuses it."""
-    instruction = record["instruction"]
-    dialogue = training_dialogue(
-        Instruction.from_json(instruction).text if instruction is not None else None,
-        record["users"][: len(replies)],
-        replies,
-        trained,
-        system=record["system"],
-        placement=config.placement,
-    )
-    try:
-        masked = build_examples(tokenizer, dialogue, config.loss_scope)
-    except TemplateError as exc:
-        hooks.event("warning", "template", f"dialogue {record['index']} skipped: {exc}", {})
-        return None
-    if masked.fallback_reason:
-        hooks.event("warning", "loss_scope_fallback", masked.fallback_reason, {"dialogue": record["index"]})
-    examples.extend(masked.examples)
-    return {
-        "index": record["index"],
-        "dialogue_id": record["dialogue_id"],
-        "scope": masked.scope,
-        "fallback_reason": masked.fallback_reason,
-        "messages": list(dialogue.messages),
-        "trained": list(dialogue.trained),
-        "trained_spans": [trained_text(tokenizer, e) for e in masked.examples],
-        "tokens": masked.n_tokens,
-        "trained_tokens": masked.n_trained,
-    }
-
-
 # --- small helpers ---------------------------------------------------------------------------
 
 
 def _stage(hooks: Hooks, stage: Stage) -> None:
     hooks.event("info", "stage", stage.value, {"stage": stage.value})
     hooks.stage(stage)
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
-def _write_jsonl(path: Path, rows: Sequence[Any]) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
 
 
 def _jsonable(obj: Any) -> Any:

@@ -15,7 +15,6 @@ samples with.
 
 from __future__ import annotations
 
-import json
 import statistics
 from collections.abc import Sequence
 from dataclasses import replace
@@ -23,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from gatt.selection import Selection, summarize
+from workers.engine.files import write_json
 from workers.engine.hooks import Hooks
 
 ROUNDS_FILE = "rounds.json"
@@ -94,7 +94,4 @@ def _batch(number: int, turns: list[dict[str, Any]]) -> dict[str, Any]:
 
 def write_rounds(out: Path, reports: list[dict[str, Any]], hooks: Hooks) -> None:
     hooks.fence()
-    path = out / ROUNDS_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(reports, indent=2))
-    tmp.replace(path)
+    write_json(out / ROUNDS_FILE, reports)

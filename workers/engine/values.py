@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
 import re
 import zlib
 from collections.abc import Iterable
@@ -35,6 +34,7 @@ from gatt.instructions import (
 )
 from gatt.verifiers import check_spec
 from workers.engine.config import JobConfig, SamplingConfig, ValuesConfig
+from workers.engine.files import write_json
 from workers.engine.hooks import Hooks
 from workers.engine.models import LoadedModel
 from workers.engine.rollout import Rollout
@@ -436,9 +436,7 @@ def values_for_job(
         hooks.event("info", "values", f"instruction values reused from {path.name}", _summary(report))
         return adjusted
     adjusted, report = apply_model_values(instruction_set, loaded, config)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_json(path, report)
     summary = _summary(report)
     message = ", ".join(
         f"{name}: {entry['kept']} from the model ({entry['used']})" for name, entry in summary.items()
