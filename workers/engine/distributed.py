@@ -21,9 +21,10 @@ sums the gradients (divide factor 1) in every backward pass, which is a collecti
 fewer micro-batches in a step runs zero-weighted passes until every rank has run as many
 (`fillers`). Checkpoints stay the format of an unsharded run (full tensors, the optimiser's state by
 parameter index), gathered on every rank and written by rank 0, so a sharded run resumes in one
-process and the other way round. The gather needs the full weights in each rank's memory for the
-moment of a save (the training state is 4-8 times that); DPO's reference log-probabilities are
-computed by rank 0 before sharding, with the whole model.
+process and the other way round. Each rank loads the whole weights before they are sharded, and
+gathers them again for the moment of a save: the weights must fit one GPU, their training state
+(gradients and AdamW's moments, 3 times as much again) need not. DPO's reference log-probabilities
+are computed by rank 0 before sharding, with the whole model.
 """
 
 from __future__ import annotations
