@@ -350,3 +350,24 @@ def test_examples_build_for_every_scope(finished_job, loaded):
     whole = build_examples(loaded.tokenizer, dialogue, "all_turns")
     cuts = build_examples(loaded.tokenizer, dialogue, "last_turn")
     assert whole.n_trained == cuts.n_trained and whole.n_tokens <= cuts.n_tokens
+
+
+def test_evaluation_falls_back_to_the_loop_with_a_warning_where_the_server_cannot_sample(tmp_path, loaded):
+    """The job has trained by then: a server that cannot hold the model (or is missing) does not
+    fail it, the loop evaluates the same model. The sampling stage still refuses."""
+    from workers.engine.pipeline import _sampler
+    from workers.engine.vllm import SamplerUnavailable
+
+    config = _config(tmp_path, sampling={"backend": "vllm"})
+    events: list[tuple[str, str, dict]] = []
+    hooks = Hooks(event=lambda level, kind, message, data: events.append((kind, message, data)))
+    with _sampler(config, loaded, None, hooks, 2, None, evaluating=True) as sampler:
+        assert sampler is None
+    ((kind, message, data),) = events
+    assert kind == "sampler_fallback" and data == {"stage": "evaluate"}
+    assert message.startswith("evaluating with the engine's loop") and "GATT_VLLM_URL" in message
+    with (
+        pytest.raises(SamplerUnavailable, match="GATT_VLLM_URL"),
+        _sampler(config, loaded, None, hooks, 1, None),
+    ):
+        pass

@@ -20,15 +20,19 @@ import httpx
 import pytest
 import torch
 
+from gatt.instructions import synthesize
 from gatt.masks import encode, render
 from tests.servers import free_port
 from workers.engine.config import SamplingConfig, parse_config
+from workers.engine.eval_stage import Evaluation
+from workers.engine.hooks import Hooks
 from workers.engine.models import default_model_dir, end_of_turn_ids, load_model
-from workers.engine.pipeline import run_job
+from workers.engine.pipeline import load_dialogues, load_instruction_set, run_job, split_heldout
 from workers.engine.sampling import sample_candidates
 from workers.engine.vllm import (
     SamplerUnavailable,
     VllmSampler,
+    adapter_name,
     job_sampler,
     load_adapter,
     served_models,
@@ -272,7 +276,7 @@ def test_dialogues_stream_through_the_server_and_a_stopped_job_resumes_to_the_sa
     """Every dialogue in flight at once, each with its own random stream: what a dialogue samples
     does not depend on when the others finish, so a job stopped midway and run again ends with
     the samples of one that ran through."""
-    from workers.engine.hooks import Hooks, Stopped
+    from workers.engine.hooks import Stopped
 
     def raw(name: str) -> dict:
         job = _job(tmp_path / name)
@@ -299,3 +303,48 @@ def test_dialogues_stream_through_the_server_and_a_stopped_job_resumes_to_the_sa
     run_job(parse_config(raw("stopped")), vllm_url=server)
     assert candidates("stopped") == candidates("through")
     assert len(candidates("through")) == 8
+
+
+def test_the_evaluate_stage_asks_the_server_for_the_base_and_the_trained_adapters_replies(
+    server, tmp_path, monkeypatch
+):
+    """Greedy evaluation replies through the server, the trained LoRA loaded into it, are the
+    loop's replies for the same models, word for word."""
+    asked: list[tuple[str, int]] = []
+    candidates = VllmSampler.candidates
+
+    def spy(self, prompts, *args, **kwargs):  # the real server answers; this only records who was asked
+        asked.append((self.model, len(prompts)))
+        return candidates(self, prompts, *args, **kwargs)
+
+    monkeypatch.setattr(VllmSampler, "candidates", spy)
+    raw = _job(tmp_path)
+    raw["evaluation"] = {
+        "enabled": True,
+        "heldout_dialogues": 3,
+        "turns": 2,
+        "conditions": ["none", "once"],
+        "max_new_tokens": 16,
+        "batch_prompts": 6,
+        "attention": False,
+        "relevance": False,
+    }
+    config = parse_config(raw)
+    result = run_job(config, vllm_url=server)
+    trained = adapter_name(result.final_checkpoint)
+    # Sampling sends one prompt per request (every dialogue in flight); evaluation a turn's batch.
+    assert ("default", 6) in asked and (trained, 6) in asked
+    assert served_models(server) == ["default"]  # the trained adapter is unloaded after
+
+    # The same evaluation by the loop, of the base model and of the job's final checkpoint.
+    dialogues, heldout = split_heldout(config, load_dialogues(config))
+    instructions = synthesize(load_instruction_set(config), len(dialogues), seed=config.seed)
+    looped = Evaluation(
+        config, load_instruction_set(config), dialogues, instructions, heldout, tmp_path / "loop"
+    )
+    looped.run("base", load_model("default", device="cpu"), Hooks())
+    looped.run("gatt", load_model(str(result.final_checkpoint), device="cpu"), Hooks())
+    for label in ("base", "gatt"):
+        served = json.loads((tmp_path / "job" / "evaluation" / f"{label}.json").read_text())
+        ours = json.loads((tmp_path / "loop" / f"{label}.json").read_text())
+        assert served["adherence"]["transcripts"] == ours["adherence"]["transcripts"], label

@@ -11,6 +11,7 @@ from typing import Any
 from workers.engine.files import write_json
 from workers.engine.hooks import Hooks
 from workers.engine.models import LoadedModel
+from workers.engine.sampling import Sampler
 
 
 class Evaluation:
@@ -37,7 +38,9 @@ class Evaluation:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
 
-    def run(self, label: str, loaded: LoadedModel, hooks: Hooks) -> None:
+    def run(self, label: str, loaded: LoadedModel, hooks: Hooks, sampler: Sampler | None = None) -> None:
+        """Evaluate `loaded` as `label` ("base" or "gatt"), its replies from `sampler` if given
+        (the vLLM server holding the same model), else from the loop on `loaded.model`."""
         from workers.engine.attention import attention_report
         from workers.engine.evaluation import evaluate_adherence
         from workers.engine.validation import validation_loss
@@ -47,7 +50,13 @@ class Evaluation:
             return
         placement = self.config.placement
         adherence = evaluate_adherence(
-            loaded, self.heldout, self.instructions, self.settings, placement=placement, hooks=hooks
+            loaded,
+            self.heldout,
+            self.instructions,
+            self.settings,
+            placement=placement,
+            hooks=hooks,
+            sampler=sampler,
         )
         attention = None
         if self.config.evaluation.attention:

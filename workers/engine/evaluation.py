@@ -451,10 +451,13 @@ def evaluate_adherence(
     *,
     placement: Placement,
     hooks: Any = None,
+    sampler: Any = None,
 ) -> dict[str, Any]:
     """Run every held-out dialogue under every condition of `config`, turn by turn, and report
     adherence per condition and turn (see the module docstring; `loaded` is a
-    `workers.engine.models.LoadedModel`, `dialogues` are `gatt.dialogues.Dialogue`s).
+    `workers.engine.models.LoadedModel`, `dialogues` are `gatt.dialogues.Dialogue`s). `sampler`
+    (a `workers.engine.sampling.Sampler`, say a vLLM server's) replies instead of the loop on
+    `loaded`'s model; it must sample that model.
 
     `placement` must be the training job's, so that "once" is exactly the GAtt training view.
     The report's `transcripts` hold every reply; `attention.attention_report` can reuse the "once"
@@ -478,7 +481,7 @@ def evaluate_adherence(
         relevance_fn, relevance_floor = relevance, RELEVANCE_FLOOR
     hooks = hooks or Hooks()
     started = time.monotonic()
-    rollout = Rollout.of(loaded, max_context=config.max_context)
+    rollout = Rollout.of(loaded, max_context=config.max_context, sampler=sampler)
     tokenizer = loaded.tokenizer
     sampling_config = SamplingConfig(
         k=1,

@@ -19,9 +19,11 @@ last checkpoint. Artifacts in `output_dir`:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,10 +45,11 @@ from workers.engine.launch import train_ranks
 from workers.engine.models import LoadedModel, ModelError, load_model
 from workers.engine.rounds import offset_hooks, round_dir, round_report, round_seed, write_rounds
 from workers.engine.sample_stage import sample_dialogues, turn_selection
+from workers.engine.sampling import Sampler
 from workers.engine.training import train
 from workers.engine.training_set import build_training_set
 from workers.engine.values import VALUES_FILE, values_for_job
-from workers.engine.vllm import job_sampler
+from workers.engine.vllm import SamplerUnavailable, job_sampler
 
 
 class NoAcceptedSamples(GattError, RuntimeError):
@@ -114,15 +117,8 @@ def run_job(
             hooks.fence()
             write_jsonl(where / "instructions.jsonl", [i.to_json() for i in instructions])
         _stage(hooks, Stage.SAMPLE)
-        sampler = job_sampler(
-            config,
-            loaded,
-            vllm_url,
-            r,
-            adapter=trained,  # the model the round before made; a LoRA one vLLM can load
-            warn=lambda message, r=r: hooks.event("warning", "sampler_fallback", message, {"round": r}),
-        )
-        try:
+        # The model the round before made (a LoRA adapter vLLM can load), or the job's.
+        with _sampler(config, loaded, vllm_url, hooks, r, trained) as sampler:
             records = sample_dialogues(
                 config,
                 loaded,
@@ -134,9 +130,6 @@ def run_job(
                 round_=r,
                 sampler=sampler,
             )
-        finally:
-            if sampler is not None:
-                sampler.close()
         selections = [turn_selection(turn) for record in records for turn in record["turns"]]
         all_selections += selections
         examples = build_training_set(
@@ -155,7 +148,8 @@ def run_job(
             evaluation = Evaluation(
                 config, instruction_set, dialogues, instructions, heldout, out / "evaluation"
             )
-            evaluation.run("base", loaded, hooks)
+            with _sampler(config, loaded, vllm_url, hooks, 1, None, evaluating=True) as sampler:
+                evaluation.run("base", loaded, hooks, sampler)
 
         _stage(hooks, Stage.TRAIN)
         first_step = sum(report["steps"]["last"] - report["steps"]["first"] + 1 for report in reports) + 1
@@ -214,7 +208,10 @@ def run_job(
 
     if evaluation is not None:
         _stage(hooks, Stage.EVALUATE)
-        evaluation.run("gatt", loaded, hooks)
+        # The trained model, as a round after the last would sample it.
+        last = config.rounds.count + 1
+        with _sampler(config, loaded, vllm_url, hooks, last, trained, evaluating=True) as sampler:
+            evaluation.run("gatt", loaded, hooks, sampler)
         evaluation.finish(hooks)
     job = JobResult(
         output_dir=out,
@@ -232,6 +229,40 @@ def run_job(
     write_json(out / "summary.json", _jsonable(job.__dict__))
     _stage(hooks, Stage.DONE)
     return job
+
+
+@contextlib.contextmanager
+def _sampler(
+    config: JobConfig,
+    loaded: LoadedModel,
+    vllm_url: str | None,
+    hooks: Hooks,
+    round_: int,
+    trained: Path | None,
+    *,
+    evaluating: bool = False,
+) -> Iterator[Sampler | None]:
+    """The vLLM sampler for round `round_` (None: the loop), closed (its adapter unloaded) on the
+    way out. `evaluating`: the evaluate stage, which falls back to the loop with a warning where
+    the server cannot hold the model (full fine-tuning) even when `sampling.backend` is vllm:
+    the job has trained by then, and the loop measures the same model."""
+    where = {"round": round_} if not evaluating else {"stage": "evaluate"}
+
+    def warn(message: str) -> None:
+        hooks.event("warning", "sampler_fallback", message, where)
+
+    try:
+        sampler = job_sampler(config, loaded, vllm_url, round_, adapter=trained, warn=warn)
+    except SamplerUnavailable as exc:
+        if not evaluating:
+            raise
+        warn(f"evaluating with the engine's loop: {exc}")
+        sampler = None
+    try:
+        yield sampler
+    finally:
+        if sampler is not None:
+            sampler.close()
 
 
 def _adapter_base(config: JobConfig, loaded: LoadedModel) -> str:

