@@ -116,37 +116,9 @@ def load_model(
     service knows it by id, and the path the adapter was trained on may be another machine's.
     """
     torch_device, torch_dtype = pick_device_dtype(device, dtype)
-
-    adapter_dir: Path | None = None
-    base_name = DEFAULT_SOURCE
-    if source == DEFAULT_SOURCE:
-        base_dir = default_model_dir(cache_dir)
-    else:
-        directory = _checked_path(source, allowed_roots)
-        if (directory / ADAPTER_CONFIG).is_file():
-            adapter_dir = _check_adapter_dir(directory)
-            named = base if base is not None else _adapter_base_name(adapter_dir)
-            base_dir = _adapter_base(adapter_dir, named, allowed_roots, cache_dir)
-            base_name = DEFAULT_SOURCE if named == DEFAULT_SOURCE else str(base_dir)
-        else:
-            base_dir = check_model_dir(directory, allowed_roots)
-            base_name = str(base_dir)
-
+    adapter_dir, base_dir, base_name = _resolve(source, allowed_roots, cache_dir, base)
     # The tokenizer first: it is cheap, and a model without a chat template is refused anyway.
-    # A trainer checkpoint may carry its own tokenizer; GAtt does not change it, but if it is
-    # there it is the one the adapter was trained with.
-    tokenizer = _tokenizer(adapter_dir if adapter_dir and _has_tokenizer(adapter_dir) else base_dir)
-    if tokenizer.pad_token is None:
-        # Batches need a pad id. Padded positions are hidden by the attention mask and carry no
-        # loss, so which token it is does not matter; reusing EOS avoids adding a token, which
-        # would mean resizing the embeddings of a model we are about to fine-tune.
-        if tokenizer.eos_token is None:
-            raise ModelError(
-                "invalid_model", f"the tokenizer in {base_dir} has neither a pad nor an EOS token"
-            )
-        tokenizer.pad_token = tokenizer.eos_token
-    # Generation appends to the right end of every row, so prompts must end in the same column.
-    tokenizer.padding_side = "left"
+    tokenizer = _chat_tokenizer(adapter_dir, base_dir)
 
     model = _causal_lm(base_dir, torch_dtype)
     if adapter_dir is not None:
@@ -166,6 +138,66 @@ def load_model(
         base_dir=base_dir,
         base_name=base_name,
     )
+
+
+@dataclass(frozen=True)
+class ModelFiles:
+    """What `load_model` would load, without the weights: for a process that asks a vLLM server
+    holding them (the chat playground)."""
+
+    tokenizer: Any
+    adapter_dir: Path | None  # the source, when it is a LoRA adapter
+    context: int | None  # the model's max_position_embeddings
+
+
+def model_files(
+    source: str,
+    *,
+    allowed_roots: list[Path] | None = None,
+    cache_dir: Path | None = None,
+    base: str | None = None,
+) -> ModelFiles:
+    """`source`'s tokenizer, adapter and context window, under `load_model`'s checks."""
+    from transformers import AutoConfig
+
+    adapter_dir, base_dir, _ = _resolve(source, allowed_roots, cache_dir, base)
+    tokenizer = _chat_tokenizer(adapter_dir, base_dir)
+    config = AutoConfig.from_pretrained(base_dir, trust_remote_code=False, local_files_only=True)
+    return ModelFiles(tokenizer, adapter_dir, getattr(config, "max_position_embeddings", None))
+
+
+def _resolve(
+    source: str, allowed_roots: list[Path] | None, cache_dir: Path | None, base: str | None
+) -> tuple[Path | None, Path, str]:
+    """(the adapter directory if `source` is one, the base weights' directory, their name)."""
+    if source == DEFAULT_SOURCE:
+        return None, default_model_dir(cache_dir), DEFAULT_SOURCE
+    directory = _checked_path(source, allowed_roots)
+    if (directory / ADAPTER_CONFIG).is_file():
+        adapter_dir = _check_adapter_dir(directory)
+        named = base if base is not None else _adapter_base_name(adapter_dir)
+        base_dir = _adapter_base(adapter_dir, named, allowed_roots, cache_dir)
+        return adapter_dir, base_dir, DEFAULT_SOURCE if named == DEFAULT_SOURCE else str(base_dir)
+    base_dir = check_model_dir(directory, allowed_roots)
+    return None, base_dir, str(base_dir)
+
+
+def _chat_tokenizer(adapter_dir: Path | None, base_dir: Path) -> Any:
+    """The tokenizer, padding on the left. A trainer checkpoint may carry its own; GAtt does not
+    change it, but if it is there it is the one the adapter was trained with."""
+    tokenizer = _tokenizer(adapter_dir if adapter_dir and _has_tokenizer(adapter_dir) else base_dir)
+    if tokenizer.pad_token is None:
+        # Batches need a pad id. Padded positions are hidden by the attention mask and carry no
+        # loss, so which token it is does not matter; reusing EOS avoids adding a token, which
+        # would mean resizing the embeddings of a model we are about to fine-tune.
+        if tokenizer.eos_token is None:
+            raise ModelError(
+                "invalid_model", f"the tokenizer in {base_dir} has neither a pad nor an EOS token"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    # Generation appends to the right end of every row, so prompts must end in the same column.
+    tokenizer.padding_side = "left"
+    return tokenizer
 
 
 def end_of_turn_ids(tokenizer: Any) -> list[int]:
