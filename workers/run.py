@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not 1 <= args.train_processes <= 64:
         parser.error("--train-processes must be 1 to 64")
+    if args.train_sharding not in ("auto", "replicate", "fsdp"):  # a default from the environment
+        parser.error("--train-sharding must be auto, replicate or fsdp")
 
     from workers.engine.pipeline import run_job  # torch is imported only once the config is valid
 
