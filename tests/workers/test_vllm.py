@@ -286,9 +286,17 @@ def test_dialogues_stream_through_the_server_and_a_stopped_job_resumes_to_the_sa
     the samples of one that ran through."""
     from workers.engine.hooks import Stopped
 
+    # The first dialogue has one turn, the others three: it is written while they still run (the
+    # file keeps corpus order, so with one as long as the others it could be written with all of them).
+    lines = (ROOT / "examples" / "dialogues.jsonl").read_text().splitlines()[:8]
+    first = json.loads(lines[0])
+    lines[0] = json.dumps({**first, "messages": first["messages"][:2]})
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(lines) + "\n")
+
     def raw(name: str) -> dict:
         job = _job(tmp_path / name)
-        job["data"] = {**job["data"], "max_dialogues": 8, "max_turns": 3}
+        job["data"] = {**job["data"], "corpus": str(corpus), "max_dialogues": 8, "max_turns": 3}
         job["training"] = {**job["training"], "max_steps": 1}
         return job
 
