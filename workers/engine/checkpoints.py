@@ -153,19 +153,18 @@ class CheckpointStore:
         return None
 
 
-def save_merged(peft_model: Any, directory: Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+def save_merged(peft_model: Any, directory: Path, weights: dict[str, torch.Tensor]) -> None:
     """Full weights with the adapter folded in, without touching the training model.
 
     `merge_and_unload` would rewrite the base weights in place (and merge/unmerge leaves rounding
     in them); a deepcopy doubles the model's memory. Instead the merged tensors are computed into a
     fresh state dict, under the base model's own key names, and saved with its save_pretrained.
-    They come from `weights`, the peft model's state dict with whole tensors (a sharded run's,
-    gathered), or from the model's own: each adapted weight plus `B @ A * scaling`, as peft's
-    `get_delta_weight` computes it for a Linear layer.
+    They come from `weights`, the peft model's state dict with whole tensors (a sharded run's
+    gathered): each adapted weight plus `B @ A * scaling`, as peft's `get_delta_weight` computes
+    it for a Linear layer.
     """
     from peft.tuners.lora import LoraLayer
 
-    weights = peft_model.state_dict() if weights is None else weights
     inner = peft_model.get_base_model()
     prefix = next(name for name, module in peft_model.named_modules() if module is inner)
     prefix = f"{prefix}." if prefix else ""
