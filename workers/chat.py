@@ -50,22 +50,24 @@ class ChatFailure(Exception):
 
 class ModelCache:
     """Loaded models by (checkpoint directory or base model, base), the least recently used evicted
-    past `size`. One lock: a worker runs one reply at a time (solo pool), and a second thread
-    (the embedded mode) waits rather than loading the same weights twice."""
+    past `size`; with `files`, what a reply from the vLLM server needs of them instead (tokenizer,
+    adapter, context: `models.model_files`). One lock: a worker runs one reply at a time (solo
+    pool), and a second thread (the embedded mode) waits rather than loading the same weights twice."""
 
     def __init__(self, size: int):
         self.size = size
-        self.models: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self.models: OrderedDict[tuple[str, str, bool], Any] = OrderedDict()
         self.lock = threading.Lock()
 
-    def get(self, source: str, base: str, roots: list[Path]) -> Any:
-        from workers.engine.models import load_model
+    def get(self, source: str, base: str, roots: list[Path], *, files: bool = False) -> Any:
+        from workers.engine.models import load_model, model_files
 
-        key = (source, base)
+        key = (source, base, files)
         if key in self.models:
             self.models.move_to_end(key)
             return self.models[key]
-        loaded = load_model(source, base=base, allowed_roots=roots)
+        load = model_files if files else load_model
+        loaded = load(source, base=base, allowed_roots=roots)
         self.models[key] = loaded
         while len(self.models) > self.size:
             self.models.popitem(last=False)
@@ -124,7 +126,9 @@ def reply(request: dict[str, Any], settings: Settings, factory: sessionmaker[Ses
     source = _model_source(request, settings, factory)
     try:
         if _served(settings.vllm_url, source):
-            return served_reply(settings.vllm_url, source, request)
+            with cache(settings).lock:
+                files = cache(settings).get(source.path, source.base, source.roots, files=True)
+            return served_reply(settings.vllm_url, source, files, request)
     except SamplerUnavailable as exc:  # the server is down or refused: this worker can still reply
         log.warning("chat reply for job %s generated here: %s", request["job_id"], exc)
     except ModelError as exc:
@@ -168,15 +172,15 @@ def _prompt(tokenizer: Any, context: int | None, request: dict[str, Any]) -> lis
     return list(prompt)
 
 
-def served_reply(url: str, source: Source, request: dict[str, Any]) -> dict[str, Any]:
-    """The reply from the vLLM server, as `generated_reply` gives it. A checkpoint's adapter is
+def served_reply(url: str, source: Source, files: Any, request: dict[str, Any]) -> dict[str, Any]:
+    """The reply from the vLLM server, as `generated_reply` gives it; `files` is `source`'s
+    `models.model_files`. A checkpoint's adapter is
     loaded under a name of this request's own and unloaded after: a job sampling with the same
     checkpoint (its next round) keeps its own copy, which this never unloads."""
     from workers.engine.config import SamplingConfig
-    from workers.engine.models import end_of_turn_ids, model_files
+    from workers.engine.models import end_of_turn_ids
     from workers.engine.vllm import VllmSampler, adapter_name, load_adapter, unload_adapter
 
-    files = model_files(source.path, base=source.base, allowed_roots=source.roots)
     prompt = _prompt(files.tokenizer, files.context, request)
     name = source.model_id
     if files.adapter_dir is not None:

@@ -38,6 +38,10 @@ class Evaluation:
         self.directory = directory
         directory.mkdir(parents=True, exist_ok=True)
 
+    def done(self, label: str) -> bool:
+        """Whether `label`'s report exists (a resumed job): `run` would do nothing."""
+        return (self.directory / f"{label}.json").exists()
+
     def run(self, label: str, loaded: LoadedModel, hooks: Hooks, sampler: Sampler | None = None) -> None:
         """Evaluate `loaded` as `label` ("base" or "gatt"), its replies from `sampler` if given
         (the vLLM server holding the same model), else from the loop on `loaded.model`."""
@@ -45,9 +49,9 @@ class Evaluation:
         from workers.engine.evaluation import evaluate_adherence
         from workers.engine.validation import validation_loss
 
-        path = self.directory / f"{label}.json"
-        if path.exists():
+        if self.done(label):
             return
+        path = self.directory / f"{label}.json"
         placement = self.config.placement
         adherence = evaluate_adherence(
             loaded,

@@ -148,8 +148,9 @@ def run_job(
             evaluation = Evaluation(
                 config, instruction_set, dialogues, instructions, heldout, out / "evaluation"
             )
-            with _sampler(config, loaded, vllm_url, hooks, 1, None, evaluating=True) as sampler:
-                evaluation.run("base", loaded, hooks, sampler)
+            if not evaluation.done("base"):  # a resumed job loads no adapter for nothing
+                with _sampler(config, loaded, vllm_url, hooks, 1, None, evaluating=True) as sampler:
+                    evaluation.run("base", loaded, hooks, sampler)
 
         _stage(hooks, Stage.TRAIN)
         first_step = sum(report["steps"]["last"] - report["steps"]["first"] + 1 for report in reports) + 1
@@ -210,8 +211,9 @@ def run_job(
         _stage(hooks, Stage.EVALUATE)
         # The trained model, as a round after the last would sample it.
         last = config.rounds.count + 1
-        with _sampler(config, loaded, vllm_url, hooks, last, trained, evaluating=True) as sampler:
-            evaluation.run("gatt", loaded, hooks, sampler)
+        if not evaluation.done("gatt"):
+            with _sampler(config, loaded, vllm_url, hooks, last, trained, evaluating=True) as sampler:
+                evaluation.run("gatt", loaded, hooks, sampler)
         evaluation.finish(hooks)
     job = JobResult(
         output_dir=out,
