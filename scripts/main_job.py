@@ -89,7 +89,7 @@ def main() -> int:
                 f"\nThis demo evaluates {runs} runs per turn: too few to measure GAtt's effect (at least "
                 f"{MIN_RUNS_PER_TURN} are needed), and its 8 training steps are too few to have one. Read "
                 "the table as a check that the stage runs, not as a result. docs/experiment.md is the "
-                "experiment sized to measure it. What it found (run J):\n" + EXPERIMENT_RESULT
+                "experiment sized to measure it. What it found:\n" + EXPERIMENT_RESULT
             )
         print(f"attention plot: {args.url}/v1/jobs/{job.id}/evaluation/attention.png")
     checkpoints = client.jobs.checkpoints(job.id)
