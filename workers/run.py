@@ -107,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
     from gatt.masks import TemplateError
     from workers.engine.models import ModelError
     from workers.engine.pipeline import NoAcceptedSamples
+    from workers.engine.sample_stage import OtherSamples
     from workers.engine.vllm import SamplerUnavailable
 
     try:
@@ -120,6 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     except (
         ModelError,
         NoAcceptedSamples,
+        OtherSamples,
         SamplerUnavailable,
         TemplateError,
         ValidationFailed,

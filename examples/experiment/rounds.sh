@@ -7,6 +7,8 @@
 #   SETS="--set ..." (job overrides; default: run J's recipe, reward.max_echo 0.5 and one replayed
 #     corpus dialogue per example, which objective dpo cannot train and so does not get)
 #   CONDITIONS=none,once (default; all five as run.sh with CONDITIONS=none,once,every_turn,...)
+#   SAMPLES_FROM=<an earlier run of another objective, same seed> (its round-1 samples: the
+#     objectives then differ in training alone; later rounds sample with their own models)
 #   BASE=<an earlier evaluation's folder> (its base-model report, same settings only; default: the
 #     first round's evaluation runs the base model once and the later rounds reuse it)
 #   DIALOGUES=64 TURNS=8 (the held-out evaluation's size)

@@ -10,6 +10,9 @@
 #     model's replies then differ from a five-condition evaluation's)
 #   ROUNDS=1 (rounds.count; with more, each round's model is evaluated into eval-round-<r>, the
 #     base model once, in round 1's evaluation: examples/experiment/rounds.sh)
+#   SAMPLES_FROM=var/experiment/<earlier run> (train on that run's round-1 samples instead of
+#     sampling again, to compare training settings on the very same candidates; the job refuses
+#     them unless every setting they depend on is this run's: samples-settings.json)
 #   BASE=var/experiment/<earlier run>/eval (reuse that run's base-model evaluation: the base model's
 #     replies do not depend on the job, and they are half the evaluation's time; refused unless it
 #     was run with the same evaluation settings)
@@ -28,6 +31,10 @@ mkdir -p "$OUT"
 # The training corpus: the 48 bundled dialogues and 160 more (examples/train_large.jsonl); no
 # user turn is shared with the held-out dialogues (the evaluation checks and reports it).
 cat examples/dialogues.jsonl examples/train_large.jsonl > "$OUT/corpus.jsonl"
+if [ -n "${SAMPLES_FROM:-}" ]; then
+  mkdir -p "$OUT/job"
+  cp "$SAMPLES_FROM/job/samples.jsonl" "$SAMPLES_FROM/job/samples-settings.json" "$OUT/job/"
+fi
 .venv/bin/python -m workers.run examples/experiment/job.yaml --set "seed=$SEED" --set "output_dir=$OUT/job" \
   --set "data.corpus=$OUT/corpus.jsonl" --set "data.instructions=examples/experiment/${FAMILY}_train.json" \
   --set "data.sample_turns=$MODE" --set "data.train_history=$HISTORY" --set "rounds.count=${ROUNDS:-1}" ${SETS:-}

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +24,7 @@ from workers.engine.models import load_model
 from workers.engine.pipeline import run_job
 from workers.engine.records import SampleRow, TrainingRow
 from workers.engine.rewards import Reward
-from workers.engine.sample_stage import complete_reply, is_eligible, turn_selection
+from workers.engine.sample_stage import OtherSamples, complete_reply, is_eligible, turn_selection
 from workers.engine.training_set import build_training_set
 
 pytestmark = pytest.mark.slow
@@ -257,6 +258,34 @@ def test_rerun_reuses_samples_and_checkpoints(finished_job):
     assert (Path(config.output_dir) / "samples.jsonl").read_bytes() == samples  # nothing sampled twice
     assert again.final_checkpoint == first.final_checkpoint
     assert "resumed" in events and steps == []  # training resumed at its last step: nothing to redo
+
+
+def test_samples_drawn_with_other_settings_are_refused_before_anything_is_written(finished_job, tmp_path):
+    config, first, _ = finished_job
+    out = Path(config.output_dir)
+    before = {name: (out / name).read_bytes() for name in ("config.json", "instructions.jsonl", "samples.jsonl")}
+    hotter = parse_config({**config.to_json(), "sampling": {**config.sampling.to_json(), "temperature": 1.2}})
+    with pytest.raises(OtherSamples, match=r"other settings \(sampling\.temperature\)"):
+        run_job(hotter, Hooks(), loaded=load_model("default"))
+    assert {name: (out / name).read_bytes() for name in before} == before
+
+    # Elsewhere, on a copy of the corpus, with other training settings: the same samples, reused.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for name in ("samples.jsonl", "samples-settings.json"):
+        shutil.copy(out / name, copy / name)
+    corpus = tmp_path / "corpus.jsonl"
+    shutil.copy(config.data.corpus, corpus)
+    raw = config.to_json()
+    raw["output_dir"] = str(copy)
+    raw["data"]["corpus"] = str(corpus)
+    raw["training"]["learning_rate"] = 1e-3
+    sampled: list[int] = []
+    hooks = Hooks(sampled=sampled.append)
+    again = run_job(parse_config(raw), hooks, loaded=load_model("default"))
+    assert sampled == [] and (copy / "samples.jsonl").read_bytes() == before["samples.jsonl"]
+    assert (copy / "training_set.jsonl").read_bytes() == (out / "training_set.jsonl").read_bytes()
+    assert again.examples == first.examples
 
 
 def test_cli_writes_checkpoints_that_stock_peft_loads(tmp_path):

@@ -9,10 +9,11 @@ last checkpoint. Artifacts in `output_dir`:
     instruction_values.json  values.enabled: the family values the model listed (reused on a rerun)
     instructions.jsonl    the synthesized instruction of each dialogue
     samples.jsonl         every candidate with its reward, and the choice, per turn
+    samples-settings.json what the samples depend on; a rerun with other settings is refused
     training_set.jsonl    the training dialogues with their trained spans in readable form
     train/                metrics.jsonl, metrics.csv, checkpoints/step-XXXXXX/
     rounds/<r>/           rounds.count > 1: round r's instructions.jsonl ("fresh"), samples.jsonl,
-                          training_set.jsonl and train/ (`rounds.py`)
+                          samples-settings.json, training_set.jsonl and train/ (`rounds.py`)
     rounds.json           each finished round's reward statistics and training
     summary.json          what the job did, at the end
 """
@@ -44,7 +45,13 @@ from workers.engine.hooks import Hooks, Stage
 from workers.engine.launch import train_ranks
 from workers.engine.models import LoadedModel, ModelError, load_model
 from workers.engine.rounds import offset_hooks, round_dir, round_report, round_seed, write_rounds
-from workers.engine.sample_stage import sample_dialogues, turn_selection
+from workers.engine.sample_stage import (
+    SAMPLES,
+    check_samples,
+    sample_dialogues,
+    sampling_settings,
+    turn_selection,
+)
 from workers.engine.sampling import Sampler
 from workers.engine.training import train
 from workers.engine.training_set import build_training_set
@@ -91,18 +98,26 @@ def run_job(
     started = time.monotonic()
     out = Path(config.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    hooks.fence()
-    write_json(out / "config.json", config.to_json())
-
     _stage(hooks, Stage.SYNTHESIZE)
     dialogues, heldout = split_heldout(config, load_dialogues(config))
     if config.values.enabled:
         # The model lists some families' values itself (workers/engine/values.py): load it first.
         loaded = _job_model(config, loaded, allowed_roots)
     instruction_set = load_instruction_set(config, loaded=loaded, hooks=hooks)
-    instructions = synthesize(instruction_set, len(dialogues), seed=config.seed)
+    drawn = [synthesize(instruction_set, len(dialogues), seed=config.seed)]
+    for r in range(2, config.rounds.count + 1):
+        fresh = config.rounds.instructions == "fresh"
+        drawn.append(
+            synthesize(instruction_set, len(dialogues), seed=round_seed(config.seed, r))
+            if fresh
+            else drawn[0]
+        )
+    # Before anything is written: a rerun with settings its samples were not drawn with changes nothing.
+    for r, instructions in enumerate(drawn, 1):
+        check_samples(round_dir(out, r) / SAMPLES, sampling_settings(config, dialogues, instructions, r))
     hooks.fence()
-    write_jsonl(out / "instructions.jsonl", [i.to_json() for i in instructions])
+    write_json(out / "config.json", config.to_json())
+    write_jsonl(out / "instructions.jsonl", [i.to_json() for i in drawn[0]])
 
     loaded = _job_model(config, loaded, allowed_roots)
     evaluation = None
@@ -112,8 +127,8 @@ def run_job(
     for r in range(1, config.rounds.count + 1):
         where = round_dir(out, r)
         where.mkdir(parents=True, exist_ok=True)
+        instructions = drawn[r - 1]
         if r > 1 and config.rounds.instructions == "fresh":
-            instructions = synthesize(instruction_set, len(dialogues), seed=round_seed(config.seed, r))
             hooks.fence()
             write_jsonl(where / "instructions.jsonl", [i.to_json() for i in instructions])
         _stage(hooks, Stage.SAMPLE)
@@ -124,7 +139,7 @@ def run_job(
                 loaded,
                 dialogues,
                 instructions,
-                where / "samples.jsonl",
+                where / SAMPLES,
                 hooks,
                 allowed_roots=allowed_roots,
                 round_=r,

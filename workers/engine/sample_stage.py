@@ -10,10 +10,18 @@ The loop samples a chunk of `batch_prompts` dialogues together, one turn of all 
 batch (its shared prefill wants equal turns). A vLLM server batches on its own: there every
 remaining dialogue is in flight at once, each sending its next turn as soon as its current one is
 ranked (`_sample_streaming`).
+
+Next to `samples.jsonl`, `samples-settings.json` records what its samples depend on (the model,
+the seed, the sampling, ranking and placement settings, the dialogues and instructions, and from
+round 2 on everything that trained the model that sampled). A rerun in the same folder with other
+settings is refused (`OtherSamples`) rather than mixing two samplings in one training set; with
+the same settings, the file can be copied into a new job's folder to train other settings on the
+very same samples (`examples/experiment/run.sh` `SAMPLES_FROM`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -28,19 +36,33 @@ import torch
 
 from gatt.augment import Placement, sampling_messages
 from gatt.dialogues import Dialogue
+from gatt.errors import GattError
 from gatt.instructions import Instruction
 from gatt.masks import TemplateError, check_contents
 from gatt.repetition import Repeat, closest_earlier, echo_share
 from gatt.selection import Selection, select_best
 from workers.engine.config import JobConfig, RewardConfig
+from workers.engine.files import write_json
 from workers.engine.hooks import Hooks, Stopped
 from workers.engine.models import LoadedModel
 from workers.engine.rewards import Reward, RewardScorer
 from workers.engine.rollout import Rollout
 from workers.engine.sampling import Candidate, Sampler
 
+SAMPLES = "samples.jsonl"
 MAX_DIALOGUES_IN_FLIGHT = 256  # with a streaming sampler: dialogues sampled at once, each its own thread
 POLL_S = 0.5  # how often the stage checks for finished dialogues and a cancel while they run
+# Job settings that never change a round's samples: where the job writes, how it is evaluated, how
+# many rounds follow. From round 2 on every other setting does (it trained the sampling model).
+NOT_SAMPLING = ("output_dir", "evaluation", "rounds.count")
+# Round 1 samples with the job's own model: training settings do not reach its samples.
+TRAINING_ONLY = ("training", "loss_scope", "data.train_history", "data.replay", "data.validation")
+
+
+class OtherSamples(GattError, ValueError):
+    """The job's folder holds samples drawn with other settings."""
+
+    job_code = "samples_mismatch"
 
 
 def sample_dialogues(
@@ -59,6 +81,7 @@ def sample_dialogues(
     `streams`); return all records in order.
     `round_` > 1 (`rounds.py`) draws other random numbers than round 1. `sampler` replaces the
     loop on `loaded` (a vLLM server, `vllm.py`); `loaded` still renders, ranks and trains."""
+    _claim(path, sampling_settings(config, dialogues, instructions, round_), hooks)
     done = {record["index"]: record for record in _read_records(path)}
     scorer = RewardScorer(config.reward, device=loaded.device, allowed_roots=allowed_roots)
     rollout = Rollout.of(loaded, sampler=sampler)
@@ -86,6 +109,67 @@ def sample_dialogues(
         chunk = _sample_chunk(config, rollout, scorer, dialogues, instructions, todo, generator, hooks)
         _append(path, chunk, done, len(dialogues), hooks)
     return [done[i] for i in sorted(done)]
+
+
+def sampling_settings(
+    config: JobConfig, dialogues: Sequence[Dialogue], instructions: Sequence[Instruction], round_: int
+) -> dict[str, Any]:
+    """What a round's samples depend on, as JSON; the corpus and the instructions by content (a
+    copy of the corpus elsewhere samples the same)."""
+    settings = config.to_json()
+    drop = NOT_SAMPLING + (TRAINING_ONLY if round_ == 1 else ()) + ("data.corpus", "data.instructions")
+    for key in drop:
+        *parents, leaf = key.split(".")
+        node = settings
+        for part in parents:
+            node = node.get(part, {})
+        node.pop(leaf, None)
+
+    def digest(rows: list[Any]) -> str:
+        return hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+    settings["round"] = round_
+    settings["dialogues_sha256"] = digest([d.to_json() for d in dialogues])
+    settings["instructions_sha256"] = digest([i.to_json() for i in instructions])
+    return json.loads(json.dumps(settings))  # tuples as lists, as the file holds them
+
+
+def check_samples(path: Path, settings: dict[str, Any]) -> None:
+    """Raise OtherSamples when the samples in `path` were drawn with other `settings`. Samples of
+    an earlier version, with no record of their settings, are taken as they are."""
+    record = _settings_path(path)
+    if not record.exists():
+        return
+    theirs = json.loads(record.read_text(encoding="utf-8"))
+    if theirs != settings:
+        raise OtherSamples(
+            f"{path} holds samples drawn with other settings ({', '.join(_differing(theirs, settings))}); "
+            "give the job a new output_dir, or set these back"
+        )
+
+
+def _claim(path: Path, settings: dict[str, Any], hooks: Hooks) -> None:
+    """The samples in `path` are, and will be, drawn with `settings`."""
+    check_samples(path, settings)
+    record = _settings_path(path)
+    if not record.exists():
+        hooks.fence()
+        write_json(record, settings)
+
+
+def _settings_path(path: Path) -> Path:
+    return path.with_name(f"{path.stem}-settings.json")
+
+
+def _differing(a: Any, b: Any, prefix: str = "") -> list[str]:
+    """The dotted paths where two JSON objects differ."""
+    if not (isinstance(a, dict) and isinstance(b, dict)):
+        return [] if a == b else [prefix or "(all)"]
+    return [
+        path
+        for key in sorted(a.keys() | b.keys())
+        for path in _differing(a.get(key), b.get(key), f"{prefix}.{key}" if prefix else key)
+    ]
 
 
 def _append(path: Path, records: list[dict], done: dict[int, dict], total: int, hooks: Hooks) -> None:
