@@ -90,7 +90,7 @@ class JobEstimate(BaseModel):
     """Bounds computed before the job was queued, counting every reply at its longest."""
 
     sampled_turns: int = Field(
-        description="Turns sampled at most, over all rounds (each with `sampling.k` candidates)."
+        description="Turns sampled at most, over all rounds (each with `sampling.k` candidates, drawn up to `1 + sampling.retries` times)."
     )
     sampling_tokens: int = Field(description="Tokens sampling can generate.")
     evaluation_tokens: int = Field(description="Tokens the evaluation can generate (both models).")

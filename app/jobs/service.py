@@ -70,7 +70,7 @@ def job_cost(
     if cost.generated_tokens > limit:
         raise Unprocessable(
             f"The job could generate up to {cost.generated_tokens:,} tokens, more than this service's "
-            f"limit of {limit:,}: lower sampling.k or max_new_tokens, data.max_dialogues or max_turns, "
+            f"limit of {limit:,}: lower sampling.k, retries or max_new_tokens, data.max_dialogues or max_turns, "
             "or the evaluation's sizes.",
             code="job_too_large",
             param="config",

@@ -21,6 +21,11 @@ def test_sampling_counts_k_replies_of_max_length_per_sampled_turn() -> None:
     )
     cost = estimate(rounds, dialogues=208, user_turns=800)
     assert (cost.sampled_turns, cost.sampling_tokens) == (2400, 3 * 800 * 4 * 48)
+    # Retries can draw every turn's K candidates again, each as often as they allow.
+    retries = parse_options(
+        {"data": {"max_turns": 4}, "sampling": {"k": 4, "max_new_tokens": 48, "retries": 2}}
+    )
+    assert estimate(retries, dialogues=208, user_turns=800).sampling_tokens == 800 * 3 * 4 * 48
 
 
 def test_evaluation_and_value_lists_count_too() -> None:

@@ -9,22 +9,30 @@ import math
 import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 import torch
 
-from gatt.instructions import Instruction
+from gatt.instructions import Instruction, synthesize
 from gatt.masks import IGNORE_INDEX, build_examples
 from gatt.repetition import DEFAULT_MAX_ECHO, Repeat, closest_earlier, echo_share
 from gatt.selection import select_best, summarize
 from workers.engine.config import RewardConfig, parse_config
 from workers.engine.hooks import Hooks
-from workers.engine.models import load_model
-from workers.engine.pipeline import run_job
+from workers.engine.models import end_of_turn_ids, load_model
+from workers.engine.pipeline import load_dialogues, load_instruction_set, run_job, split_heldout
 from workers.engine.records import SampleRow, TrainingRow
 from workers.engine.rewards import Reward
-from workers.engine.sample_stage import OtherSamples, complete_reply, is_eligible, turn_selection
+from workers.engine.sample_stage import (
+    OtherSamples,
+    complete_reply,
+    is_eligible,
+    sample_dialogues,
+    turn_selection,
+)
+from workers.engine.sampling import SharedPrefillSampler
 from workers.engine.training_set import build_training_set
 
 pytestmark = pytest.mark.slow
@@ -263,7 +271,9 @@ def test_rerun_reuses_samples_and_checkpoints(finished_job):
 def test_samples_drawn_with_other_settings_are_refused_before_anything_is_written(finished_job, tmp_path):
     config, first, _ = finished_job
     out = Path(config.output_dir)
-    before = {name: (out / name).read_bytes() for name in ("config.json", "instructions.jsonl", "samples.jsonl")}
+    before = {
+        name: (out / name).read_bytes() for name in ("config.json", "instructions.jsonl", "samples.jsonl")
+    }
     hotter = parse_config({**config.to_json(), "sampling": {**config.sampling.to_json(), "temperature": 1.2}})
     with pytest.raises(OtherSamples, match=r"other settings \(sampling\.temperature\)"):
         run_job(hotter, Hooks(), loaded=load_model("default"))
@@ -286,6 +296,63 @@ def test_samples_drawn_with_other_settings_are_refused_before_anything_is_writte
     assert sampled == [] and (copy / "samples.jsonl").read_bytes() == before["samples.jsonl"]
     assert (copy / "training_set.jsonl").read_bytes() == (out / "training_set.jsonl").read_bytes()
     assert again.examples == first.examples
+
+
+class OneAtATime:
+    """The engine's own sampler run the way a vLLM server is: each dialogue's turns sent on their
+    own as they are ready (`streams`), one request at a time into the one model."""
+
+    streams = True
+
+    def __init__(self, loaded) -> None:
+        self.inner = SharedPrefillSampler(loaded.model, loaded.tokenizer, end_of_turn_ids(loaded.tokenizer))
+        self.lock = threading.Lock()
+
+    def candidates(self, prompts, config, *, generator=None, should_stop=None):
+        with self.lock:
+            return self.inner.candidates(prompts, config, generator=generator, should_stop=should_stop)
+
+
+@pytest.mark.parametrize("streaming", [False, True], ids=["chunks", "streaming"])
+def test_a_turn_with_no_acceptable_candidate_draws_k_more(tmp_path, loaded, streaming):
+    k, retries = 2, 2
+
+    def sampled(retries: int) -> list[dict]:
+        config = _config(
+            tmp_path,
+            output_dir=str(tmp_path / f"retries-{retries}"),
+            data={"max_dialogues": 6},
+            sampling={"k": k, "max_new_tokens": 16, "batch_prompts": 6, "retries": retries},
+        )
+        dialogues, _ = split_heldout(config, load_dialogues(config))
+        instructions = synthesize(load_instruction_set(config), len(dialogues), seed=config.seed)
+        path = Path(config.output_dir) / "samples.jsonl"
+        path.parent.mkdir()
+        sampler = OneAtATime(loaded) if streaming else None
+        return sample_dialogues(config, loaded, dialogues, instructions, path, Hooks(), sampler=sampler)
+
+    def acceptable(turn: dict, draw: int) -> bool:
+        return any(
+            c["eligible"] and c["reward"]["total"] >= turn["threshold"]
+            for c in turn["candidates"][draw * k : (draw + 1) * k]
+        )
+
+    once, again = sampled(0), sampled(retries)
+    turns = [t for r in again for t in r["turns"]]
+    draws = [len(t["candidates"]) // k for t in turns]
+    assert all(len(t["candidates"]) % k == 0 for t in turns) and max(draws) > 1  # retries happened
+    for turn, n in zip(turns, draws, strict=True):
+        # Each retry was needed: no earlier draw of the turn held an acceptable candidate.
+        assert not any(acceptable(turn, d) for d in range(n - 1))
+        assert (turn["chosen"] is None) == (n == 1 + retries and not acceptable(turn, n - 1))
+    # A dialogue's first turn starts the same random stream (the chunk's, or the dialogue's own
+    # when streaming): its first draw is the one without retries.
+    for a, b in zip(once, again, strict=True):
+        assert [c["raw"] for c in a["turns"][0]["candidates"]] == [
+            c["raw"] for c in b["turns"][0]["candidates"][:k]
+        ]
+    kept = sum(t["chosen"] is not None for r in again for t in r["turns"])
+    assert kept > sum(t["chosen"] is not None for r in once for t in r["turns"])
 
 
 def test_cli_writes_checkpoints_that_stock_peft_loads(tmp_path):

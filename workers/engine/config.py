@@ -39,6 +39,7 @@ Condition = Literal["none", "once", "every_turn", "none_fixed", "once_fixed", "e
 # for may be unbounded (work, memory, disk). Generous for real jobs; each is named in the error.
 LIMITS: dict[str, int] = {
     "k": 64,  # candidates per prompt (also values.samples)
+    "retries": 8,  # sampling.retries: more draws of K for a turn with no acceptable candidate
     "max_new_tokens": 4096,
     "batch_prompts": 256,
     "batch_size": 1024,  # reward-model batch
@@ -98,6 +99,10 @@ class SamplingConfig(Section):
 
     k: Int = Field(4, ge=1, le=LIMITS["k"])
     """Candidates per prompt."""
+    retries: Int = Field(0, ge=0, le=LIMITS["retries"])
+    """Draws of K more candidates for a turn where none is acceptable, before the dialogue ends
+    there; the turn is ranked over all its candidates. Spends sampling where the instruction is
+    hard to follow (often a dialogue's first turn) rather than raising K everywhere."""
     temperature: Float = Field(0.8, ge=0.0, le=LIMITS["temperature"])
     """0 means greedy (argmax); top_p is then irrelevant."""
     top_p: Share = 0.95

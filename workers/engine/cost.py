@@ -3,7 +3,7 @@ its corpus's counts. The service refuses a job whose bound passes its limit befo
 (`GATT_MAX_JOB_GENERATED_TOKENS`) and keeps the figure on the job.
 
 Generation dominates a GAtt job: K candidates of up to `sampling.max_new_tokens` for every sampled
-turn of every round, the evaluation's replies for both models, and the model's own lists of values when asked for.
+turn of every round (drawn again up to `sampling.retries` times), the evaluation's replies for both models, and the model's own lists of values when asked for.
 Every reply is counted at its longest, so real jobs generate less. Training is bounded by what
 sampling keeps, and its time by the job time limit. Torch-free: the API imports it.
 """
@@ -45,7 +45,9 @@ def estimate(
     per_dialogue = options.data.max_turns if options.data.sample_turns == "all" else 1
     # Each round samples them all again.
     turns = min(sampled * per_dialogue, user_turns) * options.rounds.count
-    sampling = turns * options.sampling.k * options.sampling.max_new_tokens
+    # At most: every turn drawn again as often as sampling.retries allows.
+    draws = 1 + options.sampling.retries
+    sampling = turns * draws * options.sampling.k * options.sampling.max_new_tokens
     # Both models, each held-out dialogue, turn and condition: one reply each.
     replies = 2 * heldout * evaluation.turns * len(evaluation.conditions) if evaluation.enabled else 0
     values = options.values

@@ -46,7 +46,7 @@ from workers.engine.files import write_json
 from workers.engine.hooks import Hooks, Stopped
 from workers.engine.models import LoadedModel
 from workers.engine.rewards import Reward, RewardScorer
-from workers.engine.rollout import Rollout
+from workers.engine.rollout import Messages, Rollout
 from workers.engine.sampling import Candidate, Sampler
 
 SAMPLES = "samples.jsonl"
@@ -218,9 +218,16 @@ def _sample_streaming(
             if not rollout.fits(prompt, config.sampling):
                 s["stopped"] = "context_length"
                 break
-            (candidates,) = rollout.sampler.candidates([prompt], config.sampling, generator=generator)
-            with shared:
-                _rank_turn(config, scorer, s, context, candidates)
+
+            def draw(positions: list[int], prompt: list[int] = prompt) -> list[list[Candidate]]:
+                return rollout.sampler.candidates([prompt], config.sampling, generator=generator)
+
+            def rank(i: int, drawn: list[Candidate], context: Messages = context) -> dict[str, Any]:
+                with shared:  # a draw waits outside the lock: it is the server's work
+                    return _ranked_turn(config, scorer, s, context, drawn)
+
+            (turn,) = _ranked_with_retries(config.sampling.retries, draw([0]), rank, draw)
+            _commit(s, turn)
         return s
 
     with ThreadPoolExecutor(max_workers=max(1, min(MAX_DIALOGUES_IN_FLIGHT, len(states)))) as pool:
@@ -277,10 +284,33 @@ def _sample_chunk(config, rollout, scorer, dialogues, instructions, indices, gen
             if candidates is None:
                 s["stopped"] = "context_length"
                 hooks.event("warning", "context_length", f"dialogue {s['index']} stopped: context full", {})
-        for s, context, candidates in zip(active, contexts, results, strict=True):
-            if candidates is not None:
-                _rank_turn(config, scorer, s, context, candidates)
+        fitting = [i for i, candidates in enumerate(results) if candidates is not None]
+        _rank_chunk_turn(
+            config,
+            rollout,
+            scorer,
+            [active[i] for i in fitting],
+            [contexts[i] for i in fitting],
+            [results[i] or [] for i in fitting],
+            generator,
+        )
     return states
+
+
+def _rank_chunk_turn(config, rollout, scorer, states, contexts, candidates, generator) -> None:
+    """Rank one turn of each dialogue of a chunk (with its retries) and commit it."""
+
+    def draw(positions: list[int]) -> list[list[Candidate]]:
+        more = rollout.turn([contexts[i] for i in positions], config.sampling, generator=generator)
+        return [m or [] for m in more]  # a context that fitted once fits again
+
+    def rank(i: int, drawn: list[Candidate]) -> dict[str, Any]:
+        return _ranked_turn(config, scorer, states[i], contexts[i], drawn)
+
+    for s, turn in zip(
+        states, _ranked_with_retries(config.sampling.retries, candidates, rank, draw), strict=True
+    ):
+        _commit(s, turn)
 
 
 def _new_record(
@@ -314,15 +344,15 @@ def _new_record(
     }
 
 
-def _rank_turn(
+def _ranked_turn(
     config: JobConfig,
     scorer: RewardScorer,
     s: dict[str, Any],
     context: list[dict[str, str]],
     candidates: Sequence[Candidate],
-) -> None:
-    """Score one turn's candidates, choose one, and record it all in the dialogue's record `s`:
-    the choice becomes the context of the next turn, or no choice ends the dialogue."""
+) -> dict[str, Any]:
+    """One turn's candidates scored, and the choice among them, as the dialogue's record `s`
+    will hold them (`_commit`)."""
     texts = [complete_reply(c.text, c.finished) for c in candidates]
     instruction = Instruction.from_json(s["instruction"])
     question = s["users"][len(s["replies"])]
@@ -342,43 +372,68 @@ def _rank_turn(
         relevance=_relevances(rewards),
     )
     max_echo = config.reward.max_echo
-    s["turns"].append(
-        {
-            "turn": len(s["replies"]),
-            "candidates": [
-                {
-                    "text": t,  # what was scored and may be trained on
-                    "raw": c.text,  # what the model generated
-                    "finished": c.finished,
-                    "tokens": len(c.token_ids),
-                    "reward": r.to_json(),
-                    "repeat": rep.to_json(),  # closest earlier reply of the dialogue
-                    # how much of the question it repeats, and whether that refused it
-                    "echo": {"share": round(echo, 4), "is_echo": max_echo is not None and echo >= max_echo},
-                    "eligible": ok,  # ranked on its reward; False: never chosen, counts 0
-                }
-                for t, c, r, rep, echo, ok in zip(
-                    texts, candidates, rewards, repeats, echoes, eligible, strict=True
-                )
-            ],
-            "chosen": selection.chosen,
-            "best": selection.best,
-            # the rewards the choice and the statistics were computed from
-            "ranked": list(selection.rewards),
-            "stats": {
-                "mean_reward": selection.mean_reward,
-                "max_reward": selection.max_reward,
-                "pass_rate": selection.pass_rate,
-                "gain": selection.gain,
-            },
-            "threshold": selection.threshold,
-        }
-    )
-    if selection.chosen is None:
+    return {
+        "turn": len(s["replies"]),
+        "candidates": [
+            {
+                "text": t,  # what was scored and may be trained on
+                "raw": c.text,  # what the model generated
+                "finished": c.finished,
+                "tokens": len(c.token_ids),
+                "reward": r.to_json(),
+                "repeat": rep.to_json(),  # closest earlier reply of the dialogue
+                # how much of the question it repeats, and whether that refused it
+                "echo": {"share": round(echo, 4), "is_echo": max_echo is not None and echo >= max_echo},
+                "eligible": ok,  # ranked on its reward; False: never chosen, counts 0
+            }
+            for t, c, r, rep, echo, ok in zip(
+                texts, candidates, rewards, repeats, echoes, eligible, strict=True
+            )
+        ],
+        "chosen": selection.chosen,
+        "best": selection.best,
+        # the rewards the choice and the statistics were computed from
+        "ranked": list(selection.rewards),
+        "stats": {
+            "mean_reward": selection.mean_reward,
+            "max_reward": selection.max_reward,
+            "pass_rate": selection.pass_rate,
+            "gain": selection.gain,
+        },
+        "threshold": selection.threshold,
+    }
+
+
+def _commit(s: dict[str, Any], turn: dict[str, Any]) -> None:
+    """Record a ranked turn in the dialogue's record `s`: its choice becomes the context of the
+    next turn, or no choice ends the dialogue."""
+    s["turns"].append(turn)
+    if turn["chosen"] is None:
         s["stopped"] = "no_acceptable_candidate"
     else:
-        s["replies"].append(texts[selection.chosen])
+        s["replies"].append(turn["candidates"][turn["chosen"]]["text"])
         s["trained"].append(True)
+
+
+def _ranked_with_retries(
+    retries: int,
+    candidates: Sequence[Sequence[Candidate]],
+    rank: Callable[[int, list[Candidate]], dict[str, Any]],
+    draw: Callable[[list[int]], Sequence[Sequence[Candidate]]],
+) -> list[dict[str, Any]]:
+    """Each of a batch of turns ranked (`rank(i, candidates)`, `_ranked_turn`); a turn with no
+    acceptable candidate draws K more (`draw(positions)`, for all such turns at once) up to
+    `retries` times, and is ranked over all it drew."""
+    drawn = [list(c) for c in candidates]
+    turns = [rank(i, c) for i, c in enumerate(drawn)]
+    for _ in range(retries):
+        again = [i for i, turn in enumerate(turns) if turn["chosen"] is None]
+        if not again:
+            break
+        for i, more in zip(again, draw(again), strict=True):
+            drawn[i] += more
+            turns[i] = rank(i, drawn[i])
+    return turns
 
 
 def sampling_context(

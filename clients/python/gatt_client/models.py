@@ -1204,7 +1204,7 @@ class JobEstimate(BaseModel):
     sampled_turns: Annotated[
         int,
         Field(
-            description='Turns sampled at most, over all rounds (each with `sampling.k` candidates).',
+            description='Turns sampled at most, over all rounds (each with `sampling.k` candidates, drawn up to `1 + sampling.retries` times).',
             title='Sampled Turns',
         ),
     ]
@@ -1972,6 +1972,15 @@ class SamplingConfig(BaseModel):
             title='Max New Tokens',
         ),
     ] = 96
+    retries: Annotated[
+        int | None,
+        Field(
+            description="Draws of K more candidates for a turn where none is acceptable, before the dialogue ends\nthere; the turn is ranked over all its candidates. Spends sampling where the instruction is\nhard to follow (often a dialogue's first turn) rather than raising K everywhere.",
+            ge=0,
+            le=8,
+            title='Retries',
+        ),
+    ] = 0
     seed: Annotated[
         int | None,
         Field(
@@ -3167,6 +3176,7 @@ class JobOptions(BaseModel):
         'compile': False,
         'k': 4,
         'max_new_tokens': 96,
+        'retries': 0,
         'seed': 0,
         'temperature': 0.8,
         'top_p': 0.95,
