@@ -53,10 +53,14 @@ SAMPLES = "samples.jsonl"
 MAX_DIALOGUES_IN_FLIGHT = 256  # with a streaming sampler: dialogues sampled at once, each its own thread
 POLL_S = 0.5  # how often the stage checks for finished dialogues and a cancel while they run
 # Job settings that never change a round's samples: where the job writes, how it is evaluated, how
-# many rounds follow. From round 2 on every other setting does (it trained the sampling model).
-NOT_SAMPLING = ("output_dir", "evaluation", "rounds.count")
+# many rounds follow; and paths, which name the same content differently on another machine (the
+# dialogues and instructions are compared by content). From round 2 on every other setting counts
+# (it trained the model that samples).
+NOT_SAMPLING = (
+    "output_dir", "evaluation", "rounds.count", "data.corpus", "data.validation", "data.instructions",
+)  # fmt: skip
 # Round 1 samples with the job's own model: training settings do not reach its samples.
-TRAINING_ONLY = ("training", "loss_scope", "data.train_history", "data.replay", "data.validation")
+TRAINING_ONLY = ("training", "loss_scope", "data.train_history", "data.replay")
 
 
 class OtherSamples(GattError, ValueError):
@@ -117,8 +121,11 @@ def sampling_settings(
     """What a round's samples depend on, as JSON; the corpus and the instructions by content (a
     copy of the corpus elsewhere samples the same)."""
     settings = config.to_json()
-    drop = NOT_SAMPLING + (TRAINING_ONLY if round_ == 1 else ()) + ("data.corpus", "data.instructions")
-    for key in drop:
+    if config.lineage is not None:
+        # A service job: the worker resolved its model to a path on this machine; the lineage names
+        # the same model wherever the job resumes (its base model id, the parent job and step).
+        del settings["model"], settings["base_model"]
+    for key in NOT_SAMPLING + (TRAINING_ONLY if round_ == 1 else ()):
         *parents, leaf = key.split(".")
         node = settings
         for part in parents:
