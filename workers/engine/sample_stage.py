@@ -2,8 +2,8 @@
 
 Sampling and ranking are interleaved turn by turn, because the reply chosen for turn t is the
 context that turn t+1 is sampled from: every turn of a synthetic dialogue follows the
-instruction. A turn where no candidate reaches the minimum reward ends that dialogue there
-(earlier accepted turns are kept). Each sampled dialogue is one appended line of `samples.jsonl`,
+instruction. A turn where no candidate is acceptable draws K more, up to `sampling.retries`
+times, and then ends that dialogue there (earlier accepted turns are kept). Each sampled dialogue is one appended line of `samples.jsonl`,
 fsynced, and a restarted job samples only the dialogues not in it.
 
 The loop samples a chunk of `batch_prompts` dialogues together, one turn of all of them per
