@@ -314,8 +314,9 @@ class OneAtATime:
 
 
 @pytest.mark.parametrize("streaming", [False, True], ids=["chunks", "streaming"])
-def test_a_turn_with_no_acceptable_candidate_draws_k_more(tmp_path, loaded, streaming):
+def test_a_turn_with_no_acceptable_candidate_draws_k_more(tmp_path, streaming):
     k, retries = 2, 2
+    loaded = load_model("default")  # the module's copy has been trained by finished_job
 
     def sampled(retries: int) -> list[dict]:
         config = _config(
