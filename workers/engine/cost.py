@@ -3,7 +3,8 @@ its corpus's counts. The service refuses a job whose bound passes its limit befo
 (`GATT_MAX_JOB_GENERATED_TOKENS`) and keeps the figure on the job.
 
 Generation dominates a GAtt job: K candidates of up to `sampling.max_new_tokens` for every sampled
-turn of every round (drawn again up to `sampling.retries` times), the evaluation's replies for both models, and the model's own lists of values when asked for.
+turn of every round (drawn again up to `sampling.retries` times), the evaluation's replies for
+both models, and the model's own lists of values when asked for.
 Every reply is counted at its longest, so real jobs generate less. Training is bounded by what
 sampling keeps, and its time by the job time limit. Torch-free: the API imports it.
 """

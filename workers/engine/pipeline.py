@@ -105,8 +105,8 @@ def run_job(
         loaded = _job_model(config, loaded, allowed_roots)
     instruction_set = load_instruction_set(config, loaded=loaded, hooks=hooks)
     drawn = [synthesize(instruction_set, len(dialogues), seed=config.seed)]
+    fresh = config.rounds.instructions == "fresh"
     for r in range(2, config.rounds.count + 1):
-        fresh = config.rounds.instructions == "fresh"
         drawn.append(
             synthesize(instruction_set, len(dialogues), seed=round_seed(config.seed, r))
             if fresh

@@ -3,8 +3,9 @@
 Sampling and ranking are interleaved turn by turn, because the reply chosen for turn t is the
 context that turn t+1 is sampled from: every turn of a synthetic dialogue follows the
 instruction. A turn where no candidate is acceptable draws K more, up to `sampling.retries`
-times, and then ends that dialogue there (earlier accepted turns are kept). Each sampled dialogue is one appended line of `samples.jsonl`,
-fsynced, and a restarted job samples only the dialogues not in it.
+times, and then ends that dialogue there (earlier accepted turns are kept). Each sampled
+dialogue is one appended line of `samples.jsonl`, fsynced, and a restarted job samples only the
+dialogues not in it.
 
 The loop samples a chunk of `batch_prompts` dialogues together, one turn of all of them per
 batch (its shared prefill wants equal turns). A vLLM server batches on its own: there every
@@ -52,15 +53,18 @@ from workers.engine.sampling import Candidate, Sampler
 SAMPLES = "samples.jsonl"
 MAX_DIALOGUES_IN_FLIGHT = 256  # with a streaming sampler: dialogues sampled at once, each its own thread
 POLL_S = 0.5  # how often the stage checks for finished dialogues and a cancel while they run
-# Job settings that never change a round's samples: where the job writes, how it is evaluated, how
-# many rounds follow; and paths, which name the same content differently on another machine (the
-# dialogues and instructions are compared by content). From round 2 on every other setting counts
-# (it trained the model that samples).
-NOT_SAMPLING = (
-    "output_dir", "evaluation", "rounds.count", "data.corpus", "data.validation", "data.instructions",
-)  # fmt: skip
+# Job settings that never change a round's samples (pydantic's `exclude`): where the job writes,
+# how it is evaluated, how many rounds follow; and paths, which name the same content differently
+# on another machine (the dialogues and instructions are compared by content). From round 2 on
+# every other setting counts (it trained the model that samples).
+NOT_SAMPLING: dict[str, Any] = {
+    "output_dir": True,
+    "evaluation": True,
+    "rounds": {"count"},
+    "data": {"corpus", "validation", "instructions"},
+}
 # Round 1 samples with the job's own model: training settings do not reach its samples.
-TRAINING_ONLY = ("training", "loss_scope", "data.train_history", "data.replay")
+TRAINING_ONLY: dict[str, Any] = {"training": True, "loss_scope": True, "data": {"train_history", "replay"}}
 
 
 class OtherSamples(GattError, ValueError):
@@ -120,17 +124,14 @@ def sampling_settings(
 ) -> dict[str, Any]:
     """What a round's samples depend on, as JSON; the corpus and the instructions by content (a
     copy of the corpus elsewhere samples the same)."""
-    settings = config.to_json()
+    exclude = dict(NOT_SAMPLING)
+    if round_ == 1:
+        exclude |= {**TRAINING_ONLY, "data": NOT_SAMPLING["data"] | TRAINING_ONLY["data"]}
     if config.lineage is not None:
         # A service job: the worker resolved its model to a path on this machine; the lineage names
         # the same model wherever the job resumes (its base model id, the parent job and step).
-        del settings["model"], settings["base_model"]
-    for key in NOT_SAMPLING + (TRAINING_ONLY if round_ == 1 else ()):
-        *parents, leaf = key.split(".")
-        node = settings
-        for part in parents:
-            node = node.get(part, {})
-        node.pop(leaf, None)
+        exclude |= {"model": True, "base_model": True}
+    settings = config.model_dump(mode="json", exclude=exclude)
 
     def digest(rows: list[Any]) -> str:
         return hashlib.sha256(json.dumps(rows, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
@@ -138,7 +139,7 @@ def sampling_settings(
     settings["round"] = round_
     settings["dialogues_sha256"] = digest([d.to_json() for d in dialogues])
     settings["instructions_sha256"] = digest([i.to_json() for i in instructions])
-    return json.loads(json.dumps(settings))  # tuples as lists, as the file holds them
+    return settings
 
 
 def check_samples(path: Path, settings: dict[str, Any]) -> None:
