@@ -12,7 +12,9 @@
 #     base model once, in round 1's evaluation: examples/experiment/rounds.sh)
 #   SAMPLES_FROM=var/experiment/<earlier run> (train on that run's round-1 samples instead of
 #     sampling again, to compare training settings on the very same candidates; the job refuses
-#     them unless every setting they depend on is this run's: samples-settings.json)
+#     them unless every setting they depend on is this run's: samples-settings.json). Or a folder
+#     holding samples.jsonl and samples-settings.json alone: examples/experiment/samples-seed-0
+#     is the round-1 samples of job.yaml's recipe, seed 0 (2026-12-01, session 17)
 #   BASE=var/experiment/<earlier run>/eval (reuse that run's base-model evaluation: the base model's
 #     replies do not depend on the job, and they are half the evaluation's time; refused unless it
 #     was run with the same evaluation settings). BASE=examples/experiment/base-eval.json is the
@@ -34,8 +36,10 @@ mkdir -p "$OUT"
 # user turn is shared with the held-out dialogues (the evaluation checks and reports it).
 cat examples/dialogues.jsonl examples/train_large.jsonl > "$OUT/corpus.jsonl"
 if [ -n "${SAMPLES_FROM:-}" ]; then
+  from=$SAMPLES_FROM/job
+  [ -f "$SAMPLES_FROM/samples.jsonl" ] && from=$SAMPLES_FROM  # a folder of samples alone
   mkdir -p "$OUT/job"
-  cp "$SAMPLES_FROM/job/samples.jsonl" "$SAMPLES_FROM/job/samples-settings.json" "$OUT/job/"
+  cp "$from/samples.jsonl" "$from/samples-settings.json" "$OUT/job/"
 fi
 .venv/bin/python -m workers.run examples/experiment/job.yaml --set "seed=$SEED" --set "output_dir=$OUT/job" \
   --set "data.corpus=$OUT/corpus.jsonl" --set "data.instructions=examples/experiment/${FAMILY}_train.json" \
