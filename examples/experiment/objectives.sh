@@ -13,14 +13,12 @@
 # half of the evaluation 55), each other objective its training and that half of the evaluation.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
-SEED=${SEED:-0}
-FAMILY=${FAMILY:-emoji}
-HISTORY=${HISTORY:-corpus}
+export SEED=${SEED:-0} FAMILY=${FAMILY:-emoji} HISTORY=${HISTORY:-corpus}
 export BASE=${BASE:-examples/experiment/base-eval.json}
 FROM=${FROM:-}
 if [ -z "$FROM" ]; then
   FROM=var/experiment/objectives-sft+dpo-$SEED
-  OUT=$FROM SEED=$SEED FAMILY=$FAMILY HISTORY=$HISTORY examples/experiment/run.sh
+  OUT=$FROM examples/experiment/run.sh
 fi
 evals=()
 [ -f "$FROM/eval/adherence.json" ] && evals+=("$FROM/eval")
@@ -29,8 +27,7 @@ for objective in ${OBJECTIVES:-sft dpo}; do
   # DPO alone trains on preference pairs only: a replayed corpus dialogue has no rejected reply.
   sets="--set training.objective=$objective"
   [ "$objective" = dpo ] && sets="$sets --set data.replay=0"
-  OUT=$out SEED=$SEED FAMILY=$FAMILY HISTORY=$HISTORY SAMPLES_FROM=$FROM SETS="$sets" \
-    examples/experiment/run.sh
+  OUT=$out SAMPLES_FROM=$FROM SETS="$sets" examples/experiment/run.sh
   evals+=("$out/eval")
 done
 .venv/bin/python examples/experiment/summary.py "${evals[@]}"
