@@ -23,14 +23,14 @@ MIN_RUNS_PER_TURN = 32
 # The headline of docs/experiment.md, printed where the demo is too small to show anything itself.
 EXPERIMENT_RESULT = """\
   - held-out emoji instructions given once, turns 2-8: kept in 0.08 of the turns before GAtt and
-    0.79-0.80 after (the experiment's recipe, DPO against the model's own spam on dialogues 6
-    turns long, seeds 0 and 2; every turn significant), about 10-17 times the base model's rate
+    0.73-0.80 after (the experiment's recipe, DPO against the model's own spam on dialogues 6
+    turns long, three seeds; every turn significant), about 9-17 times the base model's rate
     with the instruction repeated every turn;
-  - with the corpus's replies as history (memory, not imitation): 0.00 before, 0.70-0.77 after,
+  - with the corpus's replies as history (memory, not imitation): 0.00 before, 0.60-0.77 after,
     every turn significant;
-  - usefulness: told once, it copies earlier replies in 2-5% and echoes the question in 1-2% of
-    its replies (the base model with no instruction: 9% and 3%), and 0.84-0.89 of them are
-    relevant (0.79). Two seeds of three so far (docs/experiment.md)."""
+  - usefulness: told once, it copies earlier replies in 2-9% and echoes the question in 1-5% of
+    its replies (the base model with no instruction: 9% and 3%), and 0.79-0.89 of them are
+    relevant (0.79) (docs/experiment.md)."""
 
 
 def main() -> int:

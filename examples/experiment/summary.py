@@ -5,6 +5,8 @@ adherence.json), as a Markdown table: one column for the base model (the first r
 
 Turns 2 and later pooled. Adherence rows give the rate after training, the paired difference and
 its interval (dialogues and instruction texts resampled); `*` marks every turn 2-8 significant.
+The ceiling row is the lowest and highest ratio over turns 2-8 of "told once" after training to
+the base model told on every turn, and whether each turn reaches the bar (eval_stats.CEILING_BAR).
 Copies and echoes are counts of the condition's replies (64 runs x 8 turns = 512); relevance is
 the mean question-reply cosine / the share above the floor measured on base replies. "Spam at
 turn 1" counts replies of fewer than two words at turn 1, told once: the emoji-only replies
@@ -35,6 +37,15 @@ def _pooled(evaluation: dict[str, Any], outcome: str, condition: str) -> str:
 def _base_rate(evaluation: dict[str, Any], outcome: str, condition: str) -> str:
     paired = evaluation["compare"]["paired"]["outcomes"].get(outcome, {}).get(condition)
     return "–" if paired is None else f"{paired['later_turns']['before']:.2f}"
+
+
+def _ceiling(evaluation: dict[str, Any], outcome: str) -> str:
+    result = evaluation["compare"]["paired"].get("ceiling", {}).get("once/every_turn", {}).get(outcome)
+    ratios = [row["ratio"] for row in (result or {}).get("turns", []) if row["turn"] >= 2]
+    if not ratios or None in ratios:
+        return "–"
+    met = "interval above the bar" if result["done_ci"] else "met" if result["done"] else "not met"
+    return f"{min(ratios):.1f}-{max(ratios):.1f}x ({met})"
 
 
 def _counts(report: dict[str, Any], condition: str) -> str:
@@ -75,6 +86,11 @@ def main(paths: list[str]) -> None:
     for name, outcome, condition in rows:
         cells = [_pooled(run, outcome, condition) for run in runs]
         print(f"| {name} | {_base_rate(base, outcome, condition)} | " + " | ".join(cells) + " |")
+    print(
+        "| (a) told once, own history / the base model told every turn (the ceiling), by turn | – | "
+        + " | ".join(_ceiling(run, "adherent") for run in runs)
+        + " |"
+    )
     for name, cell in (
         ("(b) no instruction: copies / echoes of 512", lambda r: _counts(r, "none")),
         ("(b) no instruction: relevance", lambda r: _relevance(r, "none")),
