@@ -9,8 +9,9 @@
 #     or a folder of samples alone: examples/experiment/samples-seed-0 is seed 0's
 #   OBJECTIVES="sft dpo" (those trained on FROM's samples)
 #   BASE=examples/experiment/base-eval.json (the base model's report; see run.sh)
-# On 2 cores, alone: the sft+dpo run about two hours (seed 0: job 65 minutes, the trained model's
-# half of the evaluation 55), each other objective its training and that half of the evaluation.
+# On 2 cores, alone: the sft+dpo run about 80-130 minutes (job 43-65, the trained model's half of
+# the evaluation 38-62), each other objective its training and that half of the evaluation (SFT
+# alone on samples-seed-0: 18 + 40 minutes).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 export SEED=${SEED:-0} FAMILY=${FAMILY:-emoji} HISTORY=${HISTORY:-corpus}

@@ -87,7 +87,7 @@ def main(paths: list[str]) -> None:
         cells = [_pooled(run, outcome, condition) for run in runs]
         print(f"| {name} | {_base_rate(base, outcome, condition)} | " + " | ".join(cells) + " |")
     print(
-        "| (a) told once, own history / the base model told every turn (the ceiling), by turn | – | "
+        "| (a) told once, own history / the base model told every turn (the ceiling), turns 2-8 | – | "
         + " | ".join(_ceiling(run, "adherent") for run in runs)
         + " |"
     )
