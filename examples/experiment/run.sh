@@ -9,12 +9,15 @@
 #   CONDITIONS=none,once (fewer conditions, faster; all runs share one random stream, so the base
 #     model's replies then differ from a five-condition evaluation's)
 #   ROUNDS=1 (rounds.count; with more, each round's model is evaluated into eval-round-<r>, the
-#     base model once, in round 1's evaluation: examples/experiment/rounds.sh)
+#     base model once, in the first evaluation: examples/experiment/rounds.sh)
+#   EVAL_ROUNDS="2 3" (the rounds evaluated; default: every round)
 #   SAMPLES_FROM=var/experiment/<earlier run> (train on that run's round-1 samples instead of
 #     sampling again, to compare training settings on the very same candidates; the job refuses
 #     them unless every setting they depend on is this run's: samples-settings.json). Or a folder
 #     holding samples.jsonl and samples-settings.json alone: examples/experiment/samples-seed-0
-#     is the round-1 samples of job.yaml's recipe, seed 0 (2026-12-01, session 17)
+#     is the round-1 samples of job.yaml's recipe, seed 0 (2026-12-01, session 17). Later
+#     rounds' samples under rounds/<r>/ are taken too (drawn by the models of a run with the same
+#     settings, so a deterministic rerun of the earlier rounds' training makes those models again)
 #   BASE=var/experiment/<earlier run>/eval (reuse that run's base-model evaluation: the base model's
 #     replies do not depend on the job, and they are half the evaluation's time; refused unless it
 #     was run with the same evaluation settings). BASE=examples/experiment/base-eval.json is the
@@ -40,6 +43,14 @@ if [ -n "${SAMPLES_FROM:-}" ]; then
   [ -f "$SAMPLES_FROM/samples.jsonl" ] && from=$SAMPLES_FROM  # a folder of samples alone
   mkdir -p "$OUT/job"
   cp "$from/samples.jsonl" "$from/samples-settings.json" "$OUT/job/"
+  # Later rounds' samples too where there are (rounds/<r>/): the job then only trains those
+  # rounds, and their settings must match this run's, training included.
+  for r in $(seq 2 "${ROUNDS:-1}"); do
+    if [ -f "$from/rounds/$r/samples.jsonl" ]; then
+      mkdir -p "$OUT/job/rounds/$r"
+      cp "$from/rounds/$r/samples.jsonl" "$from/rounds/$r/samples-settings.json" "$OUT/job/rounds/$r/"
+    fi
+  done
 fi
 .venv/bin/python -m workers.run examples/experiment/job.yaml --set "seed=$SEED" --set "output_dir=$OUT/job" \
   --set "data.corpus=$OUT/corpus.jsonl" --set "data.instructions=examples/experiment/${FAMILY}_train.json" \
@@ -58,13 +69,13 @@ base=${BASE:-}
 if [ "${ROUNDS:-1}" = 1 ]; then
   evaluate "$(.venv/bin/python -c "import json; print(json.load(open('$OUT/job/summary.json'))['final_checkpoint'])")" "$OUT/eval"
 else
-  for r in $(seq 1 "$ROUNDS"); do
+  for r in ${EVAL_ROUNDS:-$(seq 1 "$ROUNDS")}; do
     if [ "$r" = 1 ]; then dir="$OUT/job"; else dir="$OUT/job/rounds/$r"; fi
     # The round's model: the last checkpoint its training wrote (steps are numbered across rounds).
     checkpoint=$(find "$dir/train/checkpoints" -maxdepth 1 -name 'step-*' | sort | tail -1)
     [ -n "$checkpoint" ] || { echo "round $r wrote no checkpoint under $dir" >&2; exit 1; }
     evaluate "$checkpoint" "$OUT/eval-round-$r"
-    base=${base:-$OUT/eval-round-1}
+    base=${base:-$OUT/eval-round-$r}
   done
 fi
 end=$(date +%s)

@@ -63,18 +63,23 @@ def round_report(
     """What `rounds.json` keeps of round r: the selection over all its sampled turns, the kept
     reward by batch of `batch_prompts` dialogues (the chunks sampled together), and its training
     (its steps numbered across rounds; the last one's checkpoint is the model the round made)."""
-    batches: dict[int, list[dict[str, Any]]] = {}
-    for record in records:
-        batches.setdefault(record["index"] // batch_prompts, []).extend(record["turns"])
     return {
         "round": r,
         "selection": summarize(selections).to_json(),
-        "batches": [_batch(number, turns) for number, turns in sorted(batches.items())],
+        "batches": batch_rewards(records, batch_prompts),
         "examples": examples,
         "trained_tokens": trained_tokens,
         "steps": {"first": first_step, "last": first_step + steps - 1},
         "final_loss": final_loss,
     }
+
+
+def batch_rewards(records: Sequence[dict[str, Any]], batch_prompts: int) -> list[dict[str, Any]]:
+    """The kept reward by batch of `batch_prompts` dialogues (the chunks sampled together)."""
+    batches: dict[int, list[dict[str, Any]]] = {}
+    for record in records:
+        batches.setdefault(record["index"] // batch_prompts, []).extend(record["turns"])
+    return [_batch(number, turns) for number, turns in sorted(batches.items())]
 
 
 def _batch(number: int, turns: list[dict[str, Any]]) -> dict[str, Any]:
