@@ -27,14 +27,16 @@ SAMPLES = "samples.jsonl"
 
 
 def _records(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    """The round's finished dialogues; a last line still being written (no newline yet) is left out."""
+    text = path.read_text(encoding="utf-8")
+    return [json.loads(line) for line in text[: text.rfind("\n") + 1].splitlines() if line.strip()]
 
 
 def _share(turns: list[dict[str, Any]]) -> str:
     if not turns:
         return "–"
     stats = summarize([turn_selection(t) for t in turns])
-    return f"{stats.accepted / stats.turns:.2f} ({stats.accepted}/{stats.turns}), pass {stats.pass_rate:.2f}"
+    return f"{stats.acceptance_rate:.2f} ({stats.accepted}/{stats.turns}), pass {stats.pass_rate:.2f}"
 
 
 def _round(job: Path, r: int, batch_prompts: int, trained: dict[int, dict[str, Any]]) -> list[str]:
