@@ -33,7 +33,9 @@ from workers.engine.evaluation import (
     evaluate_adherence,
     wilson_interval,
 )
-from workers.engine.models import LoadedModel
+from workers.engine.models import LoadedModel, end_of_turn_ids
+from workers.engine.prefix_cache import PrefixStore
+from workers.engine.sampling import SharedPrefillSampler
 
 HELDOUT = Path(__file__).resolve().parents[2] / "examples" / "heldout.jsonl"
 
@@ -280,6 +282,20 @@ def test_condition_views_put_the_instruction_in_the_right_turns(tiny, heldout, m
         "none", text, once["users"], once["replies"][:2], system=None, placement=placement
     )
     assert all(text not in m["content"] for m in none)
+
+
+def test_later_turns_reuse_earlier_prompts_and_reply_as_a_full_prefill_does(tiny, heldout):
+    # A chunk of runs goes through its turns together, so each turn's prompt finds the previous
+    # one in the store; greedy replies show that the reused keys and values are the right ones.
+    config = EvalConfig(turns=3, dialogues=2, conditions=("none", "once"), max_new_tokens=6, batch_prompts=2)
+    stops = end_of_turn_ids(tiny.tokenizer)
+    store = PrefixStore()
+    reusing = SharedPrefillSampler(tiny.model, tiny.tokenizer, stops, store)
+    plain = SharedPrefillSampler(tiny.model, tiny.tokenizer, stops)
+    reused = evaluate_adherence(tiny, heldout, [SHORT], config, placement=Placement(), sampler=reusing)
+    full = evaluate_adherence(tiny, heldout, [SHORT], config, placement=Placement(), sampler=plain)
+    assert reused["transcripts"] == full["transcripts"]
+    assert store.reused > store.prefilled
 
 
 def test_replies_are_scored_and_the_report_has_its_shape(tiny, heldout):

@@ -461,8 +461,9 @@ def evaluate_adherence(
 
     `placement` must be the training job's, so that "once" is exactly the GAtt training view.
     The report's `transcripts` hold every reply; `attention.attention_report` can reuse the "once"
-    ones. `hooks.progress("evaluate", turn, turns)` is called per turn, `hooks.should_stop()` is
-    honoured between batches, and skipped dialogues, missing corpus replies and context cuts are
+    ones. The runs go chunk by chunk (`batch_prompts` of them), each through all of its turns;
+    `hooks.progress("evaluate", step, steps)` is called per chunk and turn, `hooks.should_stop()`
+    is honoured between them, and skipped dialogues, missing corpus replies and context cuts are
     reported as warning events.
     """
     import torch
@@ -497,15 +498,34 @@ def evaluate_adherence(
     runs, skipped, missing = _plan(selected, instructions, config, tokenizer, hooks)
 
     max_turns = max((len(r.users) for r in runs), default=0)
-    for t in range(max_turns):
-        hooks.progress("evaluate", t, max_turns)
-        active = [r for r in runs if r.stopped is None and t < len(r.users)]
-        if not active:
-            break
-        if hooks.should_stop():
-            raise Stopped("cancelled during evaluation")
-        _run_turn(rollout, active, t, sampling_config, generator, placement, config, relevance_fn, hooks)
-    hooks.progress("evaluate", max_turns, max_turns)
+    # A chunk of runs goes through all of its turns before the next chunk starts, so the prefix
+    # store's working set is one chunk's dialogues and every later turn prefills just its new messages
+    # (`prefix_cache.py`). A streaming sampler (a vLLM server) batches what it is sent and caches
+    # prefixes itself: it gets every run at once.
+    size = len(runs) if rollout.sampler.streams else config.batch_prompts
+    chunks = [runs[i : i + size] for i in range(0, len(runs), size)]
+    steps = len(chunks) * max_turns
+    cut = [0] * max_turns  # turns not run for the context window, by the turn where runs stopped
+    for c, chunk in enumerate(chunks):
+        for t in range(max_turns):
+            hooks.progress("evaluate", c * max_turns + t, steps)
+            active = [r for r in chunk if r.stopped is None and t < len(r.users)]
+            if not active:
+                break
+            if hooks.should_stop():
+                raise Stopped("cancelled during evaluation")
+            cut[t] += _run_turn(
+                rollout, active, t, sampling_config, generator, placement, config, relevance_fn, hooks
+            )
+    hooks.progress("evaluate", steps, steps)
+    for t, turns_cut in enumerate(cut):
+        if turns_cut:
+            hooks.event(
+                "warning",
+                "context_length",
+                f"evaluation: {turns_cut} turn(s) not run, the context would exceed {rollout.limit} tokens",
+                {"turn": t + 1, "turns_cut": turns_cut},
+            )
 
     conditions = {
         c: _condition_report([r for r in runs if r.condition == c], config, relevance_floor)
@@ -537,8 +557,9 @@ def _run_turn(
     config: EvalConfig,
     relevance_fn: Any,
     hooks: Any,
-) -> None:
-    """Generate turn `t` of every active run and score it; a run whose context is full stops."""
+) -> int:
+    """Generate turn `t` of every active run and score it; a run whose context is full stops.
+    Returns the turns that will not run for it."""
     contexts = []
     for r in active:
         # Every turn carries the full wording, as when a job samples; once, the training view's
@@ -559,17 +580,11 @@ def _run_turn(
             r.stopped = "context_length"
             r.cut_turns = len(r.users) - t
             cut += r.cut_turns
-    if cut:
-        hooks.event(
-            "warning",
-            "context_length",
-            f"evaluation: {cut} turn(s) not run, the context would exceed {rollout.limit} tokens",
-            {"turn": t + 1, "turns_cut": cut},
-        )
     turn_runs = [r for r, result in zip(active, results, strict=True) if result is not None]
     candidates = [result for result in results if result is not None]
     if candidates:
         _record_turn(turn_runs, candidates, t, config, relevance_fn, rollout.tokenizer)
+    return cut
 
 
 # --------------------------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import torch
 from gatt.masks import encode, render
 from workers.engine.config import SamplingConfig
 from workers.engine.models import LoadedModel, end_of_turn_ids
+from workers.engine.prefix_cache import PrefixStore
 from workers.engine.sampling import Candidate, Sampler, SharedPrefillSampler
 
 Messages = list[dict[str, str]]
@@ -40,7 +41,12 @@ class Rollout:
         if max_context is not None:
             limit = min(limit, max_context)
         if sampler is None:
-            sampler = SharedPrefillSampler(loaded.model, loaded.tokenizer, end_of_turn_ids(loaded.tokenizer))
+            model = loaded.model
+            # One store per rollout: a stage samples with fixed weights, the next may not.
+            prefixes = PrefixStore() if PrefixStore.supports(model) else None
+            sampler = SharedPrefillSampler(
+                model, loaded.tokenizer, end_of_turn_ids(loaded.tokenizer), prefixes
+            )
         return cls(sampler, loaded.tokenizer, limit)
 
     def prompt(self, messages: Messages) -> list[int]:

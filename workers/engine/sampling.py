@@ -12,7 +12,9 @@ decodes all B*K rows of a prompt batch together with its own small sampling loop
         --> decode step by step: temperature, nucleus (top-p), stop ids per row
 
 On CPU this is 1.3x (128-token contexts) to 2.7x (1024) the candidate tokens/s of generate; see
-docs/benchmarks.md.
+docs/benchmarks.md. With a `PrefixStore` (`prefix_cache.py`; a rollout has one), the prefill
+starts from the keys and values of the longest prompt already run that begins the same way, so a
+dialogue's later turns prefill only their new messages.
 
 What the loop has to get right, and what the tests check against `model.generate`:
 - left padding: prompts of different lengths are right-aligned, padding is masked out, and position
@@ -42,6 +44,7 @@ from transformers.cache_utils import DynamicLayer, StaticLayer
 
 from workers.engine.config import SamplingConfig
 from workers.engine.hooks import Stopped
+from workers.engine.prefix_cache import Cached, PrefixStore
 
 # Nucleus sampling needs the probabilities in descending order only until they add up to top_p.
 # On CPU, sorting SmolLM2's 49k-token vocabulary for 8 rows takes ~12 ms, a fifth of a decode
@@ -86,6 +89,7 @@ class SharedPrefillSampler:
     model: Any
     tokenizer: Any
     stop_ids: Collection[int]
+    prefixes: PrefixStore | None = None  # reuse the keys and values of prompts sampled before
 
     def candidates(
         self,
@@ -103,6 +107,7 @@ class SharedPrefillSampler:
             stop_ids=self.stop_ids,
             generator=generator,
             should_stop=should_stop,
+            prefixes=self.prefixes,
         )
 
 
@@ -115,8 +120,11 @@ def sample_candidates(
     stop_ids: Collection[int],
     generator: torch.Generator | None = None,
     should_stop: Callable[[], bool] | None = None,
+    prefixes: PrefixStore | None = None,
 ) -> list[list[Candidate]]:
-    """K candidates for each prompt (token ids already rendered with the generation prompt).
+    """K candidates for each prompt (token ids already rendered with the generation prompt);
+    `prefixes` prefills only what it does not hold of a prompt, and keeps the prompts' keys and
+    values for later calls (`prefix_cache.py`).
 
     Prompts are processed `config.batch_prompts` at a time, which bounds memory: the KV cache holds
     batch_prompts * k rows of (longest prompt in the batch + max_new_tokens) positions, allocated
@@ -144,7 +152,7 @@ def sample_candidates(
                 if should_stop is not None and should_stop():
                     raise Stopped(f"cancelled while sampling, after {start} of {len(prompts)} prompts")
                 batch = prompts[start : start + config.batch_prompts]
-                rows = _sample_batch(model, batch, config, stop, pad_id, generator, device)
+                rows = _sample_batch(model, batch, config, stop, pad_id, generator, device, prefixes)
                 results.extend(_candidates(tokenizer, rows, config.k))
     finally:
         model.train(was_training)
@@ -160,15 +168,26 @@ class _Prefilled(NamedTuple):
 
 
 def _prefill(
-    model, prompts: list[list[int]], config: SamplingConfig, pad_id: int, device: torch.device
+    model,
+    prompts: list[list[int]],
+    config: SamplingConfig,
+    pad_id: int,
+    device: torch.device,
+    store: PrefixStore | None = None,
 ) -> _Prefilled:
-    """Run the prompts once and expand the cache and the last logits to K rows per prompt."""
+    """Run the prompts once (after what `store` holds of them) and expand the cache and the last
+    logits to K rows per prompt."""
     k = config.k
-    input_ids, prompt_mask = _left_pad(prompts, pad_id, device)
+    cached = Cached.nothing(len(prompts), device) if store is None else store.lookup(prompts, model, device)
+    rest = [p[n:] for p, n in zip(prompts, cached.matched, strict=True)]
+    input_ids, rest_mask = _left_pad(rest, pad_id, device)
     # Position ids as generate computes them: count real tokens only, so padding does not shift
-    # the rotary positions of a short prompt. Padding gets position 0 (masked out anyway).
-    positions = (prompt_mask.cumsum(-1) - 1).clamp_(min=0)
-    prefill = DynamicCache(config=model.config)
+    # the rotary positions of a short prompt. Padding gets position 0 (masked out anyway). A row
+    # whose first n tokens come from the store goes on from position n.
+    matched = torch.tensor(cached.matched, dtype=torch.long, device=device)[:, None]
+    positions = (matched + rest_mask.cumsum(-1) - 1).clamp_(min=0)
+    prompt_mask = torch.cat([cached.mask, rest_mask], dim=1)
+    prefill = cached.cache if cached.cache is not None else DynamicCache(config=model.config)
     # logits_to_keep=1: only the last position's logits are needed; the full (B, L, vocab) tensor
     # would be the largest allocation of the whole call (8 x 1024 x 49k floats = 1.6 GB).
     out = model(
@@ -179,7 +198,9 @@ def _prefill(
         use_cache=True,
         logits_to_keep=1,
     )
-    prompt_len = input_ids.shape[1]
+    if store is not None:
+        store.store(prompts, out.past_key_values, prompt_mask)
+    prompt_len = prompt_mask.shape[1]
     cache_len = prompt_len + config.max_new_tokens
     if config.compile:
         # Compiled graphs are specialised to the cache's width: round it up so that prompt
@@ -210,10 +231,13 @@ def _sample_batch(
     pad_id: int,
     generator: torch.Generator,
     device: torch.device,
+    prefixes: PrefixStore | None = None,
 ) -> list[tuple[list[int], bool]]:
     """Prefill once, expand K times, decode. Returns (tokens, finished) per row, prompt-major."""
     n_new = config.max_new_tokens
-    cache, logits, mask, next_position, prompt_len = _prefill(model, prompts, config, pad_id, device)
+    cache, logits, mask, next_position, prompt_len = _prefill(
+        model, prompts, config, pad_id, device, prefixes
+    )
     rows = logits.shape[0]
     static = isinstance(cache, StaticCache)
     decode = _compiled_forward(model) if config.compile and static else model
