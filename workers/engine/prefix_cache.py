@@ -113,15 +113,19 @@ class PrefixStore:
     def store(self, prompts: Sequence[Sequence[int]], cache: DynamicCache, mask: torch.Tensor) -> None:
         """Keep each prompt's keys and values from a prefilled batch `cache` whose attention `mask`
         marks the prompt's tokens (in order, possibly with gaps of padding between them)."""
+        layers = [(layer.keys, layer.values) for layer in cache.layers]
         for row, prompt in enumerate(prompts):
+            tokens = tuple(prompt)
+            if len(tokens) < BLOCK or tokens in self._entries:  # never matched, or kept already
+                continue
             columns = mask[row].nonzero().squeeze(1)
-            if len(columns) != len(prompt):
+            if len(columns) != len(tokens):
                 raise ValueError(
-                    f"row {row}: the mask marks {len(columns)} tokens, the prompt has {len(prompt)}"
+                    f"row {row}: the mask marks {len(columns)} tokens, the prompt has {len(tokens)}"
                 )
-            keys = [k[row].index_select(1, columns) for k, _ in _layers(cache)]
-            values = [v[row].index_select(1, columns) for _, v in _layers(cache)]
-            self._add(tuple(prompt), keys, values)
+            keys = [k[row].index_select(1, columns) for k, _ in layers]
+            values = [v[row].index_select(1, columns) for _, v in layers]
+            self._add(tokens, keys, values)
 
     def _match(self, prompt: Sequence[int]) -> tuple[_Entry | None, int]:
         best: _Entry | None = None
@@ -144,11 +148,8 @@ class PrefixStore:
         return best, n
 
     def _add(self, tokens: tuple[int, ...], keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
-        if tokens in self._entries:
-            self._entries.move_to_end(tokens)
-            return
         entry = _Entry(tokens, keys, values, list(_chain(tokens)))
-        if not entry.hashes or entry.nbytes > self.budget_bytes:  # shorter than a block: never matched
+        if entry.nbytes > self.budget_bytes:
             return
         # An entry this one extends serves nothing this one does not.
         for h in reversed(entry.hashes):
@@ -180,7 +181,3 @@ def _chain(tokens: Sequence[int]):
     for start in range(0, len(tokens) - BLOCK + 1, BLOCK):
         h = hash((h, tuple(tokens[start : start + BLOCK])))
         yield h
-
-
-def _layers(cache: DynamicCache):
-    return [(layer.keys, layer.values) for layer in cache.layers]
