@@ -6,9 +6,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import MistralConfig, MistralForCausalLM
 
-from tests.workers.test_sampling import BOS, EOS, PAD, VOCAB, TinyTokenizer, tiny_model
+from tests.workers.test_sampling import (
+    BOS,
+    EOS,
+    PAD,
+    VOCAB,
+    TinyTokenizer,
+    tiny_model,
+    tiny_sliding_window_model,
+)
 from tests.workers.test_sampling import smollm2 as smollm2  # the real model, a fixture
 from workers.engine.prefix_cache import BLOCK, PrefixStore
 from workers.engine.sampling import SamplingConfig, _prefill, sample_candidates
@@ -120,19 +127,7 @@ def test_prompts_shorter_than_a_block_are_not_kept(tiny):
 def test_sliding_window_models_keep_no_prefixes(tiny):
     model, _ = tiny
     assert PrefixStore.supports(model)
-    config = MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        sliding_window=8,
-        pad_token_id=PAD,
-        bos_token_id=BOS,
-        eos_token_id=EOS,
-    )
-    assert not PrefixStore.supports(MistralForCausalLM(config))
+    assert not PrefixStore.supports(tiny_sliding_window_model())
 
 
 @pytest.mark.slow

@@ -112,9 +112,7 @@ def test_greedy_equals_generate_for_prompts_of_different_lengths(tiny, prompts):
         assert all(c == candidates[0] for c in candidates)  # all K greedy rows identical
 
 
-def test_greedy_equals_generate_with_a_sliding_window_cache(prompts):
-    # Sliding-window layers keep only the window, so they cannot go into the preallocated static
-    # cache; sampling keeps transformers' dynamic cache for them (the other branch of the expansion).
+def tiny_sliding_window_model():
     torch.manual_seed(0)
     config = MistralConfig(
         vocab_size=VOCAB,
@@ -129,7 +127,13 @@ def test_greedy_equals_generate_with_a_sliding_window_cache(prompts):
         bos_token_id=BOS,
         eos_token_id=EOS,
     )
-    model = MistralForCausalLM(config).eval()
+    return MistralForCausalLM(config).eval()
+
+
+def test_greedy_equals_generate_with_a_sliding_window_cache(prompts):
+    # Sliding-window layers keep only the window, so they cannot go into the preallocated static
+    # cache; sampling keeps transformers' dynamic cache for them (the other branch of the expansion).
+    model = tiny_sliding_window_model()
     sampled = sample_candidates(model, TinyTokenizer(), prompts, GREEDY, stop_ids=[EOS])
     for prompt, candidates in zip(prompts, sampled, strict=True):
         expected, finished = generate_alone(model, prompt, GREEDY.max_new_tokens, {EOS})
