@@ -156,3 +156,14 @@ def test_real_model_chat_turns_reuse_the_rendered_history(smollm2):
         previous = prompts
         for d, c, follow_up in zip(dialogues, reused, follow_ups, strict=True):
             d += [{"role": "assistant", "content": c[0].text}, {"role": "user", "content": follow_up}]
+
+
+def test_a_cleared_store_prefills_everything_again(tiny):
+    model, _ = tiny
+    store = PrefixStore()
+    turns = first_turns()
+    sample(model, turns, store)
+    store.clear()
+    reused, prefilled = store.reused, store.prefilled
+    sample(model, turns, store)
+    assert store.reused == reused and store.prefilled == prefilled + sum(len(p) for p in turns)

@@ -499,7 +499,7 @@ def evaluate_adherence(
 
     max_turns = max((len(r.users) for r in runs), default=0)
     # A chunk of runs goes through all of its turns before the next chunk starts, so the prefix
-    # store's working set is one chunk's dialogues and every later turn prefills just its new messages
+    # store holds one chunk's dialogues and every later turn prefills just its new messages
     # (`prefix_cache.py`). A streaming sampler (a vLLM server) batches what it is sent and caches
     # prefixes itself: it gets every run at once.
     size = len(runs) if rollout.sampler.streams else config.batch_prompts
@@ -507,6 +507,7 @@ def evaluate_adherence(
     steps = len(chunks) * max_turns
     cut = [0] * max_turns  # turns not run for the context window, by the turn where runs stopped
     for c, chunk in enumerate(chunks):
+        rollout.forget()  # the store holds one chunk's dialogues, not every earlier one's
         for t in range(max_turns):
             hooks.progress("evaluate", c * max_turns + t, steps)
             active = [r for r in chunk if r.stopped is None and t < len(r.users)]

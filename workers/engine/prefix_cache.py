@@ -17,8 +17,9 @@ between batches of different padding.
 Entries are found through chained hashes of 16-token blocks, so a lookup costs one pass over the
 prompt. An entry whose tokens are a prefix of a new one's is dropped (the new entry serves every
 prompt the old one did), so a dialogue holds one entry; beyond the budget the least recently used
-go. The store is as long-lived as one stage's rollout: weights that change (training) must not
-meet old entries.
+go. The store lives in one stage's rollout (weights that change, in training, must not meet old
+entries), and the stages empty it before each chunk of dialogues: a chunk then computes the same
+whatever ran before it, so a resumed job samples what an uninterrupted one would.
 
 Ours, like the sampling loop it serves: prefix caching is what vLLM does on a GPU (its
 "automatic prefix caching"); transformers has no cross-call cache for batched, left-padded rows.
@@ -170,6 +171,12 @@ class PrefixStore:
         for h in entry.hashes:
             if self._by_hash.get(h) is entry:
                 del self._by_hash[h]
+
+    def clear(self) -> None:
+        """Drop every entry (the counters stay)."""
+        self._entries.clear()
+        self._by_hash.clear()
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._entries)

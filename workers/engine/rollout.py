@@ -49,6 +49,13 @@ class Rollout:
             )
         return cls(sampler, loaded.tokenizer, limit)
 
+    def forget(self) -> None:
+        """Drop what the sampler keeps from earlier calls (the loop's prefix store), so that the next
+        calls compute the same whatever ran before them."""
+        prefixes = getattr(self.sampler, "prefixes", None)
+        if prefixes is not None:
+            prefixes.clear()
+
     def prompt(self, messages: Messages) -> list[int]:
         return encode(self.tokenizer, render(self.tokenizer, messages, generation_prompt=True))
 

@@ -112,7 +112,9 @@ def sample_dialogues(
             continue
         if hooks.should_stop():
             raise Stopped("cancelled during sampling")
-        # One stream per chunk, on the model's device (sampling draws there).
+        # One stream per chunk, on the model's device (sampling draws there), and nothing kept
+        # from earlier chunks: a resumed job samples the chunk as an uninterrupted one did.
+        rollout.forget()
         generator = torch.Generator(device=loaded.device).manual_seed(seed(start))
         chunk = _sample_chunk(config, rollout, scorer, dialogues, instructions, todo, generator, hooks)
         _append(path, chunk, done, len(dialogues), hooks)

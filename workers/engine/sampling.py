@@ -128,7 +128,8 @@ def sample_candidates(
 
     Prompts are processed `config.batch_prompts` at a time, which bounds memory: the KV cache holds
     batch_prompts * k rows of (longest prompt in the batch + max_new_tokens) positions, allocated
-    up front. The same generator state (or the same `config.seed`) and the same prompts give the
+    up front (with `prefixes`, up to twice the longest prompt: rows are aligned at the end of
+    their stored part). The same generator state (or the same `config.seed`) and the same prompts give the
     same candidates. `should_stop` is checked before each prompt batch; if it says yes, `Stopped`
     is raised and the batches already sampled are lost to the caller, so keep calls small where
     cancelling matters (the pipeline calls this once per chunk of `batch_prompts` dialogues).
