@@ -21,8 +21,9 @@
 #   BASE=var/experiment/<earlier run>/eval (reuse that run's base-model evaluation: the base model's
 #     replies do not depend on the job, and they are half the evaluation's time; refused unless it
 #     was run with the same evaluation settings). BASE=examples/experiment/base-eval.json is the
-#     base model's report under the default settings (made 2026-12-01 by run.sh at commit 0cf2bbf;
-#     make it again after a change to sampling, the verifiers or the evaluation's measures)
+#     base model's report under the default settings (made 2026-12-01 by run.sh at commit 0cf2bbf,
+#     before the evaluation ran chunk by chunk: the same runs, other draws; make it again after a
+#     change to what is sampled, the verifiers or the evaluation's measures)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 scripts/setup.sh >/dev/null
