@@ -1,7 +1,7 @@
 """One progress figure and one ETA for a whole job, from the progress its stages report.
 
-Each stage reports progress in its own units: dialogues sampled, evaluation turns, optimiser
-steps. To add them up, the job is planned as phases (synthesize, sample, evaluate the base model,
+Each stage reports progress in its own units: dialogues sampled, turns of evaluation chunks,
+optimiser steps. To add them up, the job is planned as phases (synthesize, sample, evaluate the base model,
 train, evaluate the trained one) weighed in one unit: a generated token at its longest, as
 `workers/engine/cost.py` bounds them before the job is queued, at sampling's cost per token.
 Sampling weighs its bound; each evaluation half of the evaluation's, times what an evaluation token
