@@ -32,6 +32,23 @@ from workers.engine.evaluation import EVAL_SEED_OFFSET, EvalConfig, evaluate_adh
 from workers.engine.hooks import Hooks  # noqa: E402
 
 
+class TurnClock:
+    """Seconds per turn, summed over chunks, from the evaluation's progress: step c * turns + t
+    starts turn t of chunk c, and lasts until the next report."""
+
+    def __init__(self, turns: int):
+        self.turns = turns
+        self.seconds = [0.0] * turns
+        self._last: tuple[float, int] | None = None
+
+    def progress(self, stage: str, done: int, total: int) -> None:
+        now = time.monotonic()
+        if self._last is not None:
+            started, step = self._last
+            self.seconds[step % self.turns] += now - started
+        self._last = (now, done)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dialogues", type=int, default=16)
@@ -72,15 +89,7 @@ def main() -> int:
 
     reports = {}
     for label, sampler in (("full prefill", plain), ("prefix reuse", reusing)):
-        turn_seconds = [0.0] * args.turns
-        last: list[float | int] = [time.monotonic(), -1]
-
-        def progress(stage: str, done: int, total: int, turn_seconds=turn_seconds, last=last) -> None:
-            now = time.monotonic()
-            if last[1] >= 0:
-                turn_seconds[int(last[1]) % args.turns] += now - float(last[0])
-            last[:] = [now, done]
-
+        clock = TurnClock(args.turns)
         started = time.monotonic()
         report = evaluate_adherence(
             loaded,
@@ -88,13 +97,13 @@ def main() -> int:
             instructions,
             config,
             placement=Placement(),
-            hooks=Hooks(progress=progress),
+            hooks=Hooks(progress=clock.progress),
             sampler=sampler,
         )
         wall = time.monotonic() - started
         reports[label] = report
         print(f"\n{label}: {wall:.1f} s")
-        print("  seconds per turn: " + " ".join(f"{s:.1f}" for s in turn_seconds))
+        print("  seconds per turn: " + " ".join(f"{s:.1f}" for s in clock.seconds))
         for condition, row in report["conditions"].items():
             overall = row["overall"]
             print(f"  {condition}: adhered {overall['adhered']} of {overall['n']} turns")
