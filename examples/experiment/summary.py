@@ -10,7 +10,9 @@ the base model told on every turn, and whether each turn reaches the bar (eval_s
 Copies and echoes are counts of the condition's replies (64 runs x 8 turns = 512); relevance is
 the mean question-reply cosine / the share above the floor measured on base replies. "Spam at
 turn 1" counts replies of fewer than two words at turn 1, told once: the emoji-only replies
-that most copies are.
+that most copies are. "Open with a symbol, untold" counts replies under no instruction whose first
+character is a symbol (Unicode category S: the emoji the instructions ask for, and others): the
+habit leaking where no instruction asked for it.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import json
 import re
 import sys
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +70,15 @@ def _spam(report: dict[str, Any]) -> str:
     return f"{sum(1 for reply in first if len(WORD.findall(reply or '')) < 2)} of {len(first)}"
 
 
+def _symbol_openings(report: dict[str, Any]) -> str:
+    runs = (report.get("transcripts") or {}).get("none")
+    if not runs:
+        return "–"
+    replies = [(reply or "").lstrip() for run in runs for reply in run.get("replies", [])]
+    opened = sum(1 for reply in replies if reply and unicodedata.category(reply[0]).startswith("S"))
+    return f"{opened} of {len(replies)}"
+
+
 def _loss(evaluation: dict[str, Any], label: str) -> str:
     value = (evaluation.get("validation_loss") or {}).get(label) or {}
     return "–" if value.get("loss") is None else f"{value['loss']:.2f}"
@@ -98,6 +110,7 @@ def main(paths: list[str]) -> None:
         ("(b) told once: relevance", lambda r: _relevance(r, "once")),
         ("(b) told once, the corpus's history: copies / echoes", lambda r: _counts(r, "once_fixed")),
         ("(b) told once, the corpus's history: relevance", lambda r: _relevance(r, "once_fixed")),
+        ("no instruction: replies that open with a symbol (an emoji), untold", _symbol_openings),
         ("spam at turn 1, told once", _spam),
     ):
         print(f"| {name} | {cell(base['base'])} | " + " | ".join(cell(run["gatt"]) for run in runs) + " |")
