@@ -9,13 +9,20 @@ verifier is 0 or 1), the share of all candidates that passed, at turn 1 and at l
 apart (turn 1 is where the instruction is hardest to take up), the mean relevance of the kept
 replies, and the pass rate per sampling batch (lowest, median, highest; the appendix plots it by
 batch). From rounds.json, where the round has trained: its examples and steps.
+
+    .venv/bin/python examples/experiment/rounds_summary.py <job> --against <other job>
+
+compares two runs over the same dialogues round by round: the share of candidates passing in
+each, their difference and its 95% interval, dialogues resampled (paired: a dialogue is drawn
+with its candidates of both runs; the turns of one dialogue are not independent).
 """
 
 from __future__ import annotations
 
+import argparse
 import json
+import random
 import statistics
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +69,57 @@ def _round(job: Path, r: int, batch_prompts: int, trained: dict[int, dict[str, A
     ]
 
 
+def _passing_by_dialogue(job: Path, r: int) -> dict[str, tuple[int, int]]:
+    """Round r's candidates passing and candidates sampled, per dialogue."""
+    counts: dict[str, tuple[int, int]] = {}
+    for record in _records(round_dir(job, r) / SAMPLES):
+        selections = [turn_selection(t) for t in record["turns"]]
+        passing = sum(round(s.pass_rate * len(s.rewards)) for s in selections)
+        counts[record["dialogue_id"]] = (passing, sum(len(s.rewards) for s in selections))
+    return counts
+
+
+def paired_pass_difference(
+    ours: dict[str, tuple[int, int]], theirs: dict[str, tuple[int, int]], resamples: int = 2000
+) -> tuple[float, float, float, list[float]]:
+    """Pass rates of the dialogues both runs sampled, ours - theirs, and the difference's 95%
+    percentile interval with dialogues resampled (seed 0)."""
+    shared = sorted(set(ours) & set(theirs))
+
+    def rates(ids: list[str]) -> tuple[float, float]:
+        a = sum(ours[i][0] for i in ids) / max(sum(ours[i][1] for i in ids), 1)
+        b = sum(theirs[i][0] for i in ids) / max(sum(theirs[i][1] for i in ids), 1)
+        return a, b
+
+    rng = random.Random(0)
+    diffs = sorted(
+        (lambda ab: ab[0] - ab[1])(rates([shared[rng.randrange(len(shared))] for _ in shared]))
+        for _ in range(resamples)
+    )
+    a, b = rates(shared)
+    return a, b, a - b, [diffs[int(0.025 * resamples)], diffs[int(0.975 * resamples) - 1]]
+
+
+def _name(path: Path) -> str:
+    """A run's folder, not its job/ subfolder."""
+    return path.parent.name if path.name == "job" else path.name
+
+
+def compare(job: Path, other: Path) -> None:
+    print(
+        f"| round | dialogues in both | passing, {_name(job)} | passing, {_name(other)} | difference [95%] |"
+    )
+    print("|---|---|---|---|---|")
+    for r in range(1, 100):
+        if not ((round_dir(job, r) / SAMPLES).exists() and (round_dir(other, r) / SAMPLES).exists()):
+            break
+        ours, theirs = _passing_by_dialogue(job, r), _passing_by_dialogue(other, r)
+        a, b, diff, (lo, hi) = paired_pass_difference(ours, theirs)
+        print(
+            f"| {r} | {len(set(ours) & set(theirs))} | {a:.2f} | {b:.2f} | {diff:+.2f} [{lo:+.2f}, {hi:+.2f}] |"
+        )
+
+
 def main(job: Path) -> None:
     config = json.loads((job / "config.json").read_text(encoding="utf-8"))
     rounds_file = job / ROUNDS_FILE
@@ -87,6 +145,13 @@ def main(job: Path) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
-        raise SystemExit(__doc__)
-    main(Path(sys.argv[1]))
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("job", type=Path, help="a rounds job's folder")
+    parser.add_argument("--against", type=Path, help="another run's job folder, over the same dialogues")
+    args = parser.parse_args()
+    if args.against:
+        compare(args.job, args.against)
+    else:
+        main(args.job)

@@ -23,7 +23,9 @@
 #     was run with the same evaluation settings). BASE=examples/experiment/base-eval.json is the
 #     base model's report under the default settings (made 2026-12-01 by run.sh at commit 0cf2bbf,
 #     before the evaluation ran chunk by chunk: the same runs, other draws; make it again after a
-#     change to what is sampled, the verifiers or the evaluation's measures)
+#     change to what is sampled, the verifiers or the evaluation's measures).
+#     BASE=examples/experiment/base-eval-none-once.json: the same with CONDITIONS=none,once,
+#     made 2026-12-02 (session 21) at commit b18b1e8, in chunk order
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 scripts/setup.sh >/dev/null
