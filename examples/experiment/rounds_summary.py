@@ -20,6 +20,7 @@ with its candidates of both runs; the turns of one dialogue are not independent)
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import random
 import statistics
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from gatt.selection import summarize
+from workers.engine.eval_stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
 from workers.engine.rounds import ROUNDS_FILE, batch_rewards, round_dir
 from workers.engine.sample_stage import turn_selection
 
@@ -79,25 +81,24 @@ def _passing_by_dialogue(job: Path, r: int) -> dict[str, tuple[int, int]]:
     return counts
 
 
+def _rate(counts: dict[str, tuple[int, int]], ids: list[str]) -> float:
+    return sum(counts[i][0] for i in ids) / max(sum(counts[i][1] for i in ids), 1)
+
+
 def paired_pass_difference(
-    ours: dict[str, tuple[int, int]], theirs: dict[str, tuple[int, int]], resamples: int = 2000
-) -> tuple[float, float, float, list[float]]:
-    """Pass rates of the dialogues both runs sampled, ours - theirs, and the difference's 95%
-    percentile interval with dialogues resampled (seed 0)."""
+    ours: dict[str, tuple[int, int]], theirs: dict[str, tuple[int, int]]
+) -> tuple[float, float, list[float]]:
+    """Pass rates of the dialogues both runs sampled, ours and theirs, and the 95% percentile
+    interval of ours - theirs with dialogues resampled (the evaluation's resamples and seed)."""
     shared = sorted(set(ours) & set(theirs))
-
-    def rates(ids: list[str]) -> tuple[float, float]:
-        a = sum(ours[i][0] for i in ids) / max(sum(ours[i][1] for i in ids), 1)
-        b = sum(theirs[i][0] for i in ids) / max(sum(theirs[i][1] for i in ids), 1)
-        return a, b
-
-    rng = random.Random(0)
-    diffs = sorted(
-        (lambda ab: ab[0] - ab[1])(rates([shared[rng.randrange(len(shared))] for _ in shared]))
-        for _ in range(resamples)
-    )
-    a, b = rates(shared)
-    return a, b, a - b, [diffs[int(0.025 * resamples)], diffs[int(0.975 * resamples) - 1]]
+    rng = random.Random(BOOTSTRAP_SEED)
+    diffs = []
+    for _ in range(BOOTSTRAP_RESAMPLES):
+        picked = [shared[rng.randrange(len(shared))] for _ in shared]
+        diffs.append(_rate(ours, picked) - _rate(theirs, picked))
+    diffs.sort()
+    ci = [diffs[int(0.025 * BOOTSTRAP_RESAMPLES)], diffs[int(0.975 * BOOTSTRAP_RESAMPLES) - 1]]
+    return _rate(ours, shared), _rate(theirs, shared), ci
 
 
 def _name(path: Path) -> str:
@@ -110,14 +111,13 @@ def compare(job: Path, other: Path) -> None:
         f"| round | dialogues in both | passing, {_name(job)} | passing, {_name(other)} | difference [95%] |"
     )
     print("|---|---|---|---|---|")
-    for r in range(1, 100):
+    for r in itertools.count(1):
         if not ((round_dir(job, r) / SAMPLES).exists() and (round_dir(other, r) / SAMPLES).exists()):
             break
         ours, theirs = _passing_by_dialogue(job, r), _passing_by_dialogue(other, r)
-        a, b, diff, (lo, hi) = paired_pass_difference(ours, theirs)
-        print(
-            f"| {r} | {len(set(ours) & set(theirs))} | {a:.2f} | {b:.2f} | {diff:+.2f} [{lo:+.2f}, {hi:+.2f}] |"
-        )
+        a, b, (lo, hi) = paired_pass_difference(ours, theirs)
+        both = len(set(ours) & set(theirs))
+        print(f"| {r} | {both} | {a:.2f} | {b:.2f} | {a - b:+.2f} [{lo:+.2f}, {hi:+.2f}] |")
 
 
 def main(job: Path) -> None:
