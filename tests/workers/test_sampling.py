@@ -20,12 +20,14 @@ from transformers import (
     LlamaForCausalLM,
     MistralConfig,
     MistralForCausalLM,
+    StaticCache,
 )
 from transformers.generation.logits_process import TopPLogitsWarper
 
 from workers.engine.hooks import Stopped
 from workers.engine.sampling import (
     Candidate,
+    DecodeCaches,
     SamplingConfig,
     _nucleus,
     sample_candidates,
@@ -152,6 +154,51 @@ def test_compiled_decode_gives_the_same_candidates(prompts):
     compiled = GREEDY.model_copy(update={"compile": True})
     assert sample_candidates(model, tokenizer, prompts, compiled, stop_ids=stop_ids) == eager
     assert any(c[0].finished for c in eager) and not all(c[0].finished for c in eager)
+
+
+def test_compiled_decode_reuses_one_cache_per_shape(prompts):
+    """Compiled decoding keeps its static cache for the next batch of the same shape (CUDA graphs
+    record the cache's addresses); a reused cache is emptied first, so the candidates are the
+    eager loop's, and the second call takes the caches the first one kept."""
+    model, tokenizer = tiny_model(max_position_embeddings=512)
+    config = SamplingConfig(k=3, temperature=0.8, max_new_tokens=12, batch_prompts=2, seed=5)
+    eager_caches = DecodeCaches()
+    eager = sample_candidates(model, tokenizer, prompts, config, stop_ids=[], caches=eager_caches)
+    assert eager_caches.held() == {}  # eager decoding allocates its own
+
+    compiled = config.model_copy(update={"compile": True})
+    caches = DecodeCaches()
+    # Five prompts two at a time, every width rounded to 256: batches of 6, 6 and 3 rows.
+    assert sample_candidates(model, tokenizer, prompts, compiled, stop_ids=[], caches=caches) == eager
+    kept = caches.held()
+    assert [(rows, width) for rows, width, *_ in kept] == [(6, 256), (3, 256)]
+    assert sample_candidates(model, tokenizer, prompts, compiled, stop_ids=[], caches=caches) == eager
+    assert caches.held().keys() == kept.keys()
+    assert all(caches.held()[shape] is cache for shape, cache in kept.items())
+
+
+def test_decode_caches_drop_the_least_recently_used_beyond_their_budget():
+    def cache(rows: int, width: int) -> StaticCache:
+        made = StaticCache(config=tiny_model()[0].config, max_cache_len=width)
+        for layer in range(len(made.layers)):
+            made.update(torch.ones(rows, 2, 1, 16), torch.ones(rows, 2, 1, 16), layer)
+        return made
+
+    one = cache(2, 8)
+    size = 2 * 2 * 2 * 8 * 16 * 4 * 2  # layers x (keys, values) x rows x heads x width x dims x bytes
+    assert DecodeCaches(budget_bytes=10**9).nbytes == 0
+    pool = DecodeCaches(budget_bytes=2 * size)
+    pool.keep(("a",), one)
+    pool.keep(("b",), cache(2, 8))
+    assert list(pool.held()) == [("a",), ("b",)] and pool.nbytes == 2 * size
+    assert pool.take(("a",)) is one and list(pool.held()) == [("b",)]
+    assert not one.layers[0].keys.any()  # taken caches come back empty
+    pool.keep(("a",), one)
+    pool.keep(("c",), cache(2, 8))  # over the budget: b, the least recently used, goes
+    assert list(pool.held()) == [("a",), ("c",)]
+    pool = DecodeCaches(budget_bytes=1)
+    pool.keep(("a",), one)  # over the budget alone: the cache in use stays
+    assert list(pool.held()) == [("a",)]
 
 
 def test_generate_baseline_agrees_when_greedy(tiny, prompts):

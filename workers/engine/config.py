@@ -122,7 +122,8 @@ class SamplingConfig(Section):
     compile: Bool = False
     """Decode steps through torch.compile (CUDA graphs on a GPU, about 3x faster there): launch
     overhead dominates GPU decoding of small batches. Costs a compilation of 20-30 s per prompt
-    batch shape."""
+    batch shape; each shape's cache is kept for the next batch of that shape, so its graphs
+    replay rather than record again."""
 
     @property
     def greedy(self) -> bool:

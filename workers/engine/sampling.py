@@ -34,8 +34,9 @@ sampling order is what makes a resumed job sample what an uninterrupted one woul
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable, Collection, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Protocol
 
 import torch
@@ -80,6 +81,59 @@ class Sampler(Protocol):
     ) -> list[list[Candidate]]: ...
 
 
+# Idle caches a sampler may hold: compiled decoding runs on GPUs, where this is a tenth of an
+# 80 GB card. Not tuned on a device; the pool drops the least recently used shape beyond it.
+_DECODE_CACHE_BUDGET = 8 << 30
+
+
+@dataclass
+class DecodeCaches:
+    """Static caches kept from one prompt batch to the next, one per shape (rows, width, dtype,
+    device), for compiled decoding only.
+
+    A CUDA graph records the addresses of the cache it writes to. A new cache for every prompt
+    batch makes torch.compile's CUDA graphs record again for each batch (a few eager steps'
+    worth each time) where replaying the graph of the same shape would do; transformers'
+    `generate` keeps its static cache on the model for the same reason. A taken cache is reset
+    before it is filled again, so what a batch samples does not depend on the batch before.
+
+    A sampling stage's widths repeat from chunk to chunk (turn t of every chunk rounds to about
+    the same width), so every shape is kept up to `budget_bytes`, least recently used first out;
+    the cache in use always stays. Eager decoding needs none: allocating its cache is a small
+    part of a prompt batch. The pool lives as long as its sampler, one stage's rollout.
+    """
+
+    budget_bytes: int = _DECODE_CACHE_BUDGET
+    _caches: OrderedDict[tuple, StaticCache] = field(default_factory=OrderedDict)
+
+    def take(self, shape: tuple) -> StaticCache | None:
+        """The kept cache of this shape, reset, or None; it is the caller's until `keep`."""
+        cache = self._caches.pop(shape, None)
+        if cache is not None:
+            cache.reset()
+        return cache
+
+    def keep(self, shape: tuple, cache: StaticCache) -> None:
+        """Hold `cache` for the next batch of its shape (the most recent cache always stays)."""
+        self._caches[shape] = cache
+        while len(self._caches) > 1 and self.nbytes > self.budget_bytes:
+            self._caches.popitem(last=False)
+
+    def held(self) -> dict[tuple, StaticCache]:
+        """The caches held by shape, least recently used first."""
+        return dict(self._caches)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(
+            t.numel() * t.element_size()
+            for cache in self._caches.values()
+            for layer in cache.layers
+            if layer.is_initialized
+            for t in (layer.keys, layer.values)
+        )
+
+
 @dataclass(frozen=True)
 class SharedPrefillSampler:
     """`sample_candidates` on a model in this process."""
@@ -90,6 +144,7 @@ class SharedPrefillSampler:
     tokenizer: Any
     stop_ids: Collection[int]
     prefixes: PrefixStore | None = None  # reuse the keys and values of prompts sampled before
+    caches: DecodeCaches = field(default_factory=DecodeCaches)  # for compiled decoding
 
     def candidates(
         self,
@@ -108,6 +163,7 @@ class SharedPrefillSampler:
             generator=generator,
             should_stop=should_stop,
             prefixes=self.prefixes,
+            caches=self.caches,
         )
 
 
@@ -121,10 +177,12 @@ def sample_candidates(
     generator: torch.Generator | None = None,
     should_stop: Callable[[], bool] | None = None,
     prefixes: PrefixStore | None = None,
+    caches: DecodeCaches | None = None,
 ) -> list[list[Candidate]]:
     """K candidates for each prompt (token ids already rendered with the generation prompt);
     `prefixes` prefills only what it does not hold of a prompt, and keeps the prompts' keys and
-    values for later calls (`prefix_cache.py`).
+    values for later calls (`prefix_cache.py`); `caches` keeps compiled decoding's static caches
+    from call to call (`DecodeCaches`).
 
     Prompts are processed `config.batch_prompts` at a time, which bounds memory: the KV cache holds
     batch_prompts * k rows of (longest prompt in the batch + max_new_tokens) positions, allocated
@@ -153,7 +211,7 @@ def sample_candidates(
                 if should_stop is not None and should_stop():
                     raise Stopped(f"cancelled while sampling, after {start} of {len(prompts)} prompts")
                 batch = prompts[start : start + config.batch_prompts]
-                rows = _sample_batch(model, batch, config, stop, pad_id, generator, device, prefixes)
+                rows = _sample_batch(model, batch, config, stop, pad_id, generator, device, prefixes, caches)
                 results.extend(_candidates(tokenizer, rows, config.k))
     finally:
         model.train(was_training)
@@ -175,6 +233,7 @@ def _prefill(
     pad_id: int,
     device: torch.device,
     store: PrefixStore | None = None,
+    caches: DecodeCaches | None = None,
 ) -> _Prefilled:
     """Run the prompts once (after what `store` holds of them) and expand the cache and the last
     logits to K rows per prompt."""
@@ -209,7 +268,7 @@ def _prefill(
         cache_len = -(-cache_len // _COMPILE_BUCKET) * _COMPILE_BUCKET
     # The shared prefill: from here on every prompt is k identical rows (prompt-major, like
     # generate's expansion). The first token of each row is drawn from the same logits.
-    cache = _expanded_cache(model, out.past_key_values, k, cache_len)
+    cache = _expanded_cache(model, out.past_key_values, k, cache_len, caches if config.compile else None)
     logits = out.logits[:, -1, :].repeat_interleave(k, dim=0)
     rows = logits.shape[0]
     # The whole mask, allocated once: prompt part as padded, the rest all ones (rows that
@@ -233,11 +292,12 @@ def _sample_batch(
     generator: torch.Generator,
     device: torch.device,
     prefixes: PrefixStore | None = None,
+    caches: DecodeCaches | None = None,
 ) -> list[tuple[list[int], bool]]:
     """Prefill once, expand K times, decode. Returns (tokens, finished) per row, prompt-major."""
     n_new = config.max_new_tokens
     cache, logits, mask, next_position, prompt_len = _prefill(
-        model, prompts, config, pad_id, device, prefixes
+        model, prompts, config, pad_id, device, prefixes, caches
     )
     rows = logits.shape[0]
     static = isinstance(cache, StaticCache)
@@ -297,8 +357,11 @@ def _compiled_forward(model):
     return compiled
 
 
-def _expanded_cache(model, prefill: DynamicCache, k: int, max_len: int) -> DynamicCache | StaticCache:
-    """The prompt batch's cache with every row repeated k times, room for `max_len` positions.
+def _expanded_cache(
+    model, prefill: DynamicCache, k: int, max_len: int, caches: DecodeCaches | None = None
+) -> DynamicCache | StaticCache:
+    """The prompt batch's cache with every row repeated k times, room for `max_len` positions:
+    one of `caches`' where it holds one of this shape.
 
     A DynamicCache grows by concatenation: every decode step copies the whole cache of every layer
     (B*K rows x context). The rows are copied once into a preallocated StaticCache instead, which
@@ -306,13 +369,21 @@ def _expanded_cache(model, prefill: DynamicCache, k: int, max_len: int) -> Dynam
     are not all plain full attention (sliding windows, linear attention) keep the dynamic cache,
     repeated in place, because their layers store something other than the plain prefix.
     """
-    static = StaticCache(config=model.config, max_cache_len=max_len)
+    shape = None
+    if caches is not None and prefill.layers and prefill.layers[0].is_initialized:
+        keys = prefill.layers[0].keys
+        shape = (keys.shape[0] * k, max_len, keys.dtype, keys.device)
+    static = caches.take(shape) if caches is not None and shape is not None else None
+    if static is None:
+        static = StaticCache(config=model.config, max_cache_len=max_len)
     plain = all(type(layer) is StaticLayer for layer in static.layers) and all(
         type(layer) is DynamicLayer and layer.is_initialized for layer in prefill.layers
     )
     if plain and len(static.layers) == len(prefill.layers):
         for index, (keys, values, _) in enumerate(prefill):
             static.update(keys.repeat_interleave(k, dim=0), values.repeat_interleave(k, dim=0), index)
+        if caches is not None and shape is not None:
+            caches.keep(shape, static)
         return static
     prefill.batch_repeat_interleave(k)
     return prefill
