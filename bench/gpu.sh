@@ -32,8 +32,8 @@ for name in $steps; do
     engine-tokens-2k) step engine-tokens-2k 150 python bench/gpu_training.py --engine --modes tokens --compile --row-tokens 2048 ;;
     # Liger's fused linear cross-entropy against ours (needs liger-kernel: see docs/benchmarks.md).
     liger) step liger 200 python bench/gpu_training.py --attn flex_attention --compile --modes packed --losses summed,liger ;;
-    sampling) step sampling 270 python bench/sampling.py --size 1b --lengths 512,1024 ;;
-    sampling-32) step sampling-32 180 python bench/sampling.py --size 1b --lengths 1024 --prompts 32 ;;
+    sampling) step sampling 330 python bench/sampling.py --size 1b --lengths 512,1024 ;;
+    sampling-32) step sampling-32 240 python bench/sampling.py --size 1b --lengths 1024 --prompts 32 ;;
   esac
 done
 cat "$out/machine.txt" "$out/steps.txt"

@@ -21,7 +21,8 @@ is too small for real weights, so this mode builds a Llama of TinyLlama-1.1B's s
 bf16, sdpa) and prompts of random token ids, 8 prompts per batch, 128 new tokens; the content does
 not matter to throughput since nothing stops early. A third path, `ours+compile`
 (`SamplingConfig.compile`: decode steps as CUDA graphs), is measured after one untimed call per
-context length, which compiles its graph and records it on the cache the timed runs reuse.
+context length, which compiles its graph and records it on the cache the timed runs reuse;
+`ours+compile-new-cache` is the same with a new cache per call, so its graphs record every time.
 """
 
 from __future__ import annotations
@@ -211,6 +212,8 @@ def main() -> None:
     if gpu:
         compiled = config.model_copy(update={"compile": True})
         paths["ours+compile"] = path(sample_candidates, compiled, caches=DecodeCaches())
+        # A new cache per call, as before the loop kept them: its graphs are recorded every time.
+        paths["ours+compile-new-cache"] = path(sample_candidates, compiled)
 
     def prompt_for(target, offset):
         return random_prompt(target, offset) if gpu else dialogue_prompt(tokenizer, target, offset)
