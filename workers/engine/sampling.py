@@ -360,8 +360,8 @@ def _compiled_forward(model):
 def _expanded_cache(
     model, prefill: DynamicCache, k: int, max_len: int, caches: DecodeCaches | None = None
 ) -> DynamicCache | StaticCache:
-    """The prompt batch's cache with every row repeated k times, room for `max_len` positions:
-    one of `caches`' where it holds one of this shape.
+    """The prompt batch's cache with every row repeated k times, room for `max_len` positions;
+    with `caches`, taken from them where they hold one of this shape, and kept there after.
 
     A DynamicCache grows by concatenation: every decode step copies the whole cache of every layer
     (B*K rows x context). The rows are copied once into a preallocated StaticCache instead, which
@@ -373,7 +373,7 @@ def _expanded_cache(
     if caches is not None and prefill.layers and prefill.layers[0].is_initialized:
         keys = prefill.layers[0].keys
         shape = (keys.shape[0] * k, max_len, keys.dtype, keys.device)
-    static = caches.take(shape) if caches is not None and shape is not None else None
+    static = caches.take(shape) if caches is not None and shape else None
     if static is None:
         static = StaticCache(config=model.config, max_cache_len=max_len)
     plain = all(type(layer) is StaticLayer for layer in static.layers) and all(
@@ -382,7 +382,7 @@ def _expanded_cache(
     if plain and len(static.layers) == len(prefill.layers):
         for index, (keys, values, _) in enumerate(prefill):
             static.update(keys.repeat_interleave(k, dim=0), values.repeat_interleave(k, dim=0), index)
-        if caches is not None and shape is not None:
+        if caches is not None and shape:
             caches.keep(shape, static)
         return static
     prefill.batch_repeat_interleave(k)
