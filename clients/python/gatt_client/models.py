@@ -1956,7 +1956,7 @@ class SamplingConfig(BaseModel):
     compile: Annotated[
         bool | None,
         Field(
-            description='Decode steps through torch.compile (CUDA graphs on a GPU, about 3x faster there): launch\noverhead dominates GPU decoding of small batches. Costs a compilation of 20-30 s per prompt\nbatch shape.',
+            description="Decode steps through torch.compile (CUDA graphs on a GPU, about 3x faster there): launch\noverhead dominates GPU decoding of small batches. Costs a compilation of 20-30 s per prompt\nbatch shape; each shape's cache is kept for the next batch of that shape, so its graphs\nreplay rather than record again.",
             title='Compile',
         ),
     ] = False
