@@ -204,7 +204,7 @@ def main() -> None:
 
         return call
 
-    # Each of our paths keeps its static caches from call to call, as a job's sampler does.
+    # Our paths get a cache pool, as a job's sampler does (compiled decoding alone uses it).
     paths = {
         "ours": path(sample_candidates, config, caches=DecodeCaches()),
         "generate": path(sample_with_generate, config),
