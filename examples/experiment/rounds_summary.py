@@ -22,13 +22,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import random
 import statistics
 from pathlib import Path
 from typing import Any
 
 from gatt.selection import summarize
-from workers.engine.eval_stats import BOOTSTRAP_RESAMPLES, BOOTSTRAP_SEED
+from workers.engine.eval_stats import bootstrap_interval
 from workers.engine.rounds import ROUNDS_FILE, batch_rewards, round_dir
 from workers.engine.sample_stage import turn_selection
 
@@ -91,13 +90,7 @@ def paired_pass_difference(
     """Pass rates of the dialogues both runs sampled, ours and theirs, and the 95% percentile
     interval of ours - theirs with dialogues resampled (the evaluation's resamples and seed)."""
     shared = sorted(set(ours) & set(theirs))
-    rng = random.Random(BOOTSTRAP_SEED)
-    diffs = []
-    for _ in range(BOOTSTRAP_RESAMPLES):
-        picked = [shared[rng.randrange(len(shared))] for _ in shared]
-        diffs.append(_rate(ours, picked) - _rate(theirs, picked))
-    diffs.sort()
-    ci = [diffs[int(0.025 * BOOTSTRAP_RESAMPLES)], diffs[int(0.975 * BOOTSTRAP_RESAMPLES) - 1]]
+    ci = bootstrap_interval(shared, lambda picked: _rate(ours, picked) - _rate(theirs, picked))
     return _rate(ours, shared), _rate(theirs, shared), ci
 
 

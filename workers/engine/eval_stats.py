@@ -26,10 +26,12 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Hashable, Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
+
+T = TypeVar("T")
 
 __all__ = [
     "BOOTSTRAP_RESAMPLES",
@@ -38,6 +40,7 @@ __all__ = [
     "CEILING_PAIRS",
     "OUTCOMES",
     "Z_95",
+    "bootstrap_interval",
     "bootstrap_rate",
     "cluster_weights",
     "compare_paired",
@@ -98,21 +101,29 @@ def rate_summary(hits: int, n: int) -> dict[str, Any]:
     }
 
 
+def bootstrap_interval(
+    groups: Sequence[T], statistic: Callable[[list[T]], float], resamples: int = BOOTSTRAP_RESAMPLES
+) -> list[float]:
+    """95% percentile interval of `statistic` over `groups` resampled with replacement (seed
+    `BOOTSTRAP_SEED`): groups are whatever must be drawn whole, dialogues with all their turns."""
+    rng = random.Random(BOOTSTRAP_SEED)
+    values = sorted(statistic([groups[rng.randrange(len(groups))] for _ in groups]) for _ in range(resamples))
+    return [values[int(0.025 * resamples)], values[int(0.975 * resamples) - 1]]
+
+
 def bootstrap_rate(
     groups: Sequence[tuple[int, int]], resamples: int = BOOTSTRAP_RESAMPLES
 ) -> list[float] | None:
     """95% percentile interval of sum(hits) / sum(n) over (hits, n) groups resampled with
-    replacement (seed 0; the interval reports written since the "2+" row existed used this)."""
+    replacement (the interval reports written since the "2+" row existed used this)."""
     if not groups:
         return None
-    rng = random.Random(0)
-    rates = []
-    for _ in range(resamples):
-        picked = [groups[rng.randrange(len(groups))] for _ in groups]
+
+    def rate(picked: list[tuple[int, int]]) -> float:
         total = sum(n for _, n in picked)
-        rates.append(sum(h for h, _ in picked) / total if total else 0.0)
-    rates.sort()
-    return [round4(rates[int(0.025 * resamples)]), round4(rates[int(0.975 * resamples) - 1])]
+        return sum(h for h, _ in picked) / total if total else 0.0
+
+    return [round4(x) for x in bootstrap_interval(groups, rate, resamples)]
 
 
 def pooled_rate(
