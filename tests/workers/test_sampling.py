@@ -177,9 +177,9 @@ def test_compiled_decode_reuses_one_cache_per_shape(prompts):
     assert all(caches.held()[shape] is cache for shape, cache in kept.items())
 
 
-def test_decode_caches_drop_the_least_recently_used_beyond_their_budget():
+def test_decode_caches_drop_the_least_recently_used_beyond_their_budget(tiny):
     def cache(rows: int, width: int) -> StaticCache:
-        made = StaticCache(config=tiny_model()[0].config, max_cache_len=width)
+        made = StaticCache(config=tiny[0].config, max_cache_len=width)
         for layer in range(len(made.layers)):
             made.update(torch.ones(rows, 2, 1, 16), torch.ones(rows, 2, 1, 16), layer)
         return made
