@@ -19,6 +19,7 @@ from torch.distributed.tensor import DTensor
 from gatt.masks import TokenizedExample
 from tests.workers.test_training import handmade, tiny_llama
 from workers.engine.config import TrainConfig
+from workers.engine.distributed import Ranks
 from workers.engine.dpo import PreferencePair
 from workers.engine.training import TrainResult, train
 
@@ -70,7 +71,13 @@ if __name__ == "__main__":
         local = sum(
             p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in result.model.parameters()
         )
-        held = {"sharded": isinstance(result.model, FSDPModule), "parameters": local}
+        # And what a checkpoint's gathering leaves it: sharded, only rank 0 keeps the whole tensors.
+        gathered = Ranks.current(shard=shard).full_state(result.model)
+        held = {
+            "sharded": isinstance(result.model, FSDPModule),
+            "parameters": local,
+            "gathered": len(gathered),
+        }
         (Path(sys.argv[1]) / f"rank-{dist.get_rank()}.json").write_text(json.dumps(held))
     finally:
         dist.destroy_process_group()

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from tests.threads import one_torch_thread
 from tests.workers import ranks_train
+from workers.engine.dpo import REFERENCE_FILE
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning")]
@@ -58,7 +59,8 @@ def assert_same_weights(theirs: Path, ours: Path, method: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("method", "shard"), [("lora", False), ("full", False), ("lora", True), ("full", True), ("dpo", True)]
+    ("method", "shard"),
+    [("lora", False), ("full", False), ("dpo", False), ("lora", True), ("full", True), ("dpo", True)],
 )
 def test_two_ranks_over_gloo_follow_the_one_process_curve(tmp_path, method, shard):
     with one_torch_thread():
@@ -72,12 +74,25 @@ def test_two_ranks_over_gloo_follow_the_one_process_curve(tmp_path, method, shar
     held = [json.loads((tmp_path / "ranks" / f"rank-{r}.json").read_text()) for r in (0, 1)]
     total = sum(p.numel() for p in alone.model.parameters())
     assert [h["sharded"] for h in held] == [shard, shard]
-    if shard:  # each holds a part, together the whole model once
+    keys = len(alone.model.state_dict())
+    if shard:  # each holds a part, together the whole model once; only rank 0 gathers it whole
         assert sum(h["parameters"] for h in held) == total and max(h["parameters"] for h in held) < total
+        assert [h["gathered"] for h in held] == [keys, 0]
     else:
         assert [h["parameters"] for h in held] == [total, total]
+        assert [h["gathered"] for h in held] == [keys, keys]
     # The last checkpoint holds the same weights.
     assert_same_weights(tmp_path / "ranks" / "checkpoints" / alone.checkpoint.name, alone.checkpoint, method)
+    if method == "dpo":  # the reference pass, shared out over the ranks, stored every pair's values
+        assert_same_reference(tmp_path / "ranks", tmp_path / "alone")
+
+
+def assert_same_reference(theirs: Path, ours: Path) -> None:
+    got, want = (json.loads((out / REFERENCE_FILE).read_text()) for out in (theirs, ours))
+    assert got["pairs"] == want["pairs"] and len(got["logps"]) == len(ranks_train.PAIRS)
+    for (chosen, rejected), (want_chosen, want_rejected) in zip(got["logps"], want["logps"], strict=True):
+        assert chosen == pytest.approx(want_chosen, rel=1e-5)
+        assert rejected == (None if want_rejected is None else pytest.approx(want_rejected, rel=1e-5))
 
 
 def keep_until(src: Path, dst: Path, step: int) -> None:
@@ -104,3 +119,19 @@ def test_a_sharded_run_resumes_a_one_process_checkpoint_and_the_other_way(tmp_pa
     for out in ("sharded-from-alone", "alone-from-sharded"):
         assert_same_curve(metrics(tmp_path / out), alone.metrics)
         assert_same_weights(tmp_path / out / "checkpoints" / final, alone.checkpoint, "full")
+
+
+def test_a_sharded_dpo_run_resumes_with_the_reference_its_start_stored(tmp_path):
+    ranks(tmp_path / "whole", "dpo", shard=True)
+    keep_until(tmp_path / "whole", tmp_path / "resumed", 2)
+    kept = tmp_path / "resumed" / "checkpoints" / "step-000002" / "manifest.json"
+    written = kept.stat().st_mtime_ns
+    ranks(tmp_path / "resumed", "dpo", shard=True)
+
+    assert kept.stat().st_mtime_ns == written  # resumed from it: a fresh start would write it again
+
+    assert_same_curve(metrics(tmp_path / "resumed"), metrics(tmp_path / "whole"))
+    final = max((tmp_path / "whole" / "checkpoints").iterdir()).name
+    assert_same_weights(
+        tmp_path / "resumed" / "checkpoints" / final, tmp_path / "whole" / "checkpoints" / final, "dpo"
+    )

@@ -19,12 +19,16 @@ Sharded (`Ranks.sharded`, for a model whose training state does not fit one GPU)
 gradient and optimiser state, and gathers a layer's weights only while it runs. Its reduce-scatter
 sums the gradients (divide factor 1) in every backward pass, which is a collective: a rank with
 fewer micro-batches in a step runs zero-weighted passes until every rank has run as many
-(`fillers`). Checkpoints stay the format of an unsharded run (full tensors, the optimiser's state by
-parameter index), gathered on every rank and written by rank 0, so a sharded run resumes in one
-process and the other way round. Each rank loads the whole weights before they are sharded, and
-gathers them again for the moment of a save: the weights must fit one GPU, their training state
-(gradients and AdamW's moments, 3 times as much again) need not. DPO's reference log-probabilities
-are computed by rank 0 before sharding, with the whole model.
+(`passes`). The weights never sit whole on a GPU: each rank loads them into host memory (and a
+resumed run's checkpoint into them there), and sharding moves one layer at a time to the rank's
+GPU, keeping its shard. Checkpoints stay the format of an unsharded run (full tensors, the
+optimiser's state by parameter index), gathered a tensor at a time into rank 0's host memory and
+written by it, so a sharded run resumes in one process and the other way round. A GPU holds its
+shards plus the layers being gathered whole while they run.
+
+DPO's reference pass is shared out as a step's micro-batches are (`passes`, `gather`): each rank
+runs its share of the pairs' chunks, with the model as training starts, and every rank gets all
+the values.
 """
 
 from __future__ import annotations
@@ -47,12 +51,14 @@ class Ranks:
     rank: int = 0
     world: int = 1
     sharded: bool = False  # FSDP2 (see the module's docstring); never with one rank
+    device_type: str = "cpu"  # where sharded weights live: "cuda" when the group runs NCCL
 
     @classmethod
     def current(cls, *, shard: bool = False) -> Ranks:
         if dist.is_available() and dist.is_initialized():
             world = dist.get_world_size()
-            return cls(dist.get_rank(), world, shard and world > 1)
+            device_type = "cuda" if "nccl" in str(dist.get_backend()) else "cpu"
+            return cls(dist.get_rank(), world, shard and world > 1, device_type)
         return cls()
 
     @property
@@ -64,12 +70,21 @@ class Ranks:
         """This rank's micro-batches of one step."""
         return [mb for i, mb in enumerate(micro_batches) if i % self.world == self.rank]
 
-    def fillers(self, micro_batches: int) -> int:
-        """How many zero-weighted passes this rank adds to its share of a step's `micro_batches`
-        so that it runs as many as the busiest rank: sharded, every pass holds collectives."""
-        if not self.sharded:
-            return 0
-        return -(-micro_batches // self.world) - len(self.share(range(micro_batches)))
+    def passes(self, batches: int) -> list[tuple[int, bool]]:
+        """This rank's forward passes over `batches` (a step's micro-batches, the reference pass's
+        chunks): (index, kept) for its share, then, sharded, passes over batch 0 whose results it
+        drops (kept False) until it runs as many as the busiest rank: every pass holds collectives."""
+        mine = [(i, True) for i in self.share(range(batches))]
+        if self.sharded:
+            mine += [(0, False)] * (-(-batches // self.world) - len(mine))
+        return mine
+
+    def device(self, model: torch.nn.Module) -> torch.device:
+        """Where `model` trains: sharded, the device sharding moves it to (it may sit in host memory
+        until then); else where it is."""
+        if self.sharded and self.device_type == "cuda":
+            return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cpu") if self.sharded else next(model.parameters()).device
 
     def shard(self, model: torch.nn.Module) -> None:
         """FSDP2 over the ranks, in place: each decoder layer a unit of its own, the rest (embeddings,
@@ -77,21 +92,24 @@ class Ranks:
         is already global."""
         if not self.sharded:
             return
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        mesh = init_device_mesh(self.device_type, (self.world,))
         parts = decoder_and_head(model)
         layers = list(getattr(parts[0], "layers", [])) if parts is not None else []
         if not layers:
             raise ValueError("sharded training needs a decoder with its layers in `.layers`")
         for unit in (*layers, model):
-            fully_shard(unit)
+            fully_shard(unit, mesh=mesh)  # moves a weight in host memory to the mesh's device
             unit.set_gradient_divide_factor(1.0)  # type: ignore[operator]
             unit.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]  (gloo has no PREMUL_SUM)
 
     def full_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
-        """The model's state dict with whole tensors; sharded, every rank must call it (it gathers).
-        A tensor under two names (a head tied to the embedding) stays one tensor: save_pretrained
-        writes it once, as it does for an unsharded model."""
+        """The model's state dict with whole tensors. Sharded, every rank must call it (it gathers),
+        and only rank 0 gets them, in host memory; the others get an empty dict. A tensor under two
+        names (a head tied to the embedding) stays one tensor: save_pretrained writes it once, as it
+        does for an unsharded model."""
         state = model.state_dict()
         if not self.sharded:
             return state
@@ -101,17 +119,26 @@ class Ranks:
         for key, value in state.items():
             ident = param.get(key, id(value))
             if ident not in whole:
-                whole[ident] = _whole(value)
+                whole[ident] = self._to_main(value)
             out[key] = whole[ident]
-        return out
+        return out if self.main else {}
 
     def full_optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-        """The optimiser's state dict as an unsharded run's; sharded, every rank must call it."""
+        """The optimiser's state dict as an unsharded run's; sharded, as `full_state`: every rank
+        calls it, rank 0 gets it in host memory, the others an empty dict."""
         state = optimizer.state_dict()
         if not self.sharded:
             return state
-        whole = {i: {k: _whole(v) for k, v in entry.items()} for i, entry in state["state"].items()}
-        return {**state, "state": whole}
+        whole = {i: {k: self._to_main(v) for k, v in entry.items()} for i, entry in state["state"].items()}
+        return {**state, "state": whole} if self.main else {}
+
+    def _to_main(self, value: Any) -> Any:
+        """A DTensor gathered whole (a collective) and copied to rank 0's host memory, one tensor at
+        a time, so that no GPU holds the whole state; None on the other ranks."""
+        value = _whole(value)
+        if not self.main:
+            return None
+        return value.detach().cpu() if isinstance(value, torch.Tensor) else value
 
     def shard_optimizer_state(
         self, state: dict[str, Any], optimizer: torch.optim.Optimizer
@@ -159,12 +186,18 @@ class Ranks:
         """The objective's (value, count) tallies of a step, summed over the ranks."""
         if self.world == 1:
             return tallies
-        gathered: list[Any] = [None] * self.world
-        dist.all_gather_object(gathered, tallies)
         total: dict[str, tuple[float, int]] = {}
-        for part in gathered:
+        for part in self.gather(tallies):
             add_tallies(total, part)
         return total
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's `value`, by rank, on every rank."""
+        if self.world == 1:
+            return [value]
+        gathered: list[Any] = [None] * self.world
+        dist.all_gather_object(gathered, value)
+        return gathered
 
     def same_start(self, params: Sequence[torch.nn.Parameter]) -> None:
         """Rank 0's initial trainable weights on every rank (LoRA's initialisation is seeded

@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from gatt.masks import IGNORE_INDEX, TokenizedExample
+from workers.engine.distributed import Ranks
 from workers.engine.objectives import Batch, Loss, collate, sequence_logps
 
 REFERENCE_FILE = "reference_logps.json"
@@ -95,24 +96,24 @@ class DPO:
     batch_size: int = 4  # pairs per forward pass of the reference pass
 
     def begin(
-        self, model: Any, data: Sequence[Any], out_dir: Path, *, resuming: bool
+        self, model: Any, data: Sequence[Any], out_dir: Path, *, resuming: bool, ranks: Ranks
     ) -> list[PreferencePair]:
         pairs = _pairs(data)
         path = Path(out_dir) / REFERENCE_FILE
         key = _fingerprint(pairs)
-        stored = json.loads(path.read_text()) if path.exists() else None
-        if stored is not None and stored["pairs"] == key:
-            values = stored["logps"]
-        elif resuming:
+        # Rank 0 reads, so that every rank takes the same branch (the passes below are collectives).
+        values = ranks.from_main(_stored(path, key) if ranks.main else None)
+        if values is None and resuming:
             raise ValueError(
                 f"{path} is missing or was written for other pairs: the reference log-probabilities of "
                 "a resumed DPO run cannot be computed again from the trained model"
             )
-        else:
-            values = reference_logps(model, pairs, self.pad_id, self.batch_size)
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(json.dumps({"pairs": key, "logps": values}), encoding="utf-8")
-            os.replace(tmp, path)
+        if values is None:
+            values = reference_logps(model, pairs, self.pad_id, self.batch_size, ranks)
+            if ranks.main:
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps({"pairs": key, "logps": values}), encoding="utf-8")
+                os.replace(tmp, path)
         return [replace(p, reference=(c, r)) for p, (c, r) in zip(pairs, values, strict=True)]
 
     def collate(self, pairs: Sequence[PreferencePair]) -> PairBatch:
@@ -164,24 +165,34 @@ def collate_pairs(pairs: Sequence[PreferencePair], pad_id: int) -> PairBatch:
 
 @torch.no_grad()
 def reference_logps(
-    model: Any, pairs: Sequence[PreferencePair], pad_id: int, batch_size: int
+    model: Any, pairs: Sequence[PreferencePair], pad_id: int, batch_size: int, ranks: Ranks | None = None
 ) -> list[tuple[float, float | None]]:
     """The model's summed log-probabilities of each pair's (chosen, rejected) reply, in eval mode
-    (no dropout), on its device."""
-    device = next(model.parameters()).device
+    (no dropout), on its device; over `ranks`, each runs its share of the chunks of `batch_size`
+    pairs and every rank gets all the values."""
+    ranks = ranks or Ranks()
+    device = ranks.device(model)
+    chunks = [pairs[start : start + batch_size] for start in range(0, len(pairs), batch_size)]
     was_training = model.training
     model.eval()
     try:
-        values: list[tuple[float, float | None]] = []
-        for start in range(0, len(pairs), batch_size):
-            chunk = pairs[start : start + batch_size]
-            batch = collate_pairs(chunk, pad_id)
+        mine: dict[int, list[tuple[float, float | None]]] = {}
+        for i, kept in ranks.passes(len(chunks)):
+            batch = collate_pairs(chunks[i], pad_id)
             logps = sequence_logps(model, batch.rows.to(device)).tolist()
-            rejected = dict(zip(batch.paired.tolist(), logps[len(chunk) :], strict=True))
-            values.extend((logps[i], rejected.get(i)) for i in range(len(chunk)))
-        return values
+            rejected = dict(zip(batch.paired.tolist(), logps[len(chunks[i]) :], strict=True))
+            if kept:
+                mine[i] = [(logps[j], rejected.get(j)) for j in range(len(chunks[i]))]
+        by_chunk = {i: values for part in ranks.gather(mine) for i, values in part.items()}
+        return [value for i in range(len(chunks)) for value in by_chunk[i]]
     finally:
         model.train(was_training)
+
+
+def _stored(path: Path, key: str) -> list[tuple[float, float | None]] | None:
+    """The reference values stored for the pairs `key` fingerprints, or None."""
+    stored = json.loads(path.read_text()) if path.exists() else None
+    return stored["logps"] if stored is not None and stored["pairs"] == key else None
 
 
 def _fingerprint(pairs: Sequence[PreferencePair]) -> str:

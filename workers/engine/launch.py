@@ -263,9 +263,11 @@ def _rank_main(out_dir: Path) -> None:
     spec = json.loads((out_dir / SPEC).read_text())
     local = int(os.environ.get("LOCAL_RANK", "0"))
     backend = os.environ.get("GATT_RANKS_BACKEND", "gloo")
-    device = f"cuda:{local}" if backend == "nccl" else "cpu"
+    # Sharded, the weights load into host memory and sharding moves each rank's part to its GPU.
+    device = f"cuda:{local}" if backend == "nccl" and not spec["shard"] else "cpu"
     if backend == "nccl":
         torch.cuda.set_device(local)
+        backend = "cpu:gloo,cuda:nccl"  # tensors still in host memory (before sharding) go by gloo
     dist.init_process_group(backend)
     try:
         roots = None if spec["allowed_roots"] is None else [Path(p) for p in spec["allowed_roots"]]

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -22,11 +22,17 @@ from gatt.masks import IGNORE_INDEX, TokenizedExample
 from workers.engine.models import unwrap
 from workers.engine.schedule import first_fit
 
+if TYPE_CHECKING:  # distributed.py builds on this module
+    from workers.engine.distributed import Ranks
+
 
 class Objective(Protocol):
-    def begin(self, model: Any, data: Sequence[Any], out_dir: Path, *, resuming: bool) -> Sequence[Any]:
-        """Before the first step of this call, with the model ready to train: the data the steps
-        take their micro-batches from (DPO attaches the reference model's log-probabilities)."""
+    def begin(
+        self, model: Any, data: Sequence[Any], out_dir: Path, *, resuming: bool, ranks: Ranks
+    ) -> Sequence[Any]:
+        """Before the first step of this call, with the model ready to train (sharded where the run
+        shards): the data the steps take their micro-batches from (DPO attaches the reference
+        model's log-probabilities). Every rank calls it."""
         ...
 
     def collate(self, examples: Sequence[Any]) -> Any:
@@ -66,7 +72,9 @@ class MaskedSFT:
     row_len: int | None = None
     rows: int | None = None
 
-    def begin(self, model: Any, data: Sequence[Any], out_dir: Path, *, resuming: bool) -> Sequence[Any]:
+    def begin(
+        self, model: Any, data: Sequence[Any], out_dir: Path, *, resuming: bool, ranks: Ranks
+    ) -> Sequence[Any]:
         return data
 
     def collate(self, examples: Sequence[TokenizedExample]) -> Batch:

@@ -140,7 +140,7 @@ def train(
     ranks = Ranks.current(shard=shard)
     store = CheckpointStore(out_dir / CHECKPOINTS, hooks)
     data, dropped = _trainable(examples, config.max_seq_len, hooks)
-    on_gpu = next(model.parameters()).device.type == "cuda"
+    on_gpu = ranks.device(model).type == "cuda"
     # Packing lays out GAtt's single examples; DPO's pairs are padded, one reply per row.
     packed = config.objective == "sft" and (
         config.packing == "packed"
@@ -162,14 +162,16 @@ def train(
 
     with ranks.main_first():
         latest = store.latest()
-        # Before a checkpoint's weights are loaded: DPO's reference is the model as training starts.
-        data = objective.begin(model, data, out_dir, resuming=latest is not None)
     state = None if latest is None else restore(latest, model, config, base_model, fingerprint, hooks)
     ranks.shard(model)  # the optimiser holds the parameters as sharded
+    # DPO's reference is the model as training starts: computed only when no checkpoint was loaded
+    # (a resumed run reads the values its start stored), over the ranks as they train.
+    data = objective.begin(model, data, out_dir, resuming=latest is not None, ranks=ranks)
     trainable = _trainable_params(model)
     optimizer = _optimizer(trainable, config)
     if latest is not None and state is not None:
-        saved = optimizer_state(latest, next(model.parameters()).device)
+        # Sharded, into host memory: each whole tensor goes to the GPU only to be cut to a shard.
+        saved = optimizer_state(latest, torch.device("cpu") if ranks.sharded else ranks.device(model))
         load_optimizer(optimizer, ranks.shard_optimizer_state(saved, optimizer), config)
         set_rng_state(state["rng"])
         run.start_step, run.history = state["step"], state["metrics"]
@@ -265,16 +267,14 @@ def _step(
 
     loss_sum = torch.zeros((), dtype=torch.float32, device=device)
     tallies: dict[str, tuple[float, int]] = {}
-    mine = ranks.share(range(len(batches)))
-    # Zero-weighted passes (over the step's first micro-batch) keep sharded ranks in step.
-    for n, i in enumerate(mine + [0] * ranks.fillers(len(batches))):
+    # Passes a rank does not keep are zero-weighted: they keep sharded ranks in step.
+    for i, kept in ranks.passes(len(batches)):
         if hooks.should_stop():
             optimizer.zero_grad(set_to_none=True)
             raise Stopped(f"stopped during step {step + 1}; last checkpoint kept")
         out = objective.loss(model, batches[i].to(device))
-        weight = 1.0 if n < len(mine) else 0.0
-        (out.summed * weight / step_units).backward()
-        if weight:
+        (out.summed * (1.0 if kept else 0.0) / step_units).backward()
+        if kept:
             loss_sum += out.summed.detach()
             add_tallies(tallies, out.tallies)
     ranks.sum_gradients(trainable)
