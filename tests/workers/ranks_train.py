@@ -61,12 +61,23 @@ def run(out: Path, method: str, *, tie: bool = False, shard: bool = False) -> Tr
     return train(tiny_llama(tie=tie), None, examples, config(method), out, shard=shard)
 
 
+def run_rank(out: Path, method: str, *, shard: bool) -> TrainResult:
+    """`run` as one rank: sharded, the ranks other than 0 build the model on the meta device, as
+    `launch.py` does, so their weights can only come from rank 0."""
+    if not shard or dist.get_rank() == 0:
+        return run(out, method, tie=shard, shard=shard)
+    with torch.device("meta"):
+        model = tiny_llama(tie=True)
+    examples = PAIRS if method == "dpo" else EXAMPLES
+    return train(model, None, examples, config(method), out, shard=True)
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
         shard = sys.argv[3:] == ["fsdp"]
-        result = run(Path(sys.argv[1]), sys.argv[2], tie=shard, shard=shard)
+        result = run_rank(Path(sys.argv[1]), sys.argv[2], shard=shard)
         # What this rank holds: the test checks that sharding shared the weights out.
         local = sum(
             p.to_local().numel() if isinstance(p, DTensor) else p.numel() for p in result.model.parameters()

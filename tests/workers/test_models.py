@@ -321,8 +321,9 @@ def test_no_chat_template(tmp_path):
     assert code_of(e) == "no_chat_template"
 
 
+@pytest.mark.parametrize("weights", [True, False])
 @pytest.mark.parametrize("model_type", ["evil", "llama"])
-def test_remote_code_never_runs(tiny_dir, tmp_path, model_type):
+def test_remote_code_never_runs(tiny_dir, tmp_path, model_type, weights):
     directory, _ = tiny_dir
     marker = tmp_path / "remote-code-ran"
     config = json.loads((directory / "config.json").read_text())
@@ -331,10 +332,10 @@ def test_remote_code_never_runs(tiny_dir, tmp_path, model_type):
     (directory / "evil.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
     if model_type == "evil":  # unknown without its code: refused
         with pytest.raises(ModelError) as e:
-            load_model(str(directory), device="cpu")
+            load_model(str(directory), device="cpu", weights=weights)
         assert code_of(e) == "invalid_model"
     else:  # a known architecture: transformers' own class, the shipped code ignored
-        assert type(load_model(str(directory), device="cpu").model) is LlamaForCausalLM
+        assert type(load_model(str(directory), device="cpu", weights=weights).model) is LlamaForCausalLM
     assert not marker.exists()
 
 
@@ -419,6 +420,20 @@ def test_lora_checkpoint_loads(tmp_path, tokenizer):
     expected = logits(peft_model, ids)
     assert torch.equal(logits(loaded.model, ids), expected)
     assert not torch.allclose(expected, logits(LlamaForCausalLM.from_pretrained(base_dir).eval(), ids))
+
+
+def test_without_weights_a_model_is_its_modules_on_the_meta_device(tmp_path, tokenizer):
+    # What a sharded training rank other than 0 builds: the weights come from rank 0.
+    base_dir = tmp_path / "base"
+    save_tiny(base_dir, tokenizer)
+    _lora(LlamaForCausalLM.from_pretrained(base_dir)).save_pretrained(tmp_path / "ckpt")
+    for source in (base_dir, tmp_path / "ckpt"):
+        whole = load_model(str(source), device="cpu", dtype="bfloat16")
+        bare = load_model(str(source), device="cpu", dtype="bfloat16", weights=False)
+        assert type(bare.model) is type(whole.model) and bare.tokenizer.chat_template == CHATML
+        assert all(p.is_meta for p in bare.model.parameters())
+        shapes = {n: (p.shape, p.dtype) for n, p in whole.model.named_parameters()}
+        assert {n: (p.shape, p.dtype) for n, p in bare.model.named_parameters()} == shapes
 
 
 def test_lora_base_is_checked_too(tmp_path, tokenizer):

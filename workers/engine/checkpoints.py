@@ -353,14 +353,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def restore(
-    path: Path, model: Any, config: TrainConfig, base_model: str, fingerprint: str, hooks: Hooks
+    path: Path,
+    model: Any,
+    config: TrainConfig,
+    base_model: str,
+    fingerprint: str,
+    hooks: Hooks,
+    *,
+    weights: bool = True,
 ) -> dict[str, Any]:
-    """Load checkpoint `path`'s weights into `model` (before it is sharded); its trainer state (step,
-    metrics history, RNG states, ...), or ValueError if this run cannot continue it. The optimiser's
-    state follows once the optimiser exists (`optimizer_state`), and the RNG states last."""
+    """Load checkpoint `path`'s weights into `model` (before it is sharded; not with `weights`
+    False: a sharded rank that gets them from rank 0); its trainer state (step, metrics history,
+    RNG states, ...), or ValueError if this run cannot continue it. The optimiser's state follows
+    once the optimiser exists (`optimizer_state`), and the RNG states last."""
     state = json.loads((path / TRAINER_STATE).read_text())
     check_resumable(state, config, base_model, fingerprint, hooks)
-    load_weights(model, path, config)
+    if weights:
+        load_weights(model, path, config)
     return state
 
 

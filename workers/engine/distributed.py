@@ -19,9 +19,10 @@ Sharded (`Ranks.sharded`, for a model whose training state does not fit one GPU)
 gradient and optimiser state, and gathers a layer's weights only while it runs. Its reduce-scatter
 sums the gradients (divide factor 1) in every backward pass, which is a collective: a rank with
 fewer micro-batches in a step runs zero-weighted passes until every rank has run as many
-(`passes`). The weights never sit whole on a GPU: each rank loads them into host memory (and a
-resumed run's checkpoint into them there), and sharding moves one layer at a time to the rank's
-GPU, keeping its shard. Checkpoints stay the format of an unsharded run (full tensors, the
+(`passes`). The weights never sit whole on a GPU: rank 0 loads them into host memory (and a
+resumed run's checkpoint into them there), the other ranks build the model on the meta device, and
+sharding moves one layer at a time to rank 0's GPU and broadcasts each tensor, every rank keeping
+its shard. Checkpoints stay the format of an unsharded run (full tensors, the
 optimiser's state by parameter index), gathered a tensor at a time into rank 0's host memory and
 written by it, so a sharded run resumes in one process and the other way round. A GPU holds its
 shards plus the layers being gathered whole while they run.
@@ -89,12 +90,16 @@ class Ranks:
     def shard(self, model: torch.nn.Module) -> None:
         """FSDP2 over the ranks, in place: each decoder layer a unit of its own, the rest (embeddings,
         head) the root's. Gradients are summed over the ranks, not averaged: the step's normaliser
-        is already global."""
+        is already global. Rank 0's weights and buffers become every rank's: the other ranks may
+        hold their model on the meta device (`launch.py` builds it so, to keep one copy of the
+        weights in host memory) and get their shards from rank 0, a tensor at a time."""
         if not self.sharded:
             return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        whole = model.state_dict() if self.main else {}  # keeps rank 0's copy while its units move
         mesh = init_device_mesh(self.device_type, (self.world,))
         parts = decoder_and_head(model)
         layers = list(getattr(parts[0], "layers", [])) if parts is not None else []
@@ -104,6 +109,12 @@ class Ranks:
             fully_shard(unit, mesh=mesh)  # moves a weight in host memory to the mesh's device
             unit.set_gradient_divide_factor(1.0)  # type: ignore[operator]
             unit.set_force_sum_reduction_for_comms(True)  # type: ignore[operator]  (gloo has no PREMUL_SUM)
+        if not self.main:
+            model.to_empty(device=self.device(model))
+        options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        set_model_state_dict(model, whole, options=options)
+        for buffer in model.buffers():  # non-persistent ones (rotary frequencies) are in no state dict
+            dist.broadcast(buffer, src=0)
 
     def full_state(self, model: torch.nn.Module) -> dict[str, torch.Tensor]:
         """The model's state dict with whole tensors. Sharded, every rank must call it (it gathers),
@@ -201,8 +212,8 @@ class Ranks:
 
     def same_start(self, params: Sequence[torch.nn.Parameter]) -> None:
         """Rank 0's initial trainable weights on every rank (LoRA's initialisation is seeded
-        alike on every rank; this makes it so whatever the RNG did)."""
-        if self.world > 1:
+        alike on every rank; this makes it so whatever the RNG did). Sharded, `shard` does it."""
+        if self.world > 1 and not self.sharded:
             for param in params:
                 dist.broadcast(param.data, src=0)
 

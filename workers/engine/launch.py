@@ -263,7 +263,8 @@ def _rank_main(out_dir: Path) -> None:
     spec = json.loads((out_dir / SPEC).read_text())
     local = int(os.environ.get("LOCAL_RANK", "0"))
     backend = os.environ.get("GATT_RANKS_BACKEND", "gloo")
-    # Sharded, the weights load into host memory and sharding moves each rank's part to its GPU.
+    # Sharded, rank 0 loads the weights into host memory, the other ranks build the model on the
+    # meta device, and sharding hands each rank its part of them on its GPU (`Ranks.shard`).
     device = f"cuda:{local}" if backend == "nccl" and not spec["shard"] else "cpu"
     if backend == "nccl":
         torch.cuda.set_device(local)
@@ -272,7 +273,12 @@ def _rank_main(out_dir: Path) -> None:
     try:
         roots = None if spec["allowed_roots"] is None else [Path(p) for p in spec["allowed_roots"]]
         loaded = load_model(
-            spec["start"], device=device, dtype=spec["dtype"], allowed_roots=roots, base=spec["base"]
+            spec["start"],
+            device=device,
+            dtype=spec["dtype"],
+            allowed_roots=roots,
+            base=spec["base"],
+            weights=not spec["shard"] or dist.get_rank() == 0,
         )
         model = loaded.model
         if hasattr(model, "peft_config") and spec["method"] == "full":

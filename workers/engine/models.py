@@ -22,6 +22,7 @@ What we refuse, and why (each as a `ModelError` with a stable `code` the API can
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
@@ -32,13 +33,15 @@ import shutil
 import threading
 import time
 import uuid
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from gatt.errors import GattError
 from gatt.masks import TemplateError, end_of_turn_token
@@ -106,6 +109,7 @@ def load_model(
     allowed_roots: list[Path] | None = None,
     cache_dir: Path | None = None,
     base: str | None = None,
+    weights: bool = True,
 ) -> LoadedModel:
     """Load `source` ("default", a local model directory or one of our checkpoints) for generation.
 
@@ -114,16 +118,20 @@ def load_model(
     "default" is the service's own cache and not subject to it. `base`, for an adapter `source`,
     is its base ("default" or a directory) in place of the one its adapter_config.json names: the
     service knows it by id, and the path the adapter was trained on may be another machine's.
+    `weights` False builds the model on the meta device without reading its weights (a sharded
+    training rank that gets them from rank 0); it has no device until someone gives it one.
     """
     torch_device, torch_dtype = pick_device_dtype(device, dtype)
     adapter_dir, base_dir, base_name = _resolve(source, allowed_roots, cache_dir, base)
     # The tokenizer first: it is cheap, and a model without a chat template is refused anyway.
     tokenizer = _chat_tokenizer(adapter_dir, base_dir)
 
-    model = _causal_lm(base_dir, torch_dtype)
-    if adapter_dir is not None:
-        model = _with_adapter(model, adapter_dir)
-    model.to(torch_device)
+    with contextlib.nullcontext() if weights else _on_meta():
+        model = _causal_lm(base_dir, torch_dtype, weights)
+        if adapter_dir is not None:
+            model = _with_adapter(model, adapter_dir)
+    if weights:
+        model.to(torch_device)
     model.eval()
     generation_config = getattr(unwrap(model), "generation_config", None)
     if generation_config is not None and generation_config.pad_token_id is None:
@@ -538,9 +546,12 @@ def _adapter_base(
     return directory
 
 
-def _causal_lm(directory: Path, dtype: torch.dtype) -> Any:
+def _causal_lm(directory: Path, dtype: torch.dtype, weights: bool = True) -> Any:
     try:
         with _CONSTRUCTION:
+            if not weights:  # the modules only, where the caller's device context puts them
+                config = AutoConfig.from_pretrained(directory, trust_remote_code=False, local_files_only=True)
+                return AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
             return AutoModelForCausalLM.from_pretrained(
                 directory,
                 dtype=dtype,
@@ -552,6 +563,15 @@ def _causal_lm(directory: Path, dtype: torch.dtype) -> Any:
         raise ModelError(
             "invalid_model", f"cannot load a causal language model from {directory}: {exc}"
         ) from exc
+
+
+@contextlib.contextmanager
+def _on_meta() -> Iterator[None]:
+    """Build modules on the meta device; an adapter's weights, which peft still reads, are dropped
+    without a warning per tensor."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*to a meta parameter.*", category=UserWarning)
+        yield
 
 
 def _with_adapter(model: Any, adapter_dir: Path) -> Any:

@@ -162,7 +162,13 @@ def train(
 
     with ranks.main_first():
         latest = store.latest()
-    state = None if latest is None else restore(latest, model, config, base_model, fingerprint, hooks)
+    # Sharded, only rank 0 reads the checkpoint's weights: sharding hands them out.
+    weights = ranks.main or not ranks.sharded
+    state = (
+        None
+        if latest is None
+        else restore(latest, model, config, base_model, fingerprint, hooks, weights=weights)
+    )
     ranks.shard(model)  # the optimiser holds the parameters as sharded
     # DPO's reference is the model as training starts: computed only when no checkpoint was loaded
     # (a resumed run reads the values its start stored), over the ranks as they train.
