@@ -19,13 +19,13 @@ Sharded (`Ranks.sharded`, for a model whose training state does not fit one GPU)
 gradient and optimiser state, and gathers a layer's weights only while it runs. Its reduce-scatter
 sums the gradients (divide factor 1) in every backward pass, which is a collective: a rank with
 fewer micro-batches in a step runs zero-weighted passes until every rank has run as many
-(`passes`). The weights never sit whole on a GPU: rank 0 loads them into host memory (and a
-resumed run's checkpoint into them there), the other ranks build the model on the meta device, and
-sharding moves one layer at a time to rank 0's GPU and broadcasts each tensor, every rank keeping
-its shard. Checkpoints stay the format of an unsharded run (full tensors, the
-optimiser's state by parameter index), gathered a tensor at a time into rank 0's host memory and
-written by it, so a sharded run resumes in one process and the other way round. A GPU holds its
-shards plus the layers being gathered whole while they run.
+(`passes`). The weights never sit whole on a GPU: rank 0 loads them into host memory (and a resumed
+run's checkpoint into them there), the other ranks build the model on the meta device, and sharding
+moves one layer at a time to rank 0's GPU and broadcasts each tensor, every rank keeping its shard.
+Checkpoints stay the format of an unsharded run (full tensors, the optimiser's state by parameter
+index), gathered a tensor at a time into rank 0's host memory and written by it, so a sharded run
+resumes in one process and the other way round. A GPU holds its shards plus the layers being
+gathered whole while they run.
 
 DPO's reference pass is shared out as a step's micro-batches are (`passes`, `gather`): each rank
 runs its share of the pairs' chunks, with the model as training starts, and every rank gets all
