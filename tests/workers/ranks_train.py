@@ -90,5 +90,6 @@ if __name__ == "__main__":
             "gathered": len(gathered),
         }
         (Path(sys.argv[1]) / f"rank-{dist.get_rank()}.json").write_text(json.dumps(held))
+        dist.barrier()  # as launch.py's ranks: none leaves while another is still in a collective
     finally:
         dist.destroy_process_group()

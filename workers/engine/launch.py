@@ -303,6 +303,9 @@ def _rank_main(out_dir: Path) -> None:
                 out_dir / RESULT,
                 json.dumps({"checkpoint": str(result.checkpoint), **{k: getattr(result, k) for k in fields}}),
             )
+        # Every rank done with every collective before any tears its connections down (a gloo rank
+        # once aborted at the end of a test run in CI).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
